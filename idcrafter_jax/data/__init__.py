@@ -1,0 +1,1 @@
+"""Data: Grain pipelines, TFDS builder for subject-video records, synthetic data."""

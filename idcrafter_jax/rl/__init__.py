@@ -1,0 +1,1 @@
+"""Reinforcement learning: Flow-GRPO rollout, advantages, loss and update; reward registry."""

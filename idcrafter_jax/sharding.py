@@ -1,0 +1,92 @@
+"""Device meshes and the one table that maps logical axis names onto mesh axes.
+
+Models name axes logically (`nn.with_logical_partitioning(init, ('embed', 'mlp'))`,
+`nn.with_logical_constraint(x, ('activation_batch', 'activation_length', 'activation_embed'))`);
+only this file names the mesh axes ('data', 'fsdp', 'sequence', 'tensor').
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+# (logical name, mesh axis or axes). Params are FSDP-sharded on their model dimension and
+# tensor-parallel on heads / MLP; activations are data+fsdp parallel on batch and
+# sequence-parallel on tokens.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("conv_in", None),
+    ("conv_out", None),
+    ("text_embed", None),
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", "sequence"),
+    ("activation_kv_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_mlp", "tensor"),
+)
+
+
+def make_mesh(shape: dict | Sequence[int] | None = None, devices=None) -> Mesh:
+  """A mesh over ('data', 'fsdp', 'sequence', 'tensor'); one entry may be -1 (all the rest)."""
+  devices = list(jax.devices() if devices is None else devices)
+  if shape is None:
+    shape = {"data": -1}
+  if isinstance(shape, dict):
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+      raise ValueError(f"mesh axes {sorted(unknown)} are unknown; expected a subset of {MESH_AXES}.")
+    dims = [int(shape.get(a, 1)) for a in MESH_AXES]
+  else:
+    dims = [int(x) for x in shape]
+    if len(dims) != len(MESH_AXES):
+      raise ValueError(f"mesh shape {dims} must have {len(MESH_AXES)} entries {MESH_AXES}.")
+  if dims.count(-1) > 1:
+    raise ValueError(f"mesh shape {dims}: at most one axis may be -1.")
+  if -1 in dims:
+    rest = math.prod(d for d in dims if d != -1)
+    if len(devices) % rest:
+      raise ValueError(f"mesh shape {dims} does not divide {len(devices)} devices.")
+    dims[dims.index(-1)] = len(devices) // rest
+  if math.prod(dims) != len(devices):
+    raise ValueError(f"mesh shape {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices; "
+                     f"{len(devices)} are available.")
+  return Mesh(np.asarray(devices, dtype=object).reshape(dims), MESH_AXES)
+
+
+def logical_to_mesh_sharding(logical_tree, mesh: Mesh, rules=LOGICAL_RULES):
+  """A tree of PartitionSpecs in logical names -> a tree of NamedShardings on `mesh`."""
+  specs = nn.logical_to_mesh(logical_tree, rules)
+  return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
+                                is_leaf=lambda x: isinstance(x, P))
+
+
+def param_shardings(abstract_variables, mesh: Mesh, rules=LOGICAL_RULES):
+  """NamedShardings for a tree returned by `jax.eval_shape(model.init, ...)` (boxed, logical)."""
+  logical = nn.get_partition_spec(abstract_variables)
+  return logical_to_mesh_sharding(logical, mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) axis over ('data', 'fsdp'), the rest replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))

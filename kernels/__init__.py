@@ -1,0 +1,1 @@
+"""Pallas kernels: flash attention (forward + backward), block-sparse masks, ring attention."""
