@@ -118,6 +118,8 @@ class SafetensorsFolder:
 
 
 def read_config(folder: str, name: str = "config.json") -> dict:
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"checkpoint folder {folder!r} does not exist or is not a directory.")
   path = os.path.join(folder, name)
   if not os.path.exists(path):
     raise CheckpointError(f"{folder}: missing {name}; expected a saved model folder (save_pretrained).")
@@ -176,6 +178,11 @@ def assemble(
     else:
       direct[tuple(path)] = key
   missing = [".".join(p) for p in flat_expected if p not in direct and p not in stacked]
+  for p, by_index in stacked.items():  # stacked layers: every index 0..n-1 must be present
+    if p in flat_expected:
+      n = flat_expected[p].shape[0]
+      missing += [f"{'.'.join(p)}[layer {i}]" for i in range(n) if i not in by_index]
+      unexpected += [by_index[i] for i in by_index if not 0 <= i < n]
   unexpected += [k for p, k in direct.items() if p not in flat_expected]
   unexpected += [k for p, ks in stacked.items() if p not in flat_expected for k in ks.values()]
   check_keys(reader.folder, missing, unexpected)
@@ -187,12 +194,7 @@ def assemble(
       key = direct[path]
       arr = transforms[key](reader.get(key))
     else:
-      by_index = stacked[path]
-      n = leaf.shape[0]
-      if sorted(by_index) != list(range(n)):
-        missing_layers = sorted(set(range(n)) - set(by_index))
-        raise CheckpointError(f"checkpoint {reader.folder}: {'.'.join(path)} expects {n} layers, "
-                              f"layers {missing_layers} missing.")
+      by_index, n = stacked[path], leaf.shape[0]
       arr = np.stack([transforms[by_index[i]](reader.get(by_index[i])) for i in range(n)])
     if tuple(arr.shape) != tuple(leaf.shape):
       mismatched.append(f"{'.'.join(path)}: checkpoint {tuple(arr.shape)} vs model {tuple(leaf.shape)}")
@@ -213,3 +215,21 @@ def transpose_linear(w: np.ndarray) -> np.ndarray:
 
 def identity(w: np.ndarray) -> np.ndarray:
   return np.asarray(w)
+
+
+def mesh_placer(abstract_boxed, mesh, dtype, rules=None):
+  """A `place` function for `assemble` that puts each tensor straight onto `mesh`.
+
+  `abstract_boxed` is `jax.eval_shape(module.init, ...)['params']` (logically partitioned
+  leaves). Each device receives only its slice of the memory-mapped tensor
+  (`jax.make_array_from_callback`), so no tensor is ever whole on one device.
+  """
+  from idcrafter_jax import sharding as sharding_lib
+  shardings = sharding_lib.param_shardings(abstract_boxed, mesh, rules or sharding_lib.LOGICAL_RULES)
+  by_path = {tuple(str(getattr(p, "key", p)) for p in path): s
+             for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+
+  def place(path, arr):
+    s = by_path[tuple(path)]
+    return jax.make_array_from_callback(arr.shape, s, lambda idx: np.asarray(arr[idx]).astype(dtype))
+  return place

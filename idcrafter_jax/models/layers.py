@@ -1,0 +1,157 @@
+"""Building blocks shared by the DiTs: dense layers with logical axes, norms, embeddings, RoPE.
+
+Each matches the diffusers module named in its docstring on the same weights.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+
+REMAT_POLICIES = {
+    # name -> jax.checkpoint policy (None: no rematerialisation). Chosen by `model.remat_policy`.
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload_dots_no_batch": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        "device", "pinned_host"),
+}
+
+
+def remat_policy(name: str):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat policy {name!r} is unknown; expected one of {sorted(REMAT_POLICIES)}.")
+  return REMAT_POLICIES[name]
+
+
+def dense(features: int, axes: tuple[str | None, str | None], *, dtype: Dtype, param_dtype: Dtype,
+          name: str, use_bias: bool = True,
+          kernel_init=nn.initializers.xavier_uniform()) -> nn.Dense:
+  """`torch.nn.Linear` with a (in, out) kernel carrying logical axis names."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+
+
+class RMSNorm(nn.Module):
+  """`torch.nn.RMSNorm` over the last axis, computed in float32 (Wan's q/k norm across heads)."""
+  eps: float = 1e-6
+  axis_name: str | None = "norm"
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+class FP32LayerNorm(nn.Module):
+  """diffusers `FP32LayerNorm`: LayerNorm in float32, with or without an affine transform."""
+  eps: float = 1e-6
+  affine: bool = False
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    if self.affine:
+      init = nn.with_logical_partitioning
+      scale = self.param("scale", init(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],), self.param_dtype)
+      bias = self.param("bias", init(nn.initializers.zeros_init(), ("norm",)), (x.shape[-1],), self.param_dtype)
+      y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+  """diffusers `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`: [cos, sin] features."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class MLPEmbedder(nn.Module):
+  """linear_1 -> activation -> linear_2 (diffusers `TimestepEmbedding`, `PixArtAlphaTextProjection`)."""
+  hidden: int
+  out: int
+  activation: str  # 'silu' | 'gelu_tanh'
+  in_axis: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = dense(self.hidden, (self.in_axis, "embed"), name="linear_1", **kw)(x)
+    x = nn.silu(x) if self.activation == "silu" else nn.gelu(x, approximate=True)
+    return dense(self.out, (None, "embed"), name="linear_2", **kw)(x)
+
+
+class FeedForward(nn.Module):
+  """diffusers `FeedForward(activation_fn='gelu-approximate')`: Linear -> GELU(tanh) -> Linear."""
+  dim: int
+  hidden: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(self.hidden, ("embed", "mlp"), name="fc_in", **kw)(x)
+    h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+    h = nn.gelu(h, approximate=True)
+    return dense(self.dim, ("mlp", "embed"), name="fc_out", **kw)(h)
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+  """Head-dim split between frame / height / width rotations, as diffusers `WanRotaryPosEmbed`."""
+  h = w = 2 * (head_dim // 6)
+  return head_dim - h - w, h, w
+
+
+def wan_rope_tables(grid: Sequence[int], head_dim: int, theta: float = 10000.0, max_seq_len: int = 1024):
+  """cos, sin tables (L, head_dim / 2) for a (frames, height, width) token grid (float64 math).
+
+  Per axis of size d the frequencies are theta^(-2i/d), i < d/2, at integer positions; the
+  three axes' frequencies are concatenated (diffusers `WanRotaryPosEmbed`).
+  """
+  f, h, w = grid
+  if max(grid) > max_seq_len:
+    raise ValueError(f"token grid {tuple(grid)} exceeds the RoPE table length {max_seq_len}.")
+  angles = []
+  for size, d, axis in zip(grid, rope_split(head_dim), range(3)):
+    inv = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64)[: d // 2] / d)
+    pos = np.arange(size, dtype=np.float64)
+    a = pos[:, None] * inv[None]  # (size, d/2)
+    shape = [1, 1, 1, d // 2]
+    shape[axis] = size
+    angles.append(np.broadcast_to(a.reshape(shape), (f, h, w, d // 2)))
+  ang = np.concatenate(angles, axis=-1).reshape(f * h * w, head_dim // 2)
+  return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def apply_rope(x, cos, sin):
+  """Rotates adjacent pairs (x[2i], x[2i+1]) of x (B, L, H, D) by angles with cos/sin (L, D/2)."""
+  dt = x.dtype
+  x = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  x1, x2 = x[..., 0], x[..., 1]
+  c, s = cos[None, :, None, :], sin[None, :, None, :]
+  out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+  return out.reshape(*out.shape[:-2], -1).astype(dt)

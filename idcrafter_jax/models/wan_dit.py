@@ -1,0 +1,267 @@
+"""Wan 2.1 text-to-video diffusion transformer (matches diffusers `WanTransformer3DModel`).
+
+latents (B, F, H, W, C) -> (1, 2, 2) patches -> tokens (B, L, D); the timestep goes through a
+sinusoidal embedding and an MLP into a 6-way AdaLN modulation that each block adds to its own
+scale-shift table; each block is self-attention (q/k RMSNorm across heads, 3-D RoPE) ->
+cross-attention to the embedded text -> GELU-tanh FFN; a modulated head and unpatchify give
+the velocity (B, F, H, W, C).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from idcrafter_jax import attention as attention_lib
+from idcrafter_jax.models import layers
+
+BLOCK_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class WanConfig:
+  """Architecture of a Wan 2.1 DiT (Table S.1; diffusers `WanTransformer3DModel` config)."""
+  num_heads: int = 12
+  head_dim: int = 128
+  ffn_dim: int = 8960
+  num_layers: int = 30
+  in_channels: int = 16
+  out_channels: int = 16
+  patch_size: tuple[int, int, int] = (1, 2, 2)
+  text_dim: int = 4096
+  freq_dim: int = 256
+  eps: float = 1e-6
+  cross_attn_norm: bool = True
+  rope_theta: float = 10000.0
+  rope_max_seq_len: int = 1024
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  attention_impl: str = "xla"
+
+  @property
+  def dim(self) -> int:
+    return self.num_heads * self.head_dim
+
+  @classmethod
+  def from_dict(cls, d) -> "WanConfig":
+    """From a ConfigDict / dict section (unknown keys are an error, not ignored)."""
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown Wan DiT config keys {unknown}; expected a subset of {sorted(names)}.")
+    for k in ("dtype", "param_dtype"):
+      if isinstance(d.get(k), str):
+        d[k] = jnp.dtype(d[k])
+    if "patch_size" in d:
+      d["patch_size"] = tuple(d["patch_size"])
+    return cls(**d)
+
+  def validate(self):
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim {self.head_dim} must be even for RoPE.")
+    layers.remat_policy(self.remat_policy)
+    if self.attention_impl not in attention_lib.IMPLS:
+      raise ValueError(f"attention_impl {self.attention_impl!r} is unknown; expected one of {attention_lib.IMPLS}.")
+
+
+class WanAttention(nn.Module):
+  """diffusers `WanAttention`: q/k/v/out projections, RMSNorm on q and k across heads, RoPE on self-attention."""
+  config: WanConfig
+  mesh: Any = None
+
+  @nn.compact
+  def __call__(self, x, context=None, rope=None, kv_mask=None):
+    cfg = self.config
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    src = x if context is None else context
+    q = layers.dense(cfg.dim, ("embed", "heads"), name="to_q", **kw)(x)
+    k = layers.dense(cfg.dim, ("embed", "heads"), name="to_k", **kw)(src)
+    v = layers.dense(cfg.dim, ("embed", "heads"), name="to_v", **kw)(src)
+    q = layers.RMSNorm(cfg.eps, "heads", cfg.param_dtype, name="norm_q")(q)
+    k = layers.RMSNorm(cfg.eps, "heads", cfg.param_dtype, name="norm_k")(k)
+    split = lambda t: t.reshape(*t.shape[:2], cfg.num_heads, cfg.head_dim)  # (B, L, H, Dh)
+    q, k, v = split(q), split(k), split(v)
+    if rope is not None:
+      q, k = layers.apply_rope(q, *rope), layers.apply_rope(k, *rope)
+    heads = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+    q = nn.with_logical_constraint(q, heads)
+    kv_axes = ("activation_batch", "activation_kv_length" if context is not None else "activation_length",
+               "activation_heads", "activation_head_dim")
+    k, v = nn.with_logical_constraint(k, kv_axes), nn.with_logical_constraint(v, kv_axes)
+    mask = None if kv_mask is None else kv_mask[:, None, None, :]
+    o = attention_lib.attention(q, k, v, mask=mask, impl=cfg.attention_impl, mesh=self.mesh)
+    o = o.reshape(*o.shape[:2], cfg.dim)
+    return layers.dense(cfg.dim, ("heads", "embed"), name="to_out", **kw)(o)
+
+
+class WanBlock(nn.Module):
+  """diffusers `WanTransformerBlock`: modulated self-attention, normed cross-attention, modulated FFN.
+
+  Returns (x, None) so that it can be the body of `nn.scan`.
+  """
+  config: WanConfig
+  mesh: Any = None
+
+  @nn.compact
+  def __call__(self, x, context, temb6, rope, context_mask=None):
+    cfg = self.config
+    table = self.param("scale_shift_table",
+                       nn.with_logical_partitioning(
+                           lambda k, s, d: jax.random.normal(k, s, d) / cfg.dim ** 0.5, (None, "embed")),
+                       (6, cfg.dim), cfg.param_dtype)
+    mod = table.astype(jnp.float32)[None] + temb6.astype(jnp.float32)  # (B, 6, D)
+    shift, scale, gate, c_shift, c_scale, c_gate = [mod[:, i, None, :] for i in range(6)]
+
+    h = layers.FP32LayerNorm(cfg.eps, name="norm1")(x)
+    h = (h * (1 + scale) + shift).astype(x.dtype)
+    a = WanAttention(cfg, self.mesh, name="attn1")(h, rope=rope)
+    x = (x.astype(jnp.float32) + a.astype(jnp.float32) * gate).astype(x.dtype)
+    x = nn.with_logical_constraint(x, BLOCK_AXES)
+
+    h = x
+    if cfg.cross_attn_norm:
+      h = layers.FP32LayerNorm(cfg.eps, affine=True, param_dtype=cfg.param_dtype, name="norm2")(x).astype(x.dtype)
+    x = x + WanAttention(cfg, self.mesh, name="attn2")(h, context=context, kv_mask=context_mask)
+
+    h = layers.FP32LayerNorm(cfg.eps, name="norm3")(x)
+    h = (h * (1 + c_scale) + c_shift).astype(x.dtype)
+    f = layers.FeedForward(cfg.dim, cfg.ffn_dim, cfg.dtype, cfg.param_dtype, name="ffn")(h)
+    x = (x.astype(jnp.float32) + f.astype(jnp.float32) * c_gate).astype(x.dtype)
+    return nn.with_logical_constraint(x, BLOCK_AXES), None
+
+
+def block_stack(block_cls, config: WanConfig, num_layers: int, name: str, mesh=None, **fields):
+  """`num_layers` blocks, rematerialised per the config's named policy, under `nn.scan` or unrolled.
+
+  Scanned: one module `name` whose params have a leading 'layers' axis. Unrolled: modules
+  `{name}_0 .. {name}_{n-1}`. Both compute the same function; the scan keeps compile time flat
+  in depth. Returns a callable (x, *broadcast_args) -> x.
+  """
+  policy = layers.remat_policy(config.remat_policy)
+  cls = block_cls
+  if config.remat_policy != "none":
+    cls = nn.remat(block_cls, policy=policy, prevent_cse=not config.scan_layers)
+  if config.scan_layers:
+    stack = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=nn.broadcast, length=num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})(config, mesh, name=name, **fields)
+
+    def run(x, *args):
+      return stack(x, *args)[0]
+    return run
+  blocks = [cls(config, mesh, name=f"{name}_{i}", **fields) for i in range(num_layers)]
+
+  def run_unrolled(x, *args):
+    for b in blocks:
+      x = b(x, *args)[0]
+    return x
+  return run_unrolled
+
+
+def patchify(latents, patch):
+  """(B, F, H, W, C) -> (B, f*h*w, pt*ph*pw*C), patch elements ordered (pt, ph, pw, C)."""
+  b, f, h, w, c = latents.shape
+  pt, ph, pw = patch
+  x = latents.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c)
+  x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+  return x.reshape(b, (f // pt) * (h // ph) * (w // pw), pt * ph * pw * c)
+
+
+def unpatchify(tokens, grid, patch, channels):
+  """(B, f*h*w, pt*ph*pw*C) -> (B, F, H, W, C), the inverse of `patchify`."""
+  b = tokens.shape[0]
+  (f, h, w), (pt, ph, pw) = grid, patch
+  x = tokens.reshape(b, f, h, w, pt, ph, pw, channels)
+  x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  return x.reshape(b, f * pt, h * ph, w * pw, channels)
+
+
+def check_inputs(config: WanConfig, latents, timestep, context, context_mask=None):
+  """Shape checks, raised at trace time (before any compile) with the offending values."""
+  if latents.ndim != 5:
+    raise ValueError(f"latents must be (B, F, H, W, C); got shape {latents.shape}.")
+  b, f, h, w, c = latents.shape
+  if c != config.in_channels:
+    raise ValueError(f"latents have {c} channels; the model expects in_channels={config.in_channels}.")
+  for size, p, what in zip((f, h, w), config.patch_size, ("frames F", "height H", "width W")):
+    if size % p:
+      raise ValueError(f"latent {what}={size} is not divisible by the patch size {p} (patch {config.patch_size}).")
+  if timestep.shape != (b,):
+    raise ValueError(f"timestep must have shape (B,) = ({b},); got {timestep.shape}.")
+  if context.ndim != 3 or context.shape[0] != b or context.shape[2] != config.text_dim:
+    raise ValueError(f"context must be (B={b}, L, text_dim={config.text_dim}); got shape {context.shape}.")
+  if context_mask is not None and context_mask.shape != context.shape[:2]:
+    raise ValueError(f"context_mask must have shape {context.shape[:2]}; got {context_mask.shape}.")
+
+
+class WanEmbedder(nn.Module):
+  """Patch, timestep and text embeddings (diffusers `patch_embedding` + `WanTimeTextImageEmbedding`).
+
+  Returns tokens (B, L, D), temb (B, D), temb6 (B, 6, D), text (B, L_txt, D), grid, rope tables.
+  """
+  config: WanConfig
+
+  @nn.compact
+  def __call__(self, latents, timestep, context):
+    cfg = self.config
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    grid = tuple(s // p for s, p in zip(latents.shape[1:4], cfg.patch_size))
+    x = layers.dense(cfg.dim, ("conv_in", "embed"), name="patch_embedding", **kw)(
+        patchify(latents.astype(cfg.dtype), cfg.patch_size))
+    x = nn.with_logical_constraint(x, BLOCK_AXES)
+    t = layers.timestep_embedding(timestep, cfg.freq_dim)
+    temb = layers.MLPEmbedder(cfg.dim, cfg.dim, "silu", name="time_embedder",
+                              param_dtype=cfg.param_dtype)(t)  # float32, as diffusers keeps it
+    temb6 = layers.dense(6 * cfg.dim, (None, "embed"), name="time_proj", dtype=jnp.float32,
+                         param_dtype=cfg.param_dtype)(nn.silu(temb)).reshape(-1, 6, cfg.dim)
+    text = layers.MLPEmbedder(cfg.dim, cfg.dim, "gelu_tanh", "text_embed", name="text_embedder", **kw)(
+        context.astype(cfg.dtype))
+    cos, sin = layers.wan_rope_tables(grid, cfg.head_dim, cfg.rope_theta, cfg.rope_max_seq_len)
+    return x, temb, temb6, text, grid, (jnp.asarray(cos), jnp.asarray(sin))
+
+
+class WanHead(nn.Module):
+  """Modulated output norm + projection + unpatchify (diffusers `norm_out`, `proj_out`)."""
+  config: WanConfig
+
+  @nn.compact
+  def __call__(self, x, temb, grid):
+    cfg = self.config
+    table = self.param("scale_shift_table",
+                       nn.with_logical_partitioning(
+                           lambda k, s, d: jax.random.normal(k, s, d) / cfg.dim ** 0.5, (None, "embed")),
+                       (2, cfg.dim), cfg.param_dtype)
+    mod = table.astype(jnp.float32)[None] + temb.astype(jnp.float32)[:, None]  # (B, 2, D)
+    shift, scale = mod[:, 0:1], mod[:, 1:2]
+    h = layers.FP32LayerNorm(cfg.eps)(x)
+    h = (h * (1 + scale) + shift).astype(cfg.dtype)
+    n_out = cfg.out_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
+    h = layers.dense(n_out, ("embed", "conv_out"), name="proj_out", dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype)(h)
+    return unpatchify(h.astype(jnp.float32), grid, cfg.patch_size, cfg.out_channels)
+
+
+class WanDiT(nn.Module):
+  """Wan 2.1 T2V DiT: (latents (B,F,H,W,C), timestep (B,) in [0, 1000], context (B,L,text_dim)) -> velocity.
+
+  `context_mask` (B, L) optionally hides padded text tokens from the cross-attention (diffusers
+  has no mask: umT5 features are zero-padded); with None the output matches diffusers.
+  """
+  config: WanConfig
+  mesh: Any = None
+
+  @nn.compact
+  def __call__(self, latents, timestep, context, context_mask=None):
+    cfg = self.config
+    cfg.validate()
+    timestep = jnp.asarray(timestep)
+    check_inputs(cfg, latents, timestep, context, context_mask)
+    x, temb, temb6, text, grid, rope = WanEmbedder(cfg, name="embed")(latents, timestep, context)
+    x = block_stack(WanBlock, cfg, cfg.num_layers, "blocks", self.mesh)(x, text, temb6, rope, context_mask)
+    return WanHead(cfg, name="head")(x, temb, grid).astype(latents.dtype)
