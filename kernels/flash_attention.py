@@ -171,7 +171,7 @@ def _tpu_params(semantics):
   return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
-def _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg):
+def _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype=None):
   """Kernel-layout forward: q (B,H,Lq,D), k/v (B,Hkv,Lk,D) padded -> o (B,H,Lq,D), lse (B,H,Lq,1)."""
   b, h, lq, d = q.shape
   lk = k.shape[2]
@@ -203,7 +203,7 @@ def _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg):
           num_scalar_prefetch=1, grid=(b, h, nq, nk), in_specs=in_specs, out_specs=out_specs,
           scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                           pltpu.VMEM((bq, d), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=[jax.ShapeDtypeStruct(q.shape, out_dtype or q.dtype),
                  jax.ShapeDtypeStruct((b, h, lq, 1), jnp.float32)],
       compiler_params=_tpu_params(("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=cost,
@@ -277,7 +277,7 @@ def _dkv_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, c
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg):
+def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype=None):
   """Kernel-layout backward -> dq (B,H,Lq,D), dk, dv (B,Hkv,Lk,D)."""
   b, h, lq, d = q.shape
   hkv, lk = k.shape[1], k.shape[2]
@@ -307,7 +307,7 @@ def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg):
           num_scalar_prefetch=1, grid=(b, h, nq, nk), in_specs=in_specs,
           out_specs=pl.BlockSpec((None, None, bq, d), q_map),
           scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=jax.ShapeDtypeStruct(q.shape, out_dtype or q.dtype),
       compiler_params=_tpu_params(("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=pl.CostEstimate(
           flops=6 * b * h * lq * lk * d, transcendentals=b * h * lq * lk,
@@ -337,7 +337,8 @@ def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg):
           out_specs=[pl.BlockSpec((None, None, bk, d), k_map),
                      pl.BlockSpec((None, None, bk, d), k_map)],
           scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, out_dtype or k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, out_dtype or v.dtype)],
       compiler_params=_tpu_params(("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
       cost_estimate=pl.CostEstimate(
           flops=8 * b * h * lq * lk * d, transcendentals=b * h * lq * lk,
@@ -351,16 +352,17 @@ def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg):
 # ------------------------------------------------------------------ kernel-layout entry points
 
 
-def flash_fwd(q, k, v, lens, qseg, kseg, mask, cfg):
-  """Forward in kernel layout; returns (o, lse) with lse (B, H, Lq, 1) float32."""
-  return _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg)
+def flash_fwd(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype=None):
+  """Forward in kernel layout; returns (o, lse) with lse (B, H, Lq, 1) float32. `out_dtype`
+  (default q's) lets callers that merge partial results (the ring) keep o in float32."""
+  return _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype)
 
 
-def flash_bwd(q, k, v, lens, qseg, kseg, mask, o, lse, do, cfg):
+def flash_bwd(q, k, v, lens, qseg, kseg, mask, o, lse, do, cfg, out_dtype=None):
   """Backward in kernel layout given the forward's output and log-sum-exp (or, for a ring, the
-  global ones); returns dq, dk, dv."""
+  global ones); returns dq, dk, dv (in `out_dtype`, default the inputs' dtypes)."""
   di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
-  return _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg)
+  return _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -405,12 +407,13 @@ def choose_blocks(lq, lk, block_q=None, block_k=None, *, has_mask=False):
 
 def prepare(q, k, v, *, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None,
             segment_mode="same", mask=None, scale=None, block_q=None, block_k=None,
-            interpret=None, pad_head_dim=None):
+            interpret=None, pad_head_dim=None, align_q_for_mask=False):
   """Validates inputs and brings them into kernel layout.
 
   Returns (qt, kt, vt, lens, qseg, kseg, mask8, cfg): q (B,H,Lq',D') etc. transposed and
   padded, lens (B,) int32 effective key lengths, segment ids as (B,Lq',1) / (B,1,Lk') int32,
-  the dense mask as int8 (B|1, H|1, Lq', Lk'), and the static Config.
+  the dense mask as int8 (B|1, H|1, Lq', Lk'), and the static Config. `align_q_for_mask`
+  aligns block_q for int8 mask tiles when the caller brings its own mask (the ring).
   """
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"flash attention expects rank-4 q, k, v (B, L, H, D); got {q.shape}, "
@@ -453,7 +456,8 @@ def prepare(q, k, v, *, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None
     mask_b, mask_h = mask.shape[0] == b and b > 1, mask.shape[1] == h and h > 1
     mask = jnp.broadcast_to(mask, (mask.shape[0] if mask_b else 1, mask.shape[1] if mask_h else 1,
                                    lq, lk)).astype(jnp.int8)
-  bq, bk = choose_blocks(lq, lk, block_q, block_k, has_mask=mask is not None)
+  bq, bk = choose_blocks(lq, lk, block_q, block_k,
+                        has_mask=mask is not None or align_q_for_mask)
   lqp, lkp = _round_up(lq, bq), _round_up(lk, bk)
 
   if pad_head_dim is None:
