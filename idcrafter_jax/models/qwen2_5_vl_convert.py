@@ -1,0 +1,235 @@
+"""Streaming, sharded loading of transformers Qwen2.5-VL checkpoints into `Qwen2_5_VL` params.
+
+Reads a `Qwen2_5_VLForConditionalGeneration` folder (config.json + one or more
+`*.safetensors`, with or without `model.safetensors.index.json`) in either key layout:
+transformers 5.x (`model.visual.*`, `model.language_model.*`) or the official release /
+transformers 4.x (`visual.*`, `model.*`); `lm_head.*` is not needed for hidden states and
+is skipped.
+
+Each parameter is built with `jax.make_array_from_callback`: the callback asks for the
+slice of one device's shard, which is read from the memory-mapped checkpoint through
+zero-copy views (transposes / axis splits) and cast to `dtype`; stacked layers are read
+layer by layer. So with a mesh, a device receives only its shard and the host holds at
+most one shard at a time: a 7B model never sits whole on one device or twice in host
+memory. `weights.assemble` stacks whole layers on the host before placing them, which is
+why this file has its own assembly; key checking reuses `weights.check_keys`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from idcrafter_jax import sharding as shd
+from idcrafter_jax import weights
+from idcrafter_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, abstract_params, config_from_hf
+
+View = Callable[[np.ndarray], np.ndarray]
+
+
+def _canonical(key: str) -> str | None:
+  """Either key layout -> 'visual.<rest>' / 'lm.<rest>'; None for lm_head and unknown keys."""
+  for prefix, out in (("model.visual.", "visual."), ("visual.", "visual."),
+                      ("model.language_model.", "lm."), ("model.", "lm.")):
+    if key.startswith(prefix):
+      return out + key[len(prefix):]
+  return None
+
+
+def make_rule(cfg: Qwen2_5_VLConfig):
+  """key -> (flax path, layer index or None, zero-copy view transform), or None if not ours."""
+  v, t = cfg.vision, cfg.text
+  vh, vd = v.num_heads, v.head_dim
+  th, tk, td = t.num_heads, t.num_kv_heads, t.head_dim
+
+  def lin(w):  # torch Linear (out, in) -> flax kernel (in, out)
+    return w.T
+
+  def ident(w):
+    return w
+
+  vision_block = {
+      "norm1.weight": (("norm1", "scale"), ident),
+      "norm2.weight": (("norm2", "scale"), ident),
+      "attn.qkv.weight": (("attn", "qkv", "kernel"), lambda w: w.T.reshape(w.shape[1], 3, vh, vd)),
+      "attn.qkv.bias": (("attn", "qkv", "bias"), lambda w: w.reshape(3, vh, vd)),
+      "attn.proj.weight": (("attn", "proj", "kernel"), lambda w: w.T.reshape(vh, vd, w.shape[0])),
+      "attn.proj.bias": (("attn", "proj", "bias"), ident),
+  }
+  for p in ("gate_proj", "up_proj", "down_proj"):
+    vision_block[f"mlp.{p}.weight"] = (("mlp", p, "kernel"), lin)
+    vision_block[f"mlp.{p}.bias"] = (("mlp", p, "bias"), ident)
+  text_layer = {
+      "input_layernorm.weight": (("input_layernorm", "scale"), ident),
+      "post_attention_layernorm.weight": (("post_attention_layernorm", "scale"), ident),
+      "self_attn.o_proj.weight": (("self_attn", "o_proj", "kernel"),
+                                  lambda w: w.T.reshape(th, td, w.shape[0])),
+  }
+  for p, heads in (("q_proj", th), ("k_proj", tk), ("v_proj", tk)):
+    text_layer[f"self_attn.{p}.weight"] = (("self_attn", p, "kernel"),
+                                           lambda w, h=heads: w.T.reshape(w.shape[1], h, td))
+    text_layer[f"self_attn.{p}.bias"] = (("self_attn", p, "bias"), lambda w, h=heads: w.reshape(h, td))
+  for p in ("gate_proj", "up_proj", "down_proj"):
+    text_layer[f"mlp.{p}.weight"] = (("mlp", p, "kernel"), lin)
+  single = {
+      "visual.patch_embed.proj.weight": (("visual", "patch_embed", "kernel"),
+                                         lambda w: w.reshape(w.shape[0], -1).T),
+      "visual.merger.ln_q.weight": (("visual", "merger", "ln_q", "scale"), ident),
+      "visual.merger.mlp.0.weight": (("visual", "merger", "mlp_0", "kernel"), lin),
+      "visual.merger.mlp.0.bias": (("visual", "merger", "mlp_0", "bias"), ident),
+      "visual.merger.mlp.2.weight": (("visual", "merger", "mlp_2", "kernel"), lin),
+      "visual.merger.mlp.2.bias": (("visual", "merger", "mlp_2", "bias"), ident),
+      "lm.embed_tokens.weight": (("language_model", "embed_tokens", "embedding"), ident),
+      "lm.norm.weight": (("language_model", "norm", "scale"), ident),
+  }
+  stacked_re = re.compile(r"^(visual\.blocks|lm\.layers)\.(\d+)\.(.+)$")
+
+  def rule(key: str):
+    c = _canonical(key)
+    if c is None:
+      return None
+    if c in single:
+      path, fn = single[c]
+      return path, None, fn
+    m = stacked_re.match(c)
+    if not m:
+      return None
+    table, prefix = (vision_block, ("visual", "blocks")) if m[1] == "visual.blocks" else \
+        (text_layer, ("language_model", "layers"))
+    if m[3] not in table:
+      return None
+    path, fn = table[m[3]]
+    return prefix + path, int(m[2]), fn
+
+  return rule
+
+
+def _flatten(tree) -> dict[tuple[str, ...], Any]:
+  return {tuple(str(getattr(p, "key", p)) for p in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+  out: dict = {}
+  for path, leaf in flat.items():
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = leaf
+  return out
+
+
+def stream_params(reader: weights.SafetensorsFolder, rule, expected: dict, shardings: dict, *,
+                  dtype=jnp.float32, ignore: Callable[[str], bool] = lambda k: False) -> dict:
+  """Builds the param tree `expected` (ShapeDtypeStructs) shard by shard from `reader`.
+
+  `rule(key)` -> (path, layer index or None, view transform). Missing / unexpected keys,
+  missing layers and shape mismatches raise `weights.CheckpointError` before any tensor is
+  read; `shardings` is a tree of `jax.sharding.Sharding` like `expected`.
+  """
+  flat_expected = _flatten(expected)
+  flat_shardings = _flatten(shardings)
+  sources: dict[tuple[str, ...], dict] = {}
+  unexpected = []
+  for key in reader.keys():
+    if ignore(key):
+      continue
+    mapped = rule(key)
+    if mapped is None:
+      unexpected.append(key)
+      continue
+    path, layer, fn = mapped
+    sources.setdefault(tuple(path), {})[layer] = (key, fn)
+  missing = [".".join(p) for p in flat_expected if p not in sources]
+  unexpected += [k for p, src in sources.items() if p not in flat_expected for k, _ in src.values()]
+  weights.check_keys(reader.folder, missing, unexpected)
+
+  problems = []
+  views: dict[tuple[str, ...], list[np.ndarray] | np.ndarray] = {}
+  for path, leaf in flat_expected.items():
+    src = sources[path]
+    name = ".".join(path)
+    if None in src:  # a single tensor
+      if len(src) > 1:
+        problems.append(f"{name}: fed by both a whole tensor and per-layer tensors")
+        continue
+      key, fn = src[None]
+      view = fn(reader.get(key))
+      shape = tuple(view.shape)
+    else:
+      n = leaf.shape[0]
+      if sorted(src) != list(range(n)):
+        problems.append(f"{name}: expects layers 0..{n - 1}, checkpoint has {sorted(src)}")
+        continue
+      view = [fn(reader.get(key)) for key, fn in (src[i] for i in range(n))]
+      shapes = {tuple(x.shape) for x in view}
+      shape = (n,) + shapes.pop() if len(shapes) == 1 else None
+    if shape != tuple(leaf.shape):
+      problems.append(f"{name}: checkpoint {shape} vs model {tuple(leaf.shape)}")
+      continue
+    views[path] = view
+  if problems:
+    raise weights.CheckpointError(f"checkpoint {reader.folder} does not fit the model: " + "; ".join(problems))
+
+  out = {}
+  for path, leaf in flat_expected.items():
+    view = views[path]
+
+    def read(index, view=view):
+      if isinstance(view, list):
+        layers = range(len(view))[index[0]]
+        return np.stack([np.asarray(view[i][tuple(index[1:])]).astype(dtype) for i in layers])
+      return np.asarray(view[tuple(index)]).astype(dtype)
+
+    out[path] = jax.make_array_from_callback(tuple(leaf.shape), flat_shardings[path], read)
+  return _unflatten(out)
+
+
+def fit_shardings(shardings, expected):
+  """Drops the mesh axes a dimension does not divide evenly (that dimension is replicated).
+
+  E.g. the 7B vision MLP width 3420 over tensor=8, or 4 kv heads over tensor=8: the rules
+  table stays one for all sizes, and such a param is replicated on that axis instead of
+  failing to place.
+  """
+  def fit(s, leaf):
+    if not isinstance(s, NamedSharding):
+      return s
+    spec = []
+    for i, axes in enumerate(tuple(s.spec) + (None,) * (len(leaf.shape) - len(s.spec))):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      size = int(np.prod([s.mesh.shape[a] for a in names])) if names else 1
+      spec.append(axes if leaf.shape[i] % size == 0 else None)
+    return NamedSharding(s.mesh, P(*spec))
+  return jax.tree_util.tree_map(fit, shardings, expected)
+
+
+def load(folder: str, *, dtype=jnp.float32, compute_dtype=None, mesh: Mesh | None = None,
+         rules=shd.LOGICAL_RULES, attn_impl: str = "xla"):
+  """`Qwen2_5_VLForConditionalGeneration` folder -> (Qwen2_5_VL module, params).
+
+  dtype: the dtype params are stored in (e.g. jnp.bfloat16; checkpoint tensors are cast
+    shard by shard). compute_dtype: the module's compute dtype, default `dtype`.
+  mesh: place every param straight onto this mesh with the NamedSharding of its logical axes
+    (`sharding.param_shardings`, less the mesh axes a dimension does not divide, see
+    `fit_shardings`); None puts them on the first device.
+  """
+  cfg = config_from_hf(weights.read_config(folder))
+  dtype = jnp.dtype(dtype)
+  module = Qwen2_5_VL(cfg, dtype=jnp.dtype(compute_dtype or dtype), param_dtype=dtype, attn_impl=attn_impl)
+  boxed = abstract_params(module)
+  expected = nn.unbox(boxed)
+  if mesh is None:
+    device = SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree_util.tree_map(lambda _: device, expected)
+  else:
+    shardings = fit_shardings(shd.param_shardings(boxed, mesh, rules), expected)
+  reader = weights.SafetensorsFolder(folder)
+  params = stream_params(reader, make_rule(cfg), expected, shardings, dtype=dtype,
+                         ignore=lambda k: k.startswith("lm_head."))
+  return module, params
