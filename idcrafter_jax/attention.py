@@ -7,13 +7,26 @@ segment ids ("same": attend within the segment; "other": attend to other segment
 stage 2 of the identity attention does, eq. S.2); negative segment ids mark padding that is
 never attended. A query row with no visible key returns zeros, not NaN.
 
-`impl` chooses the implementation: 'xla' (einsum, float32 softmax) is built here; the fused
-Pallas kernel and the sequence-parallel ring / Ulysses variants live in `kernels/`.
+`impl` chooses the implementation (config key `attention.impl`):
+  'xla'      einsum logits, float32 softmax (materialises the (Lq, Lk) scores; the reference);
+  'pallas'   the fused flash kernel of `kernels/flash_attention.py` (interpret mode on CPU);
+  'ring'     `kernels/ring_attention.py`: q, k, v split over the mesh axis 'sequence', kv slices
+             passed around the ring, partial softmaxes merged exactly;
+  'ulysses'  `kernels/ulysses_attention.py`: all-to-all from sequence to head sharding, the
+             flash kernel on full sequences, all-to-all back.
+'ring' and 'ulysses' need `mesh` (with a 'sequence' axis). For the kernel impls the lengths and
+segment ids are the fast path (no (Lq, Lk) array exists); a mask that only varies along keys,
+such as a text padding mask (B, 1, 1, Lk), is folded into key segment ids, and any other dense
+mask is streamed to the kernel as int8 tiles.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from kernels import flash_attention
+from kernels import ring_attention
+from kernels import ulysses_attention
 
 IMPLS = ("xla", "pallas", "ring", "ulysses")
 SEGMENT_MODES = ("same", "other")
@@ -79,15 +92,52 @@ def xla_attention(q, k, v, mask=None, *, scale=None):
   return out.reshape(b, lq, h, d).astype(q.dtype)
 
 
+def fold_key_mask(mask, batch, lq, lk, q_segment_ids, kv_segment_ids):
+  """A boolean mask that varies only along keys, (B|1, 1, 1, Lk) after broadcasting to rank 4,
+  folded into segment ids (negative kv id = never attended): exact in 'same' and 'other' mode.
+  Returns (mask or None, q_segment_ids, kv_segment_ids)."""
+  if mask is None:
+    return mask, q_segment_ids, kv_segment_ids
+  m = jnp.asarray(mask, bool)
+  if m.ndim > 4:
+    raise ValueError(f"mask of rank {m.ndim} cannot broadcast to (B, H, Lq, Lk).")
+  m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+  if m.shape[1:3] != (1, 1) or m.shape[3] != lk or m.shape[0] not in (1, batch):
+    return mask, q_segment_ids, kv_segment_ids
+  keep = jnp.broadcast_to(m[:, 0, 0, :], (batch, lk))
+  if q_segment_ids is None:
+    q_segment_ids = jnp.zeros((batch, lq), jnp.int32)
+    kv_segment_ids = jnp.zeros((batch, lk), jnp.int32)
+  kv_segment_ids = jnp.where(keep, jnp.asarray(kv_segment_ids, jnp.int32), -1)
+  return None, q_segment_ids, kv_segment_ids
+
+
 def attention(q, k, v, *, mask=None, impl="xla", scale=None, kv_lengths=None,
-              q_segment_ids=None, kv_segment_ids=None, segment_mode="same", mesh=None):
-  """softmax(q k^T * scale [+ mask]) v. q (B, Lq, H, D); k, v (B, Lk, Hkv, D) -> (B, Lq, H, D)."""
+              q_segment_ids=None, kv_segment_ids=None, segment_mode="same", mesh=None,
+              block_q=None, block_k=None, interpret=None):
+  """softmax(q k^T * scale [+ mask]) v. q (B, Lq, H, D); k, v (B, Lk, Hkv, D) -> (B, Lq, H, D).
+
+  `block_q` / `block_k` (kernel tile sizes, default 512 / 512) and `interpret` (Pallas interpret
+  mode; default: on when the backend is CPU) apply to the kernel impls only.
+  """
   _check(q, k, v, impl, segment_mode)
   b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
   if impl == "xla":
     full = build_mask(b, lq, lk, mask=mask, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
                       kv_segment_ids=kv_segment_ids, segment_mode=segment_mode)
     return xla_attention(q, k, v, full, scale=scale)
-  raise NotImplementedError(
-      f"attention impl {impl!r} needs the Pallas / sequence-parallel kernels in kernels/, "
-      "which are not built yet; use impl='xla'.")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
+  mask, q_segment_ids, kv_segment_ids = fold_key_mask(mask, b, lq, lk, q_segment_ids,
+                                                      kv_segment_ids)
+  kw = dict(kv_lengths=kv_lengths, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+            segment_mode=segment_mode, mask=mask, scale=scale, block_q=block_q,
+            block_k=block_k, interpret=interpret)
+  if impl == "pallas":
+    return flash_attention.flash_attention(q, k, v, **kw)
+  if mesh is None:
+    raise ValueError(f"attention impl {impl!r} shards the sequence over a device mesh; pass "
+                     "mesh= (a Mesh with a 'sequence' axis).")
+  if impl == "ring":
+    return ring_attention.ring_attention(q, k, v, mesh=mesh, **kw)
+  return ulysses_attention.ulysses_attention(q, k, v, mesh=mesh, **kw)
