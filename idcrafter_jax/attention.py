@@ -74,22 +74,36 @@ def build_mask(batch, lq, lk, *, mask=None, kv_lengths=None, q_segment_ids=None,
 
 
 def xla_attention(q, k, v, mask=None, *, scale=None):
-  """Reference implementation: einsum logits, float32 softmax, zeros for fully masked rows."""
+  """Reference implementation: einsum logits, float32 softmax, zeros for fully masked rows.
+
+  Heads-major 4-D einsums, with the G = H / Hkv query heads of a kv head folded into the query
+  axis (B, Hkv, G*Lq, D): on CPU this runs the forward about 2x and the backward about 2x faster
+  than a 5-D grouped einsum or `jax.nn.dot_product_attention`.
+  """
   b, lq, h, d = q.shape
-  hkv = k.shape[2]
+  lk, hkv = k.shape[1], k.shape[2]
   g = h // hkv
   scale = d ** -0.5 if scale is None else scale
-  qg = q.reshape(b, lq, hkv, g, d)
-  logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+  acc = {} if q.dtype == jnp.float32 else {"preferred_element_type": jnp.float32}
+  qt = q.reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * lq, d)
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  logits = jnp.einsum("bhqd,bhkd->bhqk", qt, kt, **acc).astype(jnp.float32) * scale
   if mask is not None:
-    m = jnp.broadcast_to(mask, (mask.shape[0], mask.shape[1], lq, k.shape[1]))
-    m = m.reshape(m.shape[0], hkv if m.shape[1] == h else 1, g if m.shape[1] == h else 1, lq, k.shape[1])
+    m = jnp.asarray(mask, bool)
+    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+    mb, mh = m.shape[0], m.shape[1]
+    m = jnp.broadcast_to(m, (mb, mh, lq, lk))
+    if mh == h:  # per-head mask: (B, Hkv, G*Lq, Lk) like the logits
+      m = m.reshape(mb, hkv, g * lq, lk)
+    elif g > 1:  # shared by all heads: repeat along the folded query axis
+      m = jnp.broadcast_to(m[:, :, None], (mb, mh, g, lq, lk)).reshape(mb, mh, g * lq, lk)
     logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   if mask is not None:
     probs = jnp.where(jnp.any(m, axis=-1, keepdims=True), probs, 0.0)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return out.reshape(b, lq, h, d).astype(q.dtype)
+  out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), vt, **acc)
+  out = out.reshape(b, hkv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
+  return out.astype(q.dtype)
 
 
 def fold_key_mask(mask, batch, lq, lk, q_segment_ids, kv_segment_ids):
