@@ -265,3 +265,26 @@ class WanDiT(nn.Module):
     x, temb, temb6, text, grid, rope = WanEmbedder(cfg, name="embed")(latents, timestep, context)
     x = block_stack(WanBlock, cfg, cfg.num_layers, "blocks", self.mesh)(x, text, temb6, rope, context_mask)
     return WanHead(cfg, name="head")(x, temb, grid).astype(latents.dtype)
+
+
+def forward_flops(config: WanConfig, latent_shape, context_len: int) -> float:
+  """Matmul FLOPs (2 m n k) of one forward on latents (B, F, H, W, C) and `context_len` text tokens.
+
+  Counts the patch embedding, every projection, both attentions (QK^T and PV), the FFN and the
+  head; elementwise work is ignored. XLA's `cost_analysis` counts a scanned body once, so this
+  is what benchmarks and MFU use.
+  """
+  b, f, h, w, c = latent_shape
+  pt, ph, pw = config.patch_size
+  n = b * (f // pt) * (h // ph) * (w // pw)  # video tokens in the batch
+  seq = n // b
+  d, m = config.dim, b * context_len
+  per_block = (
+      2 * n * d * d * 4  # self-attention q, k, v, out
+      + 2 * 2 * b * seq * seq * d  # QK^T and PV
+      + 2 * n * d * d * 2 + 2 * m * d * d * 2  # cross-attention q, out; k, v on the text
+      + 2 * 2 * b * seq * context_len * d
+      + 2 * n * d * config.ffn_dim * 2)
+  embed = 2 * n * (pt * ph * pw * c) * d + 2 * m * config.text_dim * d + 2 * m * d * d
+  head = 2 * n * d * (pt * ph * pw * config.out_channels)
+  return float(config.num_layers * per_block + embed + head)

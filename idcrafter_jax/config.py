@@ -1,0 +1,48 @@
+"""Run configuration: one `ml_collections.ConfigDict` per run, built by `configs/*.py:get_config`.
+
+Model sizes come from one table, `WAN_VARIANTS`, copied from Table S.1 of the seed and the Wan
+2.1 release. Every key here is read by some part of the package; unknown keys are an error
+where a section is turned into a dataclass (`WanConfig.from_dict`).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# DiT sizes (Table S.1 and Wan 2.1): heads x 128, FFN width, depth. Shared by all variants:
+# patch (1, 2, 2), 16 latent channels, freq_dim 256, eps 1e-6, q/k RMSNorm across heads,
+# normed cross-attention, RoPE theta 10000.
+WAN_VARIANTS = {
+    "1.3B": dict(num_heads=12, head_dim=128, ffn_dim=8960, num_layers=30),
+    "14B": dict(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40),
+    # ~19M params: the bench config of launch/bench_dit.py.
+    "bench": dict(num_heads=8, head_dim=64, ffn_dim=2048, num_layers=4),
+    # Runs on a CPU in seconds.
+    "tiny": dict(num_heads=2, head_dim=16, ffn_dim=64, num_layers=2),
+}
+
+# Text-context width: umT5-XXL for plain Wan, Qwen2.5-VL 7B hidden states for ID-Crafter.
+TEXT_DIM = {"umt5": 4096, "qwen2_5_vl_7b": 3584}
+
+
+def model_config(variant: str, text_dim: int) -> ml_collections.ConfigDict:
+  if variant not in WAN_VARIANTS:
+    raise ValueError(f"Wan variant {variant!r} is unknown; expected one of {sorted(WAN_VARIANTS)}.")
+  return ml_collections.ConfigDict(dict(
+      **WAN_VARIANTS[variant],
+      in_channels=16, out_channels=16, patch_size=(1, 2, 2), text_dim=text_dim, freq_dim=256,
+      eps=1e-6, cross_attn_norm=True, rope_theta=10000.0, rope_max_seq_len=1024,
+      dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full",
+      attention_impl="xla"))
+
+
+def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config(variant, text_dim)
+  # Mesh over ('data', 'fsdp', 'sequence', 'tensor'); -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, sequence=1, tensor=1))
+  # Sampling: Wan's flow-matching schedule with shift, Euler steps, classifier-free guidance.
+  c.sampling = ml_collections.ConfigDict(dict(
+      num_steps=50, shift=5.0, guidance_scale=5.0, num_frames=81, height=480, width=832,
+      fps=16))
+  return c
