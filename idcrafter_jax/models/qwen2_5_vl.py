@@ -183,6 +183,36 @@ def _zeros(names):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
+class Projection(nn.Module):
+  """x (..., *in) @ kernel (*in, *out_shape) [+ bias (*out_shape)], in = x's last `in_ndim` axes.
+
+  A DenseGeneral whose kernel is created in its final shape, so its logical axis names
+  (`names`, one per kernel axis) hold under a mesh; flax's DenseGeneral initialises a
+  flattened kernel first, which a rank-4 sharding constraint rejects.
+  """
+  out_shape: tuple[int, ...]
+  names: tuple[str | None, ...]
+  in_ndim: int = 1
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = tuple(x.shape[-self.in_ndim:])
+    n_in, n_out = len(in_shape), len(self.out_shape)
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+                                            out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.names),
+                        in_shape + tuple(self.out_shape), self.param_dtype)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", _zeros(self.names[n_in:]), tuple(self.out_shape), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class RMSNorm(nn.Module):
   """x / sqrt(mean(x^2) + eps) * scale, in float32 (reference `Qwen2_5_VLRMSNorm`)."""
   eps: float = 1e-6
@@ -301,17 +331,15 @@ class VisionAttention(nn.Module):
   def __call__(self, x, cos, sin, segments):  # x (N, D), segments (N,)
     d = x.shape[-1]
     hd = d // self.num_heads
-    qkv = nn.DenseGeneral((3, self.num_heads, hd), dtype=self.dtype, param_dtype=self.param_dtype,
-                          kernel_init=_dense_init(("embed", None, "heads", "head_dim")),
-                          bias_init=_zeros((None, "heads", "head_dim")), name="qkv")(x)
+    qkv = Projection((3, self.num_heads, hd), ("embed", None, "heads", "head_dim"), dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="qkv")(x)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (N, H, hd)
     q, k = apply_rope(q, cos, sin, self.dtype), apply_rope(k, cos, sin, self.dtype)
     seg = segments[None]
     o = attention(q[None], k[None], v[None], impl=self.attn_impl, q_segment_ids=seg,
                   kv_segment_ids=seg)[0]
-    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                           kernel_init=_dense_init(("heads", "head_dim", "embed")),
-                           bias_init=_zeros(("embed",)), name="proj")(o)
+    return Projection((d,), ("heads", "head_dim", "embed"), in_ndim=2, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="proj")(o)
 
 
 class VisionBlock(nn.Module):
@@ -451,13 +479,12 @@ class TextAttention(nn.Module):
   attn_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):  # x (B, L, D), mask (B, 1, L, L)
+  def __call__(self, x, cos, sin, mask, kv_segments):  # x (B, L, D), mask (1, 1, L, L), kv_segments (B, L)
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
     def proj(heads, names, name):
-      return nn.DenseGeneral((heads, c.head_dim), kernel_init=_dense_init(("embed",) + names),
-                             bias_init=_zeros(names), name=name, **kw)(x)
+      return Projection((heads, c.head_dim), ("embed",) + names, name=name, **kw)(x)
 
     q = proj(c.num_heads, ("heads", "head_dim"), "q_proj")
     k = proj(c.num_kv_heads, ("kv_heads", "head_dim"), "k_proj")
@@ -465,9 +492,10 @@ class TextAttention(nn.Module):
     q, k = apply_rope(q, cos, sin, self.dtype), apply_rope(k, cos, sin, self.dtype)
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads",
                                        "activation_head_dim"))
-    o = attention(q, k, v, mask=mask, impl=self.attn_impl)
-    return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), use_bias=False,
-                           kernel_init=_dense_init(("heads", "head_dim", "embed")), name="o_proj", **kw)(o)
+    o = attention(q, k, v, mask=mask, impl=self.attn_impl, q_segment_ids=jnp.zeros_like(kv_segments),
+                  kv_segment_ids=kv_segments)
+    return Projection((c.hidden_size,), ("heads", "head_dim", "embed"), in_ndim=2, use_bias=False,
+                      name="o_proj", **kw)(o)
 
 
 class DecoderLayer(nn.Module):
@@ -482,12 +510,12 @@ class DecoderLayer(nn.Module):
   attn_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, carry, index, cos, sin, mask, keep_layer):
+  def __call__(self, carry, index, cos, sin, mask, kv_segments, keep_layer):
     x, kept = carry
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-    x = x + TextAttention(c, attn_impl=self.attn_impl, name="self_attn", **kw)(h, cos, sin, mask)
+    x = x + TextAttention(c, attn_impl=self.attn_impl, name="self_attn", **kw)(h, cos, sin, mask, kv_segments)
     h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
     x = x + SwiGLU(c.intermediate_size, use_bias=False, name="mlp", **kw)(h)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -510,7 +538,7 @@ class TextModel(nn.Module):
         c.vocab_size, c.hidden_size, embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(0.02), ("vocab", "embed")), **kw)
     scanned = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     self.layers = scanned(c, attn_impl=self.attn_impl, **kw)
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
@@ -526,13 +554,13 @@ class TextModel(nn.Module):
     """
     b, l, _ = embeds.shape
     cos, sin = mrope(position_ids, self.cfg)
-    causal = jnp.tril(jnp.ones((l, l), bool))
-    mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]  # (B, 1, L, L)
+    causal = jnp.tril(jnp.ones((l, l), bool))[None, None]  # (1, 1, L, L), shared by the batch
+    kv_segments = jnp.where(attention_mask.astype(bool), 0, -1).astype(jnp.int32)  # -1: padding key
     if hidden_layer == 0:
       return embeds
     keep = None if hidden_layer is None else jnp.zeros_like(embeds)
-    (x, kept), _ = self.layers((embeds, keep), jnp.arange(self.cfg.num_layers), cos, sin, mask,
-                               -1 if hidden_layer is None else hidden_layer - 1)
+    (x, kept), _ = self.layers((embeds, keep), jnp.arange(self.cfg.num_layers), cos, sin, causal,
+                               kv_segments, -1 if hidden_layer is None else hidden_layer - 1)
     return self.norm(x) if hidden_layer is None else kept
 
 
