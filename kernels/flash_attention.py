@@ -77,12 +77,22 @@ def _dot_nn(a, b):
   return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _col(row):
+  """(1, n) -> (n, 1) through a lane-aligned (128, n) transpose (the XLU does this on TPU)."""
+  return jnp.transpose(jnp.broadcast_to(row, (128, row.shape[1])))[:, :1]
+
+
+def _row(col):
+  """(n, 1) -> (1, n)."""
+  return jnp.transpose(jnp.broadcast_to(col, (col.shape[0], 128)))[:1, :]
+
+
 def _keep(cfg, length, kv_start, block_q, block_k, qseg_ref, kseg_ref, mask_ref):
   """Boolean (block_q, block_k) or (1, block_k) visibility of the current tile."""
   pos = kv_start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
   keep = pos < length
   if qseg_ref is not None:
-    qs = qseg_ref[...]   # (block_q, 1)
+    qs = _col(qseg_ref[...])   # (block_q, 1)
     ks = kseg_ref[...]   # (1, block_k)
     rel = (qs == ks) if cfg.segment_mode == "same" else (qs != ks)
     keep = jnp.logical_and(keep, jnp.logical_and(rel, jnp.logical_and(qs >= 0, ks >= 0)))
@@ -138,7 +148,7 @@ def _fwd_kernel(lens_ref, q_ref, k_ref, v_ref, *refs, cfg, has_seg, has_mask, nk
     seen = l > 0.0
     safe = jnp.where(seen, l, 1.0)
     o_ref[...] = jnp.where(seen, acc_sc[...] / safe, 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(safe), MASK_VALUE)
+    lse_ref[...] = _row(jnp.where(seen, m_sc[...] + jnp.log(safe), MASK_VALUE))
 
 
 def _kv_block(j, b, lens_ref, bk):
@@ -157,7 +167,7 @@ def _side_specs_fwd(cfg, has_seg, has_mask, q_idx, k_idx, head_idx):
   specs = []
   bq, bk = cfg.block_q, cfg.block_k
   if has_seg:
-    specs.append(pl.BlockSpec((None, bq, 1), lambda *a: (a[0], q_idx(*a), 0)))
+    specs.append(pl.BlockSpec((None, 1, bq), lambda *a: (a[0], 0, q_idx(*a))))
     specs.append(pl.BlockSpec((None, 1, bk), lambda *a: (a[0], 0, k_idx(*a))))
   if has_mask:
     def mask_map(*a):
@@ -172,7 +182,10 @@ def _tpu_params(semantics):
 
 
 def _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype=None):
-  """Kernel-layout forward: q (B,H,Lq,D), k/v (B,Hkv,Lk,D) padded -> o (B,H,Lq,D), lse (B,H,Lq,1)."""
+  """Kernel-layout forward: q (B,H,Lq,D), k/v (B,Hkv,Lk,D) padded -> o (B,H,Lq,D), lse (B,H,1,Lq).
+
+  Per-row vectors (log-sum-exp, segment ids) are kept lane-dense, (1, Lq), in HBM: a (Lq, 1)
+  array would be padded 128-fold by the TPU's (8, 128) tiling."""
   b, h, lq, d = q.shape
   lk = k.shape[2]
   bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
@@ -180,6 +193,7 @@ def _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype=None):
   has_seg, has_mask = qseg is not None, mask is not None
 
   q_map = lambda b_, h_, i, j, lens_ref: (b_, h_, i, 0)
+  row_map = lambda b_, h_, i, j, lens_ref: (b_, h_, 0, i)
   kv_map = lambda b_, h_, i, j, lens_ref: (b_, h_ // g, _kv_block(j, b_, lens_ref, bk), 0)
   in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
               pl.BlockSpec((None, None, bk, d), kv_map),
@@ -190,7 +204,7 @@ def _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype=None):
       k_idx=lambda b_, h_, i, j, lens_ref: _kv_block(j, b_, lens_ref, bk),
       head_idx=lambda b_, h_, i, j, lens_ref: h_)
   out_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-               pl.BlockSpec((None, None, bq, 1), q_map)]
+               pl.BlockSpec((None, None, 1, bq), row_map)]
   args = [x for x in (qseg, kseg) if has_seg] + ([mask] if has_mask else [])
   kernel = functools.partial(_fwd_kernel, cfg=cfg, has_seg=has_seg, has_mask=has_mask, nk=nk)
   itemsize = q.dtype.itemsize
@@ -204,7 +218,7 @@ def _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype=None):
           scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                           pltpu.VMEM((bq, d), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(q.shape, out_dtype or q.dtype),
-                 jax.ShapeDtypeStruct((b, h, lq, 1), jnp.float32)],
+                 jax.ShapeDtypeStruct((b, h, 1, lq), jnp.float32)],
       compiler_params=_tpu_params(("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=cost,
       interpret=cfg.interpret,
@@ -237,9 +251,9 @@ def _dq_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cf
   def _compute():
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     keep = _keep(cfg, length, j * bk, bq, bk, qseg_ref, kseg_ref, mask_ref)
-    p = _probs(cfg, q, k, lse_ref[...], keep)
+    p = _probs(cfg, q, k, _col(lse_ref[...]), keep)
     dp = _dot_nt(do, v)
-    ds = p * (dp - di_ref[...])
+    ds = p * (dp - _col(di_ref[...]))
     dq_sc[...] += _dot_nn(ds.astype(k.dtype), k) * cfg.scale
 
   @pl.when(j == nk - 1)
@@ -265,10 +279,10 @@ def _dkv_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, c
   def _compute():
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     keep = _keep(cfg, length, j * bk, bq, bk, qseg_ref, kseg_ref, mask_ref)
-    p = _probs(cfg, q, k, lse_ref[...], keep)                        # (bq, bk)
+    p = _probs(cfg, q, k, _col(lse_ref[...]), keep)                  # (bq, bk)
     dv_sc[...] += _dot_tn(p.astype(do.dtype), do)
     dp = _dot_nt(do, v)
-    ds = p * (dp - di_ref[...])
+    ds = p * (dp - _col(di_ref[...]))
     dk_sc[...] += _dot_tn(ds.astype(q.dtype), q) * cfg.scale
 
   @pl.when(jnp.logical_and(gi == cfg.groups - 1, i == nq - 1))
@@ -289,13 +303,14 @@ def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype=None)
 
   # dq: grid (B, H, nq, nk), reduction over key blocks.
   q_map = lambda b_, h_, i, j, lens_ref: (b_, h_, i, 0)
+  row_map = lambda b_, h_, i, j, lens_ref: (b_, h_, 0, i)
   kv_map = lambda b_, h_, i, j, lens_ref: (b_, h_ // g, _kv_block(j, b_, lens_ref, bk), 0)
   in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
               pl.BlockSpec((None, None, bk, d), kv_map),
               pl.BlockSpec((None, None, bk, d), kv_map),
               pl.BlockSpec((None, None, bq, d), q_map),
-              pl.BlockSpec((None, None, bq, 1), q_map),
-              pl.BlockSpec((None, None, bq, 1), q_map)]
+              pl.BlockSpec((None, None, 1, bq), row_map),
+              pl.BlockSpec((None, None, 1, bq), row_map)]
   in_specs += _side_specs_fwd(
       cfg, has_seg, has_mask,
       q_idx=lambda b_, h_, i, j, lens_ref: i,
@@ -318,13 +333,14 @@ def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype=None)
 
   # dk, dv: grid (B, Hkv, nk, G, nq), reduction over the query heads of the group and q blocks.
   qh_map = lambda b_, hk, j, gi, i, lens_ref: (b_, hk * g + gi, i, 0)
+  qrow_map = lambda b_, hk, j, gi, i, lens_ref: (b_, hk * g + gi, 0, i)
   k_map = lambda b_, hk, j, gi, i, lens_ref: (b_, hk, j, 0)
   in_specs = [pl.BlockSpec((None, None, bq, d), qh_map),
               pl.BlockSpec((None, None, bk, d), k_map),
               pl.BlockSpec((None, None, bk, d), k_map),
               pl.BlockSpec((None, None, bq, d), qh_map),
-              pl.BlockSpec((None, None, bq, 1), qh_map),
-              pl.BlockSpec((None, None, bq, 1), qh_map)]
+              pl.BlockSpec((None, None, 1, bq), qrow_map),
+              pl.BlockSpec((None, None, 1, bq), qrow_map)]
   in_specs += _side_specs_fwd(
       cfg, has_seg, has_mask,
       q_idx=lambda b_, hk, j, gi, i, lens_ref: i,
@@ -353,7 +369,7 @@ def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype=None)
 
 
 def flash_fwd(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype=None):
-  """Forward in kernel layout; returns (o, lse) with lse (B, H, Lq, 1) float32. `out_dtype`
+  """Forward in kernel layout; returns (o, lse) with lse (B, H, 1, Lq) float32. `out_dtype`
   (default q's) lets callers that merge partial results (the ring) keep o in float32."""
   return _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype)
 
@@ -361,7 +377,7 @@ def flash_fwd(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype=None):
 def flash_bwd(q, k, v, lens, qseg, kseg, mask, o, lse, do, cfg, out_dtype=None):
   """Backward in kernel layout given the forward's output and log-sum-exp (or, for a ring, the
   global ones); returns dq, dk, dv (in `out_dtype`, default the inputs' dtypes)."""
-  di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
+  di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None, :]
   return _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype)
 
 
@@ -392,9 +408,13 @@ def default_interpret() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def choose_blocks(lq, lk, block_q=None, block_k=None, *, has_mask=False):
-  """Block sizes: the requested (default 512 x 512) capped to the padded sequence, aligned to
-  (8|32, 128)."""
+def choose_blocks(lq, lk, block_q=None, block_k=None, *, has_mask=False, tpu=False):
+  """Block sizes: the requested (default 512 x 512) capped to the padded sequence.
+
+  block_k is a multiple of 128 (lanes of the score tile); block_q a multiple of 8 (32 with an
+  int8 mask tile), and for the Mosaic lowering a multiple of 128 unless one block covers all
+  queries, since the per-row vectors are stored lane-dense.
+  """
   align_q = 32 if has_mask else 8
   bq = DEFAULT_BLOCK_Q if block_q is None else int(block_q)
   bk = DEFAULT_BLOCK_K if block_k is None else int(block_k)
@@ -402,7 +422,11 @@ def choose_blocks(lq, lk, block_q=None, block_k=None, *, has_mask=False):
     raise ValueError(f"block_q={bq} must be a positive multiple of {align_q}.")
   if bk <= 0 or bk % 128:
     raise ValueError(f"block_k={bk} must be a positive multiple of 128.")
-  return min(bq, _round_up(lq, align_q)), min(bk, _round_up(lk, 128))
+  bq, bk = min(bq, _round_up(lq, align_q)), min(bk, _round_up(lk, 128))
+  if tpu and bq % 128 and bq < _round_up(lq, align_q):
+    raise ValueError(f"block_q={bq} must be a multiple of 128 for TPU when it does not cover "
+                     f"all {lq} queries.")
+  return bq, bk
 
 
 def prepare(q, k, v, *, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None,
@@ -411,7 +435,7 @@ def prepare(q, k, v, *, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None
   """Validates inputs and brings them into kernel layout.
 
   Returns (qt, kt, vt, lens, qseg, kseg, mask8, cfg): q (B,H,Lq',D') etc. transposed and
-  padded, lens (B,) int32 effective key lengths, segment ids as (B,Lq',1) / (B,1,Lk') int32,
+  padded, lens (B,) int32 effective key lengths, segment ids as (B,1,Lq') / (B,1,Lk') int32,
   the dense mask as int8 (B|1, H|1, Lq', Lk'), and the static Config. `align_q_for_mask`
   aligns block_q for int8 mask tiles when the caller brings its own mask (the ring).
   """
@@ -457,7 +481,7 @@ def prepare(q, k, v, *, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None
     mask = jnp.broadcast_to(mask, (mask.shape[0] if mask_b else 1, mask.shape[1] if mask_h else 1,
                                    lq, lk)).astype(jnp.int8)
   bq, bk = choose_blocks(lq, lk, block_q, block_k,
-                        has_mask=mask is not None or align_q_for_mask)
+                        has_mask=mask is not None or align_q_for_mask, tpu=not interpret)
   lqp, lkp = _round_up(lq, bq), _round_up(lk, bk)
 
   if pad_head_dim is None:
@@ -474,7 +498,7 @@ def prepare(q, k, v, *, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None
   qseg = kseg = None
   if q_segment_ids is not None:
     qseg = jnp.pad(jnp.asarray(q_segment_ids, jnp.int32), ((0, 0), (0, lqp - lq)),
-                   constant_values=-1)[:, :, None]
+                   constant_values=-1)[:, None, :]
     kseg = jnp.pad(jnp.asarray(kv_segment_ids, jnp.int32), ((0, 0), (0, lkp - lk)),
                    constant_values=-1)[:, None, :]
   if mask is not None:

@@ -6,7 +6,8 @@ way). In n steps every device attends its queries to the key / value slice it cu
 with the Pallas flash kernel (`kernels.flash_attention`), merges the partial result exactly
 through the log-sum-exp (o = sum_t o_t exp(lse_t - lse), lse = logsumexp_t lse_t), and passes
 the slice to its neighbour with `ppermute`; the permute of step t+1's slice is issued before
-step t's kernel so the transfer overlaps the compute. The backward (custom_vjp) runs the ring
+step t's kernel so the transfer overlaps the compute. The steps run in a `fori_loop`, so one
+slice is in flight at a time and per-device memory falls as 1/n. The backward (custom_vjp) runs the ring
 again with the global log-sum-exp: dq accumulates locally, while dk, dv accumulators travel
 with their key / value slice and arrive home after n hops.
 
@@ -107,21 +108,30 @@ def _step_inputs(rc, lens, mask, t):
   return local_len, m
 
 
+def _as_col(lse):
+  """(B, H, 1, L) -> (B, H, L, 1), to scale rows of (B, H, L, D)."""
+  return jnp.swapaxes(lse, 2, 3)
+
+
 def _ring_fwd_impl(q, k, v, lens, qseg, kseg, mask, rc):
-  o = jnp.zeros(q.shape, jnp.float32)
-  lse = jnp.full(q.shape[:3] + (1,), fa.MASK_VALUE, jnp.float32)
-  for t in range(rc.n):
-    nxt = None
-    if t + 1 < rc.n:  # issue the next slice's transfer before this step's kernel
-      nxt = _shift((k, v, kseg), rc.n, rc.axis)
+  # A loop (not unrolled) so that one kv slice is in flight at a time: the scheduler overlaps
+  # the ppermute of the next slice with this step's kernel but cannot hoist all n transfers.
+  # The last step is peeled off: its slice is not passed on.
+  def compute(t, o, lse, k, v, kseg):
     local_len, m = _step_inputs(rc, lens, mask, t)
     o_t, lse_t = fa.flash_fwd(q, k, v, local_len, qseg, kseg, m, rc.kernel, out_dtype=jnp.float32)
     new = jnp.logaddexp(lse, lse_t)
-    o = o * jnp.exp(lse - new) + o_t * jnp.exp(lse_t - new)
-    lse = new
-    if nxt is not None:
-      k, v, kseg = nxt
-  return o, lse
+    return o * jnp.exp(_as_col(lse - new)) + o_t * jnp.exp(_as_col(lse_t - new)), new
+
+  def step(t, carry):
+    o, lse, k, v, kseg = carry
+    nxt = _shift((k, v, kseg), rc.n, rc.axis)
+    return compute(t, o, lse, k, v, kseg) + nxt
+
+  o = jnp.zeros(q.shape, jnp.float32)
+  lse = jnp.full(q.shape[:2] + (1, q.shape[2]), fa.MASK_VALUE, jnp.float32)
+  o, lse, k, v, kseg = lax.fori_loop(0, rc.n - 1, step, (o, lse, k, v, kseg))
+  return compute(rc.n - 1, o, lse, k, v, kseg)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -136,21 +146,23 @@ def _ring_fwd(q, k, v, lens, qseg, kseg, mask, rc):
 
 def _ring_bwd(rc, res, do):
   q, k, v, lens, qseg, kseg, mask, o, lse = res
-  dq = jnp.zeros(q.shape, jnp.float32)
-  dk = jnp.zeros(k.shape, jnp.float32)
-  dv = jnp.zeros(v.shape, jnp.float32)
-  for t in range(rc.n):
-    nxt = None
-    if t + 1 < rc.n:
-      nxt = _shift((k, v, kseg), rc.n, rc.axis)
+
+  def compute(t, dq, k, v, kseg, dk, dv):
     local_len, m = _step_inputs(rc, lens, mask, t)
     dq_t, dk_t, dv_t = fa.flash_bwd(q, k, v, local_len, qseg, kseg, m, o, lse, do, rc.kernel,
                                     out_dtype=jnp.float32)
-    dq = dq + dq_t
-    # The accumulators follow their key / value slice; after n hops they are home.
-    dk, dv = _shift((dk + dk_t, dv + dv_t), rc.n, rc.axis)
-    if nxt is not None:
-      k, v, kseg = nxt
+    # The dk, dv accumulators follow their key / value slice; after n hops they are home.
+    return dq + dq_t, _shift((dk + dk_t, dv + dv_t), rc.n, rc.axis)
+
+  def step(t, carry):
+    dq, k, v, kseg, dk, dv = carry
+    nxt = _shift((k, v, kseg), rc.n, rc.axis)
+    dq, (dk, dv) = compute(t, dq, k, v, kseg, dk, dv)
+    return (dq,) + nxt + (dk, dv)
+
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  carry = lax.fori_loop(0, rc.n - 1, step, (zeros(q), k, v, kseg, zeros(k), zeros(v)))
+  dq, (dk, dv) = compute(rc.n - 1, *carry)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
