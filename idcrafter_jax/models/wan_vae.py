@@ -436,17 +436,27 @@ def _blend(a, b, extent, axis):
   return jnp.concatenate([head, jax.lax.slice_in_dim(b, extent, b.shape[axis], axis=axis)], axis=axis)
 
 
-def _tile_and_blend(x, tile_in, stride_in, blend, stride_out, out_hw, fn):
-  """Runs `fn` on overlapping (H, W) tiles of x (B, T, H, W, C) and blends them (diffusers order).
+def _tile_and_blend(x, tile_in, stride_in, blend, stride_out, out_hw, run):
+  """Runs `run` on overlapping (H, W) tiles of x (B, T, H, W, C) and blends them (diffusers order).
 
   tile_in / stride_in: tile size and stride in x's pixels; blend / stride_out: overlap and
-  stride in fn's output pixels; out_hw: the output size. Tiles blended earlier feed the blends
+  stride in the output's pixels; out_hw: the output size. `run(tiles)` maps a stack of
+  same-shape tiles (n, B, T, h, w, C) to their outputs (n, ...), one tile at a time, so edge
+  tiles (smaller) make at most a few distinct programs. Tiles blended earlier feed the blends
   of later ones, as the reference's in-place updates do.
   """
   h, w = x.shape[2:4]
-  rows = []
-  for i in range(0, h, stride_in[0]):
-    rows.append([fn(x[:, :, i:i + tile_in[0], j:j + tile_in[1]]) for j in range(0, w, stride_in[1])])
+  grid = [[x[:, :, i:i + tile_in[0], j:j + tile_in[1]] for j in range(0, w, stride_in[1])]
+          for i in range(0, h, stride_in[0])]
+  groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+  for i, row in enumerate(grid):
+    for j, tile in enumerate(row):
+      groups.setdefault(tile.shape, []).append((i, j))
+  rows = [[None] * len(row) for row in grid]
+  for where in groups.values():
+    outs = run(jnp.stack([grid[i][j] for i, j in where]))
+    for k, (i, j) in enumerate(where):
+      rows[i][j] = outs[k]
   out_rows = []
   for i, row in enumerate(rows):
     out_row = []
@@ -549,7 +559,7 @@ class WanVAE(nn.Module):
       stride = self.tile_sample_stride
       blend = (tmin[0] // f - stride[0] // f, tmin[1] // f - stride[1] // f)
       enc = _tile_and_blend(x, tmin, stride, blend, (stride[0] // f, stride[1] // f),
-                            (h // f, w // f), self._encode_frames)
+                            (h // f, w // f), lambda t: self._map_tiles(t, clip=None))
     else:
       enc = self._encode_frames(x)
     mean, logvar = jnp.split(enc, 2, axis=-1)
@@ -595,8 +605,17 @@ class WanVAE(nn.Module):
     stride = self.tile_sample_stride
     blend = (tmin[0] - stride[0], tmin[1] - stride[1])
     out = _tile_and_blend(z, (tmin[0] // f, tmin[1] // f), (stride[0] // f, stride[1] // f), blend,
-                          stride, (h, w), lambda t: self._decode_frames(t, False))
+                          stride, (h, w), lambda t: self._map_tiles(t, clip=False))
     return jnp.clip(out, -1.0, 1.0) if self.clip_output else out
+
+  def _map_tiles(self, tiles, clip):
+    """Encodes (clip=None) or decodes a stack of tiles (n, B, ...) one after the other."""
+    def body(mdl, carry, tile):
+      y = mdl._encode_frames(tile) if clip is None else mdl._decode_frames(tile, clip)
+      return carry, y
+    if tiles.shape[0] == 1:
+      return body(self, None, tiles[0])[1][None]
+    return nn.scan(body, variable_broadcast="params", split_rngs={"params": False})(self, None, tiles)[1]
 
   def __call__(self, video):
     """Reconstruction through the posterior mode: decode(encode(video).mean)."""
