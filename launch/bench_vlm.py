@@ -24,7 +24,8 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
 
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
@@ -100,8 +101,9 @@ def bench_forward(repeats):
   ids, mask, pixels, grid = bench_inputs(rng)
   print(f"forward bench config: {n / 1e6:.1f}M params, batch 2 x {ids.shape[1]} tokens, "
         f"{len(grid)} images of {pixels.shape[0] // len(grid)} patches")
-  t_args = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=torch.tensor(pixels),
-                image_grid_thw=torch.tensor(grid), mm_token_type_ids=torch.tensor((ids == IMG).astype(np.int64)))
+  t_args = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grid),
+                mm_token_type_ids=torch.tensor((ids == IMG).astype(np.int64)))
 
   def torch_fwd():
     with torch.no_grad():
@@ -150,7 +152,8 @@ def compile_forward(module, params, mesh, tokens, side):
   ids[0, 8:8 + n_img] = cfg.image_token_id
   ids = jnp.asarray(ids)  # concrete token ids are closed over; their values do not change the program
   rep = sharding.replicated(mesh)
-  pixels = jax.ShapeDtypeStruct((int(np.prod(grid, 1).sum()), cfg.vision.patch_dim), jnp.bfloat16, sharding=rep)
+  pixels = jax.ShapeDtypeStruct((int(np.prod(grid, 1).sum()), cfg.vision.patch_dim), jnp.bfloat16,
+                                sharding=rep)
   mask = jax.ShapeDtypeStruct((1, tokens), jnp.int32, sharding=rep)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     start = time.perf_counter()

@@ -102,8 +102,8 @@ def test_prompt_with_two_subject_images_matches_transformers(setup, rng):
 def test_batch_with_different_subject_counts_matches_transformers(setup, rng):
   prompts = ["a dog runs on the beach", "the man with a red hat and the woman with a blue hat"]
   subj = [images(rng, (56, 56)), images(rng, (56, 84), (28, 56))]
-  f_txt, mask = conditioning.encode_condition(prompts, subj, setup["processor"], setup["vlm"], setup["params"],
-                                              buckets=(64,))
+  f_txt, mask = conditioning.encode_condition(prompts, subj, setup["processor"], setup["vlm"],
+                                              setup["params"], buckets=(64,))
   want, want_mask = reference(setup, prompts, subj)
   length = want.shape[1]
   assert max_err_on_valid(np.asarray(f_txt)[:, :length], want, want_mask) <= 1e-4

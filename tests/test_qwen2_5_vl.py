@@ -197,7 +197,8 @@ def test_both_checkpoint_key_layouts_load_the_same_params(ref, tmp_path):
 
 
 def test_checkpoint_with_missing_or_foreign_keys_is_rejected(ref, tmp_path):
-  _rewrite_layout(ref["folder"], str(tmp_path), lambda k: k.replace("model.norm.weight", "model.final.weight"))
+  _rewrite_layout(ref["folder"], str(tmp_path),
+                  lambda k: k.replace("model.norm.weight", "model.final.weight"))
   with pytest.raises(weights.CheckpointError, match="missing keys: language_model.norm.scale.*"
                      "unexpected keys: model.final.weight"):
     convert.load_qwen2_5_vl(str(tmp_path))

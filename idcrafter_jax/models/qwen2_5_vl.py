@@ -155,7 +155,8 @@ def config_from_hf(cfg: dict) -> Qwen2_5_VLConfig:
     if act_cfg.get("hidden_act", "silu") != "silu":
       raise ValueError(f"{where} hidden_act {act_cfg.get('hidden_act')!r} is not supported; expected 'silu'.")
   if text.get("use_sliding_window"):
-    raise ValueError("text use_sliding_window=True is not supported (Qwen2.5-VL releases use full attention).")
+    raise ValueError("text use_sliding_window=True is not supported (Qwen2.5-VL releases use full "
+                     "attention).")
   text_cfg = TextConfig(
       vocab_size=text.get("vocab_size", 152064), hidden_size=text.get("hidden_size", 3584),
       intermediate_size=text.get("intermediate_size", 18944),
@@ -583,7 +584,8 @@ def check_inputs(cfg: Qwen2_5_VLConfig, input_ids, attention_mask, pixel_values,
     raise ValueError(f"input_ids must be integers; got dtype {input_ids.dtype}.")
   b, l = input_ids.shape
   if attention_mask is not None and tuple(attention_mask.shape) != (b, l):
-    raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape {(b, l)}.")
+    raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+                     f"{(b, l)}.")
   if l > cfg.text.max_position_embeddings:
     raise ValueError(f"sequence length {l} exceeds max_position_embeddings "
                      f"{cfg.text.max_position_embeddings}.")
@@ -602,8 +604,12 @@ def check_inputs(cfg: Qwen2_5_VLConfig, input_ids, attention_mask, pixel_values,
       raise ValueError(f"image_grid_thw must be (num_images, 3) positive (t, h, w); got {grid.tolist()}.")
     m = v.spatial_merge_size
     if (grid[:, 1:] % m).any():
-      raise ValueError(f"image_grid_thw {grid.tolist()}: h and w must be multiples of spatial_merge_size {m}.")
+      raise ValueError(f"image_grid_thw {grid.tolist()}: h and w must be multiples of spatial_merge_size "
+                       f"{m}.")
     n = int(np.prod(grid, axis=1).sum())
+    if not jnp.issubdtype(pixel_values.dtype, jnp.floating):
+      raise ValueError(f"pixel_values must be floating point (normalised by the image processor); got dtype "
+                       f"{pixel_values.dtype}.")
     if tuple(pixel_values.shape) != (n, v.patch_dim):
       raise ValueError(
           f"pixel_values shape {tuple(pixel_values.shape)} does not match image_grid_thw {grid.tolist()}: "
@@ -636,7 +642,14 @@ class Qwen2_5_VL(nn.Module):
 
   __call__(input_ids (B, L) int, attention_mask (B, L) | None, pixel_values (N, C*tp*p*p) | None,
   image_grid_thw (num_images, 3) | None) -> (B, L, D); reference `Qwen2_5_VLModel.forward`
-  (`last_hidden_state`).
+  (`last_hidden_state`), with pixel_values / image_grid_thw as the Qwen2-VL image processor
+  produces them (images of all samples concatenated in batch order).
+    hidden_layer: k in [0, num_layers) returns the output of the first k decoder layers
+      instead (transformers' `hidden_states[k]`; 0 = the embeddings with image features).
+    position_ids: (3, B, L) multimodal positions to use instead of `get_rope_index`'s.
+  Under jit, image_grid_thw must stay concrete (close over it); the checks of token counts
+  against image features then need concrete input_ids and are skipped on traced ones
+  (`check_inputs` runs them on the host, as `conditioning.encode_condition` does).
   """
   cfg: Qwen2_5_VLConfig = Qwen2_5_VLConfig()
   dtype: Any = jnp.float32
@@ -667,6 +680,8 @@ class Qwen2_5_VL(nn.Module):
       is_img = (input_ids == cfg.image_token_id).reshape(-1)
       slot = jnp.clip(jnp.cumsum(is_img) - 1, 0, feats.shape[0] - 1)
       x = jnp.where(is_img[:, None], feats[slot], x.reshape(b * l, -1)).reshape(b, l, -1)
+    if position_ids is not None and tuple(position_ids.shape) != (3, b, l):
+      raise ValueError(f"position_ids shape {tuple(position_ids.shape)} must be (3, B, L) = {(3, b, l)}.")
     if position_ids is None:
       position_ids, _ = get_rope_index(input_ids, attention_mask, grid, image_token_id=cfg.image_token_id,
                                        spatial_merge_size=cfg.vision.spatial_merge_size)
@@ -677,7 +692,7 @@ def abstract_params(module: Qwen2_5_VL):
   """Boxed (logically partitioned) abstract params of `module`, without allocating them."""
   m = module.cfg.vision.spatial_merge_size
   grid = np.array([[1, m, m]])
-  ids = jnp.full((1, 2), module.cfg.image_token_id, jnp.int32)[:, :1]
+  ids = jnp.full((1, 1), module.cfg.image_token_id, jnp.int32)  # one image token for one 2x2 patch
   pixels = jax.ShapeDtypeStruct((m * m, module.cfg.vision.patch_dim), jnp.float32)
   return jax.eval_shape(lambda k, p: module.init(k, ids, None, p, grid),
                         jax.random.PRNGKey(0), pixels)["params"]

@@ -174,7 +174,8 @@ def stream_params(reader: weights.SafetensorsFolder, rule, expected: dict, shard
       continue
     views[path] = view
   if problems:
-    raise weights.CheckpointError(f"checkpoint {reader.folder} does not fit the model: " + "; ".join(problems))
+    raise weights.CheckpointError(
+        f"checkpoint {reader.folder} does not fit the model: " + "; ".join(problems))
 
   out = {}
   for path, leaf in flat_expected.items():
