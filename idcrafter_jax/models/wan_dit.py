@@ -76,7 +76,10 @@ class WanAttention(nn.Module):
   mesh: Any = None
 
   @nn.compact
-  def __call__(self, x, context=None, rope=None, kv_mask=None):
+  def __call__(self, x, context=None, rope=None, kv_mask=None, q_segment_ids=None, kv_segment_ids=None,
+               segment_mode="same"):
+    """x (B, Lq, D); context (B, Lk, D) or None (self-attention); kv_mask (B, Lk) bool;
+    segment ids (B, Lq) / (B, Lk), negative = padding (see `attention`)."""
     cfg = self.config
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     src = x if context is None else context
@@ -95,45 +98,65 @@ class WanAttention(nn.Module):
                "activation_heads", "activation_head_dim")
     k, v = nn.with_logical_constraint(k, kv_axes), nn.with_logical_constraint(v, kv_axes)
     mask = None if kv_mask is None else kv_mask[:, None, None, :]
-    o = attention_lib.attention(q, k, v, mask=mask, impl=cfg.attention_impl, mesh=self.mesh)
+    o = attention_lib.attention(q, k, v, mask=mask, impl=cfg.attention_impl, mesh=self.mesh,
+                                q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                segment_mode=segment_mode)
     o = o.reshape(*o.shape[:2], cfg.dim)
     return layers.dense(cfg.dim, ("heads", "embed"), name="to_out", **kw)(o)
+
+
+def _table_init(dim):
+  return nn.with_logical_partitioning(lambda k, s, d: jax.random.normal(k, s, d) / dim ** 0.5, (None, "embed"))
 
 
 class WanBlock(nn.Module):
   """diffusers `WanTransformerBlock`: modulated self-attention, normed cross-attention, modulated FFN.
 
-  Returns (x, None) so that it can be the body of `nn.scan`.
+  The three sublayers are methods so that the identity blocks (`hipa.HIPABlock`) reuse them
+  with the same parameter names. Returns (x, None) so that it can be the body of `nn.scan`.
   """
   config: WanConfig
   mesh: Any = None
 
-  @nn.compact
-  def __call__(self, x, context, temb6, rope, context_mask=None):
+  def setup(self):
     cfg = self.config
-    table = self.param("scale_shift_table",
-                       nn.with_logical_partitioning(
-                           lambda k, s, d: jax.random.normal(k, s, d) / cfg.dim ** 0.5, (None, "embed")),
-                       (6, cfg.dim), cfg.param_dtype)
-    mod = table.astype(jnp.float32)[None] + temb6.astype(jnp.float32)  # (B, 6, D)
-    shift, scale, gate, c_shift, c_scale, c_gate = [mod[:, i, None, :] for i in range(6)]
-
-    h = layers.FP32LayerNorm(cfg.eps, name="norm1")(x)
-    h = (h * (1 + scale) + shift).astype(x.dtype)
-    a = WanAttention(cfg, self.mesh, name="attn1")(h, rope=rope)
-    x = (x.astype(jnp.float32) + a.astype(jnp.float32) * gate).astype(x.dtype)
-    x = nn.with_logical_constraint(x, BLOCK_AXES)
-
-    h = x
+    self.scale_shift_table = self.param("scale_shift_table", _table_init(cfg.dim), (6, cfg.dim), cfg.param_dtype)
+    self.norm1 = layers.FP32LayerNorm(cfg.eps)
+    self.attn1 = WanAttention(cfg, self.mesh)
     if cfg.cross_attn_norm:
-      h = layers.FP32LayerNorm(cfg.eps, affine=True, param_dtype=cfg.param_dtype, name="norm2")(x).astype(x.dtype)
-    x = x + WanAttention(cfg, self.mesh, name="attn2")(h, context=context, kv_mask=context_mask)
+      self.norm2 = layers.FP32LayerNorm(cfg.eps, affine=True, param_dtype=cfg.param_dtype)
+    self.attn2 = WanAttention(cfg, self.mesh)
+    self.norm3 = layers.FP32LayerNorm(cfg.eps)
+    self.ffn = layers.FeedForward(cfg.dim, cfg.ffn_dim, cfg.dtype, cfg.param_dtype)
 
-    h = layers.FP32LayerNorm(cfg.eps, name="norm3")(x)
-    h = (h * (1 + c_scale) + c_shift).astype(x.dtype)
-    f = layers.FeedForward(cfg.dim, cfg.ffn_dim, cfg.dtype, cfg.param_dtype, name="ffn")(h)
+  def modulation(self, temb6):
+    """(shift, scale, gate, c_shift, c_scale, c_gate), each (B, 1, D) float32."""
+    mod = self.scale_shift_table.astype(jnp.float32)[None] + temb6.astype(jnp.float32)  # (B, 6, D)
+    return [mod[:, i, None, :] for i in range(6)]
+
+  def self_attention(self, x, mod, rope):
+    shift, scale, gate = mod[:3]
+    h = (self.norm1(x) * (1 + scale) + shift).astype(x.dtype)
+    a = self.attn1(h, rope=rope)
+    x = (x.astype(jnp.float32) + a.astype(jnp.float32) * gate).astype(x.dtype)
+    return nn.with_logical_constraint(x, BLOCK_AXES)
+
+  def cross_attention(self, x, context, context_mask):
+    h = self.norm2(x).astype(x.dtype) if self.config.cross_attn_norm else x
+    return x + self.attn2(h, context=context, kv_mask=context_mask)
+
+  def feed_forward(self, x, mod):
+    c_shift, c_scale, c_gate = mod[3:]
+    h = (self.norm3(x) * (1 + c_scale) + c_shift).astype(x.dtype)
+    f = self.ffn(h)
     x = (x.astype(jnp.float32) + f.astype(jnp.float32) * c_gate).astype(x.dtype)
-    return nn.with_logical_constraint(x, BLOCK_AXES), None
+    return nn.with_logical_constraint(x, BLOCK_AXES)
+
+  def __call__(self, x, context, temb6, rope, context_mask=None):
+    mod = self.modulation(temb6)
+    x = self.self_attention(x, mod, rope)
+    x = self.cross_attention(x, context, context_mask)
+    return self.feed_forward(x, mod), None
 
 
 def block_stack(block_cls, config: WanConfig, num_layers: int, name: str, mesh=None, **fields):
@@ -141,7 +164,7 @@ def block_stack(block_cls, config: WanConfig, num_layers: int, name: str, mesh=N
 
   Scanned: one module `name` whose params have a leading 'layers' axis. Unrolled: modules
   `{name}_0 .. {name}_{n-1}`. Both compute the same function; the scan keeps compile time flat
-  in depth. Returns a callable (x, *broadcast_args) -> x.
+  in depth. Returns a callable (carry, *broadcast_args) -> carry.
   """
   policy = layers.remat_policy(config.remat_policy)
   cls = block_cls
@@ -152,15 +175,15 @@ def block_stack(block_cls, config: WanConfig, num_layers: int, name: str, mesh=N
                     in_axes=nn.broadcast, length=num_layers,
                     metadata_params={nn.PARTITION_NAME: "layers"})(config, mesh, name=name, **fields)
 
-    def run(x, *args):
-      return stack(x, *args)[0]
+    def run(carry, *args):
+      return stack(carry, *args)[0]
     return run
   blocks = [cls(config, mesh, name=f"{name}_{i}", **fields) for i in range(num_layers)]
 
-  def run_unrolled(x, *args):
+  def run_unrolled(carry, *args):
     for b in blocks:
-      x = b(x, *args)[0]
-    return x
+      carry = b(carry, *args)[0]
+    return carry
   return run_unrolled
 
 
@@ -233,10 +256,7 @@ class WanHead(nn.Module):
   @nn.compact
   def __call__(self, x, temb, grid):
     cfg = self.config
-    table = self.param("scale_shift_table",
-                       nn.with_logical_partitioning(
-                           lambda k, s, d: jax.random.normal(k, s, d) / cfg.dim ** 0.5, (None, "embed")),
-                       (2, cfg.dim), cfg.param_dtype)
+    table = self.param("scale_shift_table", _table_init(cfg.dim), (2, cfg.dim), cfg.param_dtype)
     mod = table.astype(jnp.float32)[None] + temb.astype(jnp.float32)[:, None]  # (B, 2, D)
     shift, scale = mod[:, 0:1], mod[:, 1:2]
     h = layers.FP32LayerNorm(cfg.eps)(x)

@@ -1,0 +1,102 @@
+"""Hierarchical Identity-Preserving Attention (seed A.1, eqs. S.1-S.3) inside a Wan block.
+
+A HIPA block is a Wan block whose text cross-attention is replaced by stage 3, with two stages
+that refine the subject token stream F = {f_1..f_N} (B, N, L_s, D) first:
+
+  stage 1 (S.1)  f'_i  = f_i + SelfAttn(LN(f_i))                     within each subject
+  stage 2 (S.2)  f''_i = f'_i + sigmoid(W_g LN(f'_i)) * CrossAttn(Q=LN(f'_i), KV={LN(f'_j)}_{j != i})
+  stage 3 (S.3)  Z'    = Z + CrossAttn(Q=LN(Z), KV=[F''_subj ; f_txt])
+
+Choices the seed leaves open (DESIGN.md): stages are pre-norm residual sublayers, as every
+attention of the backbone is (S.1 read as the residual refinement of f_i); stage 1 rotates
+q/k with a 2-D RoPE over each subject's (h, w) token grid so the subject keeps its spatial
+layout; stage 2 attends only to other, real subjects (segment mode "other", padding subjects
+carry segment id -1); stage 3 reuses Wan's cross-attention (`attn2`, `norm2`) with the subject
+tokens of real subjects prepended to the text tokens, so with no real subject it computes
+exactly Wan's cross-attention. F'' is carried to the next block.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from idcrafter_jax.models import layers
+from idcrafter_jax.models.wan_dit import WanAttention, WanBlock
+
+STAGES = (1, 2, 3)
+SUBJECT_AXES = ("activation_batch", None, "activation_length", "activation_embed")
+
+
+def check_stages(stages) -> tuple[int, ...]:
+  stages = tuple(sorted(set(int(s) for s in stages)))
+  if any(s not in STAGES for s in stages):
+    raise ValueError(f"hipa.stages {stages} must be a subset of {STAGES}.")
+  if stages and 3 not in stages:
+    raise ValueError(
+        f"hipa.stages {stages}: stages 1 and 2 refine subject tokens that only stage 3 reads; "
+        "without stage 3 they would train nothing. Use stages=() for 'w/o Stage 3' (Table S.2: "
+        "subjects then reach the DiT only through the Qwen2.5-VL context).")
+  return stages
+
+
+class HIPABlock(WanBlock):
+  """A Wan block with the three HIPA stages; carry = (video tokens (B, L, D), subjects (B, N, L_s, D)).
+
+  Broadcast args: text (B, L_t, D), temb6, rope, text_mask (B, L_t) | None, subject_mask
+  (B, N) bool, subject_rope (cos, sin) for the (1, h, w) subject grid.
+  """
+  stages: tuple[int, ...] = STAGES
+
+  def setup(self):
+    super().setup()
+    cfg = self.config
+    if 1 in self.stages:
+      self.subject_norm1 = layers.FP32LayerNorm(cfg.eps, affine=True, param_dtype=cfg.param_dtype)
+      self.subject_attn1 = WanAttention(cfg, self.mesh)
+    if 2 in self.stages:
+      self.subject_norm2 = layers.FP32LayerNorm(cfg.eps, affine=True, param_dtype=cfg.param_dtype)
+      self.subject_attn2 = WanAttention(cfg, self.mesh)
+      self.subject_gate = layers.dense(cfg.dim, ("embed", "mlp"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                       name=None, kernel_init=nn.initializers.zeros_init())
+
+  def intra_subject(self, subj, subject_rope):
+    """Stage 1 (S.1): self-attention within each subject's tokens."""
+    b, n, ls, d = subj.shape
+    flat = subj.reshape(b * n, ls, d)
+    h = self.subject_norm1(flat).astype(flat.dtype)
+    return (flat + self.subject_attn1(h, rope=subject_rope)).reshape(b, n, ls, d)
+
+  def inter_subject(self, subj, subject_mask):
+    """Stage 2 (S.2): gated cross-attention of each subject to the other real subjects."""
+    b, n, ls, d = subj.shape
+    flat = subj.reshape(b, n * ls, d)
+    h = self.subject_norm2(flat).astype(flat.dtype)
+    seg = jnp.where(subject_mask, jnp.arange(n)[None, :], -1)  # (B, N); -1: padding subject
+    seg = jnp.repeat(seg, ls, axis=1)  # (B, N * L_s)
+    a = self.subject_attn2(h, context=h, q_segment_ids=seg, kv_segment_ids=seg, segment_mode="other")
+    gate = nn.sigmoid(self.subject_gate(h).astype(jnp.float32))
+    out = flat.astype(jnp.float32) + gate * a.astype(jnp.float32)
+    return out.astype(subj.dtype).reshape(b, n, ls, d)
+
+  def cross_modal(self, x, subj, subject_mask, text, text_mask):
+    """Stage 3 (S.3): video tokens attend to [F''_subj ; f_txt] through Wan's cross-attention."""
+    b, n, ls, d = subj.shape
+    kv = jnp.concatenate([subj.reshape(b, n * ls, d).astype(text.dtype), text], axis=1)
+    subj_tokens = jnp.repeat(subject_mask, ls, axis=1)
+    txt = jnp.ones(text.shape[:2], bool) if text_mask is None else text_mask
+    return self.cross_attention(x, kv, jnp.concatenate([subj_tokens, txt], axis=1))
+
+  def __call__(self, carry, text, temb6, rope, text_mask, subject_mask, subject_rope):
+    x, subj = carry
+    mod = self.modulation(temb6)
+    x = self.self_attention(x, mod, rope)
+    if 1 in self.stages:
+      subj = self.intra_subject(subj, subject_rope)
+    if 2 in self.stages:
+      subj = self.inter_subject(subj, subject_mask)
+    subj = nn.with_logical_constraint(subj, SUBJECT_AXES)
+    if 3 in self.stages:
+      x = self.cross_modal(x, subj, subject_mask, text, text_mask)
+    else:
+      x = self.cross_attention(x, text, text_mask)
+    return (self.feed_forward(x, mod), subj), None
