@@ -120,6 +120,13 @@ def bench_forward(repeats):
   t_jax = median_time(jax_fwd, repeats)
   print(f"forward: transformers {t_torch * 1e3:.1f} ms, jax {t_jax * 1e3:.1f} ms, "
         f"speed-up {t_torch / t_jax:.2f}x (max abs diff {err:.1e})")
+  # The shared CPU's state in this run: a float32 1024^3 matmul on each side.
+  a = rng.standard_normal((1024, 1024)).astype(np.float32)
+  ta, ja = torch.tensor(a), jnp.asarray(a)
+  mm = jax.jit(lambda x: x @ x)
+  flops = 2 * 1024 ** 3
+  print(f"calibration: float32 1024^3 matmul torch {flops / median_time(lambda: ta @ ta, repeats) / 1e9:.0f} "
+        f"GFLOP/s, jax {flops / median_time(lambda: mm(ja).block_until_ready(), repeats) / 1e9:.0f} GFLOP/s")
 
 
 def parse_mesh(spec: str) -> dict:

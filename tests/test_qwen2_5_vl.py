@@ -132,6 +132,11 @@ def test_vision_layout_equals_reference_window_index():
   unit = 4
   permuted = pos.reshape(-1, unit, 2)[want_index.numpy()].reshape(-1, 2)
   np.testing.assert_array_equal(lay["positions"], permuted)
+  # windows are batched padded to (window_size / patch_size)^2 patches, frames to the largest frame
+  assert lay["window_pack"].shape == (len(want_cu) - 1, (56 // 14) ** 2)
+  assert lay["frame_pack"].shape == (4, 64)
+  for pack, unpack in ((lay["window_pack"], lay["window_unpack"]), (lay["frame_pack"], lay["frame_unpack"])):
+    np.testing.assert_array_equal(pack.reshape(-1)[unpack], np.arange(len(unpack)))
 
 
 def test_vision_tower_matches_transformers(ref, rng):

@@ -8,8 +8,9 @@ context `f_txt` (DESIGN.md):
                  Conv3d with stride = kernel) -> permuted into the reference's window order
                  (`vision_layout`) -> `depth` blocks of RMSNorm / attention with 2-D RoPE /
                  RMSNorm / SwiGLU; blocks in `fullatt_block_indexes` attend within a frame, the
-                 others within a window of `window_size` pixels -> 2x2 patch merger to the LLM
-                 width -> back to the processor's order. (N / 4, D)
+                 others within a window of `window_size` pixels (windows and frames are batched,
+                 padded, so attention costs N x window, not N x N) -> 2x2 patch merger to the
+                 LLM width -> back to the processor's order. (N / 4, D)
   language model token embeddings with image features scattered onto the image tokens ->
                  Qwen2 decoder layers (GQA with q/k/v biases, multimodal RoPE with
                  `mrope_section`, causal + padding mask) -> final RMSNorm. (B, L, D)
@@ -278,6 +279,9 @@ def vision_layout(grid_thw, vcfg: VisionConfig) -> dict[str, np.ndarray]:
     window_segments (N,) window id of each patch in window order (windowed blocks)
     frame_segments (N,) frame id of each patch in window order (full-attention blocks: the
                         reference's `cu_seqlens` make each frame its own sequence)
+    window_pack, window_unpack, frame_pack, frame_unpack: `pack_segments` of the two, so
+                        attention runs batched over padded windows / frames (its cost is
+                        N x window, not N x N)
   """
   grid = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
   m = vcfg.spatial_merge_size
@@ -305,10 +309,40 @@ def vision_layout(grid_thw, vcfg: VisionConfig) -> dict[str, np.ndarray]:
     pos = np.stack([rows, cols], -1).reshape(t * lh * lw, unit, 2)
     positions.append(pos[order].reshape(-1, 2))
   window_index = np.concatenate(window_index)
+  window_segments = np.concatenate(window_ids).astype(np.int32)
+  frame_segments = np.concatenate(frame_ids).astype(np.int32)
+  window_pack, window_unpack = pack_segments(window_segments)
+  frame_pack, frame_unpack = pack_segments(frame_segments)
   return dict(window_index=window_index, reverse_index=np.argsort(window_index),
               positions=np.concatenate(positions).astype(np.int32),
-              window_segments=np.concatenate(window_ids).astype(np.int32),
-              frame_segments=np.concatenate(frame_ids).astype(np.int32))
+              window_segments=window_segments, frame_segments=frame_segments,
+              window_pack=window_pack, window_unpack=window_unpack,
+              frame_pack=frame_pack, frame_unpack=frame_unpack)
+
+
+def pack_segments(segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Contiguous segment ids 0..S-1 (N,) -> pack (S, L_max) token indices (-1 = padding) and
+  unpack (N,) flat positions in the (S * L_max) packed layout."""
+  n = len(segments)
+  starts = np.flatnonzero(np.concatenate([[True], segments[1:] != segments[:-1]]))
+  if (np.diff(segments[starts]) != 1).any() or segments[0] != 0:
+    raise ValueError("segment ids must be contiguous runs numbered 0, 1, 2, ...")
+  lengths = np.diff(np.concatenate([starts, [n]]))
+  width = int(lengths.max())
+  offset = np.arange(n) - starts[segments]
+  unpack = (segments * width + offset).astype(np.int32)
+  pack = np.full(len(starts) * width, -1, np.int32)
+  pack[unpack] = np.arange(n, dtype=np.int32)
+  return pack.reshape(len(starts), width), unpack
+
+
+def packed_attention(q, k, v, pack, unpack, impl):
+  """Attention within segments, batched: (N, H, hd) gathered into (S, L_max, H, hd) by `pack`,
+  padding keys masked (segment id -1), and scattered back by `unpack`."""
+  seg = jnp.where(pack >= 0, 0, -1)
+  idx = jnp.maximum(pack, 0)
+  o = attention(q[idx], k[idx], v[idx], impl=impl, q_segment_ids=seg, kv_segment_ids=seg)
+  return o.reshape(-1, *o.shape[2:])[unpack]
 
 
 def vision_rope(positions, head_dim: int, theta: float):
@@ -329,16 +363,18 @@ class VisionAttention(nn.Module):
   attn_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, cos, sin, segments):  # x (N, D), segments (N,)
+  def __call__(self, x, cos, sin, is_full, packs):  # x (N, D); packs: window / frame pack, unpack
     d = x.shape[-1]
     hd = d // self.num_heads
     qkv = Projection((3, self.num_heads, hd), ("embed", None, "heads", "head_dim"), dtype=self.dtype,
                      param_dtype=self.param_dtype, name="qkv")(x)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (N, H, hd)
     q, k = apply_rope(q, cos, sin, self.dtype), apply_rope(k, cos, sin, self.dtype)
-    seg = segments[None]
-    o = attention(q[None], k[None], v[None], impl=self.attn_impl, q_segment_ids=seg,
-                  kv_segment_ids=seg)[0]
+    window_pack, window_unpack, frame_pack, frame_unpack = packs
+    o = jax.lax.cond(is_full,
+                     lambda q, k, v: packed_attention(q, k, v, frame_pack, frame_unpack, self.attn_impl),
+                     lambda q, k, v: packed_attention(q, k, v, window_pack, window_unpack, self.attn_impl),
+                     q, k, v)
     return Projection((d,), ("heads", "head_dim", "embed"), in_ndim=2, dtype=self.dtype,
                       param_dtype=self.param_dtype, name="proj")(o)
 
@@ -351,12 +387,11 @@ class VisionBlock(nn.Module):
   attn_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, is_full, cos, sin, window_segments, frame_segments):
+  def __call__(self, x, is_full, cos, sin, packs):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    segments = jnp.where(is_full, frame_segments, window_segments)
     h = RMSNorm(self.cfg.norm_eps, name="norm1", **kw)(x)
     x = x + VisionAttention(self.cfg.num_heads, attn_impl=self.attn_impl, name="attn", **kw)(
-        h, cos, sin, segments)
+        h, cos, sin, is_full, packs)
     h = RMSNorm(self.cfg.norm_eps, name="norm2", **kw)(x)
     x = x + SwiGLU(self.cfg.intermediate_size, use_bias=True, name="mlp", **kw)(h)
     return x, None
@@ -405,11 +440,11 @@ class VisionTower(nn.Module):
     cos, sin = vision_rope(layout["positions"], cfg.head_dim, cfg.rope_theta)
     is_full = jnp.asarray([i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
     blocks = nn.scan(VisionBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                      length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = blocks(cfg, attn_impl=self.attn_impl, name="blocks", **kw)(
-        x, is_full, cos, sin, jnp.asarray(layout["window_segments"]),
-        jnp.asarray(layout["frame_segments"]))
+    packs = tuple(jnp.asarray(layout[k])
+                  for k in ("window_pack", "window_unpack", "frame_pack", "frame_unpack"))
+    x, _ = blocks(cfg, attn_impl=self.attn_impl, name="blocks", **kw)(x, is_full, cos, sin, packs)
     x = PatchMerger(cfg, name="merger", **kw)(x)
     return x[layout["reverse_index"]]
 
