@@ -4,6 +4,8 @@ The processor is a real `Qwen2_5_VLProcessor` around a tokenizer built here with
 `tokenizers` package, a `Qwen2VLImageProcessor` and a chat template. Tolerance: f_txt max abs
 error <= 1e-4 against transformers' hidden states on the processor's output (float32).
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -32,8 +34,9 @@ def build_processor(folder, monkeypatch_ctx):
   template as a Qwen2_5_VLProcessor; saved to `folder` and reloaded with AutoProcessor.
 
   transformers 5.23 builds this processor only with a torchvision video processor, and PyPI
-  has no CPU torchvision wheel for torch 2.13; without torchvision the processor is built
-  directly, with the (unused) video processor left out.
+  has no CPU torchvision wheel for torch 2.13; without torchvision the processor is assembled
+  from the tokenizer and image processor loaded back from `folder` (AutoTokenizer /
+  AutoImageProcessor), with the (unused) video processor left out.
   """
   vocab = {w: i + 1 for i, w in enumerate(WORDS)}
   vocab["[UNK]"] = len(vocab) + 1
@@ -47,14 +50,22 @@ def build_processor(folder, monkeypatch_ctx):
       min_pixels=28 * 28, max_pixels=28 * 28 * 12, patch_size=14, merge_size=2, temporal_patch_size=2)
   try:
     import torchvision  # noqa: F401
-  except ImportError:
+  except ImportError:  # tokenizer, image processor and template saved next to the model, loaded back
     from transformers.processing_utils import ProcessorMixin
+    fast.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+      f.write(TEMPLATE)
     check = ProcessorMixin.check_argument_for_proper_class
     monkeypatch_ctx.setattr(
         ProcessorMixin, "check_argument_for_proper_class",
         lambda self, name, arg: None if name == "video_processor" and arg is None else check(self, name, arg))
-    return transformers.Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=fast,
-                                            video_processor=None, chat_template=TEMPLATE)
+    with open(os.path.join(folder, "chat_template.jinja")) as f:
+      template = f.read()
+    return transformers.Qwen2_5_VLProcessor(
+        image_processor=transformers.AutoImageProcessor.from_pretrained(folder),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(folder), video_processor=None,
+        chat_template=template)
   video_processor = transformers.Qwen2VLVideoProcessor()
   transformers.Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=fast,
                                    video_processor=video_processor,
