@@ -9,9 +9,9 @@ is skipped.
 Each parameter is built with `jax.make_array_from_callback`: the callback asks for the
 slice of one device's shard, which is read from the memory-mapped checkpoint through
 zero-copy views (transposes / axis splits) and cast to `dtype`; stacked layers are read
-layer by layer. So with a mesh, a device receives only its shard and the host holds at
-most one shard at a time: a 7B model never sits whole on one device or twice in host
-memory. `weights.assemble` stacks whole layers on the host before placing them, which is
+layer by layer. So with a mesh, a device receives only its shard and the host holds the
+shards of one parameter at a time: a 7B model never sits whole on one device or twice in
+host memory. `weights.assemble` stacks whole layers on the host before placing them, which is
 why this file has its own assembly; key checking reuses `weights.check_keys`.
 """
 from __future__ import annotations
