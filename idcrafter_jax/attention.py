@@ -10,6 +10,9 @@ never attended. A query row with no visible key returns zeros, not NaN.
 `impl` chooses the implementation (config key `attention.impl`):
   'xla'      einsum logits, float32 softmax (materialises the (Lq, Lk) scores; the reference);
   'pallas'   the fused flash kernel of `kernels/flash_attention.py` (interpret mode on CPU);
+             with `mesh`, run shard by shard (`kernels/sharded_flash.py`: batch and heads
+             split, queries split over 'sequence' with keys gathered), since XLA cannot
+             partition the kernel itself;
   'ring'     `kernels/ring_attention.py`: q, k, v split over the mesh axis 'sequence', kv slices
              passed around the ring, partial softmaxes merged exactly;
   'ulysses'  `kernels/ulysses_attention.py`: all-to-all from sequence to head sharding, the
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 
 from kernels import flash_attention
 from kernels import ring_attention
+from kernels import sharded_flash
 from kernels import ulysses_attention
 
 IMPLS = ("xla", "pallas", "ring", "ulysses")
@@ -148,7 +152,9 @@ def attention(q, k, v, *, mask=None, impl="xla", scale=None, kv_lengths=None,
             segment_mode=segment_mode, mask=mask, scale=scale, block_q=block_q,
             block_k=block_k, interpret=interpret)
   if impl == "pallas":
-    return flash_attention.flash_attention(q, k, v, **kw)
+    if mesh is None:
+      return flash_attention.flash_attention(q, k, v, **kw)
+    return sharded_flash.sharded_flash_attention(q, k, v, mesh=mesh, **kw)
   if mesh is None:
     raise ValueError(f"attention impl {impl!r} shards the sequence over a device mesh; pass "
                      "mesh= (a Mesh with a 'sequence' axis).")

@@ -75,3 +75,10 @@ def test_dit_with_ring_attention_on_a_mesh_equals_xla(tmp_path):
     a = jax.jit(ring.apply)({"params": p_ring}, latents, t, ctx)
   b = jax.jit(xla.apply)({"params": p_xla}, latents, t, ctx)
   assert max_err(a, b) <= F32_TOL
+
+
+def test_pallas_on_a_mesh_equals_unsharded():
+  mesh = make_mesh(MESHES["2x4"])
+  q, k, v, kw = problem(25, 2, 37, 45, 4, 2, 64, masks=("lengths", "segments", "dense"),
+                        segment_mode="same")
+  _compare("pallas", mesh, q, k, v, kw)
