@@ -41,8 +41,24 @@ def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_c
   c.model = model_config(variant, text_dim)
   # Mesh over ('data', 'fsdp', 'sequence', 'tensor'); -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, sequence=1, tensor=1))
-  # Sampling: Wan's flow-matching schedule with shift, Euler steps, classifier-free guidance.
+  c.model.max_subjects = 4
+  # Hierarchical Identity-Preserving Attention in the first `num_layers` blocks (seed A.1: 20).
+  # `stages` selects the rows of Table S.2: (1, 2, 3) full, (2, 3) w/o stage 1, (1, 3) w/o
+  # stage 2, (3,) vanilla attention, () w/o stage 3 (subjects reach the DiT only via the VLM).
+  c.hipa = ml_collections.ConfigDict(dict(num_layers=min(20, c.model.num_layers), stages=(1, 2, 3)))
+  # Subject reference images are fitted (padded on white) to this size before the VAE.
+  c.subjects = ml_collections.ConfigDict(dict(height=480, width=480))
+  # Qwen2.5-VL conditioning: token buckets (a new prompt length within a bucket reuses the
+  # compiled encoder), the system prompt, and the hidden layer used (None: the last).
+  c.vlm = ml_collections.ConfigDict(dict(buckets=(128, 256, 512, 1024), system_prompt=None,
+                                         hidden_layer=None))
+  # Wan VAE: spatial tiling for decoding large frames (None: off), sizes in pixels.
+  c.vae = ml_collections.ConfigDict(dict(tile_sample_min_size=None, tile_sample_stride=(192, 192)))
+  # Sampling: Wan's flow-matching schedule with shift, Euler steps, classifier-free guidance
+  # (the unconditional branch drops the prompt and every subject).
   c.sampling = ml_collections.ConfigDict(dict(
       num_steps=50, shift=5.0, guidance_scale=5.0, num_frames=81, height=480, width=832,
-      fps=16))
+      fps=16, negative_prompt=""))
+  # Components without a checkpoint folder are random-initialised only where this is True.
+  c.random_init = False
   return c

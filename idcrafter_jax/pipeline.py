@@ -1,0 +1,216 @@
+"""ID-Crafter inference pipeline: prompt + subject images -> video. It only wires the parts.
+
+  prompt + subject images --Qwen2.5-VL--> f_txt                       (conditioning.encode_condition)
+  subject images --Wan VAE (T=1), normalised--> subject latents        (encode_subjects)
+  noise --ID-Crafter DiT + flow-matching ODE with CFG, one lax.scan--> latents (sampling.generate)
+  latents --Wan VAE decoder--> video frames in [-1, 1]
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from idcrafter_jax import conditioning, convert, processor as processor_lib, sampling, tiny, video as video_io
+from idcrafter_jax.models import idcrafter, qwen2_5_vl, wan_dit, wan_vae
+
+
+def latent_shape(config, batch: int) -> tuple[int, ...]:
+  """(B, 1 + (T-1)/4, H/8, W/8, 16) for the config's frames and size; raises on sizes the models reject."""
+  s = config.sampling
+  if s.num_frames < 1 or (s.num_frames - 1) % 4:
+    raise ValueError(f"sampling.num_frames={s.num_frames} must be 1 + 4k (the VAE compresses time 4x "
+                     "after the first frame).")
+  if s.height % 16 or s.width % 16:
+    raise ValueError(f"sampling.height x width = {s.height}x{s.width} must be multiples of 16 "
+                     "(8x VAE, then 2x2 DiT patches).")
+  return (batch, 1 + (s.num_frames - 1) // 4, s.height // 8, s.width // 8, config.model.in_channels)
+
+
+@dataclasses.dataclass
+class Pipeline:
+  config: Any
+  dit: idcrafter.IDCrafter
+  dit_params: Any
+  vae: wan_vae.WanVAE
+  vae_params: Any
+  vlm: qwen2_5_vl.Qwen2_5_VL
+  vlm_params: Any
+  processor: Any
+  _samplers: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @classmethod
+  def from_config(cls, config, *, wan_dit_folder: str | None = None, wan_vae_folder: str | None = None,
+                  vlm_folder: str | None = None, processor_folder: str | None = None,
+                  checkpoint: str | None = None, workdir: str | None = None, key=None) -> "Pipeline":
+    """Loads each part from its folder, or random-initialises it where `config.random_init` allows."""
+    key = jax.random.key(config.seed) if key is None else key
+    k_dit, k_vae, k_vlm, k_new = jax.random.split(key, 4)
+
+    def need(what, flag):
+      if not config.random_init:
+        raise ValueError(f"no {what} given: pass {flag} (a local folder), or use a config with random_init=True.")
+
+    dit_cfg = idcrafter.IDCrafterConfig.from_config(config)
+    if wan_dit_folder:
+      overrides = {k: getattr(dit_cfg.wan, k) for k in ("dtype", "param_dtype", "scan_layers", "remat_policy",
+                                                       "attention_impl")}
+      wan_module, wan_params = convert.load_wan_dit(wan_dit_folder, **overrides)
+    else:
+      need("Wan DiT", "--wan_dit")
+      wan_module = wan_dit.WanDiT(dit_cfg.wan)
+      dummy = [jnp.zeros(a.shape, a.dtype) for a in convert.wan_dummy_inputs(dit_cfg.wan)]
+      wan_params = nn.unbox(jax.jit(wan_module.init)(k_dit, *dummy)["params"])
+    dit, dit_params = idcrafter.IDCrafter.from_wan(wan_module, wan_params, dit_cfg, key=k_new)
+    if checkpoint:
+      dit_params = restore_params(checkpoint, dit_params)
+
+    vae_kw = dict(tile_sample_min_size=config.vae.tile_sample_min_size,
+                  tile_sample_stride=tuple(config.vae.tile_sample_stride))
+    if vae_kw["tile_sample_min_size"] is not None:
+      vae_kw["tile_sample_min_size"] = tuple(vae_kw["tile_sample_min_size"])
+    if wan_vae_folder:
+      vae, vae_params = convert.load_wan_vae(wan_vae_folder, **vae_kw)
+    else:
+      need("Wan VAE", "--wan_vae")
+      vae = wan_vae.WanVAE(tiny.vae_config(), **vae_kw)
+      f = vae.config.spatial_factor
+      init = jax.jit(lambda k: vae.init(k, jnp.zeros((1, 5, f, f, 3)), jnp.zeros((1, 2, 1, 1, vae.config.z_dim)),
+                                        method=wan_vae.WanVAE.init_all))
+      vae_params = nn.unbox(init(k_vae)["params"])
+
+    if vlm_folder:
+      vlm, vlm_params = convert.load_qwen2_5_vl(vlm_folder)
+      proc = processor_lib.QwenVLProcessor.from_pretrained(processor_folder or vlm_folder)
+    else:
+      need("Qwen2.5-VL encoder", "--vlm")
+      proc_dir = os.path.join(workdir or os.path.join(os.path.expanduser("~"), ".cache", "idcrafter_jax"),
+                              "tiny_processor")
+      ids = processor_lib.write_tiny_processor(proc_dir)
+      proc = processor_lib.QwenVLProcessor.from_pretrained(proc_dir)
+      vlm = qwen2_5_vl.Qwen2_5_VL(tiny.vlm_config(ids))
+      vlm_params = init_vlm(vlm, k_vlm)
+    if vlm.cfg.text.hidden_size != dit_cfg.wan.text_dim:
+      raise ValueError(f"the VLM's hidden size {vlm.cfg.text.hidden_size} != model.text_dim "
+                       f"{dit_cfg.wan.text_dim}; set --config.model.text_dim.")
+    return cls(config, dit, dit_params, vae, vae_params, vlm, vlm_params, proc)
+
+  # -- conditioning
+
+  def encode_prompts(self, prompts: Sequence[str], subject_images: Sequence[Sequence[np.ndarray]],
+                     length: int | None = None):
+    """-> f_txt (B, L, D), f_txt_mask (B, L); L is the bucket, or `length` when given."""
+    buckets = (length,) if length else tuple(self.config.vlm.buckets)
+    return conditioning.encode_condition(list(prompts), [list(s) for s in subject_images], self.processor,
+                                         self.vlm, self.vlm_params, buckets=buckets,
+                                         system_prompt=self.config.vlm.system_prompt,
+                                         hidden_layer=self.config.vlm.hidden_layer)
+
+  def encode_subjects(self, subject_images: Sequence[Sequence[np.ndarray]]):
+    """Lists of (h, w, 3) uint8 images -> subject latents (B, N_max, 1, h/8, w/8, 16), mask (B, N_max)."""
+    n_max = self.dit.config.max_subjects
+    h, w = self.config.subjects.height, self.config.subjects.width
+    if h % 16 or w % 16:
+      raise ValueError(f"subjects.height x width = {h}x{w} must be multiples of 16.")
+    batch = np.full((len(subject_images), n_max, 1, h, w, 3), -1.0, np.float32)
+    mask = np.zeros((len(subject_images), n_max), bool)
+    for i, images in enumerate(subject_images):
+      if len(images) > n_max:
+        raise ValueError(f"sample {i} has {len(images)} subjects, more than model.max_subjects={n_max}.")
+      for j, im in enumerate(images):
+        batch[i, j, 0] = video_io.to_model(video_io.fit_image(im, (h, w), mode="pad")[None])[0]
+        mask[i, j] = True
+    flat = jnp.asarray(batch.reshape(-1, 1, h, w, 3))
+    mean = _vae_encode_mean(self.vae, self.vae_params, flat)
+    lat = wan_vae.normalize_latents(mean, self.vae.config)
+    return lat.reshape(len(subject_images), n_max, *lat.shape[1:]), jnp.asarray(mask)
+
+  # -- sampling
+
+  def velocity_fn(self, params, x, timestep, cond):
+    return self.dit.apply({"params": params}, x, timestep, cond["context"], cond["subject_latents"],
+                          cond["subject_mask"], cond["context_mask"])
+
+  def conditions(self, prompts, subject_images):
+    """(cond, uncond) pytrees for the DiT; uncond: the negative prompt, every subject masked."""
+    f_txt, f_mask = self.encode_prompts(prompts, subject_images)
+    subj, subj_mask = self.encode_subjects(subject_images)
+    cond = dict(context=f_txt, context_mask=f_mask, subject_latents=subj, subject_mask=subj_mask)
+    if self.config.sampling.guidance_scale == 1.0:
+      return cond, None
+    neg = [self.config.sampling.negative_prompt] * len(prompts)
+    u_txt, u_mask = self.encode_prompts(neg, [[]] * len(prompts), length=f_txt.shape[1])
+    uncond = dict(context=u_txt, context_mask=u_mask, subject_latents=subj,
+                  subject_mask=jnp.zeros_like(subj_mask))
+    return cond, uncond
+
+  def sample_latents(self, cond, uncond, key, progress=None):
+    s = self.config.sampling
+    shape = latent_shape(self.config, cond["context"].shape[0])
+    k = (s.num_steps, float(s.shift), float(s.guidance_scale), progress)
+    if k not in self._samplers:  # one compiled trajectory per sampler setting
+      self._samplers[k] = _sampler(self, *k)
+    return self._samplers[k](self.dit_params, cond, uncond, key, shape)
+
+  def decode(self, latents):
+    z = wan_vae.denormalize_latents(latents, self.vae.config)
+    return _vae_decode(self.vae, self.vae_params, z)
+
+  def __call__(self, prompt: str, subject_images: Sequence[np.ndarray], key, progress=None) -> np.ndarray:
+    """One video (T, H, W, 3) uint8 for `prompt` and its subject images."""
+    latent_shape(self.config, 1)  # validate sizes before any compile
+    cond, uncond = self.conditions([prompt], [list(subject_images)])
+    latents = self.sample_latents(cond, uncond, key, progress)
+    return video_io.to_uint8(np.asarray(self.decode(latents))[0])
+
+
+def _sampler(pipe: Pipeline, num_steps, shift, guidance, progress):
+  callback = None if progress is None else (lambda i: progress(int(i)))
+
+  @functools.partial(jax.jit, static_argnames=("shape",))
+  def run(params, cond, uncond, key, shape):
+    return sampling.generate(pipe.velocity_fn, params, cond, uncond, key=key, shape=shape,
+                             num_steps=num_steps, shift=shift, guidance_scale=guidance, step_callback=callback)
+  return run
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vae_encode_mean(vae, params, video):
+  return vae.apply({"params": params}, video, method=vae.encode)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vae_decode(vae, params, z):
+  return vae.apply({"params": params}, z, method=vae.decode)
+
+
+def init_vlm(vlm: qwen2_5_vl.Qwen2_5_VL, key):
+  """Random-initialised params of `vlm` (tiny configs only; real ones load from a folder)."""
+  v = vlm.cfg.vision
+  side = 2 * v.spatial_merge_size
+  grid = np.array([[1, side, side]])
+  n = side * side
+  cfg = vlm.cfg
+  ids = np.full((1, n // v.spatial_merge_size ** 2 + 2), 1, np.int32)
+  ids[0, 1:-1] = cfg.image_token_id
+  pixels = jnp.zeros((n, v.patch_dim), jnp.float32)
+  variables = jax.jit(lambda k: vlm.init(k, jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids)), pixels, grid))(key)
+  return nn.unbox(variables["params"])
+
+
+def restore_params(path: str, like):
+  """Params saved by the trainer (an Orbax checkpoint of the param tree, or a step folder with 'params')."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"ID-Crafter checkpoint {path!r} does not exist.")
+  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+  sub = os.path.join(path, "params")
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(sub if os.path.isdir(sub) else path, target)
