@@ -286,3 +286,22 @@ def test_pallas_attention_impl_matches_xla(ref, rng):
   pallas_vlm = qv.Qwen2_5_VL(ref["vlm"].cfg, attn_impl="pallas")
   got = pallas_vlm.apply({"params": ref["params"]}, ids, mask, pixels, grid)
   assert max_err_on_valid(got, xla, mask) <= 1e-5
+
+
+def test_sharded_loading_reads_only_each_devices_shard(ref, monkeypatch):
+  from idcrafter_jax.models import qwen2_5_vl_convert
+  real = jax.make_array_from_callback
+  reads = []
+
+  def spy(shape, shard, callback):
+    def read(index):
+      out = callback(index)
+      reads.append((tuple(out.shape), tuple(shard.shard_shape(shape)), tuple(shape)))
+      return out
+    return real(shape, shard, read)
+
+  monkeypatch.setattr(qwen2_5_vl_convert.jax, "make_array_from_callback", spy)
+  mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
+  convert.load_qwen2_5_vl(ref["folder"], mesh=mesh)
+  assert reads and all(got == want for got, want, _ in reads)  # a callback returns one shard
+  assert sum(want != full for _, want, full in reads) > len(reads) // 2  # most params are split
