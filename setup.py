@@ -28,6 +28,7 @@ setup(
         "imageio>=2.34",
         "imageio-ffmpeg>=0.5",
         "tqdm>=4.66",
+        "jinja2>=3.1",
     ],
     extras_require={
         # PyTorch references for the parity tests only; the library never imports torch.
