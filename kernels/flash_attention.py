@@ -23,9 +23,10 @@ tiles (block_q, block_k) are (8, 128)-aligned. Sequences are zero-padded to a wh
 blocks (padded keys are masked through the lengths, padded queries sliced off). Head dims that
 are not a multiple of 128 (64, 80) are zero-padded to 128 for the Mosaic lowering only (the
 scale is explicit, so padding does not change the result); interpret mode runs them as they are.
-On CPU every kernel runs with `interpret=True` (the default there). GPU (Triton) lowering of
-these TPU-shaped kernels is not provided: `flash_attention(..., interpret=False)` on a GPU
-backend raises NotImplementedError.
+On CPU every kernel runs with `interpret=True` (the default there). On a GPU backend
+`flash_attention` runs the Triton kernels of `kernels/flash_attention_gpu.py` (same masks and
+numerics, GPU-shaped loops); the kernel-layout entry points `flash_fwd` / `flash_bwd` that the
+ring builds on are TPU-only.
 """
 from __future__ import annotations
 
@@ -477,8 +478,9 @@ def prepare(q, k, v, *, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None
   if interpret is None:
     interpret = default_interpret()
   if not interpret and jax.default_backend() == "gpu":
-    raise NotImplementedError("flash attention kernels are laid out for TPU (Mosaic); a Triton "
-                              "GPU lowering is not provided. Use impl='xla' on GPU.")
+    raise NotImplementedError("the kernel-layout flash entry points (used by ring attention) are "
+                              "laid out for TPU (Mosaic); on GPU use impl='pallas' or 'ulysses', "
+                              "which run the Triton kernels.")
   scale = d ** -0.5 if scale is None else float(scale)
 
   mask_b = mask_h = False
@@ -527,8 +529,15 @@ def flash_attention(q, k, v, *, kv_lengths=None, q_segment_ids=None, kv_segment_
                     interpret=None):
   """Fused attention. q (B, Lq, H, D); k, v (B, Lk, Hkv, D) -> (B, Lq, H, D) in q's dtype.
 
-  Differentiable in q, k, v (custom_vjp with the Pallas backward kernels).
+  Differentiable in q, k, v (custom_vjp with the Pallas backward kernels). On a GPU backend
+  (and not in interpret mode) this runs the Triton kernels instead.
   """
+  if not interpret and jax.default_backend() == "gpu":
+    from kernels import flash_attention_gpu  # imports this module: resolved at call time
+    return flash_attention_gpu.flash_attention_gpu(
+        q, k, v, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids, segment_mode=segment_mode, mask=mask, scale=scale,
+        block_q=block_q, block_k=block_k, interpret=False)
   b, lq, h, d = q.shape
   qt, kt, vt, lens, qseg, kseg, mask8, cfg = prepare(
       q, k, v, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
