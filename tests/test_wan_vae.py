@@ -96,6 +96,20 @@ def test_decode_is_causal_in_time(tiny):
   assert np.abs(a[:, 5:] - b[:, 5:]).max() > 1e-3
 
 
+def test_conv3d_and_sum2d_conv_impls_agree(tiny):
+  """The single 3-D convolution (TPU / GPU) and the per-tap 2-D sum (CPU) compute the same."""
+  _, folder, _, params = tiny
+  z = np.random.default_rng(7).standard_normal((1, 2, 2, 3, Z)).astype(np.float32)
+  outs = []
+  for impl in ("conv3d", "sum2d"):
+    vae, _ = convert.load_wan_vae(folder, conv_impl=impl)
+    outs.append(np.asarray(_jit(vae, vae.decode)(params, z)))
+  np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="conv_impl"):
+    vae, _ = convert.load_wan_vae(folder, conv_impl="fft")
+    vae.apply({"params": params}, z, method=vae.decode)
+
+
 def test_decode_clamps_to_unit_range_unless_clip_output_is_off(tiny):
   ref, folder, vae, params = tiny
   raw_vae, _ = convert.load_wan_vae(folder, clip_output=False)

@@ -136,14 +136,28 @@ def _conv2d(x, kernel, stride=1, padding=((0, 0), (0, 0))):
       x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+CONV_IMPLS = ("auto", "conv3d", "sum2d")
+
+
+def resolve_conv_impl(impl: str) -> str:
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl {impl!r} is unknown; expected one of {CONV_IMPLS}.")
+  if impl == "auto":
+    return "sum2d" if jax.default_backend() == "cpu" else "conv3d"
+  return impl
+
+
 class CausalConv3d(nn.Module):
   """torch `WanCausalConv3d`: a Conv3d padded causally in time (2*p_t zeros before, none after).
 
   `__call__(x, cache)`: x (B, T, H, W, Cin); cache (B, 2*p_t, H, W, Cin), the previous inputs
   (None: zeros). Returns y (B, T', H, W, Cout) and the new cache (the last 2*p_t frames of
-  [cache; x]), or None when p_t = 0. The temporal kernel runs as a sum of 2-D convolutions over
-  shifted frames, which XLA:CPU runs several times faster than its 3-D convolution; the sums
-  are the same.
+  [cache; x]), or None when p_t = 0.
+
+  conv_impl: 'conv3d' runs one 3-D convolution (TPU / GPU); 'sum2d' sums one 2-D convolution
+  per temporal tap over shifted frames, which XLA:CPU runs several times faster than its 3-D
+  convolution (same sums, more temporaries); 'auto' picks 'sum2d' when the default backend is
+  the CPU, else 'conv3d' (name it explicitly when compiling ahead of time for another backend).
   """
   features: int
   kernel_size: tuple[int, int, int] = (3, 3, 3)
@@ -151,6 +165,7 @@ class CausalConv3d(nn.Module):
   stride_t: int = 1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, cache=None):
@@ -172,6 +187,12 @@ class CausalConv3d(nn.Module):
     if t_out < 1:
       raise ValueError(f"CausalConv3d needs at least {kt} frames after padding; got {t}.")
     kernel = kernel.astype(self.dtype)
+    impl = resolve_conv_impl(self.conv_impl)
+    if impl == "conv3d":
+      y = jax.lax.conv_general_dilated(
+          x, kernel, (self.stride_t, 1, 1), ((0, 0), (ph, ph), (pw, pw)),
+          dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+      return y + bias.astype(self.dtype), new_cache
     y = None
     for d in range(kt):
       xs = x[:, d:d + self.stride_t * (t_out - 1) + 1:self.stride_t].reshape(b * t_out, h, w, cin)
@@ -224,19 +245,21 @@ class ResidualBlock(nn.Module):
   out_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, cache=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    ckw = dict(kw, conv_impl=self.conv_impl)
     c = cache or {}
     if x.shape[-1] != self.out_dim:
-      h, _ = CausalConv3d(self.out_dim, (1, 1, 1), (0, 0, 0), name="conv_shortcut", **kw)(x)
+      h, _ = CausalConv3d(self.out_dim, (1, 1, 1), (0, 0, 0), name="conv_shortcut", **ckw)(x)
     else:
       h = x
     x = nn.silu(RMSNorm(name="norm1", **kw)(x))
-    x, c1 = CausalConv3d(self.out_dim, name="conv1", **kw)(x, c.get("conv1"))
+    x, c1 = CausalConv3d(self.out_dim, name="conv1", **ckw)(x, c.get("conv1"))
     x = nn.silu(RMSNorm(name="norm2", **kw)(x))
-    x, c2 = CausalConv3d(self.out_dim, name="conv2", **kw)(x, c.get("conv2"))
+    x, c2 = CausalConv3d(self.out_dim, name="conv2", **ckw)(x, c.get("conv2"))
     return x + h, {"conv1": c1, "conv2": c2}
 
 
@@ -264,16 +287,18 @@ class MidBlock(nn.Module):
   """torch `WanMidBlock` (num_layers=1): residual, attention, residual."""
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
   attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, cache=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    ckw = dict(kw, conv_impl=self.conv_impl)
     c = cache or {}
     dim = x.shape[-1]
-    x, c0 = ResidualBlock(dim, name="resnets_0", **kw)(x, c.get("resnets_0"))
+    x, c0 = ResidualBlock(dim, name="resnets_0", **ckw)(x, c.get("resnets_0"))
     x = AttentionBlock(name="attentions_0", attention_impl=self.attention_impl, **kw)(x)
-    x, c1 = ResidualBlock(dim, name="resnets_1", **kw)(x, c.get("resnets_1"))
+    x, c1 = ResidualBlock(dim, name="resnets_1", **ckw)(x, c.get("resnets_1"))
     return x, {"resnets_0": c0, "resnets_1": c1}
 
 
@@ -289,19 +314,21 @@ class Resample(nn.Module):
   out_dim: int | None = None  # upsampling output channels (reference default: dim // 2)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, cache=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    ckw = dict(kw, conv_impl=self.conv_impl)
     b, t, h, w, c = x.shape
     new_cache = None
     if self.mode == "upsample3d":
       if cache is None:  # first chunk: no temporal upsampling; later chunks start from zeros
         if self.is_initializing():  # so that a first-chunk-only init still declares the conv
-          CausalConv3d(2 * c, (3, 1, 1), (1, 0, 0), name="time_conv", **kw)(x[:, :1])
+          CausalConv3d(2 * c, (3, 1, 1), (1, 0, 0), name="time_conv", **ckw)(x[:, :1])
         new_cache = jnp.zeros((b, CACHE_T, h, w, c), x.dtype)
       else:
-        y, new_cache = CausalConv3d(2 * c, (3, 1, 1), (1, 0, 0), name="time_conv", **kw)(x, cache)
+        y, new_cache = CausalConv3d(2 * c, (3, 1, 1), (1, 0, 0), name="time_conv", **ckw)(x, cache)
         # channels [0:C] -> frame 2t, [C:2C] -> frame 2t+1
         x = y.reshape(b, t, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
     if self.mode in ("upsample2d", "upsample3d"):
@@ -314,7 +341,7 @@ class Resample(nn.Module):
     else:
       raise ValueError(f"Resample mode {self.mode!r} is unknown.")
     if self.mode == "downsample3d":
-      conv = CausalConv3d(c, (3, 1, 1), (0, 0, 0), stride_t=2, name="time_conv", **kw)
+      conv = CausalConv3d(c, (3, 1, 1), (0, 0, 0), stride_t=2, name="time_conv", **ckw)
       if cache is None:
         if x.shape[1] != 1:
           raise ValueError(f"the first chunk must be one frame; got {x.shape[1]}.")
@@ -334,31 +361,33 @@ class Encoder(nn.Module):
   config: WanVAEConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
   attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, cache=None):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    ckw = dict(kw, conv_impl=self.conv_impl)
     c = cache or {}
     nc = {}
     dims = [cfg.base_dim * u for u in (1,) + tuple(cfg.dim_mult)]
-    x, nc["conv_in"] = CausalConv3d(dims[0], name="conv_in", **kw)(x, c.get("conv_in"))
+    x, nc["conv_in"] = CausalConv3d(dims[0], name="conv_in", **ckw)(x, c.get("conv_in"))
     n = 0
     for i, out_dim in enumerate(dims[1:]):
       for _ in range(cfg.num_res_blocks):
         name = f"down_blocks_{n}"
-        x, nc[name] = ResidualBlock(out_dim, name=name, **kw)(x, c.get(name))
+        x, nc[name] = ResidualBlock(out_dim, name=name, **ckw)(x, c.get(name))
         n += 1
       if i != len(cfg.dim_mult) - 1:
         name = f"down_blocks_{n}"
         mode = "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"
-        x, nc[name] = Resample(mode, name=name, **kw)(x, c.get(name))
+        x, nc[name] = Resample(mode, name=name, **ckw)(x, c.get(name))
         n += 1
-    x, nc["mid_block"] = MidBlock(name="mid_block", attention_impl=self.attention_impl, **kw)(
+    x, nc["mid_block"] = MidBlock(name="mid_block", attention_impl=self.attention_impl, **ckw)(
         x, c.get("mid_block"))
     x = nn.silu(RMSNorm(name="norm_out", **kw)(x))
-    x, nc["conv_out"] = CausalConv3d(2 * cfg.z_dim, name="conv_out", **kw)(x, c.get("conv_out"))
+    x, nc["conv_out"] = CausalConv3d(2 * cfg.z_dim, name="conv_out", **ckw)(x, c.get("conv_out"))
     return x, nc
 
 
@@ -369,17 +398,19 @@ class UpBlock(nn.Module):
   upsample_mode: str | None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, cache=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    ckw = dict(kw, conv_impl=self.conv_impl)
     c = cache or {}
     nc = {}
     for j in range(self.num_res_blocks + 1):
       name = f"resnets_{j}"
-      x, nc[name] = ResidualBlock(self.out_dim, name=name, **kw)(x, c.get(name))
+      x, nc[name] = ResidualBlock(self.out_dim, name=name, **ckw)(x, c.get(name))
     if self.upsample_mode is not None:
-      x, nc["upsamplers_0"] = Resample(self.upsample_mode, name="upsamplers_0", **kw)(
+      x, nc["upsamplers_0"] = Resample(self.upsample_mode, name="upsamplers_0", **ckw)(
           x, c.get("upsamplers_0"))
     return x, nc
 
@@ -389,28 +420,30 @@ class Decoder(nn.Module):
   config: WanVAEConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
   attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, cache=None):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    ckw = dict(kw, conv_impl=self.conv_impl)
     c = cache or {}
     nc = {}
     mult = tuple(cfg.dim_mult)
     dims = [cfg.dec_base_dim * u for u in (mult[-1],) + mult[::-1]]
     temperal_upsample = tuple(cfg.temperal_downsample[:len(mult) - 1])[::-1]
-    x, nc["conv_in"] = CausalConv3d(dims[0], name="conv_in", **kw)(x, c.get("conv_in"))
-    x, nc["mid_block"] = MidBlock(name="mid_block", attention_impl=self.attention_impl, **kw)(
+    x, nc["conv_in"] = CausalConv3d(dims[0], name="conv_in", **ckw)(x, c.get("conv_in"))
+    x, nc["mid_block"] = MidBlock(name="mid_block", attention_impl=self.attention_impl, **ckw)(
         x, c.get("mid_block"))
     for i, out_dim in enumerate(dims[1:]):
       mode = None
       if i != len(mult) - 1:
         mode = "upsample3d" if temperal_upsample[i] else "upsample2d"
       name = f"up_blocks_{i}"
-      x, nc[name] = UpBlock(out_dim, cfg.num_res_blocks, mode, name=name, **kw)(x, c.get(name))
+      x, nc[name] = UpBlock(out_dim, cfg.num_res_blocks, mode, name=name, **ckw)(x, c.get(name))
     x = nn.silu(RMSNorm(name="norm_out", **kw)(x))
-    x, nc["conv_out"] = CausalConv3d(cfg.out_channels, name="conv_out", **kw)(x, c.get("conv_out"))
+    x, nc["conv_out"] = CausalConv3d(cfg.out_channels, name="conv_out", **ckw)(x, c.get("conv_out"))
     return x, nc
 
 
@@ -486,14 +519,16 @@ class WanVAE(nn.Module):
   tile_sample_min_size: tuple[int, int] | None = None
   tile_sample_stride: tuple[int, int] = (192, 192)
   attention_impl: str = "xla"
+  conv_impl: str = "auto"
 
   def setup(self):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.encoder = Encoder(cfg, attention_impl=self.attention_impl, **kw)
-    self.decoder = Decoder(cfg, attention_impl=self.attention_impl, **kw)
-    self.quant_conv = CausalConv3d(2 * cfg.z_dim, (1, 1, 1), (0, 0, 0), **kw)
-    self.post_quant_conv = CausalConv3d(cfg.z_dim, (1, 1, 1), (0, 0, 0), **kw)
+    ckw = dict(kw, conv_impl=self.conv_impl)
+    self.encoder = Encoder(cfg, attention_impl=self.attention_impl, **ckw)
+    self.decoder = Decoder(cfg, attention_impl=self.attention_impl, **ckw)
+    self.quant_conv = CausalConv3d(2 * cfg.z_dim, (1, 1, 1), (0, 0, 0), **ckw)
+    self.post_quant_conv = CausalConv3d(cfg.z_dim, (1, 1, 1), (0, 0, 0), **ckw)
     if self.tile_sample_min_size is not None:
       f = cfg.spatial_factor
       for name in ("tile_sample_min_size", "tile_sample_stride"):
