@@ -61,4 +61,22 @@ def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_c
       fps=16, negative_prompt=""))
   # Components without a checkpoint folder are random-initialised only where this is True.
   c.random_init = False
+  # Local folders the run starts from (launch/train.py; generate.py takes them as flags).
+  c.init = ml_collections.ConfigDict(dict(wan_dit=None, wan_vae=None, vlm=None, processor=None,
+                                          idcrafter_ckpt=None))
+  c.train = train_config()
   return c
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """Flow-matching SFT (Table S.3 optimiser) and the loop around it."""
+  return ml_collections.ConfigDict(dict(
+      mode="sft",  # 'sft' | 'grpo'
+      steps=1000,
+      lr=1e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4, max_grad_norm=1.0,
+      warmup_steps=0, schedule="constant", grad_accum=1,
+      ema=False, ema_decay=0.999,
+      timestep_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, shift=3.0,
+      cond_dropout=0.1,
+      log_every=10, ckpt_every=100, keep_ckpts=3, async_ckpt=True,
+  ))

@@ -131,6 +131,37 @@ class Pipeline:
     lat = wan_vae.normalize_latents(mean, self.vae.config)
     return lat.reshape(len(subject_images), n_max, *lat.shape[1:]), jnp.asarray(mask)
 
+  def encode_video(self, video):
+    """Training clips (B, T, H, W, 3) in [-1, 1] -> normalised latents (B, F, H/8, W/8, 16)
+    (the posterior mean: deterministic, so that runs resume exactly)."""
+    mean = _vae_encode_mean(self.vae, self.vae_params, jnp.asarray(video, jnp.float32))
+    return wan_vae.normalize_latents(mean, self.vae.config)
+
+  def encode_subject_array(self, images):
+    """Subject images (B, N, h, w, 3) in [-1, 1] -> subject latents (B, N, 1, h/8, w/8, 16)."""
+    b, n = images.shape[:2]
+    flat = jnp.asarray(images, jnp.float32).reshape(b * n, 1, *images.shape[2:])
+    lat = wan_vae.normalize_latents(_vae_encode_mean(self.vae, self.vae_params, flat), self.vae.config)
+    return lat.reshape(b, n, *lat.shape[1:])
+
+  def model_batch(self, raw: dict) -> dict:
+    """A data batch (see `idcrafter_jax.data`) -> the DiT's inputs `trainer.MODEL_INPUTS`; cached
+    latents and features are used where the batch has them, the frozen encoders otherwise."""
+    out = {"subject_mask": jnp.asarray(raw["subject_mask"], bool)}
+    out["latents"] = jnp.asarray(raw["latents"]) if "latents" in raw else self.encode_video(raw["video"])
+    if "subject_latents" in raw:
+      out["subject_latents"] = jnp.asarray(raw["subject_latents"])
+    else:
+      out["subject_latents"] = self.encode_subject_array(raw["subject_images"])
+    if "f_txt" in raw:
+      out["f_txt"], out["f_txt_mask"] = jnp.asarray(raw["f_txt"]), jnp.asarray(raw["f_txt_mask"], bool)
+    else:
+      imgs = np.asarray(video_io.to_uint8(np.asarray(raw["subject_images"])))
+      mask = np.asarray(raw["subject_mask"], bool)
+      subjects = [[imgs[i, j] for j in range(imgs.shape[1]) if mask[i, j]] for i in range(imgs.shape[0])]
+      out["f_txt"], out["f_txt_mask"] = self.encode_prompts([str(c) for c in raw["caption"]], subjects)
+    return out
+
   # -- sampling
 
   def velocity_fn(self, params, x, timestep, cond):
@@ -138,14 +169,18 @@ class Pipeline:
                           cond["subject_mask"], cond["context_mask"])
 
   def conditions(self, prompts, subject_images):
-    """(cond, uncond) pytrees for the DiT; uncond: the negative prompt, every subject masked."""
+    """(cond, uncond) pytrees for the DiT. uncond masks every subject and, with an empty
+    `sampling.negative_prompt`, every text token (the null condition of training's dropout)."""
     f_txt, f_mask = self.encode_prompts(prompts, subject_images)
     subj, subj_mask = self.encode_subjects(subject_images)
     cond = dict(context=f_txt, context_mask=f_mask, subject_latents=subj, subject_mask=subj_mask)
     if self.config.sampling.guidance_scale == 1.0:
       return cond, None
-    neg = [self.config.sampling.negative_prompt] * len(prompts)
-    u_txt, u_mask = self.encode_prompts(neg, [[]] * len(prompts), length=f_txt.shape[1])
+    if self.config.sampling.negative_prompt:
+      neg = [self.config.sampling.negative_prompt] * len(prompts)
+      u_txt, u_mask = self.encode_prompts(neg, [[]] * len(prompts), length=f_txt.shape[1])
+    else:  # the null condition the trainer drops to (`trainer.drop_condition`): nothing visible
+      u_txt, u_mask = jnp.zeros_like(f_txt), jnp.zeros_like(f_mask)
     uncond = dict(context=u_txt, context_mask=u_mask, subject_latents=subj,
                   subject_mask=jnp.zeros_like(subj_mask))
     return cond, uncond

@@ -1,0 +1,108 @@
+"""The SFT loop: data -> frozen encoders (unless cached) -> sharded train step -> logs, checkpoints.
+
+`run(config, workdir)` resumes from the newest readable checkpoint in `workdir/checkpoints`
+(params, optimiser, EMA, step, RNG and the data iterator's position), so an interrupted run
+loses at most `train.ckpt_every` steps; SIGTERM saves and exits. Each logged step appends to
+`workdir/metrics.jsonl` and TensorBoard.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from idcrafter_jax import checkpoint as ckpt_lib, pipeline as pipeline_lib, run_utils, sharding, trainer
+from idcrafter_jax.models import idcrafter
+
+
+def maybe_initialize_distributed():
+  """Multi-host: `jax.distributed.initialize()` when the environment names a coordinator
+  (TPU pod slices set it up themselves; GPU clusters pass JAX_COORDINATOR_ADDRESS etc.)."""
+  if jax.process_count() > 1:
+    return
+  if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")):
+    try:
+      jax.distributed.initialize()
+    except RuntimeError as e:  # already initialised, or a single-host TPU VM
+      print(f"jax.distributed.initialize() skipped: {e}")
+
+
+def build(config, workdir: str):
+  """Pipeline (models), mesh, optimiser, abstract state and its shardings."""
+  pipe = pipeline_lib.Pipeline.from_config(
+      config, wan_dit_folder=config.init.wan_dit, wan_vae_folder=config.init.wan_vae,
+      vlm_folder=config.init.vlm, processor_folder=config.init.processor,
+      checkpoint=config.init.idcrafter_ckpt, workdir=workdir)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  tx = trainer.make_optimizer(config.train)
+  boxed = jax.eval_shape(pipe.dit.init, jax.random.key(0), *idcrafter.dummy_inputs(pipe.dit.config))["params"]
+  return pipe, mesh, tx, boxed
+
+
+def run(config, workdir: str, *, data_iterator=None, max_steps: int | None = None, progress: bool = True):
+  """Trains until `train.steps` (or `max_steps` more steps in this call). Returns the final state."""
+  from idcrafter_jax import data as data_lib
+  tc = config.train
+  maybe_initialize_distributed()
+  ckpt_lib.save_config(workdir, config)
+  pipe, mesh, tx, boxed = build(config, workdir)
+  it = data_iterator or data_lib.make_iterator(config.data, process_index=jax.process_index(),
+                                               process_count=jax.process_count(), seed=config.seed)
+
+  with trainer.with_mesh_rules(mesh):
+    key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    state = trainer.init_state(pipe.dit_params, tx, key, ema=tc.ema)
+    abstract = jax.eval_shape(lambda s: s, state)
+    s_shard = trainer.state_shardings(abstract, boxed, mesh)
+    state = jax.device_put(state, s_shard)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 save_every=tc.ckpt_every, keep=tc.keep_ckpts, async_save=tc.async_ckpt)
+    writer = run_utils.MetricsWriter(workdir)
+    restored = ckpt.restore(ckpt_lib.abstract_like(state))
+    if restored is not None:
+      step0, state, data_state, _ = restored
+      if data_state:
+        it.set_state(data_state)
+      writer.truncate_after(step0)
+      print(f"resumed from step {step0} in {workdir}")
+    start = int(state.step)
+    end = tc.steps if max_steps is None else min(tc.steps, start + max_steps)
+    step_fn = trainer.make_train_step(pipe.dit.apply, tx, tc)
+    jitted = {}  # one compiled step per batch shape (text buckets)
+    bar = tqdm(total=end, initial=start, desc="sft", unit="step", disable=not progress)
+    t_last, n_since = time.perf_counter(), 0
+    with run_utils.PreemptionGuard() as guard:
+      for step in range(start, end):
+        raw = next(it)
+        batch = pipe.model_batch(raw)
+        shapes = tuple((k, tuple(batch[k].shape)) for k in trainer.MODEL_INPUTS)
+        if shapes not in jitted:
+          b_shard = trainer.batch_shardings({k: batch[k] for k in trainer.MODEL_INPUTS}, mesh)
+          jitted[shapes] = (trainer.jit_train_step(step_fn, s_shard, b_shard, mesh), b_shard)
+        fn, b_shard = jitted[shapes]
+        batch = jax.device_put({k: batch[k] for k in trainer.MODEL_INPUTS}, b_shard)
+        state, metrics = fn(state, batch)
+        n_since += 1
+        done = step + 1
+        if done % tc.log_every == 0 or done == end:
+          m = jax.device_get(metrics)
+          now = time.perf_counter()
+          m["steps_per_sec"] = n_since / (now - t_last)
+          m["data_skipped"] = data_lib.skipped_count(it)
+          t_last, n_since = now, 0
+          row = writer.write(done, m)
+          bar.set_postfix(loss=f"{row['loss']:.4f}")
+        bar.update(1)
+        if ckpt.should_save(done) or guard.requested or done == end:
+          ckpt.save(done, state, it.get_state(), meta={"mode": "sft"}, force=True)
+        if guard.requested:
+          print(f"stopped at step {done} on request; checkpoint saved.")
+          break
+    bar.close()
+    ckpt.close()
+    writer.close()
+  return state
