@@ -418,8 +418,13 @@ _flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
 # ------------------------------------------------------------------------- public entry point
 
 
-def default_interpret() -> bool:
-  """Interpret mode where there is no TPU to lower to (CPU runs)."""
+def default_interpret(mesh=None) -> bool:
+  """Interpret mode where there is no accelerator to lower to: the mesh's devices decide when a
+  mesh is given (so a mesh over an AOT TPU topology lowers through Mosaic from a CPU host),
+  else the default backend."""
+  devices = getattr(mesh, "devices", None)  # an AbstractMesh has none
+  if devices is not None and devices.size:
+    return devices.flat[0].platform == "cpu"
   return jax.default_backend() == "cpu"
 
 

@@ -193,6 +193,8 @@ def ring_attention(q, k, v, *, mesh, kv_lengths=None, q_segment_ids=None, kv_seg
     raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
   _check_mask(mask, b, h, lq, lk)
   b_spec, h_spec = shard_axes(mesh, b, h, hkv, axis)
+  if interpret is None:
+    interpret = fa.default_interpret(mesh)
   n = mesh.shape[axis]
   q, k, v, lens, qseg, kseg, mask = pad_sequences(
       q, k, v, n, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,

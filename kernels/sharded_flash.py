@@ -29,6 +29,8 @@ def sharded_flash_attention(q, k, v, *, mesh, kv_lengths=None, q_segment_ids=Non
     raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
   ra._check_mask(mask, b, h, lq, lk)
   seq = axis if mesh.shape.get(axis, 1) > 1 else None
+  if interpret is None:
+    interpret = fa.default_interpret(mesh)
   b_spec, h_spec = ra.shard_axes(mesh, b, h, hkv, axis) if axis in mesh.shape else (None, None)
   if axis not in mesh.shape:
     b_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)

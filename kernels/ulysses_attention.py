@@ -48,6 +48,8 @@ def ulysses_attention(q, k, v, *, mesh, kv_lengths=None, q_segment_ids=None,
     raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
   ra._check_mask(mask, b, h, lq, lk)
   b_spec, h_spec = ra.shard_axes(mesh, b, h, hkv, axis)
+  if interpret is None:
+    interpret = fa.default_interpret(mesh)
   n = mesh.shape[axis]
   t = mesh.shape["tensor"] if h_spec else 1
   if (h // t) % n:

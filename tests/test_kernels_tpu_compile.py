@@ -47,7 +47,8 @@ def _compile(impl, devices, mesh_shape, *, batch, lq, lk, heads, kv_heads, head_
     side["kv_segment_ids"] = (((batch, lk), jnp.int32), P(bt, seq))
   if mask_shape is not None:
     side["mask"] = ((mask_shape, jnp.bool_), P())
-  fn = lambda q, k, v, **s: attention(q, k, v, impl=impl, mesh=mesh, interpret=False,
+  # No interpret flag: the mesh over TPU devices selects the Mosaic lowering by itself.
+  fn = lambda q, k, v, **s: attention(q, k, v, impl=impl, mesh=mesh,
                                       segment_mode=segment_mode, **s, **kw)
   compiled = aot.attention_program(fn, mesh, batch=batch, lq=lq, lk=lk, heads=heads,
                                    kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, grad=grad,
