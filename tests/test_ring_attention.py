@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from attention_reference import dense_mask, max_err, problem, reference_attention, values_and_grads
 from idcrafter_jax import attention as attention_lib
@@ -82,3 +83,16 @@ def test_pallas_on_a_mesh_equals_unsharded():
   q, k, v, kw = problem(25, 2, 37, 45, 4, 2, 64, masks=("lengths", "segments", "dense"),
                         segment_mode="same")
   _compare("pallas", mesh, q, k, v, kw)
+
+
+@settings(max_examples=3, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(impl=st.sampled_from(["ring", "ulysses"]), b=st.integers(1, 2), lq=st.integers(1, 40),
+       lk=st.integers(1, 40), heads=st.sampled_from([(4, 4), (4, 2), (4, 1)]),
+       masks=st.sampled_from([("lengths",), ("segments",), ("lengths", "segments", "dense")]),
+       mode=st.sampled_from(["same", "other"]), seed=st.integers(0, 100))
+def test_sequence_parallel_matches_reference_on_random_shapes(impl, b, lq, lk, heads, masks, mode,
+                                                              seed):
+  mesh = make_mesh(MESHES["2x4"])
+  q, k, v, kw = problem(seed, b, lq, lk, *heads, 64, masks=masks, segment_mode=mode)
+  _compare(impl, mesh, q, k, v, kw)
