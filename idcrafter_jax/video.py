@@ -73,7 +73,8 @@ def _to_rgb(img: Image.Image, background: Sequence[int]) -> Image.Image:
   return img.convert("RGB")
 
 
-def fit_image(img, size: tuple[int, int], mode: str = "crop", background: Sequence[int] = WHITE) -> np.ndarray:
+def fit_image(img, size: tuple[int, int], mode: str = "crop",
+              background: Sequence[int] = WHITE) -> np.ndarray:
   """An RGB image (PIL or uint8 (H, W, 3)) -> uint8 (size[0], size[1], 3).
 
   'resize' stretches; 'crop' scales (bicubic) to cover the target then centre-crops; 'pad'

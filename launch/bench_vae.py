@@ -117,7 +117,8 @@ def bench_memory():
     me = enc.lower(params, v).compile().memory_analysis()
     temps[frames] = (md.temp_size_in_bytes, me.temp_size_in_bytes)
     print(f"memory: {frames} frames {h}x{w} float32: decode temp {md.temp_size_in_bytes / MiB:.1f} MiB "
-          f"(output {md.output_size_in_bytes / MiB:.1f} MiB), encode temp {me.temp_size_in_bytes / MiB:.1f} MiB "
+          f"(output {md.output_size_in_bytes / MiB:.1f} MiB), "
+          f"encode temp {me.temp_size_in_bytes / MiB:.1f} MiB "
           f"(input {me.argument_size_in_bytes / MiB:.1f} MiB incl. params); compiled in "
           f"{time.perf_counter() - t0:.1f} s")
   rd = temps[81][0] / temps[17][0]

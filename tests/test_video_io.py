@@ -5,6 +5,10 @@ from PIL import Image
 
 from idcrafter_jax import video
 
+# imageio-ffmpeg runs the ffmpeg binary through subprocess (fork + exec at once), which JAX's
+# fork warning does not concern.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+
 
 def _gradient_video(t=9, h=32, w=48):
   """Smooth frames (H.264 and GIF palettes reproduce them closely)."""

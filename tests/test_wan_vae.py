@@ -220,6 +220,17 @@ def test_loader_covers_full_depth_layout_and_bf16(tmp_path):
   assert vae.config.latents_mean == tuple(ref.config.latents_mean)
 
 
+def test_every_param_has_logical_axes_of_its_rank(tiny):
+  _, _, vae, params = tiny
+  specs = wan_vae.logical_axes(vae)
+  flat_p = jax.tree_util.tree_leaves_with_path(params)
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+  flat_s = dict(jax.tree_util.tree_leaves_with_path(specs, is_leaf=is_spec))
+  assert len(flat_p) == len(flat_s)
+  for path, p in flat_p:
+    assert len(flat_s[path]) == p.ndim, (path, flat_s[path], p.shape)
+
+
 def test_loader_reports_missing_and_unexpected_keys(tiny, tmp_path):
   from safetensors.numpy import load_file, save_file
   _, folder, _, _ = tiny

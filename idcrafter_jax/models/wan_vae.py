@@ -100,7 +100,8 @@ _IGNORED_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "dropout"
 def config_from_diffusers(cfg: dict) -> WanVAEConfig:
   """A diffusers `AutoencoderKLWan` config dict -> WanVAEConfig; rejects Wan 2.2 variants."""
   if cfg.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
-    raise weights.CheckpointError(f"config _class_name {cfg.get('_class_name')!r}; expected 'AutoencoderKLWan'.")
+    raise weights.CheckpointError(
+        f"config _class_name {cfg.get('_class_name')!r}; expected 'AutoencoderKLWan'.")
   if cfg.get("is_residual", False):
     raise NotImplementedError("is_residual=True is the Wan 2.2 VAE (residual down/up blocks); "
                               "only the Wan 2.1 VAE is implemented.")
@@ -544,10 +545,12 @@ class WanVAE(nn.Module):
   def _check_video(self, video):
     cfg = self.config
     if not hasattr(video, "shape") or video.ndim != 5:
-      raise ValueError(f"video must be (B, T, H, W, {cfg.in_channels}); got shape {getattr(video, 'shape', video)}.")
+      raise ValueError(f"video must be (B, T, H, W, {cfg.in_channels}); "
+                       f"got shape {getattr(video, 'shape', video)}.")
     b, t, h, w, c = video.shape
     if c != cfg.in_channels:
-      raise ValueError(f"video has {c} channels (shape {video.shape}); expected {cfg.in_channels} (channels-last).")
+      raise ValueError(f"video has {c} channels (shape {video.shape}); "
+                       f"expected {cfg.in_channels} (channels-last).")
     if t < 1 or (t - 1) % 4:
       raise ValueError(f"video has T={t} frames; expected 1 + 4k (1, 5, 9, ..., 81).")
     f = cfg.spatial_factor
@@ -750,26 +753,24 @@ def rule(key: str):
   return path, _transform(key)
 
 
-def abstract_params(module: WanVAE, batch: int = 1):
-  """ShapeDtypeStructs of every parameter (no computation), unboxed."""
-  cfg = module.config
-  f = cfg.spatial_factor
-  video = jax.ShapeDtypeStruct((batch, 5, f, f, cfg.in_channels), module.dtype)
-  z = jax.ShapeDtypeStruct((batch, 2, 1, 1, cfg.z_dim), module.dtype)
-  variables = jax.eval_shape(lambda v, l: module.init(jax.random.PRNGKey(0), v, l, method=WanVAE.init_all),
-                             video, z)
-  return nn.unbox(variables["params"])
-
-
-def logical_axes(module: WanVAE):
-  """The logical PartitionSpecs of the param tree (for `sharding.logical_to_mesh_sharding`)."""
+def _abstract_variables(module: WanVAE):
+  """`module.init` traced with jax.eval_shape: boxed ShapeDtypeStructs, nothing computed."""
   cfg = module.config
   f = cfg.spatial_factor
   video = jax.ShapeDtypeStruct((1, 5, f, f, cfg.in_channels), module.dtype)
   z = jax.ShapeDtypeStruct((1, 2, 1, 1, cfg.z_dim), module.dtype)
-  variables = jax.eval_shape(lambda v, l: module.init(jax.random.PRNGKey(0), v, l, method=WanVAE.init_all),
-                             video, z)
-  return nn.get_partition_spec(variables)["params"]
+  return jax.eval_shape(
+      lambda v, l: module.init(jax.random.PRNGKey(0), v, l, method=WanVAE.init_all), video, z)
+
+
+def abstract_params(module: WanVAE):
+  """ShapeDtypeStructs of every parameter (the tree `load` fills), unboxed."""
+  return nn.unbox(_abstract_variables(module)["params"])
+
+
+def logical_axes(module: WanVAE):
+  """The logical PartitionSpecs of the param tree (for `sharding.logical_to_mesh_sharding`)."""
+  return nn.get_partition_spec(_abstract_variables(module))["params"]
 
 
 def load(folder: str, *, param_dtype=jnp.float32, dtype=jnp.float32, place=None, **module_kwargs):
