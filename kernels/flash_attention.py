@@ -347,8 +347,21 @@ def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype=None)
   )(lens, q, k, v, do, lse, di, *side)
 
   # dk, dv: grid (B, Hkv, nk, G, nq), reduction over the query heads of the group and q blocks.
-  qh_map = lambda b_, hk, j, gi, i, lens_ref: (b_, hk * g + gi, i, 0)
-  qrow_map = lambda b_, hk, j, gi, i, lens_ref: (b_, hk * g + gi, 0, i)
+  # For a key block wholly past the sample's length the kernel only writes zeros: its query-side
+  # blocks are pinned to the first one, so the pipeline fetches nothing new.
+  def live(b_, j, lens_ref):
+    return j * bk < lens_ref[b_]
+
+  def q_head(b_, hk, j, gi, lens_ref):
+    return hk * g + jnp.where(live(b_, j, lens_ref), gi, 0)
+
+  def q_block(b_, j, i, lens_ref):
+    return jnp.where(live(b_, j, lens_ref), i, 0)
+
+  qh_map = lambda b_, hk, j, gi, i, lens_ref: (b_, q_head(b_, hk, j, gi, lens_ref),
+                                               q_block(b_, j, i, lens_ref), 0)
+  qrow_map = lambda b_, hk, j, gi, i, lens_ref: (b_, q_head(b_, hk, j, gi, lens_ref), 0,
+                                                 q_block(b_, j, i, lens_ref))
   k_map = lambda b_, hk, j, gi, i, lens_ref: (b_, hk, j, 0)
   in_specs = [pl.BlockSpec((None, None, bq, d), qh_map),
               pl.BlockSpec((None, None, bk, d), k_map),
@@ -358,9 +371,9 @@ def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype=None)
               pl.BlockSpec((None, None, 1, bq), qrow_map)]
   in_specs += _side_specs_fwd(
       cfg, has_seg, has_mask,
-      q_idx=lambda b_, hk, j, gi, i, lens_ref: i,
+      q_idx=lambda b_, hk, j, gi, i, lens_ref: q_block(b_, j, i, lens_ref),
       k_idx=lambda b_, hk, j, gi, i, lens_ref: j,
-      head_idx=lambda b_, hk, j, gi, i, lens_ref: hk * g + gi)
+      head_idx=lambda b_, hk, j, gi, i, lens_ref: q_head(b_, hk, j, gi, lens_ref))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, cfg=cfg, has_seg=has_seg, has_mask=has_mask, nq=nq),
       grid_spec=pltpu.PrefetchScalarGridSpec(
