@@ -177,7 +177,7 @@ def _mask_index(cfg, b, h):
   return (b if cfg.mask_batch else 0), (h if cfg.mask_heads else 0)
 
 
-def _side_specs_fwd(cfg, has_seg, has_mask, q_idx, k_idx, head_idx):
+def _side_specs(cfg, has_seg, has_mask, q_idx, k_idx, head_idx):
   """BlockSpecs of segment ids and mask for grids whose index maps yield (b, h, i, j)."""
   specs = []
   bq, bk = cfg.block_q, cfg.block_k
@@ -213,7 +213,7 @@ def _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype=None):
   in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
               pl.BlockSpec((None, None, bk, d), kv_map),
               pl.BlockSpec((None, None, bk, d), kv_map)]
-  in_specs += _side_specs_fwd(
+  in_specs += _side_specs(
       cfg, has_seg, has_mask,
       q_idx=lambda b_, h_, i, j, lens_ref: i,
       k_idx=lambda b_, h_, i, j, lens_ref: _kv_block(j, b_, lens_ref, bk),
@@ -326,7 +326,7 @@ def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype=None)
               pl.BlockSpec((None, None, bq, d), q_map),
               pl.BlockSpec((None, None, 1, bq), row_map),
               pl.BlockSpec((None, None, 1, bq), row_map)]
-  in_specs += _side_specs_fwd(
+  in_specs += _side_specs(
       cfg, has_seg, has_mask,
       q_idx=lambda b_, h_, i, j, lens_ref: i,
       k_idx=lambda b_, h_, i, j, lens_ref: _kv_block(j, b_, lens_ref, bk),
@@ -369,7 +369,7 @@ def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype=None)
               pl.BlockSpec((None, None, bq, d), qh_map),
               pl.BlockSpec((None, None, 1, bq), qrow_map),
               pl.BlockSpec((None, None, 1, bq), qrow_map)]
-  in_specs += _side_specs_fwd(
+  in_specs += _side_specs(
       cfg, has_seg, has_mask,
       q_idx=lambda b_, hk, j, gi, i, lens_ref: q_block(b_, j, i, lens_ref),
       k_idx=lambda b_, hk, j, gi, i, lens_ref: j,
