@@ -29,6 +29,8 @@ setup(
         "imageio-ffmpeg>=0.5",
         "tqdm>=4.66",
         "jinja2>=3.1",
+        "tensorboardX>=2.6",
+        "etils>=1.5",
     ],
     extras_require={
         # PyTorch references for the parity tests only; the library never imports torch.

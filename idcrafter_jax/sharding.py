@@ -44,7 +44,11 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 def make_mesh(shape: dict | Sequence[int] | None = None, devices=None) -> Mesh:
-  """A mesh over ('data', 'fsdp', 'sequence', 'tensor'); one entry may be -1 (all the rest)."""
+  """A mesh over ('data', 'fsdp', 'sequence', 'tensor'); one entry may be -1 (all the rest).
+
+  A fully explicit shape smaller than the device count uses the first devices (e.g. the tiny
+  config's 1-device mesh on a host with 8).
+  """
   devices = list(jax.devices() if devices is None else devices)
   if shape is None:
     shape = {"data": -1}
@@ -57,6 +61,7 @@ def make_mesh(shape: dict | Sequence[int] | None = None, devices=None) -> Mesh:
     dims = [int(x) for x in shape]
     if len(dims) != len(MESH_AXES):
       raise ValueError(f"mesh shape {dims} must have {len(MESH_AXES)} entries {MESH_AXES}.")
+  requested = list(dims)
   if dims.count(-1) > 1:
     raise ValueError(f"mesh shape {dims}: at most one axis may be -1.")
   if -1 in dims:
@@ -64,6 +69,8 @@ def make_mesh(shape: dict | Sequence[int] | None = None, devices=None) -> Mesh:
     if len(devices) % rest:
       raise ValueError(f"mesh shape {dims} does not divide {len(devices)} devices.")
     dims[dims.index(-1)] = len(devices) // rest
+  if -1 not in requested and math.prod(dims) < len(devices):
+    devices = devices[:math.prod(dims)]  # an explicit smaller mesh uses the first devices
   if math.prod(dims) != len(devices):
     raise ValueError(f"mesh shape {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices; "
                      f"{len(devices)} are available.")

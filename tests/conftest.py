@@ -11,6 +11,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Identical programs compiled again (each loader / trainer run builds fresh closures) come from
+# a persistent cache shared by the test workers: the suite spends most of its time compiling.
+jax.config.update("jax_compilation_cache_dir", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"idcrafter_jax_test_cache_{os.getuid()}"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(autouse=True)
