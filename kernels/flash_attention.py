@@ -14,7 +14,9 @@ Masking (all combined with AND; a query row with no visible key returns zeros, n
     index (the lengths are scalar-prefetched into SMEM);
   * segment ids q (B, Lq), kv (B, Lk) with mode 'same' (attend within the segment) or 'other'
     (attend to other segments only: stage 2 of the identity attention, eq. S.2); negative ids
-    are padding and are never attended nor attend;
+    are padding and are never attended nor attend. Tiles that no pair can see (from per-block
+    segment ranges, scalar-prefetched with the lengths) are skipped: block-sparse attention for
+    packed subjects;
   * a general boolean mask broadcastable to (B, H, Lq, Lk) (streamed as int8 tiles).
 
 Layout (TPU): the kernels work in (B, H, L, D); tiles are (block_q, D) and (block_k, D) with
@@ -129,10 +131,10 @@ def _split_refs(refs, has_seg, has_mask):
 # ----------------------------------------------------------------------------- forward kernel
 
 
-def _fwd_kernel(lens_ref, q_ref, k_ref, v_ref, *refs, cfg, has_seg, has_mask, nk):
+def _fwd_kernel(lens_ref, q_ref, k_ref, v_ref, *refs, cfg, has_seg, has_mask, nb, nq, nk):
   qseg_ref, kseg_ref, mask_ref, rest = _split_refs(refs, has_seg, has_mask)
   o_ref, lse_ref, m_sc, l_sc, acc_sc = rest
-  b, j = pl.program_id(0), pl.program_id(3)
+  b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   bq, bk = cfg.block_q, cfg.block_k
 
   @pl.when(j == 0)
@@ -143,7 +145,7 @@ def _fwd_kernel(lens_ref, q_ref, k_ref, v_ref, *refs, cfg, has_seg, has_mask, nk
 
   length = lens_ref[b]
 
-  @pl.when(j * bk < length)
+  @pl.when(_live(cfg, lens_ref, has_seg, length, b, i, j, nb, nq, nk))
   def _compute():
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
     s = _dot_nt(q, k) * cfg.scale                                   # (bq, bk)
@@ -160,7 +162,7 @@ def _fwd_kernel(lens_ref, q_ref, k_ref, v_ref, *refs, cfg, has_seg, has_mask, nk
   @pl.when(j == nk - 1)
   def _finalize():
     l = l_sc[...]
-    seen = l > 0.0
+    seen = l != 0.0  # NaN inputs stay NaN, as in the reference; only empty rows give 0
     safe = jnp.where(seen, l, 1.0)
     o_ref[...] = jnp.where(seen, acc_sc[...] / safe, 0.0).astype(o_ref.dtype)
     lse_ref[...] = _row(jnp.where(seen, m_sc[...] + jnp.log(safe), MASK_VALUE))
@@ -171,6 +173,48 @@ def _kv_block(j, b, lens_ref, bk):
   so the pipeline does not fetch tiles the kernel skips."""
   last = jnp.maximum(pl.cdiv(lens_ref[b], bk) - 1, 0)
   return jnp.minimum(j, last)
+
+
+def _segment_ranges(seg, block):
+  """Per block: (min, max) of the non-negative segment ids of seg (B, 1, L); (INT_MAX, -1) for a
+  block with none. Returns two (B * L / block,) int32 arrays."""
+  ids = seg.reshape(seg.shape[0], -1, block)
+  valid = ids >= 0
+  big = jnp.iinfo(jnp.int32).max
+  lo = jnp.min(jnp.where(valid, ids, big), axis=-1)
+  hi = jnp.max(jnp.where(valid, ids, -1), axis=-1)
+  return lo.reshape(-1), hi.reshape(-1)
+
+
+def _meta(lens, qseg, kseg, cfg):
+  """The scalar-prefetch array (SMEM): key lengths (B,), then, with segment ids, the per-block
+  segment ranges q_lo, q_hi (B * nq each) and k_lo, k_hi (B * nk each)."""
+  parts = [lens.astype(jnp.int32)]
+  if qseg is not None:
+    parts += [*_segment_ranges(qseg, cfg.block_q), *_segment_ranges(kseg, cfg.block_k)]
+  return jnp.concatenate(parts)
+
+
+def _block_live(cfg, meta_ref, b, i, j, nb, nq, nk):
+  """Whether query block i and key block j of sample b can see each other at all, from the
+  segment ranges (block-sparse skipping: e.g. per-subject self-attention in 'same' mode is
+  block diagonal). Conservative: a live block may still be fully masked inside."""
+  q_lo = meta_ref[nb + b * nq + i]
+  q_hi = meta_ref[nb + nb * nq + b * nq + i]
+  k_lo = meta_ref[nb + 2 * nb * nq + b * nk + j]
+  k_hi = meta_ref[nb + 2 * nb * nq + nb * nk + b * nk + j]
+  both = jnp.logical_and(q_lo <= q_hi, k_lo <= k_hi)  # each block holds a non-padding token
+  if cfg.segment_mode == "same":
+    return jnp.logical_and(both, jnp.logical_and(q_lo <= k_hi, k_lo <= q_hi))
+  single = jnp.logical_and(jnp.logical_and(q_lo == q_hi, k_lo == k_hi), q_lo == k_lo)
+  return jnp.logical_and(both, jnp.logical_not(single))
+
+
+def _live(cfg, meta_ref, has_seg, length, b, i, j, nb, nq, nk):
+  live = j * cfg.block_k < length
+  if has_seg:
+    live = jnp.logical_and(live, _block_live(cfg, meta_ref, b, i, j, nb, nq, nk))
+  return live
 
 
 def _mask_index(cfg, b, h):
@@ -221,7 +265,8 @@ def _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype=None):
   out_specs = [pl.BlockSpec((None, None, bq, d), q_map),
                pl.BlockSpec((None, None, 1, bq), row_map)]
   args = [x for x in (qseg, kseg) if has_seg] + ([mask] if has_mask else [])
-  kernel = functools.partial(_fwd_kernel, cfg=cfg, has_seg=has_seg, has_mask=has_mask, nk=nk)
+  kernel = functools.partial(_fwd_kernel, cfg=cfg, has_seg=has_seg, has_mask=has_mask, nb=b,
+                             nq=nq, nk=nk)
   itemsize = q.dtype.itemsize
   cost = pl.CostEstimate(
       flops=4 * b * h * lq * lk * d, transcendentals=b * h * lq * lk,
@@ -238,7 +283,7 @@ def _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype=None):
       cost_estimate=cost,
       interpret=cfg.interpret,
       name="flash_attention_fwd",
-  )(lens, q, k, v, *args)
+  )(_meta(lens, qseg, kseg, cfg), q, k, v, *args)
 
 
 # ---------------------------------------------------------------------------- backward kernels
@@ -250,10 +295,10 @@ def _probs(cfg, q, k, lse, keep):
 
 
 def _dq_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg, has_seg,
-               has_mask, nk):
+               has_mask, nb, nq, nk):
   qseg_ref, kseg_ref, mask_ref, rest = _split_refs(refs, has_seg, has_mask)
   dq_ref, dq_sc = rest
-  b, j = pl.program_id(0), pl.program_id(3)
+  b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   bq, bk = cfg.block_q, cfg.block_k
 
   @pl.when(j == 0)
@@ -262,7 +307,7 @@ def _dq_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cf
 
   length = lens_ref[b]
 
-  @pl.when(j * bk < length)
+  @pl.when(_live(cfg, lens_ref, has_seg, length, b, i, j, nb, nq, nk))
   def _compute():
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     keep = _keep(cfg, length, j * bk, bq, bk, qseg_ref, kseg_ref, mask_ref)
@@ -277,7 +322,7 @@ def _dq_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cf
 
 
 def _dkv_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg, has_seg,
-                has_mask, nq):
+                has_mask, nb, nq, nk):
   qseg_ref, kseg_ref, mask_ref, rest = _split_refs(refs, has_seg, has_mask)
   dk_ref, dv_ref, dk_sc, dv_sc = rest
   b, j, gi, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
@@ -290,7 +335,7 @@ def _dkv_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, c
 
   length = lens_ref[b]
 
-  @pl.when(j * bk < length)
+  @pl.when(_live(cfg, lens_ref, has_seg, length, b, i, j, nb, nq, nk))
   def _compute():
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     keep = _keep(cfg, length, j * bk, bq, bk, qseg_ref, kseg_ref, mask_ref)
@@ -315,6 +360,7 @@ def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype=None)
   has_seg, has_mask = qseg is not None, mask is not None
   side = [x for x in (qseg, kseg) if has_seg] + ([mask] if has_mask else [])
   itemsize = q.dtype.itemsize
+  meta = _meta(lens, qseg, kseg, cfg)
 
   # dq: grid (B, H, nq, nk), reduction over key blocks.
   q_map = lambda b_, h_, i, j, lens_ref: (b_, h_, i, 0)
@@ -332,7 +378,8 @@ def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype=None)
       k_idx=lambda b_, h_, i, j, lens_ref: _kv_block(j, b_, lens_ref, bk),
       head_idx=lambda b_, h_, i, j, lens_ref: h_)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg, has_seg=has_seg, has_mask=has_mask, nk=nk),
+      functools.partial(_dq_kernel, cfg=cfg, has_seg=has_seg, has_mask=has_mask, nb=b, nq=nq,
+                        nk=nk),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(b, h, nq, nk), in_specs=in_specs,
           out_specs=pl.BlockSpec((None, None, bq, d), q_map),
@@ -344,7 +391,7 @@ def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype=None)
           bytes_accessed=itemsize * (q.size * 3 + (k.size + v.size) * nq)),
       interpret=cfg.interpret,
       name="flash_attention_dq",
-  )(lens, q, k, v, do, lse, di, *side)
+  )(meta, q, k, v, do, lse, di, *side)
 
   # dk, dv: grid (B, Hkv, nk, G, nq), reduction over the query heads of the group and q blocks.
   # For a key block wholly past the sample's length the kernel only writes zeros: its query-side
@@ -375,7 +422,8 @@ def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype=None)
       k_idx=lambda b_, hk, j, gi, i, lens_ref: j,
       head_idx=lambda b_, hk, j, gi, i, lens_ref: q_head(b_, hk, j, gi, lens_ref))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg, has_seg=has_seg, has_mask=has_mask, nq=nq),
+      functools.partial(_dkv_kernel, cfg=cfg, has_seg=has_seg, has_mask=has_mask, nb=b, nq=nq,
+                        nk=nk),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(b, hkv, nk, g, nq), in_specs=in_specs,
           out_specs=[pl.BlockSpec((None, None, bk, d), k_map),
@@ -389,7 +437,7 @@ def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype=None)
           bytes_accessed=itemsize * ((q.size * 2) * nk + k.size * 4)),
       interpret=cfg.interpret,
       name="flash_attention_dkv",
-  )(lens, q, k, v, do, lse, di, *side)
+  )(meta, q, k, v, do, lse, di, *side)
   return dq, dk, dv
 
 

@@ -97,7 +97,7 @@ def _fwd_kernel(lens_ref, q_ref, k_ref, v_ref, *refs, cfg, has_seg, has_mask):
   init = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
           jnp.zeros(q.shape, jnp.float32))
   m, l, acc = lax.fori_loop(0, pl.cdiv(length, bk), body, init)
-  seen = l > 0.0
+  seen = l != 0.0  # NaN inputs stay NaN, as in the reference; only empty rows give 0
   safe = jnp.where(seen, l, 1.0)
   o_ref[...] = jnp.where(seen[:, None], acc / safe[:, None], 0.0).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(seen, m + jnp.log(safe), MASK_VALUE)

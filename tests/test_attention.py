@@ -145,3 +145,36 @@ def test_triton_kernels_match_reference_and_lower_for_cuda(heads, masks, mode, d
   sds = [jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) for x in (q, k, v)]
   text = jax.jit(fwd_bwd).trace(*sds).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("xla.gpu.triton") == 3
+
+
+@pytest.mark.parametrize("mode", ["same", "other"])
+def test_packed_subjects_block_sparse_segments_match_reference(mode):
+  """Three subjects of 130 tokens packed in one sequence (+ padding): in 'same' mode (per-subject
+  self-attention) and 'other' mode (HIPA stage 2) many (64 x 128) tiles see no pair and are
+  skipped; the result still equals the reference."""
+  q, k, v, _ = problem(17, 2, 400, 400, 2, 2, 64, masks=())
+  ids = np.r_[np.repeat([0, 1, 2], 130), np.full(10, -1)]
+  ids = jnp.asarray(np.stack([ids, np.r_[ids[130:], np.full(130, -1)]]), jnp.int32)
+  kw = dict(q_segment_ids=ids, kv_segment_ids=ids, segment_mode=mode)
+  _check_against_reference("pallas", q, k, v, kw, F32_TOL, block_q=64, block_k=128)
+  lo, hi = fa._segment_ranges(ids[:, None, :384], 128)  # per-tile ranges the kernel skips by
+  assert lo.tolist() == [0, 0, 1, 1, 1, 2] and hi.tolist() == [0, 1, 2, 1, 2, 2]
+  lo, hi = fa._segment_ranges(jnp.full((1, 1, 128), -1, jnp.int32), 128)
+  assert hi.tolist() == [-1] and lo.tolist() == [np.iinfo(np.int32).max]  # padding: never live
+
+
+def test_skipped_tiles_are_never_read():
+  """NaN keys / values in tiles the kernel must skip (key tile 3, wholly past the key length;
+  key tile 0, holding only subject 0, seen from query tile 5, holding only subject 2) leave
+  those queries exact."""
+  q, k, v, _ = problem(19, 1, 400, 400, 2, 2, 64, masks=())
+  ids = jnp.asarray(np.r_[np.repeat([0, 1, 2], 130), np.full(10, -1)][None], jnp.int32)
+  kw = dict(q_segment_ids=ids, kv_segment_ids=ids, kv_lengths=jnp.asarray([384]))
+  ref = reference_attention(q, k, v, dense_mask(1, 2, 400, 400, **kw))
+  poison = jnp.zeros((1, 400, 1, 1)).at[:, :128].set(jnp.nan).at[:, 384:].set(jnp.nan)
+  out = attention_lib.attention(q, k + poison, v + poison, impl="pallas", block_q=64,
+                                block_k=128, **kw)
+  rows = slice(320, 384)  # query tile 5: subject 2 only
+  assert np.all(np.isfinite(np.asarray(out[:, rows])))
+  assert max_err(out[:, rows], ref[:, rows]) <= F32_TOL
+  assert np.isnan(np.asarray(out[:, :64])).any()  # tile 0 does read key tile 0
