@@ -1,0 +1,217 @@
+"""Flow-GRPO (seed A.2): SDE rollouts with log-probs, group-normalised advantages, clipped update with KL.
+
+Model-agnostic: the policy is any `velocity_fn(params, x, timestep, cond)`; conditions are
+pytrees with the batch first; rewards come from `rl.rewards`. One iteration:
+
+  rollout   G samples per prompt from the same condition, distinct noise; the trajectory
+            x_K..x_0, per-step log p(x_{k+1} | x_k) in one jitted lax.scan (`rollout`)
+  reward    decode, score (eq. S.5), advantages inside each group (eq. S.4, eps 1e-8)
+  update    for the trained steps k: ratio = exp(log p_theta - log p_old), PPO-clipped
+            objective -min(A r, A clip(r, 1 - eps, 1 + eps)) plus beta KL(p_theta || p_ref),
+            the KL between the two Gaussian steps (|mean - mean_ref|^2 / 2 std^2); gradients
+            accumulated over the trained steps, one AdamW update (`make_update_step`)
+
+Behaviour matches flow_grpo's `sde_step_with_logprob` and training loop (per-step log-probs
+averaged over latent elements; std of the step sigma_t sqrt(dt), sigma_t = a sqrt(t/(1-t))).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from idcrafter_jax import flow, sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  group_size: int = 4
+  num_steps: int = 10  # denoising steps of a rollout
+  shift: float = 3.0
+  guidance_scale: float = 1.0
+  noise_level: float = 1.0  # a in sigma_t = a sqrt(t / (1 - t)) (seed A.2: 1.0)
+  sde_type: str = "sde"  # 'sde' (Flow-GRPO) | 'cps'
+  train_steps: str = "all"  # which steps are trained: 'all' | 'fraction' | 'window'
+  train_fraction: float = 1.0  # 'fraction': a random subset of this size each iteration
+  window: tuple[int, int] = (0, 10)  # 'window': steps [lo, hi) (Flow-GRPO-Fast)
+  clip_range: float = 0.2
+  adv_clip: float | None = 5.0
+  beta: float = 0.004  # KL weight
+  inner_epochs: int = 1
+  minibatch: int = 8  # samples per update step
+
+  def __post_init__(self):
+    if self.group_size < 2:
+      raise ValueError(f"grpo.group_size must be >= 2 (advantages are normalised inside a group); "
+                       f"got {self.group_size}.")
+    if self.sde_type not in flow.SDE_TYPES:
+      raise ValueError(f"grpo.sde_type {self.sde_type!r} is unknown; expected one of {flow.SDE_TYPES}.")
+    if self.train_steps not in ("all", "fraction", "window"):
+      raise ValueError(f"grpo.train_steps {self.train_steps!r} is unknown; expected 'all', 'fraction' or 'window'.")
+    lo, hi = self.window
+    if self.train_steps == "window" and not 0 <= lo < hi <= self.num_steps:
+      raise ValueError(f"grpo.window {self.window} must satisfy 0 <= lo < hi <= num_steps={self.num_steps}.")
+
+  @classmethod
+  def from_config(cls, c) -> "GRPOConfig":
+    d = {f.name: c[f.name] for f in dataclasses.fields(cls) if f.name in c}
+    if "window" in d:
+      d["window"] = tuple(d["window"])
+    return cls(**d)
+
+
+# ------------------------------------------------------------------------------------- rollout
+
+
+def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPOConfig):
+  """SDE trajectories from N(0, I): xs (K+1, B, ...) float32 and log_probs (K, B).
+
+  Every sample (and so every member of a group) draws its own noise, initial and per step.
+  """
+  sigmas = jnp.asarray(flow.sigma_schedule(gc.num_steps, gc.shift))
+  sigma_max = sigmas[1]
+  k_init, k_steps = jax.random.split(key)
+  x = jax.random.normal(k_init, shape, jnp.float32)
+  keys = jax.random.split(k_steps, gc.num_steps)
+
+  def body(x, inp):
+    k, key = inp
+    v = sampling.guided_velocity(velocity_fn, params, x, sigmas[k], cond, uncond, gc.guidance_scale)
+    x_next, lp, _, _ = flow.sde_step(x, v, sigmas[k], sigmas[k + 1], sigma_max, key,
+                                     noise_level=gc.noise_level, sde_type=gc.sde_type)
+    return x_next, (x_next, lp)
+
+  _, (xs, lps) = jax.lax.scan(body, x, (jnp.arange(gc.num_steps), keys))
+  return jnp.concatenate([x[None], xs], axis=0), lps
+
+
+def group_advantages(rewards, group_size: int, eps: float = 1e-8, clip: float | None = None):
+  """Eq. S.4 inside consecutive groups of `group_size`: (r - mean) / (std + eps); (B,) -> (B,).
+
+  Std is the population std of the group. With `clip`, advantages are clipped to [-clip, clip].
+  """
+  r = jnp.asarray(rewards, jnp.float32)
+  if r.shape[0] % group_size:
+    raise ValueError(f"{r.shape[0]} rewards do not split into groups of {group_size}.")
+  g = r.reshape(-1, group_size)
+  adv = (g - g.mean(axis=1, keepdims=True)) / (g.std(axis=1, keepdims=True) + eps)
+  adv = adv.reshape(-1)
+  return adv if clip is None else jnp.clip(adv, -clip, clip)
+
+
+def trained_steps(gc: GRPOConfig, rng: np.random.Generator) -> np.ndarray:
+  """Indices k of the denoising steps whose log-probs are trained this iteration."""
+  k = np.arange(gc.num_steps)
+  if gc.sde_type == "cps":
+    k = k[:-1]  # the last CPS step is deterministic (std 0)
+  if gc.train_steps == "window":
+    k = k[(k >= gc.window[0]) & (k < gc.window[1])]
+  elif gc.train_steps == "fraction":
+    n = max(1, int(round(gc.train_fraction * len(k))))
+    k = np.sort(rng.choice(k, n, replace=False))
+  return k
+
+
+# ------------------------------------------------------------------------------------- update
+
+
+def clipped_objective(log_prob, old_log_prob, adv, clip_range: float):
+  """PPO's clipped surrogate, as a loss: max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = exp(lp - lp_old).
+
+  Returns (per-sample loss, ratio). Outside [1 - eps, 1 + eps] on the side the advantage pushes
+  towards, the clipped branch is active and the gradient is zero.
+  """
+  ratio = jnp.exp(log_prob - old_log_prob)
+  unclipped = -adv * ratio
+  clipped = -adv * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
+  return jnp.maximum(unclipped, clipped), ratio
+
+
+def rewards_ok(rewards) -> bool:
+  """False when any reward is NaN or infinite: that iteration's update is skipped (and logged)."""
+  return bool(np.all(np.isfinite(np.asarray(rewards))))
+
+
+def step_terms(velocity_fn, params, ref_params, x, x_next, old_lp, adv, k, cond, uncond, gc: GRPOConfig):
+  """Per-sample policy loss, KL and ratio at step k, for a batch of stored transitions."""
+  sigmas = jnp.asarray(flow.sigma_schedule(gc.num_steps, gc.shift))
+  s, s_next, s_max = sigmas[k], sigmas[k + 1], sigmas[1]
+  v = sampling.guided_velocity(velocity_fn, params, x, s, cond, uncond, gc.guidance_scale)
+  _, lp, mean, std = flow.sde_step(x, v, s, s_next, s_max, None, noise_level=gc.noise_level,
+                                   sde_type=gc.sde_type, x_next=x_next)
+  policy, ratio = clipped_objective(lp, old_lp, adv, gc.clip_range)
+  if gc.beta > 0:
+    v_ref = jax.lax.stop_gradient(
+        sampling.guided_velocity(velocity_fn, ref_params, x, s, cond, uncond, gc.guidance_scale))
+    mean_ref = flow.sde_mean(x, v_ref, s, s_next, s_max, gc.noise_level, gc.sde_type)
+    kl = jnp.mean(jnp.square(mean - mean_ref), axis=tuple(range(1, x.ndim))) / (2.0 * std ** 2)
+  else:
+    kl = jnp.zeros_like(policy)
+  clip_frac = (jnp.abs(ratio - 1.0) > gc.clip_range).astype(jnp.float32)
+  return policy, kl, ratio, clip_frac
+
+
+def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc: GRPOConfig):
+  """(state, ref_params, minibatch, ks) -> (state, metrics): gradients of the mean over the
+  trained steps ks (accumulated one step at a time, so memory does not grow with len(ks)),
+  then one optimiser update; a non-finite loss or gradient skips it (counted in state.skipped).
+
+  minibatch: xs (K+1, B, ...), log_probs (K, B), advantages (B,), cond, uncond.
+  """
+
+  def step(state, ref_params, mb, ks):
+    def loss_k(params, k):
+      x = jnp.take(mb["xs"], k, axis=0)
+      x_next = jnp.take(mb["xs"], k + 1, axis=0)
+      old = jnp.take(mb["log_probs"], k, axis=0)
+      pol, kl, ratio, cf = step_terms(velocity_fn, params, ref_params, x, x_next, old, mb["advantages"], k,
+                                      mb["cond"], mb["uncond"], gc)
+      loss = jnp.mean(pol) + gc.beta * jnp.mean(kl)
+      return loss, dict(policy_loss=jnp.mean(pol), kl=jnp.mean(kl), ratio=jnp.mean(ratio),
+                        ratio_max_dev=jnp.max(jnp.abs(ratio - 1.0)), clip_frac=jnp.mean(cf))
+
+    grad_fn = jax.value_and_grad(loss_k, has_aux=True)
+
+    def acc(carry, k):
+      g_sum, m_sum = carry
+      (loss, aux), g = grad_fn(state.params, k)
+      aux["loss"] = loss
+      g_sum = jax.tree_util.tree_map(jnp.add, g_sum, g)
+      m_sum = jax.tree_util.tree_map(jnp.add, m_sum, aux)
+      return (g_sum, m_sum), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    m0 = dict(policy_loss=0.0, kl=0.0, ratio=0.0, ratio_max_dev=0.0, clip_frac=0.0, loss=0.0)
+    m0 = jax.tree_util.tree_map(lambda v: jnp.zeros((), jnp.float32), m0)
+    (g_sum, m_sum), _ = jax.lax.scan(acc, (zeros, m0), ks)
+    n = ks.shape[0]
+    grads = jax.tree_util.tree_map(lambda g: g / n, g_sum)
+    metrics = {k: v / n for k, v in m_sum.items()}
+    gnorm = optax.global_norm(grads)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm)
+
+    def apply(_):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(ok, apply, lambda _: (state.params, state.opt_state), None)
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                          skipped=state.skipped + (~ok).astype(jnp.int32))
+    metrics.update(grad_norm=gnorm, update_ok=ok.astype(jnp.float32))
+    return state, metrics
+  return step
+
+
+def repeat_groups(tree, group_size: int):
+  """Each sample's condition repeated G times along the batch (group members are consecutive)."""
+  return jax.tree_util.tree_map(lambda x: jnp.repeat(x, group_size, axis=0), tree)
+
+
+def run(config, workdir: str, **kwargs) -> Any:
+  """The GRPO training loop (`launch/train.py --config configs/tiny.py:grpo`)."""
+  from idcrafter_jax.rl import grpo_loop
+  return grpo_loop.run(config, workdir, **kwargs)

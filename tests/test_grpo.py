@@ -1,0 +1,175 @@
+"""Flow-GRPO math against closed forms and a direct re-implementation of flow_grpo's step."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from idcrafter_jax import flow
+from idcrafter_jax.rl import grpo, rewards
+
+
+def _flow_grpo_step(model_output, sample, sigmas, step_index, noise_level, prev_sample):
+  """flow_grpo's `sde_step_with_logprob` (sde_type='sde'), re-written in torch from its formula."""
+  import torch
+  sigma = sigmas[step_index]
+  sigma_prev = sigmas[step_index + 1]
+  sigma_max = sigmas[1]
+  dt = sigma_prev - sigma
+  std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * noise_level
+  mean = sample * (1 + std_dev_t ** 2 / (2 * sigma) * dt) + model_output * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt
+  std = std_dev_t * torch.sqrt(-1 * dt)
+  log_prob = (-((prev_sample - mean) ** 2) / (2 * std ** 2) - torch.log(std) - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi))))
+  return log_prob.mean(dim=tuple(range(1, log_prob.ndim))), mean, std
+
+
+@pytest.mark.parametrize("k", [0, 3, 9])
+def test_sde_log_prob_matches_flow_grpo_and_the_gaussian_density(k):
+  import torch
+  r = np.random.default_rng(k)
+  sig = flow.sigma_schedule(10, 3.0)
+  x, v = r.standard_normal((2, 3, 4, 5)).astype(np.float32), r.standard_normal((2, 3, 4, 5)).astype(np.float32)
+  x_next, lp, mean, std = flow.sde_step(jnp.asarray(x), jnp.asarray(v), sig[k], sig[k + 1], sig[1],
+                                        jax.random.key(k), noise_level=0.7)
+  ref_lp, ref_mean, ref_std = _flow_grpo_step(torch.from_numpy(v), torch.from_numpy(x), torch.from_numpy(sig),
+                                              k, 0.7, torch.from_numpy(np.array(x_next)))
+  np.testing.assert_allclose(np.asarray(mean), ref_mean.numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(std), float(ref_std), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(lp), ref_lp.numpy(), rtol=1e-5, atol=1e-5)
+  dens = scipy.stats.norm.logpdf(np.asarray(x_next, np.float64), np.asarray(mean, np.float64), float(std))
+  np.testing.assert_allclose(np.asarray(lp), dens.reshape(2, -1).mean(1), rtol=1e-5, atol=1e-5)
+
+
+def test_first_step_std_is_finite_and_uses_the_first_sigma_below_one():
+  sig = flow.sigma_schedule(10, 3.0)
+  std = float(flow.sde_std(sig[0], sig[1], sig[1], 1.0))
+  expect = math.sqrt(1.0 / (1.0 - sig[1])) * math.sqrt(sig[0] - sig[1])
+  assert math.isfinite(std) and abs(std - expect) < 1e-6
+
+
+def test_sde_step_keeps_the_ode_marginal_drift():
+  """With zero noise level the SDE mean is the Euler ODE step."""
+  x, v = jnp.ones((1, 4)), jnp.full((1, 4), 0.5)
+  m = flow.sde_mean(x, v, 0.6, 0.5, 0.9, 0.0)
+  np.testing.assert_allclose(np.asarray(m), np.asarray(flow.ode_step(x, v, 0.6, 0.5)), atol=1e-7)
+
+
+def test_cps_step_is_a_gaussian_with_the_cps_coefficients():
+  r = np.random.default_rng(0)
+  x, v = jnp.asarray(r.standard_normal((2, 8)), jnp.float32), jnp.asarray(r.standard_normal((2, 8)), jnp.float32)
+  s, s_next = 0.7, 0.5
+  xn, lp, mean, std = flow.sde_step(x, v, s, s_next, 0.9, jax.random.key(0), noise_level=0.5, sde_type="cps")
+  std_ref = s_next * math.sin(0.5 * math.pi / 2)
+  mean_ref = (x - s * v) * (1 - s_next) + (x + (1 - s) * v) * math.sqrt(s_next ** 2 - std_ref ** 2)
+  np.testing.assert_allclose(float(std), std_ref, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(mean), np.asarray(mean_ref), rtol=1e-5, atol=1e-6)
+  _, lp0, _, _ = flow.sde_step(x, v, s, 0.0, 0.9, jax.random.key(0), noise_level=0.5, sde_type="cps")
+  assert np.all(np.asarray(lp0) == 0.0)  # deterministic last step: no density, log-prob 0
+
+
+def test_advantages_are_normalised_inside_each_group():
+  r = np.random.default_rng(0).standard_normal(12) * 3 + 1
+  adv = np.asarray(grpo.group_advantages(r, 4)).reshape(3, 4)
+  np.testing.assert_allclose(adv.mean(1), 0, atol=1e-6)
+  np.testing.assert_allclose(adv.std(1), 1, atol=1e-5)
+  g = r.reshape(3, 4)
+  np.testing.assert_allclose(adv, (g - g.mean(1, keepdims=True)) / (g.std(1, keepdims=True) + 1e-8), rtol=1e-5)
+  assert np.all(np.asarray(grpo.group_advantages(np.ones(4), 4)) == 0)  # equal rewards: no signal, no NaN
+  assert float(jnp.max(grpo.group_advantages([0, 0, 0, 100.0], 4, clip=1.5))) == 1.5
+
+
+@pytest.mark.parametrize("adv,ratio,zero_grad", [
+    (1.0, 1.5, True), (1.0, 0.5, False), (1.0, 1.1, False),
+    (-1.0, 0.5, True), (-1.0, 1.5, False), (-1.0, 0.9, False)])
+def test_clipping_zeroes_the_gradient_outside_the_trust_region(adv, ratio, zero_grad):
+  eps = 0.2
+  old = jnp.array([0.3])
+  f = lambda lp: grpo.clipped_objective(lp, old, jnp.array([adv]), eps)[0].sum()
+  g = float(jax.grad(f)(old + math.log(ratio))[0])
+  assert (g == 0.0) == zero_grad
+  if not zero_grad:
+    assert abs(g - (-adv * ratio)) < 1e-6
+
+
+def _toy_policy():
+  """A linear velocity field v = W x + c (params W, c), conditioned by adding cond."""
+  def velocity_fn(params, x, t, cond):
+    return x @ params["w"] + params["c"] + cond["shift"][:, None] + 0.0 * t[:, None]
+  params = {"w": jnp.eye(6) * 0.3, "c": jnp.full((6,), 0.1)}
+  return velocity_fn, params
+
+
+def test_ratio_is_one_and_kl_zero_at_the_first_inner_step():
+  vf, params = _toy_policy()
+  gc = grpo.GRPOConfig(group_size=4, num_steps=6, beta=0.1, guidance_scale=2.0)
+  cond = grpo.repeat_groups({"shift": jnp.array([0.5, -0.5])}, 4)
+  uncond = {"shift": jnp.zeros(8)}
+  xs, lps = jax.jit(lambda p, k: grpo.rollout(vf, p, cond, uncond, k, shape=(8, 6), gc=gc))(params, jax.random.key(0))
+  assert xs.shape == (7, 8, 6) and lps.shape == (6, 8)
+  for k in range(6):
+    pol, kl, ratio, cf = grpo.step_terms(vf, params, params, xs[k], xs[k + 1], lps[k], jnp.ones(8), k, cond,
+                                         uncond, gc)
+    np.testing.assert_allclose(np.asarray(ratio), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kl), 0.0, atol=1e-12)
+    assert float(cf.sum()) == 0.0
+
+
+def test_group_members_draw_distinct_noise():
+  vf, params = _toy_policy()
+  gc = grpo.GRPOConfig(group_size=4, num_steps=3)
+  cond = grpo.repeat_groups({"shift": jnp.array([0.5])}, 4)
+  xs, _ = grpo.rollout(vf, params, cond, None, jax.random.key(1), shape=(4, 6), gc=gc)
+  final = np.asarray(xs[-1])
+  assert len({tuple(np.round(row, 5)) for row in final}) == 4
+
+
+def test_update_step_moves_the_policy_towards_higher_advantage():
+  """One update with positive advantage on a sample raises its log-prob under the new policy."""
+  import optax
+  from idcrafter_jax import trainer
+  vf, params = _toy_policy()
+  gc = grpo.GRPOConfig(group_size=2, num_steps=4, beta=0.0, clip_range=10.0)
+  cond = grpo.repeat_groups({"shift": jnp.array([0.2])}, 2)
+  xs, lps = grpo.rollout(vf, params, cond, None, jax.random.key(2), shape=(2, 6), gc=gc)
+  adv = jnp.array([1.0, -1.0])
+  tx = optax.sgd(0.05)
+  state = trainer.init_state(params, tx, jax.random.key(0), ema=False)
+  step = jax.jit(grpo.make_update_step(vf, tx, gc))
+  mb = dict(xs=xs, log_probs=lps, advantages=adv, cond=cond, uncond=None)
+  new, m = step(state, params, mb, jnp.arange(4))
+  assert float(m["update_ok"]) == 1.0
+  np.testing.assert_allclose(float(m["ratio"]), 1.0, atol=1e-5)
+  ratios = np.asarray(jax.vmap(lambda k: grpo.step_terms(vf, new.params, params, xs[k], xs[k + 1], lps[k], adv, k,
+                                                         cond, None, gc)[2])(jnp.arange(4)))
+  assert ratios[:, 0].mean() > 1.0 > ratios[:, 1].mean()
+
+
+def test_nan_reward_is_detected():
+  assert grpo.rewards_ok([0.1, 0.2]) and not grpo.rewards_ok([0.1, float("nan")])
+
+
+def test_trained_steps_selection():
+  rng = np.random.default_rng(0)
+  assert list(grpo.trained_steps(grpo.GRPOConfig(num_steps=6), rng)) == list(range(6))
+  assert list(grpo.trained_steps(grpo.GRPOConfig(num_steps=6, train_steps="window", window=(1, 3)), rng)) == [1, 2]
+  assert len(grpo.trained_steps(grpo.GRPOConfig(num_steps=10, train_steps="fraction", train_fraction=0.3), rng)) == 3
+  assert list(grpo.trained_steps(grpo.GRPOConfig(num_steps=4, sde_type="cps"), rng)) == [0, 1, 2]
+  with pytest.raises(ValueError, match="group_size must be >= 2"):
+    grpo.GRPOConfig(group_size=1)
+
+
+def test_composite_reward_blends_mean_and_min_over_subjects():
+  """Table S.4: gamma moves R_fid from the mean towards the minimum subject score."""
+  name = "_test_per_subject"
+  if name not in rewards.REGISTRY:
+    rewards.register(name, per_subject=True)(lambda v, b: b["scores"])
+  batch = {"scores": jnp.array([[0.9, 0.1, 0.5]]), "subject_mask": jnp.array([[True, True, False]])}
+  videos = jnp.zeros((1, 1, 2, 2, 3))
+  for gamma, expect in [(0.0, 0.5), (1.0, 0.1), (0.5, 0.3)]:
+    out = rewards.composite(videos, batch, fidelity={name: 1.0}, quality={}, gamma=gamma, w_fid=0.6, w_qual=0.4)
+    np.testing.assert_allclose(float(out["fid"][0]), expect, rtol=1e-6)
+    np.testing.assert_allclose(float(out["total"][0]), 0.6 * expect, rtol=1e-6)
+  with pytest.raises(ValueError, match="is not registered"):
+    rewards.composite(videos, batch, fidelity={"nope": 1.0}, quality={})
