@@ -106,3 +106,21 @@ def test_ring_per_device_temp_memory_falls_3x_from_2_to_8_shards(v5p_8):
   two = _compile("ring", v5p_8, {"data": 4, "sequence": 2}, batch=4, **kw)
   eight = _compile("ring", v5p_8, {"sequence": 8}, batch=1, **kw)
   assert eight["temp_bytes"] * 3 <= two["temp_bytes"], (two, eight)
+
+
+def test_ring_overlaps_kv_transfer_with_the_kernel(v5p_4):
+  """In the compiled ring step the kv collective-permute starts before the flash kernel and
+  completes after it, so the transfer hides behind the compute."""
+  import re
+  mesh = aot.mesh_on(v5p_4, {"sequence": 4})
+  heads, head_dim = aot.WAN_HEADS["1.3B"]
+  compiled = aot.attention_program(
+      lambda q, k, v: attention(q, k, v, impl="ring", mesh=mesh), mesh, batch=1, lq=8192,
+      lk=8192, heads=heads, kv_heads=heads, head_dim=head_dim, dtype=jnp.bfloat16, grad=False)
+  bodies = [c for c in re.split(r"\n(?=\S)", compiled.as_text())
+            if "collective-permute-start" in c and "flash_attention_fwd" in c]
+  assert bodies, "no computation holds both the kv permute and the kernel"
+  lines = bodies[0].splitlines()
+  at = lambda *pats: next(i for i, l in enumerate(lines) if all(p in l for p in pats))
+  kernel = at("flash_attention_fwd", "custom-call(")
+  assert at("collective-permute-start") < kernel < at("collective-permute-done")
