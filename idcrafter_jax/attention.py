@@ -9,7 +9,8 @@ never attended. A query row with no visible key returns zeros, not NaN.
 
 `impl` chooses the implementation (config key `attention.impl`):
   'xla'      einsum logits, float32 softmax (materialises the (Lq, Lk) scores; the reference);
-  'pallas'   the fused flash kernel of `kernels/flash_attention.py` (interpret mode on CPU);
+  'pallas'   the fused flash kernel of `kernels/flash_attention.py` (Mosaic on TPU, the
+             Triton kernels of `kernels/flash_attention_gpu.py` on GPU, interpret mode on CPU);
              with `mesh`, run shard by shard (`kernels/sharded_flash.py`: batch and heads
              split, queries split over 'sequence' with keys gathered), since XLA cannot
              partition the kernel itself;
@@ -20,7 +21,9 @@ never attended. A query row with no visible key returns zeros, not NaN.
 'ring' and 'ulysses' need `mesh` (with a 'sequence' axis). For the kernel impls the lengths and
 segment ids are the fast path (no (Lq, Lk) array exists); a mask that only varies along keys,
 such as a text padding mask (B, 1, 1, Lk), is folded into key segment ids, and any other dense
-mask is streamed to the kernel as int8 tiles.
+mask is streamed to the kernel as int8 tiles. Interpret mode defaults to on where the mesh's
+devices (or, without a mesh, the default backend) are CPUs, so a mesh over an AOT TPU
+topology compiles the real kernels from a CPU host.
 """
 from __future__ import annotations
 
@@ -135,8 +138,8 @@ def attention(q, k, v, *, mask=None, impl="xla", scale=None, kv_lengths=None,
               block_q=None, block_k=None, interpret=None):
   """softmax(q k^T * scale [+ mask]) v. q (B, Lq, H, D); k, v (B, Lk, Hkv, D) -> (B, Lq, H, D).
 
-  `block_q` / `block_k` (kernel tile sizes, default 512 / 512) and `interpret` (Pallas interpret
-  mode; default: on when the backend is CPU) apply to the kernel impls only.
+  `block_q` / `block_k` (kernel tile sizes, default 512 / 512 on TPU, 64 / 64 on GPU) and
+  `interpret` (Pallas interpret mode; default: on for CPU devices) apply to the kernel impls.
   """
   _check(q, k, v, impl, segment_mode)
   b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
