@@ -31,6 +31,7 @@ setup(
         "jinja2>=3.1",
         "tensorboardX>=2.6",
         "etils>=1.5",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # PyTorch references for the parity tests only; the library never imports torch.

@@ -65,7 +65,26 @@ def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_c
   c.init = ml_collections.ConfigDict(dict(wan_dit=None, wan_vae=None, vlm=None, processor=None,
                                           idcrafter_ckpt=None))
   c.train = train_config()
+  c.grpo = grpo_config()
+  c.reward = reward_config()
   return c
+
+
+def grpo_config() -> ml_collections.ConfigDict:
+  """Flow-GRPO (seed A.2, Table S.3; `rl/grpo.py`). The optimiser is `train`'s."""
+  return ml_collections.ConfigDict(dict(
+      group_size=8, prompts_per_step=4, num_steps=10, shift=3.0, guidance_scale=4.5,
+      noise_level=1.0, sde_type="sde", train_steps="all", train_fraction=1.0, window=(0, 10),
+      clip_range=1e-4, adv_clip=5.0, beta=0.004, inner_epochs=1, minibatch=8,
+      eval_every=20, eval_prompts=8, eval_seed=1234, sample_videos=2))
+
+
+def reward_config() -> ml_collections.ConfigDict:
+  """Eq. S.5: R_total = w_fid R_fid + w_qual R_qual; gamma blends mean and min over subjects
+  (Table S.4). `fidelity` / `quality` map registered reward names (`rl/rewards.py`) to weights."""
+  return ml_collections.ConfigDict(dict(
+      w_fid=0.6, w_qual=0.4, gamma=0.5,
+      fidelity={"subject_color": 1.0}, quality={"temporal_consistency": 0.5, "contrast": 0.5}))
 
 
 def train_config() -> ml_collections.ConfigDict:

@@ -147,8 +147,13 @@ class Pipeline:
   def model_batch(self, raw: dict) -> dict:
     """A data batch (see `idcrafter_jax.data`) -> the DiT's inputs `trainer.MODEL_INPUTS`; cached
     latents and features are used where the batch has them, the frozen encoders otherwise."""
-    out = {"subject_mask": jnp.asarray(raw["subject_mask"], bool)}
+    out = self.condition_batch(raw)
     out["latents"] = jnp.asarray(raw["latents"]) if "latents" in raw else self.encode_video(raw["video"])
+    return out
+
+  def condition_batch(self, raw: dict) -> dict:
+    """The conditioning part of `model_batch`: f_txt, f_txt_mask, subject_latents, subject_mask."""
+    out = {"subject_mask": jnp.asarray(raw["subject_mask"], bool)}
     if "subject_latents" in raw:
       out["subject_latents"] = jnp.asarray(raw["subject_latents"])
     else:

@@ -159,6 +159,7 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
   """(state, ref_params, minibatch, ks) -> (state, metrics): gradients of the mean over the
   trained steps ks (accumulated one step at a time, so memory does not grow with len(ks)),
   then one optimiser update; a non-finite loss or gradient skips it (counted in state.skipped).
+  `state.step` counts GRPO iterations and is advanced by the loop, not here.
 
   minibatch: xs (K+1, B, ...), log_probs (K, B), advantages (B,), cond, uncond.
   """
@@ -199,8 +200,7 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
       return optax.apply_updates(state.params, updates), opt_state
 
     params, opt_state = jax.lax.cond(ok, apply, lambda _: (state.params, state.opt_state), None)
-    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                          skipped=state.skipped + (~ok).astype(jnp.int32))
+    state = state.replace(params=params, opt_state=opt_state, skipped=state.skipped + (~ok).astype(jnp.int32))
     metrics.update(grad_norm=gnorm, update_ok=ok.astype(jnp.float32))
     return state, metrics
   return step

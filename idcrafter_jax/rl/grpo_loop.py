@@ -1,0 +1,214 @@
+"""The Flow-GRPO training loop: prompts -> group rollouts -> rewards -> clipped updates, resumable.
+
+Each iteration takes `grpo.prompts_per_step` prompts (with their subjects) from the data
+iterator, rolls out `grpo.group_size` videos per prompt, scores them (`reward`), normalises
+advantages inside each group and updates the policy (`rl/grpo.py`). Every `grpo.eval_every`
+iterations the policy is scored on a fixed held-out prompt set with fixed noise, so the eval
+curve measures the policy, not the draw. Logged per iteration to `metrics.jsonl` / TensorBoard:
+reward components, advantage stats, policy loss, KL, ratio, clip fraction, grad norm; the eval
+curve is also drawn to `reward_curve.png` and sample videos go to `samples/`.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from idcrafter_jax import checkpoint as ckpt_lib, run_utils, trainer, video as video_io
+from idcrafter_jax.rl import grpo, rewards as rewards_lib
+
+
+def _reward_batch(raw, group_size: int) -> dict:
+  """The reward functions' view of a data batch, repeated per group member; images in [0, 1]."""
+  out = {"subject_images": (np.asarray(raw["subject_images"], np.float32) + 1.0) / 2.0,
+         "subject_mask": np.asarray(raw["subject_mask"], bool)}
+  if "subject_boxes" in raw:
+    out["subject_boxes"] = np.asarray(raw["subject_boxes"], np.float32)
+  return {k: jnp.repeat(jnp.asarray(v), group_size, axis=0) for k, v in out.items()}
+
+
+def _conditions(pipe, raw):
+  """(cond, null) for the DiT: the sample's text and subjects, and the null condition (all masked)."""
+  b = pipe.condition_batch(raw)
+  cond = dict(context=b["f_txt"], context_mask=b["f_txt_mask"], subject_latents=b["subject_latents"],
+              subject_mask=b["subject_mask"])
+  null = dict(cond, context=jnp.zeros_like(cond["context"]), context_mask=jnp.zeros_like(cond["context_mask"]),
+              subject_mask=jnp.zeros_like(cond["subject_mask"]))
+  return cond, null
+
+
+class EvalSet:
+  """A fixed held-out prompt set, scored with fixed noise keys. Besides the mean reward and its
+  standard error it reports the gain over the first evaluation with its paired standard error
+  (same prompts, same noise), the statistic for "the reward rose"."""
+
+  def __init__(self, raw_batches, pipe, gc, reward_fn, seed):
+    self.raws = raw_batches
+    self.conds = [_conditions(pipe, r) for r in raw_batches]
+    self.key = jax.random.key(seed)
+    self.pipe, self.gc, self.reward_fn = pipe, gc, reward_fn
+    self.baseline = None  # per-prompt scores of the first evaluation
+
+  def __call__(self, params, rollout_fn, decode_fn):
+    scores, videos = [], None
+    for i, (raw, (cond, null)) in enumerate(zip(self.raws, self.conds)):
+      shape = (cond["context"].shape[0],) + self.latent_tail
+      xs, _ = rollout_fn(params, cond, null if self.gc.guidance_scale != 1.0 else None,
+                         jax.random.fold_in(self.key, i), shape)
+      v = decode_fn(xs[-1])
+      comps = self.reward_fn(v, _reward_batch(raw, 1))
+      scores.append(np.asarray(comps["total"]))
+      if videos is None:
+        videos = np.asarray(v)
+    s = np.concatenate(scores)
+    if self.baseline is None:
+      self.baseline = s
+    d = s - self.baseline  # paired with the first evaluation: same prompts, same noise
+    se = lambda x: float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+    return {"eval/reward_mean": float(s.mean()), "eval/reward_se": se(s),
+            "eval/gain": float(d.mean()), "eval/gain_se": se(d)}, videos
+
+
+def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_steps: int | None = None,
+        progress: bool = True):
+  """Runs GRPO until `train.steps` iterations (or `max_steps` more). Returns the final state."""
+  from idcrafter_jax import data as data_lib, sft
+  from idcrafter_jax.pipeline import latent_shape
+  tc, gc = config.train, grpo.GRPOConfig.from_config(config.grpo)
+  g = gc.group_size
+  sft.maybe_initialize_distributed()
+  ckpt_lib.save_config(workdir, config)
+  reward_fn = rewards_lib.from_config(config.reward)
+  pipe, mesh, tx, boxed = sft.build(config, workdir)
+  if data_iterator is None:
+    data_iterator = data_lib.make_iterator(config.data, process_index=jax.process_index(),
+                                           process_count=jax.process_count(), seed=config.seed)
+  if eval_batches is None:
+    eval_cfg = config.data.copy_and_resolve_references()
+    eval_cfg.split = config.data.eval_split
+    eval_it = data_lib.make_iterator(eval_cfg, seed=config.grpo.eval_seed)
+    eval_batches = [next(eval_it) for _ in range(max(1, config.grpo.eval_prompts // config.data.global_batch_size))]
+  latent_tail = latent_shape(config, 1)[1:]
+
+  with trainer.with_mesh_rules(mesh):
+    ref_params = jax.tree_util.tree_map(jnp.copy, pipe.dit_params)  # the frozen reference policy
+    state = trainer.init_state(pipe.dit_params, tx, jax.random.fold_in(jax.random.key(config.seed), 2), ema=False)
+    abstract = jax.eval_shape(lambda s: s, state)
+    s_shard = trainer.state_shardings(abstract, boxed, mesh)
+    state = jax.device_put(state, s_shard)
+    ref_params = jax.device_put(ref_params, s_shard.params)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 save_every=tc.ckpt_every, keep=tc.keep_ckpts, async_save=tc.async_ckpt)
+    writer = run_utils.MetricsWriter(workdir)
+    restored = ckpt.restore(ckpt_lib.abstract_like(state))
+    if restored is not None:
+      step0, state, data_state, _ = restored
+      if data_state:
+        data_iterator.set_state(data_state)
+      writer.truncate_after(step0)
+      print(f"resumed from iteration {step0} in {workdir}")
+
+    rollout_fn = jax.jit(lambda p, c, u, k, shape: grpo.rollout(pipe.velocity_fn, p, c, u, k, shape=shape, gc=gc),
+                         static_argnums=(4,))
+    decode_fn = jax.jit(lambda z: (pipe.decode(z) + 1.0) / 2.0)
+    update_fn = jax.jit(grpo.make_update_step(pipe.velocity_fn, tx, gc), donate_argnums=(0,))
+    evaluator = EvalSet(eval_batches, pipe, gc, reward_fn, config.grpo.eval_seed)
+    evaluator.latent_tail = latent_tail
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+
+    def evaluate(step):
+      stats, sample = evaluator(state.params, rollout_fn, decode_fn)
+      for j in range(min(config.grpo.sample_videos, sample.shape[0])):
+        video_io.write_video(os.path.join(workdir, "samples", f"iter{step:05d}_{j}.mp4"),
+                             sample[j] * 2.0 - 1.0, fps=config.sampling.fps)
+      return stats
+
+    start = int(state.step)
+    end = tc.steps if max_steps is None else min(tc.steps, start + max_steps)
+    if start == 0:  # the baseline the eval curve starts from
+      writer.write(0, evaluate(0))
+    bar = tqdm(total=end, initial=start, desc="grpo", unit="iter", disable=not progress)
+    with run_utils.PreemptionGuard() as guard:
+      for it in range(start, end):
+        t0 = time.perf_counter()
+        raw = next(data_iterator)
+        cond, null = _conditions(pipe, raw)
+        cond_g, null_g = grpo.repeat_groups(cond, g), grpo.repeat_groups(null, g)
+        uncond = null_g if gc.guidance_scale != 1.0 else None
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), it)
+        b = cond_g["context"].shape[0]
+        xs, lps = rollout_fn(state.params, cond_g, uncond, key, (b,) + latent_tail)
+        videos = decode_fn(xs[-1])
+        comps = reward_fn(videos, _reward_batch(raw, g))
+        r = np.asarray(comps["total"])
+        m = {f"reward/{k}": float(np.mean(np.asarray(v))) for k, v in comps.items()}
+        m["reward/std"] = float(r.std())
+        if not grpo.rewards_ok(r):
+          m["reward_nonfinite"] = 1.0
+          print(f"iteration {it + 1}: non-finite reward; update skipped.")
+        else:
+          adv = grpo.group_advantages(r, g, clip=gc.adv_clip)
+          m.update({"adv/mean": float(adv.mean()), "adv/std": float(adv.std()), "adv/abs_max": float(jnp.abs(adv).max())})
+          rng = np.random.default_rng([config.seed, it])
+          ks = jnp.asarray(grpo.trained_steps(gc, rng))
+          mets = []
+          for _ in range(gc.inner_epochs):
+            perm = rng.permutation(b)
+            for lo in range(0, b, gc.minibatch):
+              idx = jnp.asarray(perm[lo:lo + gc.minibatch])
+              mb = dict(xs=xs[:, idx], log_probs=lps[:, idx], advantages=adv[idx],
+                        cond=jax.tree_util.tree_map(lambda x: x[idx], cond_g),
+                        uncond=None if uncond is None else jax.tree_util.tree_map(lambda x: x[idx], uncond))
+              state, um = update_fn(state, ref_params, mb, ks)
+              mets.append(jax.device_get(um))
+          m.update({k: float(np.mean([x[k] for x in mets])) for k in mets[0]})
+        state = state.replace(step=state.step + 1)
+        done = it + 1
+        m["iter_seconds"] = time.perf_counter() - t0
+        m["skipped"] = int(state.skipped)
+        if done % max(1, config.grpo.eval_every) == 0 or done == end:
+          m.update(evaluate(done))
+        if done % tc.log_every == 0 or "eval/reward_mean" in m or done == end:
+          row = writer.write(done, m)
+          bar.set_postfix(reward=f"{row['reward/total']:.3f}")
+        bar.update(1)
+        if ckpt.should_save(done) or guard.requested or done == end:
+          ckpt.save(done, state, data_iterator.get_state(), meta={"mode": "grpo"}, force=True)
+        if guard.requested:
+          print(f"stopped at iteration {done} on request; checkpoint saved.")
+          break
+    bar.close()
+    ckpt.close()
+    writer.close()
+    plot_rewards(workdir)
+  return state
+
+
+def plot_rewards(workdir: str) -> str | None:
+  """Draws the training reward and the held-out eval reward (+- 1 s.e.) to reward_curve.png."""
+  rows = run_utils.read_metrics(workdir)
+  if not rows:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  tr = [(r["step"], r["reward/total"]) for r in rows if isinstance(r.get("reward/total"), (int, float))]
+  if tr:
+    ax.plot(*zip(*tr), alpha=0.4, label="train reward (rollouts)")
+  ev = [(r["step"], r["eval/reward_mean"], r["eval/reward_se"]) for r in rows if "eval/reward_mean" in r]
+  if ev:
+    s, mu, se = map(np.asarray, zip(*ev))
+    ax.errorbar(s, mu, yerr=se, marker="o", capsize=3, label="held-out reward (fixed noise)")
+  ax.set_xlabel("GRPO iteration")
+  ax.set_ylabel("R_total (eq. S.5)")
+  ax.legend(loc="best", fontsize=8)
+  fig.tight_layout()
+  path = os.path.join(workdir, "reward_curve.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
