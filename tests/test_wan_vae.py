@@ -57,30 +57,30 @@ def _from_torch(x):
   return np.moveaxis(x.detach().numpy(), 1, -1)
 
 
-def _video(t, h, w, seed=0):
-  return np.random.default_rng(seed).uniform(-1, 1, (1, t, h, w, 3)).astype(np.float32)
+def _video(t, h, w, seed=0, b=1):
+  return np.random.default_rng(seed).uniform(-1, 1, (b, t, h, w, 3)).astype(np.float32)
 
 
-@pytest.mark.parametrize("t,h,w", [(1, 16, 24), (5, 16, 24), (9, 24, 16)])
-def test_encode_matches_diffusers_mean_and_logvar(tiny, t, h, w):
+@pytest.mark.parametrize("b,t,h,w", [(1, 1, 16, 24), (2, 5, 16, 24), (1, 9, 24, 16)])
+def test_encode_matches_diffusers_mean_and_logvar(tiny, b, t, h, w):
   ref, _, vae, params = tiny
-  x = _video(t, h, w)
+  x = _video(t, h, w, b=b)
   with torch.no_grad():
     post = ref.encode(_to_torch(x)).latent_dist
   mean, logvar = _jit(vae, vae.encode)(params, x)
-  assert mean.shape == (1, 1 + (t - 1) // 4, h // 8, w // 8, Z)
+  assert mean.shape == (b, 1 + (t - 1) // 4, h // 8, w // 8, Z)
   np.testing.assert_allclose(np.asarray(mean), _from_torch(post.mean), atol=TOL, rtol=0)
   np.testing.assert_allclose(np.asarray(logvar), _from_torch(post.logvar), atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("f,h,w", [(1, 2, 3), (2, 2, 3), (3, 3, 2)])
-def test_decode_matches_diffusers_including_clamp(tiny, f, h, w):
+@pytest.mark.parametrize("b,f,h,w", [(1, 1, 2, 3), (2, 2, 2, 3), (1, 3, 3, 2)])
+def test_decode_matches_diffusers(tiny, b, f, h, w):
   ref, _, vae, params = tiny
-  z = 2.0 * np.random.default_rng(1).standard_normal((1, f, h, w, Z)).astype(np.float32)
+  z = 2.0 * np.random.default_rng(1).standard_normal((b, f, h, w, Z)).astype(np.float32)
   with torch.no_grad():
     want = _from_torch(ref.decode(_to_torch(z)).sample)
   got = _jit(vae, vae.decode)(params, z)
-  assert got.shape == (1, 1 + 4 * (f - 1), 8 * h, 8 * w, 3) == want.shape
+  assert got.shape == (b, 1 + 4 * (f - 1), 8 * h, 8 * w, 3) == want.shape
   np.testing.assert_allclose(np.asarray(got), want, atol=TOL, rtol=0)
 
 
