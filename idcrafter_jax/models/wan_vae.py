@@ -312,7 +312,6 @@ class Resample(nn.Module):
   previous chunk; chunk] (the first chunk passes through).
   """
   mode: str
-  out_dim: int | None = None  # upsampling output channels (reference default: dim // 2)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   conv_impl: str = "auto"
@@ -333,9 +332,9 @@ class Resample(nn.Module):
         # channels [0:C] -> frame 2t, [C:2C] -> frame 2t+1
         x = y.reshape(b, t, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
     if self.mode in ("upsample2d", "upsample3d"):
-      out_dim = c // 2 if self.out_dim is None else self.out_dim
       x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)  # nearest(-exact), scale 2
-      x = Conv2d(out_dim, 3, padding=((1, 1), (1, 1)), name="resample", **kw)(x)
+      # Wan 2.1 upsampling halves the channels (upsample_out_dim=None in the reference)
+      x = Conv2d(c // 2, 3, padding=((1, 1), (1, 1)), name="resample", **kw)(x)
     elif self.mode in ("downsample2d", "downsample3d"):
       # ZeroPad2d((0, 1, 0, 1)) then a 3x3 stride-2 conv
       x = Conv2d(c, 3, stride=2, padding=((0, 1), (0, 1)), name="resample", **kw)(x)
