@@ -116,7 +116,8 @@ def write_tiny_processor(folder: str, *, min_pixels: int = 28 * 28, max_pixels: 
   import tokenizers
   from transformers import PreTrainedTokenizerFast
   os.makedirs(folder, exist_ok=True)
-  byte_vocab = {ch: i for i, ch in enumerate(tokenizers.pre_tokenizers.ByteLevel.alphabet())}
+  # sorted: `alphabet()` is a set, its order changes from process to process
+  byte_vocab = {ch: i for i, ch in enumerate(sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet()))}
   tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=byte_vocab, merges=[]))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = tokenizers.decoders.ByteLevel()

@@ -26,6 +26,11 @@ def _scalar(v):
   return v
 
 
+def fmt(v, digits: int = 4) -> str:
+  """A logged value for a progress bar (non-finite values arrive as strings)."""
+  return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
 class MetricsWriter:
   def __init__(self, workdir: str, *, tensorboard: bool = True):
     os.makedirs(workdir, exist_ok=True)

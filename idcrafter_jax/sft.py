@@ -95,7 +95,7 @@ def run(config, workdir: str, *, data_iterator=None, max_steps: int | None = Non
           m["data_skipped"] = data_lib.skipped_count(it)
           t_last, n_since = now, 0
           row = writer.write(done, m)
-          bar.set_postfix(loss=f"{row['loss']:.4f}")
+          bar.set_postfix(loss=run_utils.fmt(row['loss']))
         bar.update(1)
         if ckpt.should_save(done) or guard.requested or done == end:
           ckpt.save(done, state, it.get_state(), meta={"mode": "sft"}, force=True)

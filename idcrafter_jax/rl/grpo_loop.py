@@ -174,7 +174,7 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
           m.update(evaluate(done))
         if done % tc.log_every == 0 or "eval/reward_mean" in m or done == end:
           row = writer.write(done, m)
-          bar.set_postfix(reward=f"{row['reward/total']:.3f}")
+          bar.set_postfix(reward=run_utils.fmt(row['reward/total']))
         bar.update(1)
         if ckpt.should_save(done) or guard.requested or done == end:
           ckpt.save(done, state, data_iterator.get_state(), meta={"mode": "grpo"}, force=True)
@@ -200,7 +200,9 @@ def plot_rewards(workdir: str) -> str | None:
   tr = [(r["step"], r["reward/total"]) for r in rows if isinstance(r.get("reward/total"), (int, float))]
   if tr:
     ax.plot(*zip(*tr), alpha=0.4, label="train reward (rollouts)")
-  ev = [(r["step"], r["eval/reward_mean"], r["eval/reward_se"]) for r in rows if "eval/reward_mean" in r]
+  num = lambda v: isinstance(v, (int, float))  # non-finite values are logged as strings
+  ev = [(r["step"], r["eval/reward_mean"], r["eval/reward_se"]) for r in rows
+        if num(r.get("eval/reward_mean")) and num(r.get("eval/reward_se"))]
   if ev:
     s, mu, se = map(np.asarray, zip(*ev))
     ax.errorbar(s, mu, yerr=se, marker="o", capsize=3, label="held-out reward (fixed noise)")
