@@ -1,1 +1,70 @@
-"""Data: Grain pipelines, TFDS builder for subject-video records, synthetic data."""
+"""Data: subject-video records, a TFDS ArrayRecord builder, the Grain pipeline, synthetic data.
+
+Modules: `records` (the record spec and the OpenS2V-style folder layout), `tfds_builder`
+(folder -> ArrayRecord shards, read back with `as_data_source`; no TensorFlow needed),
+`pipeline` (Grain: per-host sharding, seeded shuffle, decode, resize/crop, batching, prefetch,
+checkpointable state, skip-and-count), `synthetic` (textured shapes over textured backgrounds).
+Scripts: `launch/make_synthetic.py` writes a synthetic folder (and optionally its shards);
+`launch/precompute.py` caches normalised Wan VAE latents and Qwen2.5-VL features into new shards.
+
+Contract for the trainer
+------------------------
+  it = data.make_iterator(config.data, process_index=0, process_count=1, seed=config.seed)
+  batch = next(it)            # dict of numpy arrays; B = global_batch_size / process_count
+  state = it.get_state()      # a JSON-serialisable dict (save it with the checkpoint)
+  it.set_state(state)         # resumes exactly where `state` was taken
+  data.skipped_count(it)      # records skipped so far (`skipped_by_reason(it)`: per reason)
+
+  'video'           float32 (B, T, H, W, 3) in [-1, 1]      T = num_frames (1 + 4k), H x W = height x width
+  'caption'         object  (B,) of python str
+  'id'              object  (B,) of python str              the clip ids (for logs and evaluation)
+  'subject_images'  float32 (B, N_max, h, w, 3) in [-1, 1]  subjects composited on white and fitted
+                                                           with padding to h x w; padding slots are
+                                                           -1 (black), as `Pipeline.encode_subjects`
+  'subject_mask'    bool    (B, N_max)                      True for real subjects
+  'subject_boxes'   float32 (B, N_max, 4)                   normalised (y0, x0, y1, x1) in the first
+                                                           (cropped) frame; zeros for padding slots and
+                                                           for subjects without a box
+and, when `use_cached` is True and the dataset was written by launch/precompute.py:
+  'latents'         float32 (B, F, H/8, W/8, 16)            normalised Wan VAE latents (posterior mean),
+                                                           F = 1 + (T - 1) / 4
+  'subject_latents' float32 (B, N_max, 1, h/8, w/8, 16)     normalised; zeros in padding slots
+  'f_txt'           float32 (B, L, D)                       Qwen2.5-VL features (prompt + subjects); L is
+                                                           the longest bucket in the batch
+  'f_txt_mask'      bool    (B, L)
+
+A record that cannot be used (unreadable, corrupt clip or image, fewer than T frames, more than
+N_max subjects, features cached for other sizes) is skipped and counted, never raised. Bad
+configuration (sizes not multiples of 16, T != 1 + 4k, a batch not divisible by the host count,
+a missing folder, a whole dataset cached for other sizes) raises ValueError / FileNotFoundError
+before any record is read.
+
+Design choices: clips and images are stored encoded (mp4 / PNG bytes in TFDS `Tensor` features)
+so TensorFlow is never needed; each clip contributes its first T frames, scaled to cover H x W
+and centre-cropped (one resolution per run: resolution buckets with several sizes are not
+implemented); `shuffle_seed` None reads in order, otherwise the order is a permutation seeded by
+(seed, shuffle_seed) and redrawn each epoch.
+"""
+import ml_collections
+
+from idcrafter_jax.data.pipeline import (collate, decode, DecodeSpec, make_dataset, make_iterator,  # noqa: F401
+                                         skipped_by_reason, skipped_count, Skipped)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The data section of a run config (mounted as `config.data`).
+
+  folder: an OpenS2V-style dataset root (meta/, clips/, subjects/) or a TFDS ArrayRecord directory
+  (the `data_dir` given to the builder, or its subject_video/<version> folder). split: 'train'
+  or another split of the metadata. num_frames (1 + 4k), height, width (multiples of 16): the
+  clip size. subject_height, subject_width: the subject image size. max_subjects: N_max.
+  global_batch_size: over all hosts. shuffle_seed: None reads in order. num_epochs: None
+  repeats forever. worker_count: Grain worker processes (0: decode in this process).
+  prefetch: batches decoded ahead by threads (0: decode on demand). use_cached: emit cached
+  latents / features when the dataset has them.
+  """
+  return ml_collections.ConfigDict(dict(
+      folder="", split="train", num_frames=17, height=64, width=64, subject_height=32, subject_width=32,
+      max_subjects=3, global_batch_size=2, shuffle_seed=0,
+      num_epochs=ml_collections.config_dict.placeholder(int), worker_count=0, prefetch=2,
+      use_cached=True))

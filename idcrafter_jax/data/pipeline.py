@@ -1,0 +1,391 @@
+"""The Grain input pipeline: records -> decoded, resized, batched samples for the trainer.
+
+  index range --shuffle(seed)--> per-host slice --repeat(num_epochs)--> read + decode (threads)
+    --> skip and count unreadable records --> batch (per-host batch) --> [worker processes]
+
+Per-host sharding slices one global shuffled order, so hosts see disjoint records every epoch.
+Decoding (`decode`) reads the first `num_frames` frames of the clip, scales and centre-crops
+them to (height, width) (`video.resize_video`, 'crop'), composites each subject image on white
+(RGBA alpha, times the subject mask when there is one) and fits it with padding to
+(subject_height, subject_width) (`video.fit_image`, 'pad', as `Pipeline.encode_subjects`
+does at inference), and maps the subject boxes through the same crop. A record that does not
+decode (missing or corrupt clip or image, too few frames, more subjects than `max_subjects`,
+a cache for other sizes) becomes a `Skipped` marker; `SkipCountingIterDataset` drops markers and
+keeps per-reason counts in its checkpointable state, so a resumed run counts on from where it was.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import tempfile
+import warnings
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from idcrafter_jax import video as video_io
+from idcrafter_jax.data import records, tfds_builder
+
+STATE_KEY = "skipped_records"  # the per-reason counts inside the iterator state
+
+
+class TooShortError(ValueError):
+  """The clip decodes but holds fewer frames than data.num_frames."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+  """A record the pipeline could not use, and why."""
+  reason: str
+  id: str
+  message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+  """What `decode` produces; built from the data config by `DecodeSpec.from_config`."""
+  num_frames: int
+  height: int
+  width: int
+  subject_height: int
+  subject_width: int
+  max_subjects: int
+  use_cached: bool = False
+
+  @classmethod
+  def from_config(cls, c, use_cached: bool | None = None) -> "DecodeSpec":
+    return cls(int(c.num_frames), int(c.height), int(c.width), int(c.subject_height), int(c.subject_width),
+               int(c.max_subjects), bool(c.use_cached if use_cached is None else use_cached))
+
+  def __post_init__(self):
+    if self.num_frames < 1 or (self.num_frames - 1) % 4:
+      raise ValueError(f"data.num_frames={self.num_frames} must be 1 + 4k (the VAE compresses time 4x "
+                       "after the first frame).")
+    for name in ("height", "width", "subject_height", "subject_width"):
+      v = getattr(self, name)
+      if v <= 0 or v % 16:
+        raise ValueError(f"data.{name}={v} must be a positive multiple of 16 (8x VAE, then 2x2 DiT patches).")
+    if self.max_subjects < 1:
+      raise ValueError(f"data.max_subjects={self.max_subjects} must be >= 1.")
+
+  @property
+  def cache_key(self) -> str:
+    return records.cache_key(self.num_frames, self.height, self.width, self.subject_height, self.subject_width)
+
+  @property
+  def latent_shape(self) -> tuple[int, int, int, int]:
+    return (1 + (self.num_frames - 1) // 4, self.height // 8, self.width // 8, records.Z_DIM)
+
+  @property
+  def subject_latent_shape(self) -> tuple[int, int, int, int]:
+    return (1, self.subject_height // 8, self.subject_width // 8, records.Z_DIM)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_video_bytes(data: np.ndarray, num_frames: int) -> np.ndarray:
+  """Encoded clip bytes -> uint8 (num_frames, H, W, 3), the first frames. ValueError if the
+  bytes do not decode or hold fewer frames."""
+  if data.size == 0:
+    raise ValueError("the clip is empty (0 bytes).")
+  fd, path = tempfile.mkstemp(suffix=".mp4")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data.tobytes())
+    frames, _ = video_io.read_video(path, max_frames=num_frames)
+  finally:
+    os.remove(path)
+  if frames.shape[0] < num_frames:
+    raise TooShortError(f"the clip has {frames.shape[0]} frames; data.num_frames={num_frames} needed.")
+  return frames
+
+
+def subject_on_white(image_bytes: bytes, mask_bytes: bytes = b"") -> Image.Image:
+  """A subject image (any Pillow format; RGBA alpha kept) times an optional mask (L, 255 =
+  subject), composited on white -> RGB."""
+  try:
+    with Image.open(io.BytesIO(image_bytes)) as img:
+      img.load()
+      rgba = img.convert("RGBA")
+    if mask_bytes:
+      with Image.open(io.BytesIO(mask_bytes)) as m:
+        m.load()
+        mask = np.asarray(m.convert("L").resize(rgba.size, Image.NEAREST), np.float32) / 255.0
+      arr = np.asarray(rgba).copy()
+      arr[..., 3] = np.round(arr[..., 3] * mask).astype(np.uint8)
+      rgba = Image.fromarray(arr, "RGBA")
+  except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+    raise ValueError(f"a subject image does not decode: {e}") from e
+  base = Image.new("RGBA", rgba.size, video_io.WHITE + (255,))
+  return Image.alpha_composite(base, rgba).convert("RGB")
+
+
+def crop_boxes(boxes: np.ndarray, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarray:
+  """Normalised (y0, x0, y1, x1) boxes of a (h, w) frame -> the same boxes in the frame that
+  `video.fit_image(..., dst_hw, 'crop')` makes (scale to cover, centre-crop), clipped to [0, 1]."""
+  h, w = src_hw
+  th, tw = dst_hw
+  ratio = max(th / h, tw / w)
+  nh, nw = max(max(1, round(h * ratio)), th), max(max(1, round(w * ratio)), tw)
+  top, left = (nh - th) // 2, (nw - tw) // 2
+  b = np.asarray(boxes, np.float64).reshape(-1, 4)
+  y = (b[:, [0, 2]] * nh - top) / th
+  x = (b[:, [1, 3]] * nw - left) / tw
+  return np.clip(np.stack([y[:, 0], x[:, 0], y[:, 1], x[:, 1]], -1), 0.0, 1.0).astype(np.float32)
+
+
+def decode(record: Any, spec: DecodeSpec) -> dict[str, Any] | Skipped:
+  """A record (or the RecordError a source returned for it) -> one sample, or `Skipped`.
+
+  Sample: video (T, H, W, 3) float32 in [-1, 1]; caption, id: str; subject_images (N_max, h,
+  w, 3) float32 in [-1, 1] (padding slots -1, as `Pipeline.encode_subjects`); subject_mask
+  (N_max,) bool; subject_boxes (N_max, 4) float32 (zeros for padding and for subjects without
+  a box); with `spec.use_cached` and a cached record also latents (F, H/8, W/8, 16),
+  subject_latents (N_max, 1, h/8, w/8, 16) (zeros for padding), f_txt (L, D), f_txt_mask (L,).
+  """
+  if isinstance(record, Exception):
+    return Skipped("unreadable", "?", str(record))
+  try:
+    rec = records.normalize(record)
+  except (records.RecordError, ValueError, TypeError) as e:
+    return Skipped("unreadable", "?", str(e))
+  rid = rec["id"]
+  n = len(rec["subject_images"])
+  if n > spec.max_subjects:
+    return Skipped("too_many_subjects", rid, f"{n} subjects > data.max_subjects={spec.max_subjects}.")
+  try:
+    frames = decode_video_bytes(rec["video"], spec.num_frames)
+  except TooShortError as e:
+    return Skipped("too_short", rid, str(e))
+  except ValueError as e:
+    return Skipped("corrupt_video", rid, str(e))
+  sh, sw = spec.subject_height, spec.subject_width
+  subjects = np.full((spec.max_subjects, sh, sw, 3), -1.0, np.float32)
+  try:
+    for k in range(n):
+      rgb = subject_on_white(rec["subject_images"][k], rec["subject_masks"][k])
+      subjects[k] = video_io.to_model(video_io.fit_image(rgb, (sh, sw), mode="pad"))
+  except ValueError as e:
+    return Skipped("corrupt_image", rid, str(e))
+  mask = np.zeros((spec.max_subjects,), bool)
+  mask[:n] = True
+  boxes = np.zeros((spec.max_subjects, 4), np.float32)
+  boxes[:n] = crop_boxes(rec["subject_boxes"], frames.shape[1:3], (spec.height, spec.width))
+  boxes[:n] *= rec["subject_has_box"][:, None]
+  out = dict(video=video_io.to_model(video_io.resize_video(frames, (spec.height, spec.width), "crop")),
+             caption=rec["caption"], id=rid, subject_images=subjects, subject_mask=mask, subject_boxes=boxes)
+  if spec.use_cached:
+    cached = _cached_arrays(rec, spec, n)
+    if isinstance(cached, Skipped):
+      return cached
+    out.update(cached)
+  return out
+
+
+def _cached_arrays(rec, spec: DecodeSpec, n: int) -> dict[str, np.ndarray] | Skipped:
+  rid = rec["id"]
+  if not rec["cached"]:
+    return Skipped("not_cached", rid, "data.use_cached is set but this record has no cached features.")
+  if rec["cache_key"] != spec.cache_key:
+    return Skipped("cache_mismatch", rid, f"cached for {rec['cache_key']}, the config needs {spec.cache_key}.")
+  lat, subj = rec["latents"], rec["subject_latents"]
+  f_txt, f_mask = rec["f_txt"], rec["f_txt_mask"]
+  if lat.shape != spec.latent_shape or subj.shape != (n, *spec.subject_latent_shape) \
+     or f_txt.ndim != 2 or f_mask.shape != f_txt.shape[:1]:
+    return Skipped("cache_mismatch", rid, f"cached shapes latents {lat.shape}, subject_latents {subj.shape}, "
+                   f"f_txt {f_txt.shape}, f_txt_mask {f_mask.shape} do not fit {spec}.")
+  subject_latents = np.zeros((spec.max_subjects, *spec.subject_latent_shape), np.float32)
+  subject_latents[:n] = subj
+  return dict(latents=lat.astype(np.float32), subject_latents=subject_latents,
+              f_txt=f_txt.astype(np.float32), f_txt_mask=f_mask.astype(bool))
+
+
+def read_and_decode(source, index: int, spec: DecodeSpec) -> tuple[Any, dict[str, Any] | Skipped]:
+  """(record, decoded sample or Skipped) for `source[index]`; a source that raises while
+  reading (a damaged shard) gives Skipped('unreadable')."""
+  try:
+    rec = source[int(index)]
+  except Exception as e:  # noqa: BLE001 -- any read failure of one record is that record's problem
+    return e, Skipped("unreadable", f"#{index}", f"{type(e).__name__}: {e}")
+  return rec, decode(rec, spec)
+
+
+class _ReadDecode:
+  """Index -> decoded sample or Skipped (a picklable callable, for worker processes)."""
+
+  def __init__(self, source, spec: DecodeSpec):
+    self.source, self.spec = source, spec
+
+  def __call__(self, index):
+    return read_and_decode(self.source, index, self.spec)[1]
+
+
+# ----------------------------------------------------------------------------- skipping
+
+
+class _SkipCountingIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, warn: bool):
+    super().__init__(parent)
+    self.counts: dict[str, int] = {}
+    self._warn = warn
+
+  def __next__(self):
+    while True:
+      x = next(self._parent)
+      if not isinstance(x, Skipped):
+        return x
+      self.counts[x.reason] = self.counts.get(x.reason, 0) + 1
+      if self._warn:
+        warnings.warn(f"data: skipped record {x.id} ({x.reason}): {x.message}", RuntimeWarning, stacklevel=2)
+
+  def get_state(self):
+    return {"parent": self._parent.get_state(), STATE_KEY: dict(self.counts)}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self.counts = {str(k): int(v) for k, v in state[STATE_KEY].items()}
+
+  def __str__(self) -> str:
+    return "SkipCountingIterator"
+
+
+class SkipCountingIterDataset(grain.IterDataset):
+  """Drops `Skipped` markers, counting them per reason in the iterator state."""
+
+  def __init__(self, parent: grain.IterDataset, warn: bool = True):
+    super().__init__(parent)
+    self._warn = warn
+
+  def __iter__(self):
+    return _SkipCountingIterator(self._parent.__iter__(), self._warn)
+
+  def __str__(self) -> str:
+    return "SkipCountingIterDataset"
+
+
+def skipped_by_reason(it) -> dict[str, int]:
+  """Per-reason counts of the records an iterator from `make_iterator` has skipped so far
+  (summed over worker processes when there are any)."""
+  totals: dict[str, int] = {}
+
+  def walk(s):
+    if isinstance(s, dict):
+      if STATE_KEY in s and isinstance(s[STATE_KEY], dict):
+        for k, v in s[STATE_KEY].items():
+          totals[k] = totals.get(k, 0) + int(v)
+      for v in s.values():
+        walk(v)
+    elif isinstance(s, (list, tuple)):
+      for v in s:
+        walk(v)
+    elif isinstance(s, (bytes, str)) and STATE_KEY in (s if isinstance(s, str) else s.decode("utf-8", "ignore")):
+      import json
+      try:
+        walk(json.loads(s))
+      except ValueError:
+        pass
+
+  walk(it.get_state())
+  return totals
+
+
+def skipped_count(it) -> int:
+  """How many records the iterator has skipped so far (corrupt, unreadable or unusable)."""
+  return sum(skipped_by_reason(it).values())
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+  """Stacks samples; captions and ids become object arrays of str; f_txt / f_txt_mask are padded
+  (zeros / False) on the right to the longest in the batch (each is a bucket length)."""
+  out = {}
+  for k in samples[0]:
+    vals = [s[k] for s in samples]
+    if k in ("caption", "id"):
+      arr = np.empty((len(vals),), object)
+      arr[:] = [str(v) for v in vals]
+      out[k] = arr
+    elif k in ("f_txt", "f_txt_mask"):
+      length = max(v.shape[0] for v in vals)
+      out[k] = np.stack([np.pad(v, [(0, length - v.shape[0])] + [(0, 0)] * (v.ndim - 1)) for v in vals])
+    else:
+      out[k] = np.stack(vals)
+  return out
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def _probe_cache(source, spec: DecodeSpec, n: int, probe: int = 8) -> bool:
+  """Whether the dataset holds cached features (the first readable records say); raises if
+  they were cached for other sizes than the config's."""
+  for i in range(min(n, probe)):
+    try:
+      rec = records.normalize(source[i])
+    except Exception:  # noqa: BLE001 -- an unreadable record is skipped later, not here
+      continue
+    if not rec["cached"]:
+      return False
+    if rec["cache_key"] != spec.cache_key:
+      raise ValueError(f"the dataset's features were cached for {rec['cache_key']}, but the data config asks "
+                       f"for {spec.cache_key}; rerun launch/precompute.py or set data.use_cached=False.")
+    return True
+  return False
+
+
+def _shuffle_seed(shuffle_seed: int, seed: int) -> int:
+  return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(shuffle_seed) & 0xFFFFFFFF]).generate_state(1)[0])
+
+
+def make_dataset(c, *, process_index: int = 0, process_count: int = 1, seed: int = 0,
+                 warn_skips: bool = True) -> grain.IterDataset:
+  """The Grain dataset of per-host batches for data config `c` (see `default_config`)."""
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+  if c.global_batch_size < 1 or c.global_batch_size % process_count:
+    raise ValueError(f"data.global_batch_size={c.global_batch_size} must be a positive multiple of "
+                     f"process_count={process_count}.")
+  if c.num_epochs is not None and c.num_epochs < 1:
+    raise ValueError(f"data.num_epochs={c.num_epochs} must be None (repeat) or >= 1.")
+  if c.worker_count < 0 or c.prefetch < 0:
+    raise ValueError(f"data.worker_count={c.worker_count} and data.prefetch={c.prefetch} must be >= 0.")
+  spec = DecodeSpec.from_config(c)
+  source = tfds_builder.open_source(c.folder, c.split)
+  n = len(source)
+  per_host = c.global_batch_size // process_count
+  usable = n - n % process_count
+  if usable // process_count < 1:
+    raise ValueError(f"{c.folder!r} split {c.split!r} has {n} records, fewer than process_count={process_count}.")
+  if spec.use_cached and not _probe_cache(source, spec, n):
+    print(f"data: {c.folder} has no cached features; batches carry video and subject images only.")
+    spec = dataclasses.replace(spec, use_cached=False)
+
+  ds = grain.MapDataset.range(n)
+  if c.shuffle_seed is not None:
+    ds = ds.shuffle(seed=_shuffle_seed(c.shuffle_seed, seed))
+  if process_count > 1:
+    ds = ds[process_index:usable:process_count]
+  ds = ds.repeat(c.num_epochs)
+  ds = ds.map(_ReadDecode(source, spec))
+  threads = per_host if c.prefetch else 0
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=c.prefetch * per_host))
+  ds = SkipCountingIterDataset(ds, warn=warn_skips)
+  ds = ds.batch(per_host, drop_remainder=True, batch_fn=collate)
+  if c.worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(c.worker_count)))
+  return ds
+
+
+def make_iterator(c, *, process_index: int = 0, process_count: int = 1, seed: int = 0,
+                  warn_skips: bool = True) -> grain.DatasetIterator:
+  """A checkpointable iterator of per-host batches: `next(it)`, `it.get_state()` (a JSON-
+  serialisable dict), `it.set_state(state)`; `skipped_count(it)` counts skipped records."""
+  return iter(make_dataset(c, process_index=process_index, process_count=process_count, seed=seed,
+                           warn_skips=warn_skips))
