@@ -379,6 +379,9 @@ def make_dataset(c, *, process_index: int = 0, process_count: int = 1, seed: int
   ds = SkipCountingIterDataset(ds, warn=warn_skips)
   ds = ds.batch(per_host, drop_remainder=True, batch_fn=collate)
   if c.worker_count > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # outside an absl app (notebook, pytest): Grain reads its flag defaults
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(c.worker_count)))
   return ds
 
