@@ -80,21 +80,25 @@ def build_mask(batch, lq, lk, *, mask=None, kv_lengths=None, q_segment_ids=None,
   return out
 
 
-def xla_attention(q, k, v, mask=None, *, scale=None):
+XLA_BLOCK_Q = 128  # query tile of the blocked XLA path (cache-sized logits on CPU)
+
+
+def xla_attention(q, k, v, mask=None, *, scale=None, block_q: int | None = XLA_BLOCK_Q):
   """Reference implementation: einsum logits, float32 softmax, zeros for fully masked rows.
 
   Heads-major 4-D einsums, with the G = H / Hkv query heads of a kv head folded into the query
-  axis (B, Hkv, G*Lq, D): on CPU this runs the forward about 2x and the backward about 2x faster
-  than a 5-D grouped einsum or `jax.nn.dot_product_attention`.
+  axis (B, Hkv, G*Lq, D). When that axis splits into at least two `block_q` tiles, the logits are
+  computed tile by tile (`_blocked_attention`: saved log-sum-exp, recomputing backward): on a
+  2-core CPU this is about 2x faster forward and 1.5x backward than materialising (L, L)
+  logits, and it never holds more than one tile of them.
   """
   b, lq, h, d = q.shape
   lk, hkv = k.shape[1], k.shape[2]
   g = h // hkv
   scale = d ** -0.5 if scale is None else scale
-  acc = {} if q.dtype == jnp.float32 else {"preferred_element_type": jnp.float32}
   qt = q.reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * lq, d)
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-  logits = jnp.einsum("bhqd,bhkd->bhqk", qt, kt, **acc).astype(jnp.float32) * scale
+  m = None
   if mask is not None:
     m = jnp.asarray(mask, bool)
     m = m.reshape((1,) * (4 - m.ndim) + m.shape)
@@ -104,13 +108,117 @@ def xla_attention(q, k, v, mask=None, *, scale=None):
       m = m.reshape(mb, hkv, g * lq, lk)
     elif g > 1:  # shared by all heads: repeat along the folded query axis
       m = jnp.broadcast_to(m[:, :, None], (mb, mh, g, lq, lk)).reshape(mb, mh, g * lq, lk)
-    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  if mask is not None:
-    probs = jnp.where(jnp.any(m, axis=-1, keepdims=True), probs, 0.0)
-  out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), vt, **acc)
+  if block_q and (g * lq) % block_q == 0 and g * lq >= 2 * block_q:
+    out = _blocked_attention(qt, kt, vt, m, float(scale), int(block_q))
+  else:
+    out = _dense_attention(qt, kt, vt, m, scale)
   out = out.reshape(b, hkv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
   return out.astype(q.dtype)
+
+
+def _acc(x):
+  return {} if x.dtype == jnp.float32 else {"preferred_element_type": jnp.float32}
+
+
+def _dense_attention(q, k, v, m, scale):
+  """q (B, H, Lq, D), k/v (B, H, Lk, D), mask (B|1, H|1, Lq, Lk) | None -> (B, H, Lq, D) float32."""
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, **_acc(q)).astype(jnp.float32) * scale
+  if m is not None:
+    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if m is not None:
+    probs = jnp.where(jnp.any(m, axis=-1, keepdims=True), probs, 0.0)
+  return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, **_acc(v))
+
+
+def _tile_stats(qb, k, mb, scale):
+  """Masked logits of one query tile and their row max, float32."""
+  s = jnp.einsum("bhqd,bhkd->bhqk", qb, k, **_acc(qb)).astype(jnp.float32) * scale
+  if mb is not None:
+    s = jnp.where(mb, s, -jnp.inf)
+  mx = jnp.max(s, axis=-1, keepdims=True)
+  return s, jnp.where(jnp.isfinite(mx), mx, 0.0)
+
+
+def _split_q(x, block, axis=2):
+  """(..., L, ...) -> (L/block, ..., block, ...) along `axis`, for lax.map / scan over tiles."""
+  n = x.shape[axis] // block
+  x = x.reshape(x.shape[:axis] + (n, block) + x.shape[axis + 1:])
+  return jnp.moveaxis(x, axis, 0)
+
+
+def _merge_q(x, axis=2):
+  x = jnp.moveaxis(x, 0, axis)
+  return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _mask_tiles(m, block):
+  if m is None:
+    return None
+  if m.shape[2] == 1:
+    return None
+  return _split_q(m, block)
+
+
+def _blocked_fwd(q, k, v, m, scale, block):
+  def tile(inp):
+    qb, mb = inp
+    s, mx = _tile_stats(qb, k, mb, scale)
+    e = jnp.exp(s - mx)  # masked entries: exp(-inf) = 0
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    o = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, **_acc(v)) / jnp.maximum(l, 1e-30)
+    lse = jnp.where(l > 0, mx + jnp.log(jnp.maximum(l, 1e-30)), jnp.inf)[..., 0]
+    return o, lse
+  mt = _mask_tiles(m, block)
+  qs = _split_q(q, block)
+  o, lse = jax.lax.map(tile, (qs, mt)) if mt is not None else jax.lax.map(lambda qb: tile((qb, m)), qs)
+  return _merge_q(o), _merge_q(lse)
+
+
+@jax.custom_vjp
+def _blocked_core(q, k, v, m, scale_block):
+  scale, block = scale_block
+  return _blocked_fwd(q, k, v, m, scale, block)[0]
+
+
+def _blocked_core_fwd(q, k, v, m, scale_block):
+  scale, block = scale_block
+  o, lse = _blocked_fwd(q, k, v, m, scale, block)
+  return o, (q, k, v, m, o, lse, scale_block)
+
+
+def _blocked_core_bwd(res, do):
+  q, k, v, m, o, lse, (scale, block) = res
+  do = do.astype(jnp.float32)
+  delta = jnp.sum(do * o.astype(jnp.float32), axis=-1)  # (B, H, Lq)
+  mt = _mask_tiles(m, block)
+
+  def body(carry, inp):
+    dk, dv = carry
+    qb, dob, lseb, db, mb = inp
+    s, _ = _tile_stats(qb, k, mb if mt is not None else m, scale)
+    p = jnp.exp(s - lseb[..., None])  # masked entries and empty rows (lse = inf): 0
+    dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p, dob)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", dob, v.astype(jnp.float32))
+    ds = p * (dp - db[..., None]) * scale
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k.astype(jnp.float32))
+    dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds, qb.astype(jnp.float32))
+    return (dk, dv), dq
+
+  zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  tiles = (_split_q(q, block), _split_q(do, block), _split_q(lse, block), _split_q(delta, block),
+           mt if mt is not None else jnp.zeros((q.shape[2] // block,), bool))
+  (dk, dv), dq = jax.lax.scan(body, zeros, tiles)
+  dm = None if m is None else jnp.zeros(m.shape, jax.dtypes.float0)
+  return _merge_q(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dm, None
+
+
+_blocked_core.defvjp(_blocked_core_fwd, _blocked_core_bwd)
+
+
+def _blocked_attention(q, k, v, m, scale, block):
+  """Tiled over queries: each tile's logits (B, H, block, Lk) live only inside the loop body."""
+  return _blocked_core(q, k, v, m, (scale, block))
 
 
 def fold_key_mask(mask, batch, lq, lk, q_segment_ids, kv_segment_ids):
