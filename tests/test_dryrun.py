@@ -127,3 +127,13 @@ def test_v5p_train_step_with_pallas_attention_and_remat_compiles_and_fits():
   assert r.fits and 0 < r.peak_bytes < r.hbm_bytes
   assert r.estimated_seconds is not None and r.estimated_seconds > 0 and r.mfu > 0
   assert "FITS" in r.row()
+
+
+def test_compiler_estimate_is_scaled_from_counted_to_model_flops():
+  r = dryrun.Result(target="v5p:2x2x1", chip="v5p", num_devices=4, mesh={}, remat_policy="full",
+                    attention_impl="pallas", variant="x", params=1, batch=4, frames=81, height=480, width=832,
+                    tokens=1, analytic_flops=4 * 459e12, xla_flops_per_chip=459e12 / 10, estimated_seconds=0.2)
+  assert r.seconds_at_peak == pytest.approx(1.0)
+  assert r.scaled_seconds == pytest.approx(2.0)  # the estimate covered a tenth of the model FLOPs
+  assert r.mfu == pytest.approx(0.5)
+  assert dryrun.Result(**{**r.__dict__, "chip": None}).mfu is None  # CPU: no peak rate
