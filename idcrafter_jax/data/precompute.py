@@ -1,0 +1,125 @@
+"""Caching the frozen encoders' outputs into the records, so SFT and GRPO do not rerun them
+every step (MaxDiffusion does the same for Wan: its training reads precomputed latents and text
+embeddings).
+
+For each readable record the clip is decoded as the pipeline decodes it (`pipeline.decode`), and
+  latents          = normalize(VAE.encode(video).mean)            (F, H/8, W/8, 16)
+  subject_latents  = normalize(VAE.encode(subject).mean), T = 1   (N, 1, h/8, w/8, 16)
+  f_txt, f_txt_mask = encode_condition(caption, subjects)         (L_bucket, D), (L_bucket,)
+exactly what `Pipeline.model_batch` computes online (the posterior mean, the run config's VLM
+buckets, system prompt and hidden layer), and the record is written again, with its clip and
+images, into new ArrayRecord shards. Records that do not decode are left out and counted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from idcrafter_jax import conditioning, convert, processor as processor_lib, tiny, video as video_io
+from idcrafter_jax.data import pipeline, records, tfds_builder
+from idcrafter_jax.models import qwen2_5_vl, wan_vae
+
+
+@dataclasses.dataclass
+class Encoders:
+  """The frozen VAE and VLM with the conditioning settings of a run config."""
+  vae: wan_vae.WanVAE
+  vae_params: Any
+  vlm: qwen2_5_vl.Qwen2_5_VL
+  vlm_params: Any
+  processor: Any
+  buckets: tuple[int, ...]
+  system_prompt: str | None
+  hidden_layer: int | None
+
+
+def load_encoders(config, *, wan_vae_folder: str | None = None, vlm_folder: str | None = None,
+                  processor_folder: str | None = None) -> Encoders:
+  """The VAE and VLM from their folders (`convert.load_wan_vae`, `convert.load_qwen2_5_vl`,
+  `processor.QwenVLProcessor`), or, where `config.random_init` allows and no folder is given,
+  the random-initialised tiny ones drawn from the same keys as `Pipeline.from_config`."""
+  _, k_vae, k_vlm, _ = jax.random.split(jax.random.key(config.seed), 4)
+  vae_kw = dict(tile_sample_min_size=config.vae.tile_sample_min_size,
+                tile_sample_stride=tuple(config.vae.tile_sample_stride))
+  if vae_kw["tile_sample_min_size"] is not None:
+    vae_kw["tile_sample_min_size"] = tuple(vae_kw["tile_sample_min_size"])
+  if wan_vae_folder:
+    vae, vae_params = convert.load_wan_vae(wan_vae_folder, **vae_kw)
+  elif config.random_init:
+    vae = wan_vae.WanVAE(tiny.vae_config(), **vae_kw)
+    f = vae.config.spatial_factor
+    init = jax.jit(lambda k: vae.init(k, jnp.zeros((1, 5, f, f, 3)), jnp.zeros((1, 2, 1, 1, vae.config.z_dim)),
+                                      method=wan_vae.WanVAE.init_all))
+    vae_params = nn.unbox(init(k_vae)["params"])
+  else:
+    raise ValueError("no Wan VAE given: pass a diffusers AutoencoderKLWan folder, or use a config with "
+                     "random_init=True (tiny encoders).")
+  if vlm_folder:
+    vlm, vlm_params = convert.load_qwen2_5_vl(vlm_folder)
+    proc = processor_lib.QwenVLProcessor.from_pretrained(processor_folder or vlm_folder)
+  elif config.random_init:
+    from idcrafter_jax import pipeline as pipeline_lib
+    proc_dir = tempfile.mkdtemp(prefix="tiny_processor_")
+    ids = processor_lib.write_tiny_processor(proc_dir)
+    proc = processor_lib.QwenVLProcessor.from_pretrained(proc_dir)
+    vlm = qwen2_5_vl.Qwen2_5_VL(tiny.vlm_config(ids))
+    vlm_params = pipeline_lib.init_vlm(vlm, k_vlm)
+  else:
+    raise ValueError("no Qwen2.5-VL encoder given: pass a transformers Qwen2_5_VLForConditionalGeneration "
+                     "folder, or use a config with random_init=True (tiny encoders).")
+  return Encoders(vae, vae_params, vlm, vlm_params, proc, tuple(config.vlm.buckets), config.vlm.system_prompt,
+                  config.vlm.hidden_layer)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _latents(vae, params, video):
+  mean = vae.apply({"params": params}, video, method=vae.encode)[0]
+  return wan_vae.normalize_latents(mean, vae.config)
+
+
+def encode_sample(sample: dict[str, Any], enc: Encoders) -> dict[str, np.ndarray]:
+  """A decoded sample (`pipeline.decode`) -> its cache arrays (real subjects only)."""
+  n = int(sample["subject_mask"].sum())
+  latents = _latents(enc.vae, enc.vae_params, jnp.asarray(sample["video"][None]))[0]
+  # all N_max slots (padding included) go through the VAE, so one compilation serves every record
+  subj = _latents(enc.vae, enc.vae_params, jnp.asarray(sample["subject_images"][:, None]))[:n]
+  images = [video_io.to_uint8(sample["subject_images"][k]) for k in range(n)]
+  f_txt, f_mask = conditioning.encode_condition(sample["caption"], images, enc.processor, enc.vlm, enc.vlm_params,
+                                                buckets=enc.buckets, system_prompt=enc.system_prompt,
+                                                hidden_layer=enc.hidden_layer)
+  return dict(latents=np.asarray(latents, np.float32), subject_latents=np.asarray(subj, np.float32),
+              f_txt=np.asarray(f_txt[0], np.float32), f_txt_mask=np.asarray(f_mask[0], bool))
+
+
+def precompute(source: str, out_dir: str, data_config, enc: Encoders, splits=("train",),
+               log_every: int = 0) -> tuple[str, dict[str, dict[str, int]]]:
+  """Reads `source` (a dataset root or ArrayRecord directory), writes shards with cached
+  features to `out_dir`. Returns (version dir, {split: {skip reason: count}})."""
+  spec = pipeline.DecodeSpec.from_config(data_config, use_cached=False)
+  skipped: dict[str, dict[str, int]] = {s: {} for s in splits}
+  sources = {s: tfds_builder.open_source(source, s) for s in splits}  # fails early on a bad split
+
+  def examples(split):
+    src = sources[split]
+    for i in range(len(src)):
+      rec, sample = pipeline.read_and_decode(src, i, spec)
+      if isinstance(sample, pipeline.Skipped):
+        skipped[split][sample.reason] = skipped[split].get(sample.reason, 0) + 1
+        print(f"skipping {sample.id} ({sample.reason}): {sample.message}")
+        continue
+      rec = records.normalize(rec)
+      rec.update(encode_sample(sample, enc), cached=True, cache_key=spec.cache_key)
+      if log_every and (i + 1) % log_every == 0:
+        print(f"{split}: {i + 1}/{len(src)} records encoded")
+      yield rec["id"], rec
+
+  os.makedirs(out_dir, exist_ok=True)
+  return tfds_builder.write_records(examples, out_dir, splits), skipped
