@@ -27,6 +27,8 @@ topology compiles the real kernels from a CPU host.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -175,7 +177,7 @@ def _blocked_fwd(q, k, v, m, scale, block):
   return _merge_q(o), _merge_q(lse)
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _blocked_core(q, k, v, m, scale_block):
   scale, block = scale_block
   return _blocked_fwd(q, k, v, m, scale, block)[0]
@@ -184,11 +186,12 @@ def _blocked_core(q, k, v, m, scale_block):
 def _blocked_core_fwd(q, k, v, m, scale_block):
   scale, block = scale_block
   o, lse = _blocked_fwd(q, k, v, m, scale, block)
-  return o, (q, k, v, m, o, lse, scale_block)
+  return o, (q, k, v, m, o, lse)
 
 
-def _blocked_core_bwd(res, do):
-  q, k, v, m, o, lse, (scale, block) = res
+def _blocked_core_bwd(scale_block, res, do):
+  q, k, v, m, o, lse = res
+  scale, block = scale_block
   do = do.astype(jnp.float32)
   delta = jnp.sum(do * o.astype(jnp.float32), axis=-1)  # (B, H, Lq)
   mt = _mask_tiles(m, block)
@@ -210,7 +213,7 @@ def _blocked_core_bwd(res, do):
            mt if mt is not None else jnp.zeros((q.shape[2] // block,), bool))
   (dk, dv), dq = jax.lax.scan(body, zeros, tiles)
   dm = None if m is None else jnp.zeros(m.shape, jax.dtypes.float0)
-  return _merge_q(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dm, None
+  return _merge_q(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dm
 
 
 _blocked_core.defvjp(_blocked_core_fwd, _blocked_core_bwd)

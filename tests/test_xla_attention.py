@@ -31,3 +31,13 @@ def test_blocked_equals_dense(b, lq, lk, h, hkv, d, mask_kind):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5)
   if mask_kind == "dense_with_empty_rows":
     np.testing.assert_array_equal(np.asarray(blocked(q, k, v))[:, :5], 0.0)
+
+
+def test_blocked_path_under_jit_and_grad():
+  r = np.random.default_rng(0)
+  q = jnp.asarray(r.standard_normal((1, 256, 2, 8)), jnp.float32)
+  f = jax.jit(jax.value_and_grad(lambda q: jnp.sum(A.xla_attention(q, q, q, block_q=64) ** 2)))
+  g = jax.jit(jax.value_and_grad(lambda q: jnp.sum(A.xla_attention(q, q, q, block_q=None) ** 2)))
+  (a, ga), (b, gb) = f(q), g(q)
+  np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), atol=2e-5)
