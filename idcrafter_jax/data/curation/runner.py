@@ -1,0 +1,302 @@
+"""Runs the curation stages over a folder of videos: per file, resumable, in a process pool.
+
+Work directory (one folder per source video, `<workdir>/<video id>/`):
+  shots.json        fps, size, cuts, clips with keep / drop decisions; or {"status": "skipped",
+                    "reason"} for a video that cannot be decoded (corrupt, zero-length, no frames)
+  subjects.json     per kept clip: subjects (crop file, frame, box) and rejected subjects
+  crops/            RGBA crops
+  references.json   per clip and subject: the reference file and how it was made
+  refs/             RGBA references
+  captions.json     per clip: caption and its source
+  write.json        the clip ids written to the output folder
+
+Each stage's JSON is its done-marker (written atomically, last): a rerun skips a (file, stage)
+whose JSON exists unless `force` is set; a stage whose input stage has not run for a file
+reports that file as failed. Within one call the video is decoded at most once for all stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import re
+import time
+import traceback
+
+import numpy as np
+from PIL import Image
+
+from idcrafter_jax import video as video_io
+from idcrafter_jax.data.curation import STAGES
+from idcrafter_jax.data.curation import captions as cap_mod
+from idcrafter_jax.data.curation import references as ref_mod
+from idcrafter_jax.data.curation import shots as shot_mod
+from idcrafter_jax.data.curation import subjects as subj_mod
+from idcrafter_jax.data.curation import writer as writer_mod
+
+VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".gif", ".m4v")
+
+
+def check_config(cfg) -> None:
+  """Raises ValueError on settings no stage can run with (before any file is touched)."""
+  s = cfg.shots
+  if not s.threshold > 0 or s.min_shot_len < 1 or s.downscale < 1 or s.motion_stride < 1:
+    raise ValueError(f"shots: threshold > 0, min_shot_len, downscale, motion_stride >= 1 expected; got {s}.")
+  if s.min_frames < 1 or s.max_frames < 0 or s.trim < 0:
+    raise ValueError(f"shots: min_frames >= 1, max_frames >= 0, trim >= 0 expected; got {s}.")
+  if 0 < s.max_frames < s.min_frames:
+    raise ValueError(f"shots.max_frames = {s.max_frames} < shots.min_frames = {s.min_frames}: no clip could be kept.")
+  if cfg.subjects.source not in ("annotations", "detector"):
+    raise ValueError(f"subjects.source = {cfg.subjects.source!r}; expected 'annotations' or 'detector'.")
+  if cfg.subjects.frame not in subj_mod.FRAME_POLICIES:
+    raise ValueError(f"subjects.frame = {cfg.subjects.frame!r}; expected one of {subj_mod.FRAME_POLICIES}.")
+  if cfg.subjects.max_subjects < 1 or not 0 <= cfg.subjects.min_fill <= 1 or cfg.subjects.pad < 0:
+    raise ValueError(f"subjects: max_subjects >= 1, min_fill in [0, 1], pad >= 0 expected; got {cfg.subjects}.")
+  r = cfg.references
+  if r.strategy not in ref_mod.STRATEGIES:
+    raise ValueError(f"references.strategy = {r.strategy!r}; expected one of {ref_mod.STRATEGIES}.")
+  if len(r.scale) != 2 or not 0 < r.scale[0] <= r.scale[1]:
+    raise ValueError(f"references.scale = {r.scale}; expected (min, max) with 0 < min <= max.")
+  if cfg.captions.source not in cap_mod.SOURCES:
+    raise ValueError(f"captions.source = {cfg.captions.source!r}; expected one of {cap_mod.SOURCES}.")
+
+
+def list_videos(folder: str) -> list[str]:
+  """Video files under `folder` (recursive), sorted."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"input folder {folder!r} does not exist.")
+  out = []
+  for d, _, names in os.walk(folder):
+    out += [os.path.join(d, n) for n in names if n.lower().endswith(VIDEO_EXTS)]
+  return sorted(out)
+
+
+def video_id(path: str, root: str) -> str:
+  rel = os.path.splitext(os.path.relpath(path, root))[0]
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", rel.replace(os.sep, "__"))
+
+
+@dataclasses.dataclass
+class Job:
+  path: str          # the source video
+  vid: str           # its id
+  workdir: str       # <workdir>/<vid>
+  output: str        # the dataset root
+  cfg: object
+  stages: tuple
+  force: bool = False
+
+
+class _File:
+  """One source video inside a worker: decodes once, on first use."""
+
+  def __init__(self, job: Job):
+    self.job = job
+    self._frames = None
+    self.fps = 0.0
+
+  @property
+  def frames(self) -> np.ndarray:
+    if self._frames is None:
+      self._frames, self.fps = video_io.read_video(self.job.path)
+    return self._frames
+
+  def annotations(self) -> dict:
+    side = os.path.splitext(self.job.path)[0] + ".json"
+    if not os.path.exists(side):
+      return dict(caption=None, frames={})
+    return subj_mod.load_annotations(side)
+
+
+def _path(job: Job, stage: str) -> str:
+  return os.path.join(job.workdir, f"{stage}.json")
+
+
+def _load(job: Job, stage: str) -> dict:
+  p = _path(job, stage)
+  if not os.path.exists(p):
+    raise RuntimeError(f"{job.path}: stage {stage!r} has not run for this file; run it first.")
+  with open(p) as f:
+    return json.load(f)
+
+
+def _stage_shots(f: _File) -> dict:
+  try:
+    frames = f.frames
+  except (ValueError, FileNotFoundError) as e:
+    return dict(status="skipped", source=os.path.abspath(f.job.path),
+                reason=str(e).replace(str(f.job.path), "<video>"))
+  cuts, clips = shot_mod.split_clips(frames, f.fps, f.job.cfg.shots)
+  t, h, w = frames.shape[:3]
+  return dict(status="ok", source=os.path.abspath(f.job.path), fps=f.fps, num_frames=t, height=h, width=w,
+              cuts=cuts, clips=[c.to_json() for c in clips])
+
+
+def _clip_id(vid: str, c: dict) -> str:
+  return f"{vid}_{c['start']:06d}_{c['end']:06d}"
+
+
+def _stage_subjects(f: _File, shots: dict) -> dict:
+  cfg = f.job.cfg.subjects
+  kept = [c for c in shots["clips"] if c["kept"]]
+  if not kept:
+    return dict(status="ok", clips=[])
+  frames = f.frames
+  if cfg.source == "annotations":
+    by_frame = f.annotations()["frames"]
+  else:
+    det = subj_mod.make_detector(cfg.detector)
+    by_frame = {}
+    for c in kept:
+      by_frame.update(subj_mod.detect(det, frames, c["start"], c["end"], cfg.candidate_frames))
+  out = []
+  for c in kept:
+    cid = _clip_id(f.job.vid, c)
+    res = subj_mod.extract(frames, c["start"], c["end"], by_frame, cfg, os.path.join(f.job.workdir, "crops"), cid)
+    res.update(id=cid, start=c["start"], end=c["end"], motion=c["motion"],
+               kept=bool(res["subjects"]), reason="" if res["subjects"] else "no usable subject")
+    out.append(res)
+  return dict(status="ok", clips=out)
+
+
+def _stage_references(f: _File, subjects: dict, caption_of) -> dict:
+  cfg = f.job.cfg.references
+  editor = ref_mod.make_editor(cfg.editor) if cfg.strategy == "generate" else None
+  template = ref_mod.load_template(cfg.prompt_file) if cfg.strategy == "generate" else ""
+  out = []
+  refdir = os.path.join(f.job.workdir, "refs")
+  os.makedirs(refdir, exist_ok=True)
+  for c in subjects["clips"]:
+    if not c["kept"]:
+      continue
+    entries = []
+    for k, s in enumerate(c["subjects"]):
+      crop = np.asarray(Image.open(os.path.join(f.job.workdir, "crops", s["crop"])).convert("RGBA"))
+      img, info = ref_mod.build(crop, cfg.strategy, clip_id=c["id"], index=k, cfg=cfg, subject=s["name"],
+                                caption=caption_of(c) or "", editor=editor, template=template)
+      rel = f"{c['id']}_{k}.png"
+      Image.fromarray(img, "RGBA").save(os.path.join(refdir, rel))
+      entries.append(dict(file=rel, **info))
+    out.append(dict(id=c["id"], references=entries))
+  return dict(status="ok", clips=out)
+
+
+def _stage_captions(f: _File, subjects: dict) -> dict:
+  cfg = f.job.cfg.captions
+  ann_caption = f.annotations()["caption"] if cfg.source == "annotations" else None
+  captioner = cap_mod.make_captioner(cfg.captioner) if cfg.source == "captioner" else None
+  out = []
+  for c in subjects["clips"]:
+    if not c["kept"]:
+      continue
+    frames = f.frames[c["start"]:c["end"]] if captioner is not None else None
+    text, source = cap_mod.caption_clip(cfg, annotation_caption=ann_caption, frames=frames,
+                                        subject_names=[s["name"] for s in c["subjects"]], captioner=captioner)
+    out.append(dict(id=c["id"], caption=text, source=source))
+  return dict(status="ok", clips=out)
+
+
+def _stage_write(f: _File, shots: dict, subjects: dict, refs: dict, caps: dict) -> dict:
+  cfg = f.job.cfg
+  refs_by = {c["id"]: c["references"] for c in refs["clips"]}
+  caps_by = {c["id"]: c for c in caps["clips"]}
+  written, dropped = [], []
+  for c in subjects["clips"]:
+    if not c["kept"]:
+      continue
+    cap = caps_by.get(c["id"])
+    if c["id"] not in refs_by or cap is None:
+      raise RuntimeError(f"{f.job.path}: clip {c['id']} lacks references or captions; rerun those stages "
+                         "with --force after rerunning subjects.")
+    if cap["caption"] is None:
+      dropped.append(dict(id=c["id"], reason=cap["source"]))
+      continue
+    subs = []
+    for s, r in zip(c["subjects"], refs_by[c["id"]]):
+      ref = np.asarray(Image.open(os.path.join(f.job.workdir, "refs", r["file"])).convert("RGBA"))
+      subs.append(dict(reference=ref, name=s["name"], box=s["first_box"]))
+    prov = dict(source=shots["source"], video_id=f.job.vid, shot=[c["start"], c["end"]], motion=c["motion"],
+                caption_source=cap["source"], dataset=dict(cfg.stats),
+                subjects=[dict(track=s["track"], frame=s["frame"], box_px=s["box"],
+                               reference={k: v for k, v in r.items() if k != "file"})
+                          for s, r in zip(c["subjects"], refs_by[c["id"]])])
+    writer_mod.write_clip(f.job.output, c["id"], f.frames[c["start"]:c["end"]], shots["fps"], cap["caption"],
+                          subs, prov, split=cfg.write.split, quality=cfg.write.quality)
+    written.append(c["id"])
+  return dict(status="ok", written=written, dropped=dropped)
+
+
+def run_file(job: Job) -> dict:
+  """All selected stages of one file. Returns {"video", "stages": {stage: state}, "seconds"}
+  where state is 'done', 'cached' (already done), 'skipped: <reason>' or 'failed: <error>'."""
+  t0 = time.perf_counter()
+  f = _File(job)
+  states = {}
+  os.makedirs(job.workdir, exist_ok=True)
+  for stage in STAGES:
+    if stage not in job.stages:
+      continue
+    if os.path.exists(_path(job, stage)) and not job.force:
+      states[stage] = "cached"
+      continue
+    try:
+      shots = _load(job, "shots") if stage != "shots" else None
+      if shots is not None and shots["status"] != "ok":
+        states[stage] = f"skipped: {shots['reason']}"
+        continue
+      if stage == "shots":
+        res = _stage_shots(f)
+      elif stage == "subjects":
+        res = _stage_subjects(f, shots)
+      elif stage == "references":
+        subjects = _load(job, "subjects")
+        caps = {c["id"]: c["caption"] for c in _load(job, "captions")["clips"]} \
+            if os.path.exists(_path(job, "captions")) else {}
+        ann = f.annotations()["caption"] if job.cfg.captions.source == "annotations" else None
+        res = _stage_references(f, subjects, lambda c: caps.get(c["id"], ann))
+      elif stage == "captions":
+        res = _stage_captions(f, _load(job, "subjects"))
+      else:
+        res = _stage_write(f, shots, _load(job, "subjects"), _load(job, "references"), _load(job, "captions"))
+      writer_mod.write_json(_path(job, stage), res)
+      states[stage] = "done" if res["status"] == "ok" else f"skipped: {res['reason']}"
+    except Exception as e:  # noqa: BLE001  (one bad file must not stop the others)
+      states[stage] = f"failed: {type(e).__name__}: {e}"
+      if os.environ.get("IDCRAFTER_CURATE_TRACEBACK"):
+        traceback.print_exc()
+      break
+  return dict(video=job.path, vid=job.vid, stages=states, seconds=time.perf_counter() - t0)
+
+
+def run(input_dir: str, workdir: str, output: str, cfg, *, stages=STAGES, workers: int = 1,
+        force: bool = False, progress: bool = True) -> list[dict]:
+  """Every video under `input_dir` through `stages`; returns run_file's result per video."""
+  bad = [s for s in stages if s not in STAGES]
+  if bad or not stages:
+    raise ValueError(f"stages {list(stages)}: expected a non-empty subset of {STAGES}.")
+  check_config(cfg)
+  if "references" in stages and cfg.references.strategy == "generate":
+    ref_mod.make_editor(cfg.references.editor)  # a missing backend fails before any work
+  paths = list_videos(input_dir)
+  jobs = [Job(p, video_id(p, input_dir), os.path.join(workdir, video_id(p, input_dir)), output, cfg,
+              tuple(stages), force) for p in paths]
+  results = []
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=len(jobs), desc="curate", unit="video")
+  if workers <= 1:
+    for j in jobs:
+      results.append(run_file(j))
+      if bar is not None:
+        bar.update(1)
+  else:
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+      for r in pool.imap_unordered(run_file, jobs):
+        results.append(r)
+        if bar is not None:
+          bar.update(1)
+  if bar is not None:
+    bar.close()
+  return sorted(results, key=lambda r: r["vid"])
