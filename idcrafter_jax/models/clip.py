@@ -256,10 +256,13 @@ def _rule(key: str):
   return None
 
 
-def load(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, place=None):
-  """transformers `CLIPModel` folder -> (CLIP, params) (float32 params unless `param_dtype`)."""
+def load(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None):
+  """transformers `CLIPModel` folder -> (CLIP, params) (float32 params unless `param_dtype`);
+  with `mesh`, each tensor goes straight to its logical-axis sharding (`weights.mesh_placer`)."""
   model = CLIP(config_from_hf(weights.read_config(folder)), dtype=dtype, param_dtype=param_dtype)
-  expected = nn.unbox(abstract_params(model))
+  boxed = abstract_params(model)
+  expected = nn.unbox(boxed)
+  place = None if mesh is None else weights.mesh_placer(boxed, mesh, param_dtype)
   reader = weights.SafetensorsFolder(folder)
   params = weights.assemble(reader, _rule, expected, dtype=param_dtype, place=place,
                             ignore=lambda k: k.endswith("position_ids") or k == "logit_scale")

@@ -202,8 +202,9 @@ def abstract_params(model: IResNet):
 
 
 def load(folder: str, *, input_size: int = 112, bn_eps: float = 1e-5, dtype=jnp.float32,
-         param_dtype=jnp.float32, place=None):
-  """Folder with the converted safetensors (insightface key names) -> (IResNet, params)."""
+         param_dtype=jnp.float32, mesh=None):
+  """Folder with the converted safetensors (insightface key names) -> (IResNet, params); with
+  `mesh`, each tensor goes straight to its logical-axis sharding (`weights.mesh_placer`)."""
   reader = weights.SafetensorsFolder(folder)
   cfg = config_from_checkpoint(reader, input_size=input_size, bn_eps=bn_eps)
   cfg.validate()
@@ -213,7 +214,9 @@ def load(folder: str, *, input_size: int = 112, bn_eps: float = 1e-5, dtype=jnp.
         f"{folder}: fc.weight takes {reader.shape('fc.weight')[1]} inputs but input_size {input_size} gives "
         f"{expected_fc_in}; pass the input_size the network was trained at.")
   model = IResNet(cfg, dtype=dtype, param_dtype=param_dtype)
-  expected = nn.unbox(abstract_params(model))
+  boxed = abstract_params(model)
+  expected = nn.unbox(boxed)
+  place = None if mesh is None else weights.mesh_placer(boxed, mesh, param_dtype)
   params = weights.assemble(reader, _rule, expected, dtype=param_dtype, place=place,
                             ignore=lambda k: k.endswith("num_batches_tracked"))
   return model, params
