@@ -100,3 +100,16 @@ def test_aesthetic_score_over_frames_is_the_mean_of_frame_scores(tiny_clip):
                    for t in range(5)], 1)
   assert s.shape == (2,)
   np.testing.assert_allclose(np.asarray(s), np.asarray(per.mean(1)), atol=1e-5)
+
+
+def test_load_onto_a_mesh_places_params_by_logical_axes(tiny_clip, tmp_path):
+  from idcrafter_jax import sharding
+  hf, model, params = tiny_clip
+  hf.save_pretrained(str(tmp_path))
+  mesh = sharding.make_mesh({"fsdp": 4, "data": 2})
+  _, sharded = clip.load(str(tmp_path), mesh=mesh)
+  k = sharded["vision_model"]["layers_0"]["fc1"]["kernel"]
+  assert k.sharding.spec[0] == "fsdp" and len(k.sharding.device_set) == 8
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 28, 28, 3)), jnp.float32)
+  np.testing.assert_allclose(np.asarray(model.apply({"params": sharded}, x, method=model.image_features)),
+                             np.asarray(model.apply({"params": params}, x, method=model.image_features)), atol=1e-5)

@@ -146,3 +146,15 @@ def test_convert_script_roundtrip_from_pth(tiny_iresnet, tmp_path):
                              atol=1e-6)
   with pytest.raises(NotImplementedError, match="CurricularFace"):
     mod.clean_state_dict({"input_layer.0.weight": torch.zeros(1), "body.0.x": torch.zeros(1)})
+
+
+def test_load_onto_a_mesh_matches_the_unsharded_network(tiny_iresnet, tmp_path):
+  from idcrafter_jax import sharding
+  net, model, params = tiny_iresnet
+  save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "model.safetensors"))
+  mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2, "data": 2})
+  _, sharded = face.load(str(tmp_path), input_size=32, mesh=mesh)
+  assert tuple(sharded["fc"]["kernel"].sharding.spec) == ("tensor", "fsdp")
+  x = jnp.full((2, 32, 32, 3), 0.25)
+  np.testing.assert_allclose(np.asarray(model.apply({"params": sharded}, x)),
+                             np.asarray(model.apply({"params": params}, x)), atol=1e-5)
