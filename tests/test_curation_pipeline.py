@@ -80,8 +80,8 @@ def test_all_stages_write_records_the_data_pipeline_reads(raw, tmp_path):
   assert comp["table"] == [dict(source="custom", content_type="subject-to-video clips", purpose="SFT", clips=4,
                                 subjects=comp["total_subjects"], seconds=pytest.approx((20 + 24) * 2 / 16.0))]
   assert comp["clip_lengths"] == [20, 24, 20, 24] and comp["resolutions"] == ["64x96"] * 4
-  assert comp["dropped"]["files"] == {"<video> is empty (# bytes); expected a video or image file#": 1,
-                                      **{k: 1 for k in comp["dropped"]["files"] if "could not be read" in k}}
+  files = comp["dropped"]["files"]
+  assert sum(files.values()) == 2 and files["<video> is empty (# bytes); expected a video file."] == 1
   assert sum(comp["dropped"]["clips"].values()) == 2
   md = open(tmp_path / "stats" / "composition.md").read()
   assert md.startswith("| Source | Content type | Quantity | Purpose |") and "| custom |" in md

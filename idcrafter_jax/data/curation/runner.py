@@ -12,7 +12,9 @@ Work directory (one folder per source video, `<workdir>/<video id>/`):
 
 Each stage's JSON is its done-marker (written atomically, last): a rerun skips a (file, stage)
 whose JSON exists unless `force` is set; a stage whose input stage has not run for a file
-reports that file as failed. Within one call the video is decoded at most once for all stages.
+reports that file as failed. Within one call the video is decoded at most once for all stages
+(`decode`: the whole video is held in memory, so very long or large sources should be split
+first).
 """
 from __future__ import annotations
 
@@ -88,6 +90,39 @@ class Job:
   force: bool = False
 
 
+def decode(path: str) -> tuple[np.ndarray, float]:
+  """A video file -> (uint8 RGB frames (T, H, W, 3), fps), decoded once in this process.
+
+  mp4 / mov / mkv / avi / webm go through OpenCV's FFmpeg reader (in process: about 6x faster
+  here than piping raw frames out of an ffmpeg subprocess); GIF through `video.read_video`.
+  Raises ValueError for a file that is empty, cannot be opened or holds no frames.
+  """
+  import cv2
+
+  if not os.path.isfile(path):
+    raise ValueError(f"{path}: no such file.")
+  if os.path.getsize(path) == 0:
+    raise ValueError(f"{path} is empty (0 bytes); expected a video file.")
+  if path.lower().endswith(".gif"):
+    return video_io.read_video(path)
+  cap = cv2.VideoCapture(path)
+  try:
+    if not cap.isOpened():
+      raise ValueError(f"{path} could not be opened as a video.")
+    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+    frames = []
+    while True:
+      ok, frame = cap.read()
+      if not ok:
+        break
+      frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+  finally:
+    cap.release()
+  if not frames:
+    raise ValueError(f"{path} holds no decodable video frames.")
+  return np.stack(frames), fps
+
+
 class _File:
   """One source video inside a worker: decodes once, on first use."""
 
@@ -99,7 +134,7 @@ class _File:
   @property
   def frames(self) -> np.ndarray:
     if self._frames is None:
-      self._frames, self.fps = video_io.read_video(self.job.path)
+      self._frames, self.fps = decode(self.job.path)
     return self._frames
 
   def annotations(self) -> dict:

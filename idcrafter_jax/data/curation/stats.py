@@ -54,7 +54,7 @@ def composition(root: str) -> dict:
 def drop_reasons(workdir: str) -> dict:
   """Counts of what the stages dropped, by reason (numbers in reasons folded to '#')."""
   out = dict(files=collections.Counter(), clips=collections.Counter(), subjects=collections.Counter())
-  fold = lambda s: re.sub(r"[0-9.]+", "#", s)  # noqa: E731
+  fold = lambda s: re.sub(r"\d+(\.\d+)?", "#", s)  # noqa: E731
   for vid in sorted(os.listdir(workdir)):
     d = os.path.join(workdir, vid)
     for stage in ("shots", "subjects", "write"):
