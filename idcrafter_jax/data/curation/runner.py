@@ -110,17 +110,28 @@ def decode(path: str) -> tuple[np.ndarray, float]:
     if not cap.isOpened():
       raise ValueError(f"{path} could not be opened as a video.")
     fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
-    frames = []
+    h, w = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+    if h < 1 or w < 1:
+      raise ValueError(f"{path}: the video stream reports size {h}x{w}.")
+    buf = np.empty((max(1, int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)), h, w, 3), np.uint8)  # grows if short
+    n = 0
     while True:
-      ok, frame = cap.read()
+      if n == buf.shape[0]:
+        buf = np.concatenate([buf, np.empty_like(buf)])
+      ok, frame = cap.read(buf[n])
       if not ok:
         break
-      frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+      if frame.shape != (h, w, 3):
+        raise ValueError(f"{path}: frame {n} is {frame.shape}; the stream reports {h}x{w}x3.")
+      if not np.shares_memory(frame, buf):
+        buf[n] = frame
+      cv2.cvtColor(buf[n], cv2.COLOR_BGR2RGB, dst=buf[n])
+      n += 1
   finally:
     cap.release()
-  if not frames:
+  if n == 0:
     raise ValueError(f"{path} holds no decodable video frames.")
-  return np.stack(frames), fps
+  return buf[:n], fps
 
 
 class _File:

@@ -28,32 +28,51 @@ class Clip:
     return dataclasses.asdict(self)
 
 
-def _bgr(frame: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(frame[..., ::-1])
+def _grey(frame: np.ndarray, stride: int) -> np.ndarray:
+  import cv2
+  return np.ascontiguousarray(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)[::stride, ::stride])
 
 
-def detect_cuts(frames: np.ndarray, fps: float, *, threshold: float = 27.0, min_shot_len: int = 8,
-                downscale: int = 1) -> list[int]:
-  """uint8 (T, H, W, 3) RGB -> sorted frame indices where a new shot starts (0 excluded)."""
+def scan(frames: np.ndarray, fps: float, *, threshold: float = 27.0, min_shot_len: int = 8,
+         downscale: int = 1, motion_stride: int = 2) -> tuple[list[int], np.ndarray]:
+  """One pass over uint8 (T, H, W, 3) RGB frames -> (cuts, diffs).
+
+  cuts: sorted frame indices where a new shot starts (0 excluded), from PySceneDetect's
+  ContentDetector fed each frame (downscaled by `downscale`, as BGR). diffs: float64 (T - 1,)
+  mean absolute difference of consecutive grey frames (OpenCV RGB2GRAY, uint8, subsampled by
+  `motion_stride`); a clip's motion score is the mean of its diffs (`motion_score`).
+  """
+  import cv2
   from scenedetect.common import FrameTimecode
   from scenedetect.detectors import ContentDetector
 
   frames = np.asarray(frames)
   if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
     raise ValueError(f"frames must be uint8 (T, H, W, 3); got {frames.dtype} {frames.shape}.")
-  if downscale < 1:
-    raise ValueError(f"downscale must be >= 1; got {downscale}.")
+  if downscale < 1 or motion_stride < 1:
+    raise ValueError(f"downscale and motion_stride must be >= 1; got {downscale}, {motion_stride}.")
   if not fps > 0:
     fps = 25.0  # the rate only converts frame numbers to times inside the detector
   detector = ContentDetector(threshold=float(threshold), min_scene_len=int(min_shot_len))
-  cuts = []
-  tc = None
+  cuts, tc, prev = [], None, None
+  diffs = np.zeros((max(frames.shape[0] - 1, 0),), np.float64)
   for k in range(frames.shape[0]):
     tc = FrameTimecode(k, fps)
-    cuts += detector.process_frame(tc, _bgr(frames[k, ::downscale, ::downscale]))
+    small = frames[k] if downscale == 1 else np.ascontiguousarray(frames[k, ::downscale, ::downscale])
+    cuts += detector.process_frame(tc, cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+    grey = _grey(frames[k], motion_stride)
+    if prev is not None:
+      diffs[k - 1] = cv2.mean(cv2.absdiff(grey, prev))[0]
+    prev = grey
   if tc is not None:
     cuts += detector.post_process(tc)
-  return sorted({int(c.frame_num) for c in cuts if 0 < int(c.frame_num) < frames.shape[0]})
+  return sorted({int(c.frame_num) for c in cuts if 0 < int(c.frame_num) < frames.shape[0]}), diffs
+
+
+def detect_cuts(frames: np.ndarray, fps: float, *, threshold: float = 27.0, min_shot_len: int = 8,
+                downscale: int = 1) -> list[int]:
+  """uint8 (T, H, W, 3) RGB -> sorted frame indices where a new shot starts (0 excluded)."""
+  return scan(frames, fps, threshold=threshold, min_shot_len=min_shot_len, downscale=downscale)[0]
 
 
 def shots_from_cuts(cuts: list[int], num_frames: int) -> list[tuple[int, int]]:
@@ -63,18 +82,19 @@ def shots_from_cuts(cuts: list[int], num_frames: int) -> list[tuple[int, int]]:
 
 
 def motion_score(frames: np.ndarray, stride: int = 2) -> float:
-  """Mean absolute difference of consecutive grey frames (subsampled by `stride`), 0..255."""
+  """Mean absolute difference of consecutive grey frames (uint8 grey, subsampled by `stride`),
+  0..255; 0 for a single frame."""
   if frames.shape[0] < 2:
     return 0.0
-  grey = frames[:, ::stride, ::stride].astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)
+  grey = np.stack([_grey(f, stride) for f in frames]).astype(np.int16)
   return float(np.mean(np.abs(np.diff(grey, axis=0))))
 
 
 def split_clips(frames: np.ndarray, fps: float, cfg) -> tuple[list[int], list[Clip]]:
   """Frames of one video -> (cuts, clips with keep / drop decisions) under the `shots` config."""
   t, h, w = frames.shape[:3]
-  cuts = detect_cuts(frames, fps, threshold=cfg.threshold, min_shot_len=cfg.min_shot_len,
-                     downscale=cfg.downscale)
+  cuts, diffs = scan(frames, fps, threshold=cfg.threshold, min_shot_len=cfg.min_shot_len,
+                     downscale=cfg.downscale, motion_stride=cfg.motion_stride)
   clips = []
   for a, b in shots_from_cuts(cuts, t):
     a, b = a + cfg.trim, b - cfg.trim
@@ -83,7 +103,7 @@ def split_clips(frames: np.ndarray, fps: float, cfg) -> tuple[list[int], list[Cl
     step = cfg.max_frames if cfg.max_frames > 0 else b - a
     for s in range(a, b, step):
       e = min(s + step, b)
-      motion = motion_score(frames[s:e], cfg.motion_stride)
+      motion = float(diffs[s:e - 1].mean()) if e - s > 1 else 0.0
       if e - s < cfg.min_frames:
         reason = f"too short ({e - s} < {cfg.min_frames} frames)"
       elif h < cfg.min_height or w < cfg.min_width:
