@@ -176,6 +176,9 @@ def test_short_clips_and_too_many_subjects_are_skipped(dataset):
   c = _config(raw, num_frames=21, global_batch_size=1, num_epochs=1, max_subjects=3)
   it = data.make_iterator(c, seed=0, warn_skips=False)
   assert list(it) == [] and data.skipped_by_reason(it) == {"too_short": N_CLIPS}
+  c.num_epochs = None  # repeated: a whole epoch skipped is an error, not an endless loop
+  with pytest.raises(RuntimeError, match=f"{N_CLIPS} records in a row were skipped"):
+    next(data.make_iterator(c, seed=0, warn_skips=False))
   spec = pipeline.DecodeSpec.from_config(_config(raw, max_subjects=1), use_cached=False)
   src = tfds_builder.open_source(raw)
   outs = [pipeline.decode(src[i], spec) for i in range(N_CLIPS)]

@@ -229,19 +229,25 @@ class _ReadDecode:
 
 class _SkipCountingIterator(grain.DatasetIterator):
 
-  def __init__(self, parent: grain.DatasetIterator, warn: bool):
+  def __init__(self, parent: grain.DatasetIterator, warn: bool, max_consecutive: int | None):
     super().__init__(parent)
     self.counts: dict[str, int] = {}
     self._warn = warn
+    self._max_consecutive = max_consecutive
 
   def __next__(self):
+    run: dict[str, int] = {}
     while True:
       x = next(self._parent)
       if not isinstance(x, Skipped):
         return x
       self.counts[x.reason] = self.counts.get(x.reason, 0) + 1
+      run[x.reason] = run.get(x.reason, 0) + 1
       if self._warn:
-        warnings.warn(f"data: skipped record {x.id} ({x.reason}): {x.message}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"data: skipped record {x.id} ({x.reason}): {x.message}", RuntimeWarning, stacklevel=1)
+      if self._max_consecutive is not None and sum(run.values()) >= self._max_consecutive:
+        raise RuntimeError(f"data: {sum(run.values())} records in a row were skipped (a whole epoch of this "
+                           f"host's records; reasons {run}; last: {x.message}); nothing left to train on.")
 
   def get_state(self):
     return {"parent": self._parent.get_state(), STATE_KEY: dict(self.counts)}
@@ -255,14 +261,17 @@ class _SkipCountingIterator(grain.DatasetIterator):
 
 
 class SkipCountingIterDataset(grain.IterDataset):
-  """Drops `Skipped` markers, counting them per reason in the iterator state."""
+  """Drops `Skipped` markers, counting them per reason in the iterator state. `max_consecutive`
+  skips in a row (an epoch's worth: every record unusable) raise RuntimeError instead of
+  spinning forever on a repeated dataset."""
 
-  def __init__(self, parent: grain.IterDataset, warn: bool = True):
+  def __init__(self, parent: grain.IterDataset, warn: bool = True, max_consecutive: int | None = None):
     super().__init__(parent)
     self._warn = warn
+    self._max_consecutive = max_consecutive
 
   def __iter__(self):
-    return _SkipCountingIterator(self._parent.__iter__(), self._warn)
+    return _SkipCountingIterator(self._parent.__iter__(), self._warn, self._max_consecutive)
 
   def __str__(self) -> str:
     return "SkipCountingIterDataset"
@@ -376,7 +385,9 @@ def make_dataset(c, *, process_index: int = 0, process_count: int = 1, seed: int
   ds = ds.map(_ReadDecode(source, spec))
   threads = per_host if c.prefetch else 0
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=c.prefetch * per_host))
-  ds = SkipCountingIterDataset(ds, warn=warn_skips)
+  # repeated forever, an epoch with nothing usable would spin: raise instead
+  epoch = usable // process_count if process_count > 1 else n
+  ds = SkipCountingIterDataset(ds, warn=warn_skips, max_consecutive=epoch if c.num_epochs is None else None)
   ds = ds.batch(per_host, drop_remainder=True, batch_fn=collate)
   if c.worker_count > 0:
     from absl import flags
