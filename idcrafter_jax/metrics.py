@@ -160,6 +160,7 @@ def motion_smoothness(videos):
 # ----------------------------------------------------------------------- region extraction
 
 
+@functools.partial(jax.jit, static_argnames=("size",))
 def crop_boxes(images, boxes, size: int):
   """Bilinear crops of normalised (y0, x0, y1, x1) boxes resized to (size, size).
   images (M, H, W, 3); boxes (M, 4) -> (M, size, size, 3). Degenerate boxes grow to one pixel."""

@@ -22,6 +22,7 @@ border). `box_landmarks` places the template inside a box when only a box is kno
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Sequence
 
@@ -265,6 +266,7 @@ def warp_affine(image, matrix, size: int):
   return acc
 
 
+@functools.partial(jax.jit, static_argnames=("size",))
 def align_faces(images, landmarks, size: int = 112):
   """images (B, H, W, 3); landmarks (B, 5, 2) (x, y) pixels -> (B, size, size, 3) aligned crops."""
   images = jnp.asarray(images, jnp.float32)
