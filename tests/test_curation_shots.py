@@ -35,14 +35,15 @@ def test_static_short_and_small_clips_are_dropped_with_reasons():
   cfg = default_config().shots
   cfg.min_frames = 15
   v = synthetic.make_video(4, scene_lengths=(20, 10, 24, 18), static_scenes=(2,), height=64, width=96)
-  cuts, clips = shots.split_clips(v["frames"], 16.0, cfg)
+  cuts, clips, shape = shots.split_clips(v["frames"], 16.0, cfg)
+  assert shape == (72, 64, 96)
   assert cuts == v["cuts"]
   assert [c.kept for c in clips] == [True, False, False, True]
   assert clips[1].reason.startswith("too short")
   assert clips[2].reason.startswith("too static") and clips[2].motion == 0.0
   assert clips[0].motion > cfg.min_motion
   cfg.min_height = 80
-  _, clips = shots.split_clips(v["frames"], 16.0, cfg)
+  _, clips, _ = shots.split_clips(v["frames"], 16.0, cfg)
   assert not any(c.kept for c in clips) and clips[0].reason.startswith("too small")
 
 
@@ -50,7 +51,7 @@ def test_long_shots_split_into_max_frames_clips():
   cfg = default_config().shots
   cfg.min_frames, cfg.max_frames = 8, 10
   v = synthetic.make_video(5, scene_lengths=(25,), height=64, width=96)
-  _, clips = shots.split_clips(v["frames"], 16.0, cfg)
+  _, clips, _ = shots.split_clips(v["frames"], 16.0, cfg)
   assert [(c.start, c.end, c.kept) for c in clips] == [(0, 10, True), (10, 20, True), (20, 25, False)]
 
 
@@ -67,7 +68,7 @@ def test_clip_motion_from_the_single_pass_equals_motion_score():
   cfg = default_config().shots
   cfg.min_frames = 2
   v = synthetic.make_video(6, scene_lengths=(12, 15), height=64, width=96)
-  _, clips = shots.split_clips(v["frames"], 16.0, cfg)
+  _, clips, _ = shots.split_clips(v["frames"], 16.0, cfg)
   for c in clips:
     np.testing.assert_allclose(c.motion, shots.motion_score(v["frames"][c.start:c.end], cfg.motion_stride),
                                rtol=1e-12)
@@ -76,3 +77,16 @@ def test_clip_motion_from_the_single_pass_equals_motion_score():
 def test_bad_frames_raise():
   with pytest.raises(ValueError, match="uint8"):
     shots.detect_cuts(np.zeros((3, 8, 8, 3), np.float32), 16.0)
+
+
+def test_scanning_a_running_decoder_equals_scanning_the_decoded_array(tmp_path):
+  from idcrafter_jax.data.curation import runner
+  v = synthetic.make_video(7, scene_lengths=(14, 16), height=64, width=96)
+  path = os.path.join(tmp_path, "v.mp4")
+  video_io.write_video(path, v["frames"], fps=16.0)
+  dec = runner.Decoder(path)
+  cuts, diffs, shape = shots.scan(dec, dec.fps)
+  frames, fps = dec.result()
+  cuts2, diffs2, shape2 = shots.scan(frames, fps)
+  assert cuts == cuts2 == v["cuts"] and shape == shape2 == (30, 64, 96) and fps == 16.0
+  np.testing.assert_array_equal(diffs, diffs2)

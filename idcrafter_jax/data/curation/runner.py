@@ -22,7 +22,9 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import queue
 import re
+import threading
 import time
 import traceback
 
@@ -90,48 +92,93 @@ class Job:
   force: bool = False
 
 
-def decode(path: str) -> tuple[np.ndarray, float]:
-  """A video file -> (uint8 RGB frames (T, H, W, 3), fps), decoded once in this process.
+class Decoder:
+  """Decodes a video file into one uint8 RGB buffer (T, H, W, 3) on a background thread.
 
-  mp4 / mov / mkv / avi / webm go through OpenCV's FFmpeg reader (in process: about 6x faster
-  here than piping raw frames out of an ffmpeg subprocess); GIF through `video.read_video`.
-  Raises ValueError for a file that is empty, cannot be opened or holds no frames.
+  Iterating yields each frame as soon as it is decoded, so the shot scan runs while the rest
+  decodes (OpenCV releases the GIL); `result()` waits and returns (frames, fps). mp4 / mov /
+  mkv / avi / webm go through OpenCV's FFmpeg reader, in process (about 6x faster here than
+  piping raw frames out of an ffmpeg subprocess); GIF through `video.read_video`. A file that
+  is missing, empty or cannot be opened raises ValueError at construction; one that holds no
+  decodable frame, from `result()`. The whole video is held in memory.
   """
-  import cv2
 
-  if not os.path.isfile(path):
-    raise ValueError(f"{path}: no such file.")
-  if os.path.getsize(path) == 0:
-    raise ValueError(f"{path} is empty (0 bytes); expected a video file.")
-  if path.lower().endswith(".gif"):
-    return video_io.read_video(path)
-  cap = cv2.VideoCapture(path)
-  try:
+  def __init__(self, path: str):
+    import cv2
+
+    if not os.path.isfile(path):
+      raise ValueError(f"{path}: no such file.")
+    if os.path.getsize(path) == 0:
+      raise ValueError(f"{path} is empty (0 bytes); expected a video file.")
+    self.path = path
+    self._frames, self._error, self._thread = None, None, None
+    if path.lower().endswith(".gif"):
+      self._frames, self.fps = video_io.read_video(path)
+      return
+    cap = cv2.VideoCapture(path)
     if not cap.isOpened():
+      cap.release()
       raise ValueError(f"{path} could not be opened as a video.")
-    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+    self.fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
     h, w = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
     if h < 1 or w < 1:
+      cap.release()
       raise ValueError(f"{path}: the video stream reports size {h}x{w}.")
-    buf = np.empty((max(1, int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)), h, w, 3), np.uint8)  # grows if short
-    n = 0
+    self._queue: queue.SimpleQueue = queue.SimpleQueue()
+    self._thread = threading.Thread(target=self._run, args=(cap, h, w), daemon=True)
+    self._thread.start()
+
+  def _run(self, cap, h: int, w: int) -> None:
+    import cv2
+
+    try:
+      buf = np.empty((max(1, int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)), h, w, 3), np.uint8)  # grows if short
+      n = 0
+      while True:
+        if n == buf.shape[0]:
+          buf = np.concatenate([buf, np.empty_like(buf)])
+        ok, frame = cap.read(buf[n])
+        if not ok:
+          break
+        if frame.shape != (h, w, 3):
+          raise ValueError(f"{self.path}: frame {n} is {frame.shape}; the stream reports {h}x{w}x3.")
+        if not np.shares_memory(frame, buf):
+          buf[n] = frame
+        cv2.cvtColor(buf[n], cv2.COLOR_BGR2RGB, dst=buf[n])
+        self._queue.put(buf[n])
+        n += 1
+      self._frames = buf[:n]
+    except Exception as e:  # noqa: BLE001  (raised in the reading thread)
+      self._error = e
+    finally:
+      cap.release()
+      self._queue.put(None)
+
+  def __iter__(self):
+    if self._thread is None:
+      yield from self._frames
+      return
     while True:
-      if n == buf.shape[0]:
-        buf = np.concatenate([buf, np.empty_like(buf)])
-      ok, frame = cap.read(buf[n])
-      if not ok:
+      frame = self._queue.get()
+      if frame is None:
         break
-      if frame.shape != (h, w, 3):
-        raise ValueError(f"{path}: frame {n} is {frame.shape}; the stream reports {h}x{w}x3.")
-      if not np.shares_memory(frame, buf):
-        buf[n] = frame
-      cv2.cvtColor(buf[n], cv2.COLOR_BGR2RGB, dst=buf[n])
-      n += 1
-  finally:
-    cap.release()
-  if n == 0:
-    raise ValueError(f"{path} holds no decodable video frames.")
-  return buf[:n], fps
+      yield frame
+    if self._error is not None:
+      raise self._error
+
+  def result(self) -> tuple[np.ndarray, float]:
+    if self._thread is not None:
+      self._thread.join()
+    if self._error is not None:
+      raise self._error
+    if self._frames is None or self._frames.shape[0] == 0:
+      raise ValueError(f"{self.path} holds no decodable video frames.")
+    return self._frames, self.fps
+
+
+def decode(path: str) -> tuple[np.ndarray, float]:
+  """A video file -> (uint8 RGB frames (T, H, W, 3), fps) (`Decoder`, waited for)."""
+  return Decoder(path).result()
 
 
 class _File:
@@ -169,12 +216,16 @@ def _load(job: Job, stage: str) -> dict:
 
 def _stage_shots(f: _File) -> dict:
   try:
-    frames = f.frames
-  except (ValueError, FileNotFoundError) as e:
+    if f._frames is not None:
+      source, dec = f._frames, None
+    else:
+      source = dec = Decoder(f.job.path)
+    cuts, clips, (t, h, w) = shot_mod.split_clips(source, dec.fps if dec else f.fps, f.job.cfg.shots)
+    if dec is not None:
+      f._frames, f.fps = dec.result()
+  except ValueError as e:
     return dict(status="skipped", source=os.path.abspath(f.job.path),
                 reason=str(e).replace(str(f.job.path), "<video>"))
-  cuts, clips = shot_mod.split_clips(frames, f.fps, f.job.cfg.shots)
-  t, h, w = frames.shape[:3]
   return dict(status="ok", source=os.path.abspath(f.job.path), fps=f.fps, num_frames=t, height=h, width=w,
               cuts=cuts, clips=[c.to_json() for c in clips])
 

@@ -33,9 +33,10 @@ def _grey(frame: np.ndarray, stride: int) -> np.ndarray:
   return np.ascontiguousarray(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)[::stride, ::stride])
 
 
-def scan(frames: np.ndarray, fps: float, *, threshold: float = 27.0, min_shot_len: int = 8,
-         downscale: int = 1, motion_stride: int = 2) -> tuple[list[int], np.ndarray]:
-  """One pass over uint8 (T, H, W, 3) RGB frames -> (cuts, diffs).
+def scan(frames, fps: float, *, threshold: float = 27.0, min_shot_len: int = 8, downscale: int = 1,
+         motion_stride: int = 2) -> tuple[list[int], np.ndarray, tuple[int, int, int]]:
+  """One pass over uint8 (H, W, 3) RGB frames (an array (T, H, W, 3) or any iterable of frames,
+  e.g. a decoder that is still running) -> (cuts, diffs, (T, H, W)).
 
   cuts: sorted frame indices where a new shot starts (0 excluded), from PySceneDetect's
   ContentDetector fed each frame (downscaled by `downscale`, as BGR). diffs: float64 (T - 1,)
@@ -46,32 +47,40 @@ def scan(frames: np.ndarray, fps: float, *, threshold: float = 27.0, min_shot_le
   from scenedetect.common import FrameTimecode
   from scenedetect.detectors import ContentDetector
 
-  frames = np.asarray(frames)
-  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-    raise ValueError(f"frames must be uint8 (T, H, W, 3); got {frames.dtype} {frames.shape}.")
   if downscale < 1 or motion_stride < 1:
     raise ValueError(f"downscale and motion_stride must be >= 1; got {downscale}, {motion_stride}.")
   if not fps > 0:
     fps = 25.0  # the rate only converts frame numbers to times inside the detector
   detector = ContentDetector(threshold=float(threshold), min_scene_len=int(min_shot_len))
-  cuts, tc, prev = [], None, None
-  diffs = np.zeros((max(frames.shape[0] - 1, 0),), np.float64)
-  for k in range(frames.shape[0]):
+  cuts, tc, prev, diffs, shape = [], None, None, [], None
+  for k, frame in enumerate(frames):
+    if shape is None:
+      shape = frame.shape
+      if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (H, W, 3) each; got {frame.dtype} {frame.shape}.")
+    elif frame.shape != shape:
+      raise ValueError(f"frame {k} is {frame.shape}; the first frame is {shape}.")
     tc = FrameTimecode(k, fps)
-    small = frames[k] if downscale == 1 else np.ascontiguousarray(frames[k, ::downscale, ::downscale])
+    small = frame if downscale == 1 else np.ascontiguousarray(frame[::downscale, ::downscale])
     cuts += detector.process_frame(tc, cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
-    grey = _grey(frames[k], motion_stride)
+    grey = _grey(frame, motion_stride)
     if prev is not None:
-      diffs[k - 1] = cv2.mean(cv2.absdiff(grey, prev))[0]
+      diffs.append(cv2.mean(cv2.absdiff(grey, prev))[0])
     prev = grey
-  if tc is not None:
-    cuts += detector.post_process(tc)
-  return sorted({int(c.frame_num) for c in cuts if 0 < int(c.frame_num) < frames.shape[0]}), diffs
+  if tc is None:
+    raise ValueError("no frames to scan.")
+  cuts += detector.post_process(tc)
+  t = len(diffs) + 1
+  return (sorted({int(c.frame_num) for c in cuts if 0 < int(c.frame_num) < t}), np.asarray(diffs, np.float64),
+          (t, shape[0], shape[1]))
 
 
 def detect_cuts(frames: np.ndarray, fps: float, *, threshold: float = 27.0, min_shot_len: int = 8,
                 downscale: int = 1) -> list[int]:
   """uint8 (T, H, W, 3) RGB -> sorted frame indices where a new shot starts (0 excluded)."""
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+    raise ValueError(f"frames must be uint8 (T, H, W, 3); got {frames.dtype} {frames.shape}.")
   return scan(frames, fps, threshold=threshold, min_shot_len=min_shot_len, downscale=downscale)[0]
 
 
@@ -90,11 +99,11 @@ def motion_score(frames: np.ndarray, stride: int = 2) -> float:
   return float(np.mean(np.abs(np.diff(grey, axis=0))))
 
 
-def split_clips(frames: np.ndarray, fps: float, cfg) -> tuple[list[int], list[Clip]]:
-  """Frames of one video -> (cuts, clips with keep / drop decisions) under the `shots` config."""
-  t, h, w = frames.shape[:3]
-  cuts, diffs = scan(frames, fps, threshold=cfg.threshold, min_shot_len=cfg.min_shot_len,
-                     downscale=cfg.downscale, motion_stride=cfg.motion_stride)
+def split_clips(frames, fps: float, cfg) -> tuple[list[int], list[Clip], tuple[int, int, int]]:
+  """Frames of one video (array or iterable, as `scan`) -> (cuts, clips with keep / drop
+  decisions, (T, H, W)) under the `shots` config."""
+  cuts, diffs, (t, h, w) = scan(frames, fps, threshold=cfg.threshold, min_shot_len=cfg.min_shot_len,
+                                downscale=cfg.downscale, motion_stride=cfg.motion_stride)
   clips = []
   for a, b in shots_from_cuts(cuts, t):
     a, b = a + cfg.trim, b - cfg.trim
@@ -113,4 +122,4 @@ def split_clips(frames: np.ndarray, fps: float, cfg) -> tuple[list[int], list[Cl
       else:
         reason = ""
       clips.append(Clip(int(s), int(e), motion, not reason, reason))
-  return cuts, clips
+  return cuts, clips, (t, h, w)
