@@ -3,9 +3,11 @@
 Modules: `records` (the record spec and the OpenS2V-style folder layout), `tfds_builder`
 (folder -> ArrayRecord shards, read back with `as_data_source`; no TensorFlow needed),
 `pipeline` (Grain: per-host sharding, seeded shuffle, decode, resize/crop, batching, prefetch,
-checkpointable state, skip-and-count), `synthetic` (textured shapes over textured backgrounds).
-Scripts: `launch/make_synthetic.py` writes a synthetic folder (and optionally its shards);
-`launch/precompute.py` caches normalised Wan VAE latents and Qwen2.5-VL features into new shards.
+checkpointable state, skip-and-count), `synthetic` (textured shapes over textured backgrounds)
+and `precompute` (normalised Wan VAE latents and Qwen2.5-VL features computed once and written into
+new shards, equal to what the trainer's frozen encoders compute online). Scripts:
+`launch/make_synthetic.py` writes a synthetic folder (and optionally its shards);
+`launch/precompute.py` runs `precompute` for a run config.
 
 Contract for the trainer
 ------------------------
@@ -34,7 +36,9 @@ and, when `use_cached` is True and the dataset was written by launch/precompute.
   'f_txt_mask'      bool    (B, L)
 
 A record that cannot be used (unreadable, corrupt clip or image, fewer than T frames, more than
-N_max subjects, features cached for other sizes) is skipped and counted, never raised. Bad
+N_max subjects, features cached for other sizes) is skipped, counted and warned about
+(`warn_skips=False` silences the warnings), never raised; only a repeated dataset whose
+every record in an epoch is unusable raises RuntimeError (instead of looping forever). Bad
 configuration (sizes not multiples of 16, T != 1 + 4k, a batch not divisible by the host count,
 a missing folder, a whole dataset cached for other sizes) raises ValueError / FileNotFoundError
 before any record is read.
@@ -43,7 +47,10 @@ Design choices: clips and images are stored encoded (mp4 / PNG bytes in TFDS `Te
 so TensorFlow is never needed; each clip contributes its first T frames, scaled to cover H x W
 and centre-cropped (one resolution per run: resolution buckets with several sizes are not
 implemented); `shuffle_seed` None reads in order, otherwise the order is a permutation seeded by
-(seed, shuffle_seed) and redrawn each epoch.
+(seed, shuffle_seed) and redrawn each epoch; with `process_count` hosts each takes every
+`process_count`-th record of that order (records beyond a multiple of `process_count` are
+dropped, so hosts get equal shares); `worker_count` > 0 interleaves the workers' batches, so the
+order differs from `worker_count` = 0 (deterministically) and the state holds one entry a worker.
 """
 import ml_collections
 

@@ -289,15 +289,9 @@ def skipped_by_reason(it) -> dict[str, int]:
           totals[k] = totals.get(k, 0) + int(v)
       for v in s.values():
         walk(v)
-    elif isinstance(s, (list, tuple)):
+    elif isinstance(s, (list, tuple)):  # worker processes: one state per worker
       for v in s:
         walk(v)
-    elif isinstance(s, (bytes, str)) and STATE_KEY in (s if isinstance(s, str) else s.decode("utf-8", "ignore")):
-      import json
-      try:
-        walk(json.loads(s))
-      except ValueError:
-        pass
 
   walk(it.get_state())
   return totals
