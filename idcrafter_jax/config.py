@@ -64,6 +64,7 @@ def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_c
   # Local folders the run starts from (launch/train.py; generate.py takes them as flags).
   c.init = ml_collections.ConfigDict(dict(wan_dit=None, wan_vae=None, vlm=None, processor=None,
                                           idcrafter_ckpt=None))
+  c.data = data_config()
   c.train = train_config()
   c.grpo = grpo_config()
   c.reward = reward_config()
@@ -71,9 +72,10 @@ def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_c
 
 
 def grpo_config() -> ml_collections.ConfigDict:
-  """Flow-GRPO (seed A.2, Table S.3; `rl/grpo.py`). The optimiser is `train`'s."""
+  """Flow-GRPO (seed A.2, Table S.3; `rl/grpo.py`). The optimiser is `train`'s; the prompts of an
+  iteration are one data batch (`data.global_batch_size`), each rolled out `group_size` times."""
   return ml_collections.ConfigDict(dict(
-      group_size=8, prompts_per_step=4, num_steps=10, shift=3.0, guidance_scale=4.5,
+      group_size=8, num_steps=10, shift=3.0, guidance_scale=4.5,
       noise_level=1.0, sde_type="sde", train_steps="all", train_fraction=1.0, window=(0, 10),
       clip_range=1e-4, adv_clip=5.0, beta=0.004, inner_epochs=1, minibatch=8,
       eval_every=20, eval_prompts=8, eval_seed=1234, sample_videos=2))
@@ -85,6 +87,18 @@ def reward_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       w_fid=0.6, w_qual=0.4, gamma=0.5,
       fidelity={"subject_color": 1.0}, quality={"temporal_consistency": 0.5, "contrast": 0.5}))
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """`idcrafter_jax.data.default_config()` plus what the loops need around it: the held-out split
+  GRPO evaluates on, and a synthetic dataset written into the workdir when `folder` is empty
+  (`synthetic_clips` > 0; the tiny configs)."""
+  from idcrafter_jax import data
+  c = data.default_config()
+  c.eval_split = "test"
+  c.synthetic_clips = 0
+  c.synthetic_test_clips = 0
+  return c
 
 
 def train_config() -> ml_collections.ConfigDict:

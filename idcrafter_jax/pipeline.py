@@ -245,12 +245,20 @@ def init_vlm(vlm: qwen2_5_vl.Qwen2_5_VL, key):
 
 
 def restore_params(path: str, like):
-  """Params saved by the trainer (an Orbax checkpoint of the param tree, or a step folder with 'params')."""
+  """ID-Crafter params from a trainer checkpoint: a step folder (`workdir/checkpoints/N`), its
+  `state` item, or an Orbax checkpoint of the param tree itself. Checked against `like`."""
   import orbax.checkpoint as ocp
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"ID-Crafter checkpoint {path!r} does not exist.")
-  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
-  sub = os.path.join(path, "params")
+  if os.path.isdir(os.path.join(path, "state")):
+    path = os.path.join(path, "state")
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(sub if os.path.isdir(sub) else path, target)
+    tree = ckptr.restore(path)
+  params = tree.get("params", tree) if isinstance(tree, dict) else tree
+  want = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), like)
+  got = jax.tree_util.tree_map(lambda x: (tuple(np.shape(x)), str(np.asarray(x).dtype)), params)
+  if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or want != got:
+    raise ValueError(f"checkpoint {path} holds params of another architecture than the configured model "
+                     "(different names or shapes); check model.*, hipa.* and max_subjects.")
+  return jax.tree_util.tree_map(lambda x, l: jnp.asarray(x, l.dtype), params, like)

@@ -31,6 +31,28 @@ def maybe_initialize_distributed():
       print(f"jax.distributed.initialize() skipped: {e}")
 
 
+def prepare_data(config, workdir: str):
+  """Validates the data section against the model and, for `data.synthetic_clips` > 0 with no
+  folder, writes the synthetic dataset into workdir/synthetic_data once (deterministic)."""
+  if config.data.max_subjects != config.model.max_subjects:
+    raise ValueError(f"data.max_subjects={config.data.max_subjects} != model.max_subjects="
+                     f"{config.model.max_subjects}.")
+  if config.data.folder:
+    return
+  if config.data.synthetic_clips <= 0:
+    raise ValueError("data.folder is empty: point it at a dataset (an OpenS2V-style folder or ArrayRecord "
+                     "shards, see idcrafter_jax/data) or set data.synthetic_clips > 0.")
+  from idcrafter_jax.data import synthetic
+  root = os.path.join(os.path.abspath(workdir), "synthetic_data")
+  if not os.path.isdir(os.path.join(root, "meta")):
+    d = config.data
+    synthetic.write_dataset(root, num_clips=d.synthetic_clips, test_clips=d.synthetic_test_clips,
+                            num_frames=d.num_frames, height=max(d.height, 16), width=max(d.width, 16),
+                            max_subjects=d.max_subjects, seed=config.seed)
+  with config.unlocked():
+    config.data.folder = root
+
+
 def build(config, workdir: str):
   """Pipeline (models), mesh, optimiser, abstract state and its shardings."""
   pipe = pipeline_lib.Pipeline.from_config(
@@ -48,6 +70,8 @@ def run(config, workdir: str, *, data_iterator=None, max_steps: int | None = Non
   from idcrafter_jax import data as data_lib
   tc = config.train
   maybe_initialize_distributed()
+  if data_iterator is None:
+    prepare_data(config, workdir)
   ckpt_lib.save_config(workdir, config)
   pipe, mesh, tx, boxed = build(config, workdir)
   it = data_iterator or data_lib.make_iterator(config.data, process_index=jax.process_index(),

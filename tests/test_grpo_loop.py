@@ -35,7 +35,7 @@ class Prompts:
 def _config(steps):
   c = tiny_config.get_config("grpo")
   c.train.update(steps=steps, ckpt_every=2, async_ckpt=False)
-  c.grpo.update(group_size=2, prompts_per_step=2, num_steps=3, minibatch=2, eval_every=2, sample_videos=1)
+  c.grpo.update(group_size=2, num_steps=3, minibatch=2, eval_every=2, sample_videos=1)
   return c
 
 

@@ -142,3 +142,9 @@ def test_resume_is_exact(tmp_path, monkeypatch):
   assert [r["step"] for r in rows_b] == list(range(1, 7))
   assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
   assert json.loads((tmp_path / "straight" / "config.json").read_text())["train"]["steps"] == 6
+  # generate.py --idcrafter_ckpt reads the params of a step folder
+  from idcrafter_jax import pipeline
+  p = pipeline.restore_params(os.path.join(a, "checkpoints", "6"), s_full.params)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), p, s_full.params)
+  with pytest.raises(ValueError, match="another architecture"):
+    pipeline.restore_params(os.path.join(a, "checkpoints", "6"), {"w": jnp.zeros(3)})

@@ -1,6 +1,6 @@
 """The Flow-GRPO training loop: prompts -> group rollouts -> rewards -> clipped updates, resumable.
 
-Each iteration takes `grpo.prompts_per_step` prompts (with their subjects) from the data
+Each iteration takes one data batch of prompts (`data.global_batch_size`, with their subjects) from the data
 iterator, rolls out `grpo.group_size` videos per prompt, scores them (`reward`), normalises
 advantages inside each group and updates the policy (`rl/grpo.py`). Every `grpo.eval_every`
 iterations the policy is scored on a fixed held-out prompt set with fixed noise, so the eval
@@ -81,6 +81,8 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
   tc, gc = config.train, grpo.GRPOConfig.from_config(config.grpo)
   g = gc.group_size
   sft.maybe_initialize_distributed()
+  if data_iterator is None or eval_batches is None:
+    sft.prepare_data(config, workdir)
   ckpt_lib.save_config(workdir, config)
   reward_fn = rewards_lib.from_config(config.reward)
   pipe, mesh, tx, boxed = sft.build(config, workdir)
