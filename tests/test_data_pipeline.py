@@ -215,3 +215,26 @@ def test_worker_processes_give_the_same_batches(dataset):
   for x, y in zip(ref, got):
     _assert_batches_equal(x, y)
   assert data.skipped_count(it) == 0
+
+
+def test_resolution_buckets_batch_one_size_and_resume_exactly(tmp_path):
+  raw = str(tmp_path / "raw")
+  synthetic.write_dataset(raw, num_clips=6, num_frames=5, sizes=((64, 64), (64, 128)), seed=2)
+  c = _config(raw, num_frames=5, buckets=((64, 128), (128, 64)), global_batch_size=2)
+  it = data.make_iterator(c, seed=1)
+  _take(it, 2)
+  state = json.loads(json.dumps(it.get_state()))
+  assert state["buffered"] == {"64x128": [3]}  # a wide clip waits for its batch; resume reads it again
+  expected = _take(it, 5)
+  shapes = set()
+  for b in expected:
+    shapes.add(b["video"].shape)
+    wide = b["video"].shape[3] == 128
+    assert all((int(i[-1]) % 2 == 1) == wide for i in b["id"])  # odd clips are 64x128
+    assert (b["subject_boxes"] >= 0).all() and (b["subject_boxes"] <= 1).all()
+  assert shapes == {(2, 5, 64, 64, 3), (2, 5, 64, 128, 3)}
+  resumed = data.make_iterator(c, seed=1)
+  resumed.set_state(state)
+  for x, y in zip(expected, _take(resumed, 5)):
+    _assert_batches_equal(x, y)
+  assert pipeline.DecodeSpec.from_config(c).bucket_for(720, 1280) == (64, 128)

@@ -18,6 +18,7 @@ Contract for the trainer
   data.skipped_count(it)      # records skipped so far (`skipped_by_reason(it)`: per reason)
 
   'video'           float32 (B, T, H, W, 3) in [-1, 1]      T = num_frames (1 + 4k), H x W = height x width
+                                                           (or, with `buckets`, one bucket's size a batch)
   'caption'         object  (B,) of python str
   'id'              object  (B,) of python str              the clip ids (for logs and evaluation)
   'subject_images'  float32 (B, N_max, h, w, 3) in [-1, 1]  subjects composited on white and fitted
@@ -44,9 +45,11 @@ a missing folder, a whole dataset cached for other sizes) raises ValueError / Fi
 before any record is read.
 
 Design choices: clips and images are stored encoded (mp4 / PNG bytes in TFDS `Tensor` features)
-so TensorFlow is never needed; each clip contributes its first T frames, scaled to cover H x W
-and centre-cropped (one resolution per run: resolution buckets with several sizes are not
-implemented); `shuffle_seed` None reads in order, otherwise the order is a permutation seeded by
+so TensorFlow is never needed; each clip contributes its first T frames, scaled to cover its
+resolution bucket and centre-cropped: (height, width), or with `buckets` = ((H, W), ...) the
+size (height x width included) whose aspect ratio is nearest the clip's, a batch holding one
+size (the iterator state then also lists the source indices waiting in partly filled buckets);
+`shuffle_seed` None reads in order, otherwise the order is a permutation seeded by
 (seed, shuffle_seed) and redrawn each epoch; with `process_count` hosts each takes every
 `process_count`-th record of that order (records beyond a multiple of `process_count` are
 dropped, so hosts get equal shares); `worker_count` > 0 interleaves the workers' batches, so the
@@ -64,14 +67,16 @@ def default_config() -> ml_collections.ConfigDict:
   folder: an OpenS2V-style dataset root (meta/, clips/, subjects/) or a TFDS ArrayRecord directory
   (the `data_dir` given to the builder, or its subject_video/<version> folder). split: 'train'
   or another split of the metadata. num_frames (1 + 4k), height, width (multiples of 16): the
-  clip size. subject_height, subject_width: the subject image size. max_subjects: N_max.
+  clip size. buckets: None, or more (H, W) sizes; each clip goes to the one of these and
+  (height, width) nearest its aspect ratio, and each batch holds one size. subject_height, subject_width: the subject image size. max_subjects: N_max.
   global_batch_size: over all hosts. shuffle_seed: None reads in order. num_epochs: None
   repeats forever. worker_count: Grain worker processes (0: decode in this process).
   prefetch: batches decoded ahead by threads (0: decode on demand). use_cached: emit cached
   latents / features when the dataset has them.
   """
   return ml_collections.ConfigDict(dict(
-      folder="", split="train", num_frames=17, height=64, width=64, subject_height=32, subject_width=32,
+      folder="", split="train", num_frames=17, height=64, width=64,
+      buckets=ml_collections.config_dict.placeholder(tuple), subject_height=32, subject_width=32,
       max_subjects=3, global_batch_size=2, shuffle_seed=0,
       num_epochs=ml_collections.config_dict.placeholder(int), worker_count=0, prefetch=2,
       use_cached=True))

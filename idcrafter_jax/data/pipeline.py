@@ -1,11 +1,13 @@
 """The Grain input pipeline: records -> decoded, resized, batched samples for the trainer.
 
   index range --shuffle(seed)--> per-host slice --repeat(num_epochs)--> read + decode (threads)
-    --> skip and count unreadable records --> batch (per-host batch) --> [worker processes]
+    --> skip and count unreadable records --> batch (per-host batch; per resolution bucket when
+    there are several) --> [worker processes]
 
 Per-host sharding slices one global shuffled order, so hosts see disjoint records every epoch.
 Decoding (`decode`) reads the first `num_frames` frames of the clip, scales and centre-crops
-them to (height, width) (`video.resize_video`, 'crop'), composites each subject image on white
+them to its resolution bucket (`video.resize_video`, 'crop'): (height, width), or with
+`buckets` the size whose aspect ratio is nearest the clip's; composites each subject image on white
 (RGBA alpha, times the subject mask when there is one) and fits it with padding to
 (subject_height, subject_width) (`video.fit_image`, 'pad', as `Pipeline.encode_subjects`
 does at inference), and maps the subject boxes through the same crop. A record that does not
@@ -54,11 +56,18 @@ class DecodeSpec:
   subject_width: int
   max_subjects: int
   use_cached: bool = False
+  buckets: tuple[tuple[int, int], ...] | None = None  # other (H, W) sizes besides (height, width)
 
   @classmethod
   def from_config(cls, c, use_cached: bool | None = None) -> "DecodeSpec":
+    buckets = c.get("buckets")
+    if buckets is not None:
+      try:
+        buckets = tuple((int(h), int(w)) for h, w in buckets)
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"data.buckets={buckets!r} must be a list of (height, width) pairs.") from e
     return cls(int(c.num_frames), int(c.height), int(c.width), int(c.subject_height), int(c.subject_width),
-               int(c.max_subjects), bool(c.use_cached if use_cached is None else use_cached))
+               int(c.max_subjects), bool(c.use_cached if use_cached is None else use_cached), buckets)
 
   def __post_init__(self):
     if self.num_frames < 1 or (self.num_frames - 1) % 4:
@@ -68,16 +77,29 @@ class DecodeSpec:
       v = getattr(self, name)
       if v <= 0 or v % 16:
         raise ValueError(f"data.{name}={v} must be a positive multiple of 16 (8x VAE, then 2x2 DiT patches).")
+    for h, w in self.buckets or ():
+      if h <= 0 or w <= 0 or h % 16 or w % 16:
+        raise ValueError(f"data.buckets holds {h}x{w}; every size must be positive multiples of 16.")
     if self.max_subjects < 1:
       raise ValueError(f"data.max_subjects={self.max_subjects} must be >= 1.")
 
   @property
-  def cache_key(self) -> str:
-    return records.cache_key(self.num_frames, self.height, self.width, self.subject_height, self.subject_width)
+  def sizes(self) -> tuple[tuple[int, int], ...]:
+    """The resolution buckets: (height, width), then `buckets` (duplicates removed)."""
+    return tuple(dict.fromkeys(((self.height, self.width),) + tuple(self.buckets or ())))
 
-  @property
-  def latent_shape(self) -> tuple[int, int, int, int]:
-    return (1 + (self.num_frames - 1) // 4, self.height // 8, self.width // 8, records.Z_DIM)
+  def bucket_for(self, h: int, w: int) -> tuple[int, int]:
+    """The size whose aspect ratio is nearest the clip's (in log ratio; the first on ties)."""
+    r = np.log(w / h)
+    return min(self.sizes, key=lambda s: abs(np.log(s[1] / s[0]) - r))
+
+  def cache_key(self, size: tuple[int, int] | None = None) -> str:
+    h, w = size or (self.height, self.width)
+    return records.cache_key(self.num_frames, h, w, self.subject_height, self.subject_width)
+
+  def latent_shape(self, size: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+    h, w = size or (self.height, self.width)
+    return (1 + (self.num_frames - 1) // 4, h // 8, w // 8, records.Z_DIM)
 
   @property
   def subject_latent_shape(self) -> tuple[int, int, int, int]:
@@ -174,27 +196,28 @@ def decode(record: Any, spec: DecodeSpec) -> dict[str, Any] | Skipped:
   mask = np.zeros((spec.max_subjects,), bool)
   mask[:n] = True
   boxes = np.zeros((spec.max_subjects, 4), np.float32)
-  boxes[:n] = crop_boxes(rec["subject_boxes"], frames.shape[1:3], (spec.height, spec.width))
+  size = spec.bucket_for(*frames.shape[1:3])
+  boxes[:n] = crop_boxes(rec["subject_boxes"], frames.shape[1:3], size)
   boxes[:n] *= rec["subject_has_box"][:, None]
-  out = dict(video=video_io.to_model(video_io.resize_video(frames, (spec.height, spec.width), "crop")),
+  out = dict(video=video_io.to_model(video_io.resize_video(frames, size, "crop")),
              caption=rec["caption"], id=rid, subject_images=subjects, subject_mask=mask, subject_boxes=boxes)
   if spec.use_cached:
-    cached = _cached_arrays(rec, spec, n)
+    cached = _cached_arrays(rec, spec, n, size)
     if isinstance(cached, Skipped):
       return cached
     out.update(cached)
   return out
 
 
-def _cached_arrays(rec, spec: DecodeSpec, n: int) -> dict[str, np.ndarray] | Skipped:
+def _cached_arrays(rec, spec: DecodeSpec, n: int, size: tuple[int, int]) -> dict[str, np.ndarray] | Skipped:
   rid = rec["id"]
   if not rec["cached"]:
     return Skipped("not_cached", rid, "data.use_cached is set but this record has no cached features.")
-  if rec["cache_key"] != spec.cache_key:
-    return Skipped("cache_mismatch", rid, f"cached for {rec['cache_key']}, the config needs {spec.cache_key}.")
+  if rec["cache_key"] != spec.cache_key(size):
+    return Skipped("cache_mismatch", rid, f"cached for {rec['cache_key']}, the config needs {spec.cache_key(size)}.")
   lat, subj = rec["latents"], rec["subject_latents"]
   f_txt, f_mask = rec["f_txt"], rec["f_txt_mask"]
-  if lat.shape != spec.latent_shape or subj.shape != (n, *spec.subject_latent_shape) \
+  if lat.shape != spec.latent_shape(size) or subj.shape != (n, *spec.subject_latent_shape) \
      or f_txt.ndim != 2 or f_mask.shape != f_txt.shape[:1]:
     return Skipped("cache_mismatch", rid, f"cached shapes latents {lat.shape}, subject_latents {subj.shape}, "
                    f"f_txt {f_txt.shape}, f_txt_mask {f_mask.shape} do not fit {spec}.")
@@ -215,13 +238,17 @@ def read_and_decode(source, index: int, spec: DecodeSpec) -> tuple[Any, dict[str
 
 
 class _ReadDecode:
-  """Index -> decoded sample or Skipped (a picklable callable, for worker processes)."""
+  """Index -> decoded sample or Skipped (a picklable callable, for worker processes); with
+  `with_index` the sample also carries its source index as '_index' (for bucketing)."""
 
-  def __init__(self, source, spec: DecodeSpec):
-    self.source, self.spec = source, spec
+  def __init__(self, source, spec: DecodeSpec, with_index: bool = False):
+    self.source, self.spec, self.with_index = source, spec, with_index
 
   def __call__(self, index):
-    return read_and_decode(self.source, index, self.spec)[1]
+    x = read_and_decode(self.source, index, self.spec)[1]
+    if self.with_index and not isinstance(x, Skipped):
+      x["_index"] = int(index)
+    return x
 
 
 # ----------------------------------------------------------------------------- skipping
@@ -275,6 +302,60 @@ class SkipCountingIterDataset(grain.IterDataset):
 
   def __str__(self) -> str:
     return "SkipCountingIterDataset"
+
+
+# ----------------------------------------------------------------------------- bucketing
+
+
+class _BucketBatchIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int, reread):
+    super().__init__(parent)
+    self._batch_size = batch_size
+    self._reread = reread
+    self.buffers: dict[str, list[tuple[int, dict]]] = {}  # "HxW" -> [(source index, sample)]
+
+  def __next__(self):
+    while True:
+      x = dict(next(self._parent))  # at the end, partly filled buckets are dropped
+      index = x.pop("_index")
+      key = "{}x{}".format(*x["video"].shape[1:3])
+      buf = self.buffers.setdefault(key, [])
+      buf.append((index, x))
+      if len(buf) == self._batch_size:
+        del self.buffers[key]
+        return collate([s for _, s in buf])
+
+  def get_state(self):
+    return {"parent": self._parent.get_state(),
+            "buffered": {k: [i for i, _ in v] for k, v in self.buffers.items()}}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self.buffers = {}
+    for key, indices in state["buffered"].items():  # decoding is deterministic: read them again
+      samples = [(int(i), self._reread(int(i))) for i in indices]
+      self.buffers[key] = [(i, s) for i, s in samples if not isinstance(s, Skipped)]
+
+  def __str__(self) -> str:
+    return f"BucketBatchIterator(batch_size={self._batch_size})"
+
+
+class BucketBatchIterDataset(grain.IterDataset):
+  """Batches samples of one resolution bucket together: each bucket fills its own batch, and a
+  batch is emitted when one is full. The state holds the source indices of the samples waiting
+  in partly filled buckets (small, JSON), which are decoded again on restore."""
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int, reread):
+    super().__init__(parent)
+    self._batch_size = batch_size
+    self._reread = reread
+
+  def __iter__(self):
+    return _BucketBatchIterator(self._parent.__iter__(), self._batch_size, self._reread)
+
+  def __str__(self) -> str:
+    return f"BucketBatchIterDataset(batch_size={self._batch_size})"
 
 
 def skipped_by_reason(it) -> dict[str, int]:
@@ -336,9 +417,10 @@ def _probe_cache(source, spec: DecodeSpec, n: int, probe: int = 8) -> bool:
       continue
     if not rec["cached"]:
       return False
-    if rec["cache_key"] != spec.cache_key:
+    keys = [spec.cache_key(size) for size in spec.sizes]
+    if rec["cache_key"] not in keys:
       raise ValueError(f"the dataset's features were cached for {rec['cache_key']}, but the data config asks "
-                       f"for {spec.cache_key}; rerun launch/precompute.py or set data.use_cached=False.")
+                       f"for {' or '.join(keys)}; rerun launch/precompute.py or set data.use_cached=False.")
     return True
   return False
 
@@ -376,13 +458,17 @@ def make_dataset(c, *, process_index: int = 0, process_count: int = 1, seed: int
   if process_count > 1:
     ds = ds[process_index:usable:process_count]
   ds = ds.repeat(c.num_epochs)
-  ds = ds.map(_ReadDecode(source, spec))
+  bucketed = len(spec.sizes) > 1
+  ds = ds.map(_ReadDecode(source, spec, with_index=bucketed))
   threads = per_host if c.prefetch else 0
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=c.prefetch * per_host))
   # repeated forever, an epoch with nothing usable would spin: raise instead
   epoch = usable // process_count if process_count > 1 else n
   ds = SkipCountingIterDataset(ds, warn=warn_skips, max_consecutive=epoch if c.num_epochs is None else None)
-  ds = ds.batch(per_host, drop_remainder=True, batch_fn=collate)
+  if bucketed:
+    ds = BucketBatchIterDataset(ds, per_host, _ReadDecode(source, spec))
+  else:
+    ds = ds.batch(per_host, drop_remainder=True, batch_fn=collate)
   if c.worker_count > 0:
     from absl import flags
     if not flags.FLAGS.is_parsed():  # outside an absl app (notebook, pytest): Grain reads its flag defaults

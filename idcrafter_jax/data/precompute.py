@@ -116,7 +116,7 @@ def precompute(source: str, out_dir: str, data_config, enc: Encoders, splits=("t
         print(f"skipping {sample.id} ({sample.reason}): {sample.message}")
         continue
       rec = records.normalize(rec)
-      rec.update(encode_sample(sample, enc), cached=True, cache_key=spec.cache_key)
+      rec.update(encode_sample(sample, enc), cached=True, cache_key=spec.cache_key(sample["video"].shape[1:3]))
       if log_every and (i + 1) % log_every == 0:
         print(f"{split}: {i + 1}/{len(src)} records encoded")
       yield rec["id"], rec

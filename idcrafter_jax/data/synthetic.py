@@ -135,13 +135,17 @@ def make_clip(seed: int, index: int, *, num_frames: int = 17, height: int = 64, 
 
 
 def write_dataset(root: str, *, num_clips: int = 16, num_frames: int = 17, height: int = 64, width: int = 64,
-                  max_subjects: int = 3, seed: int = 0, fps: float = 8.0, test_clips: int = 0) -> list[str]:
+                  max_subjects: int = 3, seed: int = 0, fps: float = 8.0, test_clips: int = 0,
+                  sizes=None) -> list[str]:
   """Writes `num_clips` clips under `root` (the `records` layout); the last `test_clips` get
-  split 'test', the others 'train'. Returns the metadata paths."""
+  split 'test', the others 'train'. `sizes`: (H, W) pairs that clip i cycles through (i mod
+  len), instead of height x width for all. Returns the metadata paths."""
   if num_clips < 1 or not 0 <= test_clips <= num_clips:
     raise ValueError(f"num_clips={num_clips} must be >= 1 and test_clips={test_clips} in [0, num_clips].")
-  if height % 2 or width % 2 or height < 16 or width < 16:
-    raise ValueError(f"height x width = {height}x{width} must be even and at least 16 (mp4, yuv420p).")
+  sizes = [(int(h), int(w)) for h, w in (sizes or [(height, width)])]
+  for h, w in sizes:
+    if h % 2 or w % 2 or h < 16 or w < 16:
+      raise ValueError(f"height x width = {h}x{w} must be even and at least 16 (mp4, yuv420p).")
   if num_frames < 1 or max_subjects < 1:
     raise ValueError(f"num_frames={num_frames} and max_subjects={max_subjects} must be >= 1.")
   for d in ("meta", "clips", "subjects"):
@@ -149,6 +153,7 @@ def write_dataset(root: str, *, num_clips: int = 16, num_frames: int = 17, heigh
   paths = []
   for i in range(num_clips):
     cid = f"clip_{i:05d}"
+    height, width = sizes[i % len(sizes)]
     clip = make_clip(seed, i, num_frames=num_frames, height=height, width=width, max_subjects=max_subjects)
     video_io.write_video(os.path.join(root, "clips", f"{cid}.mp4"), clip["frames"], fps=fps)
     os.makedirs(os.path.join(root, "subjects", cid), exist_ok=True)
