@@ -339,7 +339,8 @@ class VLMScorer:
   Each sequence is padded to a bucket length so repeated calls reuse one compilation.
   """
 
-  def __init__(self, vlm, params, processor, *, level_rows=None, buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048)):
+  def __init__(self, vlm, params, processor, *, level_rows=None,
+               buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048)):
     self.vlm, self.params, self.processor = vlm, params, processor
     self.level_rows = None if level_rows is None else jnp.asarray(level_rows, jnp.float32)
     self.buckets = tuple(sorted(buckets))

@@ -5,7 +5,6 @@ features within 1e-4 (float32); the aesthetic MLP against a torch nn.Sequential 
 LAION improved-aesthetic-predictor layout within 1e-5.
 """
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from idcrafter_jax import weights
 from idcrafter_jax.models import aesthetic, clip
 
 

@@ -46,7 +46,8 @@ def model_cfg(tmp_path_factory):
                              torch.nn.Dropout(), torch.nn.Linear(128, 64), torch.nn.Dropout(),
                              torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
   os.makedirs(root / "aes")
-  save_file({f"layers.{k}": v.contiguous() for k, v in head.state_dict().items()}, str(root / "aes" / "model.safetensors"))
+  save_file({f"layers.{k}": v.contiguous() for k, v in head.state_dict().items()},
+            str(root / "aes" / "model.safetensors"))
   net = test_face.TorchIResNet((1, 1, 1, 1), (8, 8, 16, 16), 16, S).eval()
   os.makedirs(root / "face")
   save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "face" / "model.safetensors"))

@@ -200,7 +200,8 @@ def test_q_align_is_the_level_softmax_of_the_next_token(vlm_scorer):
   s = vlm_scorer.q_align(video, num_frames=2)
   assert s.shape == (1,) and 0.0 <= float(s[0]) <= 1.0
   frames = metrics.to_uint8_frames(video[0], 2)
-  content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "How would you rate the quality of this video?"}]
+  question = "How would you rate the quality of this video?"
+  content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": question}]
   h = vlm_scorer._last_hidden([vlm_scorer._render(content, None, "The quality of the video is")], frames)[0]
   rows = jnp.zeros((5, h.shape[0])).at[0].set(100.0 * h / jnp.linalg.norm(h))  # 'excellent' dominates
   sure = metrics.VLMScorer(vlm_scorer.vlm, vlm_scorer.params, vlm_scorer.processor, level_rows=rows)

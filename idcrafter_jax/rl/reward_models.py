@@ -24,7 +24,6 @@ be passed to `build_reward_models`; without one the sample's boxes (or whole fra
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping
 
 import jax
