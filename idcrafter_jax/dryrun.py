@@ -158,6 +158,7 @@ class Result:
   estimated_seconds: float | None = None
   compile_seconds: float = math.nan
   error: str | None = None
+  error_detail: str | None = None  # the compiler's full message (e.g. its list of the largest buffers)
 
   @property
   def peak_bytes(self) -> int:
@@ -284,6 +285,7 @@ def compile_train_step(config, shape: Shape, devices, *, chip: str | None = None
     except Exception as e:  # noqa: BLE001 -- XLA reports OOM and unsupported programs as runtime errors
       result.compile_seconds = time.perf_counter() - start
       result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      result.error_detail = str(e)[:20000]
       return result
     result.compile_seconds = time.perf_counter() - start
   mem = compiled.memory_analysis()

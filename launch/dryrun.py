@@ -62,6 +62,8 @@ def main(argv):
     r = dryrun.compile_train_step(config, shape_fn(dict(config.mesh)), devices, chip=chip, target=target,
                                   variant=variant)
     print(r.row())
+    if r.error_detail:
+      print(r.error_detail)
     results = [r]
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "a") as f:
