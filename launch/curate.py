@@ -58,6 +58,8 @@ def main(argv):
         summary[(stage, state.split(":")[0])] += 1
         if state.startswith(("skipped", "failed")) and not reported:
           print(f"{r['video']}: {stage} {state}")
+          if state.startswith("failed"):
+            print(r["traceback"])
           reported = True
     for (stage, state), n in sorted(summary.items()):
       print(f"{stage:>10} {state:<8} {n} videos")

@@ -31,11 +31,12 @@ def register_captioner(name: str, factory: Callable[[], Captioner]) -> None:
   _CAPTIONERS[name] = factory
 
 
-def make_captioner(name: str) -> Captioner:
+def make_captioner(name: str, build: bool = True) -> Captioner | None:
+  """The registered backend `name`, built (or only checked to exist, with build=False)."""
   if name not in _CAPTIONERS:
     raise ValueError(f"captions.captioner = {name!r} is not registered; registered: {sorted(_CAPTIONERS)} "
                      "(register one with captions.register_captioner(name, factory)).")
-  return _CAPTIONERS[name]()
+  return _CAPTIONERS[name]() if build else None
 
 
 def caption_clip(cfg, *, annotation_caption: str | None, frames: np.ndarray | None = None,

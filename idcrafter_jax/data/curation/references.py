@@ -86,14 +86,15 @@ def register_editor(name: str, factory: Callable[[], ImageEditor]) -> None:
   _EDITORS[name] = factory
 
 
-def make_editor(name: str) -> ImageEditor:
+def make_editor(name: str, build: bool = True) -> ImageEditor | None:
+  """The registered backend `name`, built (or only checked to exist, with build=False)."""
   if not name:
     raise ValueError("references.strategy = 'generate' needs references.editor naming a registered "
                      f"image-editing backend; none is configured (registered: {sorted(_EDITORS)}). "
                      "No backend is built in: register one with references.register_editor(name, factory).")
   if name not in _EDITORS:
     raise ValueError(f"references.editor = {name!r} is not registered; registered: {sorted(_EDITORS)}.")
-  return _EDITORS[name]()
+  return _EDITORS[name]() if build else None
 
 
 def load_template(path: str = "") -> str:

@@ -11,8 +11,9 @@ Work directory (one folder per source video, `<workdir>/<video id>/`):
   write.json        the clip ids written to the output folder
 
 Each stage's JSON is its done-marker (written atomically, last): a rerun skips a (file, stage)
-whose JSON exists unless `force` is set; a stage whose input stage has not run for a file
-reports that file as failed. Within one call the video is decoded at most once for all stages
+whose JSON exists unless `force` is set (forcing a stage does not redo the stages after it:
+force those too); a stage whose input stage has not run for a file reports that file as
+failed, and a failed stage leaves no JSON, so the next run retries it. Within one call the video is decoded at most once for all stages
 (`decode`: the whole video is held in memory, so very long or large sources should be split
 first).
 """
@@ -187,6 +188,7 @@ class _File:
   def __init__(self, job: Job):
     self.job = job
     self._frames = None
+    self._annotations = None
     self.fps = 0.0
 
   @property
@@ -196,10 +198,11 @@ class _File:
     return self._frames
 
   def annotations(self) -> dict:
-    side = os.path.splitext(self.job.path)[0] + ".json"
-    if not os.path.exists(side):
-      return dict(caption=None, frames={})
-    return subj_mod.load_annotations(side)
+    """The sidecar `<stem>.json` (parsed once); no sidecar: no caption, no subjects."""
+    if self._annotations is None:
+      side = os.path.splitext(self.job.path)[0] + ".json"
+      self._annotations = subj_mod.load_annotations(side) if os.path.exists(side) else dict(caption=None, frames={})
+    return self._annotations
 
 
 def _path(job: Job, stage: str) -> str:
@@ -326,10 +329,11 @@ def _stage_write(f: _File, shots: dict, subjects: dict, refs: dict, caps: dict) 
 
 def run_file(job: Job) -> dict:
   """All selected stages of one file. Returns {"video", "stages": {stage: state}, "seconds"}
-  where state is 'done', 'cached' (already done), 'skipped: <reason>' or 'failed: <error>'."""
+  where state is 'done', 'cached' (already done), 'skipped: <reason>' or 'failed: <error>', and
+  "traceback" (of the failure, '' if none)."""
   t0 = time.perf_counter()
   f = _File(job)
-  states = {}
+  states, error = {}, ""
   os.makedirs(job.workdir, exist_ok=True)
   for stage in STAGES:
     if stage not in job.stages:
@@ -360,10 +364,9 @@ def run_file(job: Job) -> dict:
       states[stage] = "done" if res["status"] == "ok" else f"skipped: {res['reason']}"
     except Exception as e:  # noqa: BLE001  (one bad file must not stop the others)
       states[stage] = f"failed: {type(e).__name__}: {e}"
-      if os.environ.get("IDCRAFTER_CURATE_TRACEBACK"):
-        traceback.print_exc()
+      error = traceback.format_exc()
       break
-  return dict(video=job.path, vid=job.vid, stages=states, seconds=time.perf_counter() - t0)
+  return dict(video=job.path, vid=job.vid, stages=states, seconds=time.perf_counter() - t0, traceback=error)
 
 
 def run(input_dir: str, workdir: str, output: str, cfg, *, stages=STAGES, workers: int = 1,
@@ -373,8 +376,13 @@ def run(input_dir: str, workdir: str, output: str, cfg, *, stages=STAGES, worker
   if bad or not stages:
     raise ValueError(f"stages {list(stages)}: expected a non-empty subset of {STAGES}.")
   check_config(cfg)
+  # a backend that is not registered fails before any work
   if "references" in stages and cfg.references.strategy == "generate":
-    ref_mod.make_editor(cfg.references.editor)  # a missing backend fails before any work
+    ref_mod.make_editor(cfg.references.editor, build=False)
+  if "subjects" in stages and cfg.subjects.source == "detector":
+    subj_mod.make_detector(cfg.subjects.detector, build=False)
+  if "captions" in stages and cfg.captions.source == "captioner":
+    cap_mod.make_captioner(cfg.captions.captioner)
   paths = list_videos(input_dir)
   jobs = [Job(p, video_id(p, input_dir), os.path.join(workdir, video_id(p, input_dir)), output, cfg,
               tuple(stages), force) for p in paths]

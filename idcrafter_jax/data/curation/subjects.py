@@ -173,11 +173,12 @@ def register_detector(name: str, factory: Callable[[], Detector]) -> None:
   _DETECTORS[name] = factory
 
 
-def make_detector(name: str) -> Detector:
+def make_detector(name: str, build: bool = True) -> Detector | None:
+  """The registered backend `name`, built (or only checked to exist, with build=False)."""
   if name not in _DETECTORS:
     raise ValueError(f"subjects.detector = {name!r} is not registered; registered: {sorted(_DETECTORS)} "
                      "(register one with subjects.register_detector(name, factory)).")
-  return _DETECTORS[name]()
+  return _DETECTORS[name]() if build else None
 
 
 def detect(detector: Detector, frames: np.ndarray, start: int, end: int, count: int) -> dict[int, list[Detection]]:
