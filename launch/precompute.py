@@ -19,15 +19,19 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config (VLM settings, seed, random_init).")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py",
+                                          "Run config (VLM settings, seed, random_init).")
 _FOLDER = flags.DEFINE_string("folder", None, "Dataset root or ArrayRecord directory to read.")
-_OUT = flags.DEFINE_string("out_dir", None, "Directory for the cached ArrayRecord shards (must not hold a dataset).")
+_OUT = flags.DEFINE_string("out_dir", None,
+                           "Directory for the cached ArrayRecord shards (must not hold a dataset).")
 _SPLITS = flags.DEFINE_list("splits", ["train"], "Splits to encode.")
-_WAN_VAE = flags.DEFINE_string("wan_vae", None, "diffusers AutoencoderKLWan folder (default: config.init.wan_vae).")
+_WAN_VAE = flags.DEFINE_string("wan_vae", None,
+                               "diffusers AutoencoderKLWan folder (default: config.init.wan_vae).")
 _VLM = flags.DEFINE_string("vlm", None, "Qwen2.5-VL folder (default: config.init.vlm).")
-_PROCESSOR = flags.DEFINE_string("processor", None, "Processor folder if not the VLM's (default: config.init.processor).")
-_RANDOM_INIT_TINY = flags.DEFINE_bool("random_init_tiny", False,
-                                      "Use the random-initialised tiny VAE / VLM where no folder is given (tests, demos).")
+_PROCESSOR = flags.DEFINE_string("processor", None,
+                                 "Processor folder if not the VLM's (default: config.init.processor).")
+_RANDOM_INIT_TINY = flags.DEFINE_bool(
+    "random_init_tiny", False, "Use the random-initialised tiny VAE / VLM where no folder is given (tests, demos).")
 _NUM_FRAMES = flags.DEFINE_integer("num_frames", None, "Frames per clip, 1 + 4k (default: the data config's).")
 _HEIGHT = flags.DEFINE_integer("height", None, "Clip height, a multiple of 16.")
 _WIDTH = flags.DEFINE_integer("width", None, "Clip width, a multiple of 16.")

@@ -68,7 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
   (the `data_dir` given to the builder, or its subject_video/<version> folder). split: 'train'
   or another split of the metadata. num_frames (1 + 4k), height, width (multiples of 16): the
   clip size. buckets: None, or more (H, W) sizes; each clip goes to the one of these and
-  (height, width) nearest its aspect ratio, and each batch holds one size. subject_height, subject_width: the subject image size. max_subjects: N_max.
+  (height, width) nearest its aspect ratio, and each batch holds one size. subject_height,
+  subject_width: the subject image size. max_subjects: N_max.
   global_batch_size: over all hosts. shuffle_seed: None reads in order. num_epochs: None
   repeats forever. worker_count: Grain worker processes (0: decode in this process).
   prefetch: batches decoded ahead by threads (0: decode on demand). use_cached: emit cached

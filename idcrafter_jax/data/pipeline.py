@@ -214,7 +214,8 @@ def _cached_arrays(rec, spec: DecodeSpec, n: int, size: tuple[int, int]) -> dict
   if not rec["cached"]:
     return Skipped("not_cached", rid, "data.use_cached is set but this record has no cached features.")
   if rec["cache_key"] != spec.cache_key(size):
-    return Skipped("cache_mismatch", rid, f"cached for {rec['cache_key']}, the config needs {spec.cache_key(size)}.")
+    return Skipped("cache_mismatch", rid,
+                   f"cached for {rec['cache_key']}, the config needs {spec.cache_key(size)}.")
   lat, subj = rec["latents"], rec["subject_latents"]
   f_txt, f_mask = rec["f_txt"], rec["f_txt_mask"]
   if lat.shape != spec.latent_shape(size) or subj.shape != (n, *spec.subject_latent_shape) \

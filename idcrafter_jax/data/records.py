@@ -111,7 +111,8 @@ def normalize(record: dict[str, Any]) -> dict[str, Any]:
   names = record.get("subject_names")
   out["subject_names"] = [""] * n if names is None or len(names) == 0 else [_text(s) for s in names]
   boxes = record.get("subject_boxes")
-  out["subject_boxes"] = np.zeros((n, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4)
+  out["subject_boxes"] = (np.zeros((n, 4), np.float32) if boxes is None
+                          else np.asarray(boxes, np.float32).reshape(-1, 4))
   has = record.get("subject_has_box")
   out["subject_has_box"] = np.zeros((n,), bool) if has is None else np.asarray(has, bool).reshape(-1)
   out["cached"] = bool(np.asarray(record.get("cached", False)))

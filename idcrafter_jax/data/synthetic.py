@@ -59,7 +59,8 @@ def _texture(kind: str, size: tuple[int, int], c0, c1, rng) -> np.ndarray:
   elif kind == "checkered":
     t = (np.floor(xx / period) + np.floor(yy / period)) % 2
   elif kind == "dotted":
-    t = (((xx % period) - period / 2) ** 2 + ((yy % period) - period / 2) ** 2 <= (period / 3) ** 2).astype(np.float32)
+    dy, dx = (yy % period) - period / 2, (xx % period) - period / 2
+    t = (dx ** 2 + dy ** 2 <= (period / 3) ** 2).astype(np.float32)
   elif kind == "plain":
     t = np.zeros((h, w), np.float32)
   else:
