@@ -61,6 +61,12 @@ def test_all_stages_write_records_the_data_pipeline_reads(raw, tmp_path):
   sample = pipeline.decode(rec, pipeline.DecodeSpec(17, 64, 64, 32, 32, 3))
   assert not isinstance(sample, pipeline.Skipped), sample
   assert sample["video"].shape == (17, 64, 64, 3)
+  # the TFDS builder ingests the folder into ArrayRecord shards, none left out
+  version_dir, bad = tfds_builder.build_from_folder(out, str(tmp_path / "shards"), ("train",))
+  assert bad == {"train": 0}
+  shards = tfds_builder.open_source(str(tmp_path / "shards"))
+  assert len(shards) == 4
+  assert not isinstance(pipeline.decode(shards[0], pipeline.DecodeSpec(17, 64, 64, 32, 32, 3)), pipeline.Skipped)
   # boxes are where the annotations put the subject in the clip's first frame
   h, w = SCENES["height"], SCENES["width"]
   for s, p in zip(meta["subjects"], meta["provenance"]["subjects"]):
