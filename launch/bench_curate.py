@@ -13,8 +13,10 @@ ratio (a) / (b), and whether both found the true cuts (within one frame).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,11 +66,11 @@ def main(argv):
   ours_ok = cli_ok = True
   for rep in range(_REPEATS.value):
     work = os.path.join(root, f"work_{rep}")
+    shutil.rmtree(work, ignore_errors=True)  # a fresh work directory: nothing cached
     t0 = time.perf_counter()
     res = runner.run(src, work, os.path.join(root, "out"), cfg, stages=("shots",), workers=_WORKERS.value,
                      progress=False)
     ours.append(time.perf_counter() - t0)
-    import json
     n_ours = 0
     for r in res:
       with open(os.path.join(work, r["vid"], "shots.json")) as f:
