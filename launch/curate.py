@@ -9,7 +9,7 @@ r"""Curate raw videos into a subject-video dataset folder (seed B.1 / B.2, Table
 
 Input: video files under --input (recursive), each optionally with `<stem>.json` annotations
 (format in `idcrafter_jax.data.curation.subjects`). Stages (`--stages`, default all, in order):
-shots, subjects, references, captions, write. Per video and stage a JSON in --workdir marks the
+shots, subjects, captions, references, write. Per video and stage a JSON in --workdir marks the
 work done: a rerun skips it (--force redoes the selected stages). Videos run in parallel over
 --workers processes with a progress bar; unreadable videos are skipped and listed at the end.
 --plugins imports modules that register detectors / image editors / captioners

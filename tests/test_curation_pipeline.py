@@ -1,6 +1,7 @@
 """The curation run end to end on synthetic raw videos: every stage, the output read back by the
-data pipeline, corrupt / zero-length videos skipped and reported, reruns skipping finished work,
-stages run separately, the detector and captioner hooks, and the --stats report."""
+data pipeline and ingested by the TFDS builder, corrupt / zero-length videos skipped and reported,
+reruns skipping finished work, stages run separately, the detector / captioner / editor hooks,
+and the --stats report."""
 import json
 import os
 
@@ -11,7 +12,7 @@ pytest.importorskip("scenedetect")
 pytest.importorskip("cv2")
 
 from idcrafter_jax.data import records  # noqa: E402
-from idcrafter_jax.data.curation import captions, default_config, runner, stats, subjects, synthetic  # noqa: E402
+from idcrafter_jax.data.curation import captions, default_config, references, runner, stats, subjects, synthetic  # noqa: E402,E501
 
 SCENES = dict(scene_lengths=(20, 24, 18), static_scenes=(2,), height=64, width=96)
 
@@ -130,6 +131,8 @@ def test_detector_and_captioner_hooks(raw, tmp_path):
   cfg = default_config()
   cfg.subjects.source, cfg.subjects.detector, cfg.subjects.candidate_frames = "detector", "fixed_box", 3
   cfg.captions.source, cfg.captions.captioner = "captioner", "count"
+  references.register_editor("echo", lambda: lambda image, prompt, *, seed: image)
+  cfg.references.strategy, cfg.references.editor = "generate", "echo"
   work, out = str(tmp_path / "work"), str(tmp_path / "out")
   runner.run(os.path.join(src), work, out, cfg, progress=False)
   assert calls and all(c == (64, 96, 3) for c in calls)
@@ -137,6 +140,8 @@ def test_detector_and_captioner_hooks(raw, tmp_path):
     meta = json.load(f)
   assert meta["caption"] == "24 frames of box"
   assert meta["provenance"]["caption_source"] == "captioner:count"
+  ref = meta["provenance"]["subjects"][0]["reference"]
+  assert ref["strategy"] == "generate" and ref["editor"] == "echo" and "24 frames of box" in ref["prompt"]
   np.testing.assert_allclose(meta["subjects"][0]["box"], [10 / 64, 20 / 96, 50 / 64, 60 / 96], atol=1e-6)
 
 

@@ -12,11 +12,11 @@ the work directory, which is also its done-marker:
   subjects    `subjects`    boxes / masks from the sidecar annotations or a registered detector;
                             the subject is cut from a chosen frame into an RGBA crop on white;
                             crops too small, cut by the frame edge or mostly occluded are rejected
+  captions    `captions`    from the annotations or a registered captioner
   references  `references`  the reference image per subject: the crop itself, a seeded naive
                             augmentation (flip, scale, colour jitter, rotation), or an image
                             edited by a registered backend from the in-context prompt
-                            (prompts/reference_in_context.txt)
-  captions    `captions`    from the annotations or a registered captioner
+                            (prompts/reference_in_context.txt, filled with the clip's caption)
   write       `writer`      the dataset folder, with provenance (source, shot span, strategy)
   --stats     `stats`       the Table S.5-style composition table and histograms (PNG)
 
@@ -25,7 +25,7 @@ Input: a folder of videos; `<stem>.json` beside a video holds its annotations (f
 """
 import ml_collections
 
-STAGES = ("shots", "subjects", "references", "captions", "write")
+STAGES = ("shots", "subjects", "captions", "references", "write")  # captions first: generated references see them
 
 
 def default_config() -> ml_collections.ConfigDict:
