@@ -99,3 +99,43 @@ class PreemptionGuard:
     for s, h in self._old.items():
       signal.signal(s, h)
     return False
+
+
+class TrainSession:
+  """Checkpoints and metrics of one training run, shared by the SFT and GRPO loops.
+
+  `resume(state, data_iterator)` restores the newest readable checkpoint (state and data
+  position) and drops metrics logged after it; `after_step(done, end, state, data_iterator,
+  guard)` saves at the interval, at the end and on a preemption signal, and says whether to stop.
+  """
+
+  def __init__(self, workdir: str, tc, mode: str):
+    from idcrafter_jax import checkpoint as ckpt_lib
+    self.mode = mode
+    self.ckpt = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                      save_every=tc.ckpt_every, keep=tc.keep_ckpts, async_save=tc.async_ckpt)
+    self.writer = MetricsWriter(workdir)
+    self.workdir = workdir
+
+  def resume(self, state, data_iterator):
+    from idcrafter_jax import checkpoint as ckpt_lib
+    restored = self.ckpt.restore(ckpt_lib.abstract_like(state))
+    if restored is None:
+      return state
+    step, state, data_state, _ = restored
+    if data_state:
+      data_iterator.set_state(data_state)
+    self.writer.truncate_after(step)
+    print(f"resumed {self.mode} from step {step} in {self.workdir}")
+    return state
+
+  def after_step(self, done: int, end: int, state, data_iterator, guard: PreemptionGuard) -> bool:
+    if self.ckpt.should_save(done) or guard.requested or done == end:
+      self.ckpt.save(done, state, data_iterator.get_state(), meta={"mode": self.mode}, force=True)
+    if guard.requested:
+      print(f"stopped at step {done} on request; checkpoint saved.")
+    return guard.requested
+
+  def close(self):
+    self.ckpt.close()
+    self.writer.close()

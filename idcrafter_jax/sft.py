@@ -83,16 +83,9 @@ def run(config, workdir: str, *, data_iterator=None, max_steps: int | None = Non
     abstract = jax.eval_shape(lambda s: s, state)
     s_shard = trainer.state_shardings(abstract, boxed, mesh)
     state = jax.device_put(state, s_shard)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 save_every=tc.ckpt_every, keep=tc.keep_ckpts, async_save=tc.async_ckpt)
-    writer = run_utils.MetricsWriter(workdir)
-    restored = ckpt.restore(ckpt_lib.abstract_like(state))
-    if restored is not None:
-      step0, state, data_state, _ = restored
-      if data_state:
-        it.set_state(data_state)
-      writer.truncate_after(step0)
-      print(f"resumed from step {step0} in {workdir}")
+    session = run_utils.TrainSession(workdir, tc, "sft")
+    writer = session.writer
+    state = session.resume(state, it)
     start = int(state.step)
     end = tc.steps if max_steps is None else min(tc.steps, start + max_steps)
     step_fn = trainer.make_train_step(pipe.dit.apply, tx, tc)
@@ -121,12 +114,8 @@ def run(config, workdir: str, *, data_iterator=None, max_steps: int | None = Non
           row = writer.write(done, m)
           bar.set_postfix(loss=run_utils.fmt(row['loss']))
         bar.update(1)
-        if ckpt.should_save(done) or guard.requested or done == end:
-          ckpt.save(done, state, it.get_state(), meta={"mode": "sft"}, force=True)
-        if guard.requested:
-          print(f"stopped at step {done} on request; checkpoint saved.")
+        if session.after_step(done, end, state, it, guard):
           break
     bar.close()
-    ckpt.close()
-    writer.close()
+    session.close()
   return state

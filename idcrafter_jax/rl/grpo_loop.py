@@ -103,16 +103,9 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
     s_shard = trainer.state_shardings(abstract, boxed, mesh)
     state = jax.device_put(state, s_shard)
     ref_params = jax.device_put(ref_params, s_shard.params)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 save_every=tc.ckpt_every, keep=tc.keep_ckpts, async_save=tc.async_ckpt)
-    writer = run_utils.MetricsWriter(workdir)
-    restored = ckpt.restore(ckpt_lib.abstract_like(state))
-    if restored is not None:
-      step0, state, data_state, _ = restored
-      if data_state:
-        data_iterator.set_state(data_state)
-      writer.truncate_after(step0)
-      print(f"resumed from iteration {step0} in {workdir}")
+    session = run_utils.TrainSession(workdir, tc, "grpo")
+    writer = session.writer
+    state = session.resume(state, data_iterator)
 
     rollout_fn = jax.jit(lambda p, c, u, k, shape: grpo.rollout(pipe.velocity_fn, p, c, u, k, shape=shape, gc=gc),
                          static_argnums=(4,))
@@ -178,14 +171,10 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
           row = writer.write(done, m)
           bar.set_postfix(reward=run_utils.fmt(row['reward/total']))
         bar.update(1)
-        if ckpt.should_save(done) or guard.requested or done == end:
-          ckpt.save(done, state, data_iterator.get_state(), meta={"mode": "grpo"}, force=True)
-        if guard.requested:
-          print(f"stopped at iteration {done} on request; checkpoint saved.")
+        if session.after_step(done, end, state, data_iterator, guard):
           break
     bar.close()
-    ckpt.close()
-    writer.close()
+    session.close()
     plot_rewards(workdir)
   return state
 
