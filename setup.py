@@ -17,6 +17,8 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "grain>=0.2.12",
+        "tensorflow-datasets>=4.9.6",
+        "array-record>=0.5",
         "ml_collections>=1.0",
         "absl-py>=2.1",
         "transformers>=4.56",
