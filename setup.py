@@ -32,7 +32,6 @@ setup(
         "tqdm>=4.66",
         "jinja2>=3.1",
         "scenedetect>=0.6.4",
-        "opencv-python-headless>=4.8",
         "tensorboardX>=2.6",
         "etils>=1.5",
         "matplotlib>=3.8",
