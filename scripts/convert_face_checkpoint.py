@@ -8,14 +8,17 @@ a {'state_dict': ...} wrapper and DataParallel 'module.' prefixes are removed; k
 `idcrafter_jax.models.face.load(folder)`, which reads the depth from the keys. The script then
 loads the folder back and prints the architecture it found.
 
-Face.evoLVe / CurricularFace IR-101 files (keys input_layer.*, body.*, output_layer.*) use a
-different block layout (no BN before the PReLU, max-pool shortcuts) and are refused with a clear
-message: that variant is not implemented in face.py.
+Face.evoLVe / CurricularFace IR-50/101/152 files (keys input_layer.*, body.*, output_layer.*;
+e.g. OpenS2V's glint360k_curricular_face_r101_backbone.bin) are renamed to the insightface names
+(body blocks grouped into stages by their width; a BatchNorm1d without affine parameters gets
+scale 1 and bias 0); face.load then builds the 'evolve' block variant. IR-SE files (squeeze-
+excitation modules) are refused: that block is not implemented.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 
@@ -30,11 +33,45 @@ def clean_state_dict(obj) -> dict:
     k = k[len("module."):] if k.startswith("module.") else k
     out[k] = v
   if any(k.startswith(("input_layer.", "body.", "output_layer.")) for k in out):
-    raise NotImplementedError(
-        "this is a face.evoLVe / CurricularFace IR checkpoint (input_layer / body / output_layer keys); "
-        "face.py implements the insightface iResNet layout only.")
+    out = rename_evolve(out)
   if "conv1.weight" not in out or "fc.weight" not in out:
     raise ValueError(f"not an insightface iResNet state dict: no conv1.weight / fc.weight among {sorted(out)[:8]}.")
+  return out
+
+
+_BODY = re.compile(r"^body\.(\d+)\.(res_layer|shortcut_layer)\.(\d+)\.(.+)$")
+_RES = {"0": "bn1", "1": "conv1", "2": "prelu", "3": "conv2", "4": "bn3"}
+
+
+def rename_evolve(sd: dict) -> dict:
+  """face.evoLVe `Backbone` (IR) state dict -> insightface iResNet key names."""
+  if any(".res_layer.5." in k for k in sd):
+    raise NotImplementedError("this is an IR-SE checkpoint (squeeze-excitation in res_layer.5); face.py "
+                              "implements the plain IR blocks only.")
+  out, stage_of, widths = {}, {}, []
+  blocks = sorted({int(m.group(1)) for k in sd if (m := _BODY.match(k))})
+  for b in blocks:  # a new stage starts where the block width changes
+    w = sd[f"body.{b}.res_layer.1.weight"].shape[0]
+    if not widths or widths[-1][0] != w:
+      widths.append([w, 0])
+    stage_of[b] = (len(widths), widths[-1][1])
+    widths[-1][1] += 1
+  top = {"input_layer.0": "conv1", "input_layer.1": "bn1", "input_layer.2": "prelu", "output_layer.0": "bn2",
+         "output_layer.3": "fc", "output_layer.4": "features"}
+  for k, v in sd.items():
+    m = _BODY.match(k)
+    if m:
+      s, i = stage_of[int(m.group(1))]
+      part = _RES[m.group(3)] if m.group(2) == "res_layer" else f"downsample.{m.group(3)}"
+      out[f"layer{s}.{i}.{part}.{m.group(4)}"] = v
+      continue
+    prefix, _, param = k.rpartition(".")
+    if prefix not in top:
+      raise ValueError(f"unexpected face.evoLVe key {k!r}; expected input_layer / body / output_layer tensors.")
+    out[f"{top[prefix]}.{param}"] = v
+  if "features.running_mean" in out and "features.weight" not in out:  # BatchNorm1d(affine=False)
+    out["features.weight"] = out["features.running_mean"] * 0 + 1
+    out["features.bias"] = out["features.running_mean"] * 0
   return out
 
 

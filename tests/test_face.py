@@ -143,8 +143,76 @@ def test_convert_script_roundtrip_from_pth(tiny_iresnet, tmp_path):
   m2, p2 = face.load(str(tmp_path / "out"), input_size=32)
   assert m2.cfg == model.cfg
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p2, params)
-  with pytest.raises(NotImplementedError, match="CurricularFace"):
-    mod.clean_state_dict({"input_layer.0.weight": torch.zeros(1), "body.0.x": torch.zeros(1)})
+  with pytest.raises(NotImplementedError, match="IR-SE"):
+    mod.clean_state_dict({"input_layer.0.weight": torch.zeros(1), "body.0.res_layer.5.fc1.weight": torch.zeros(1)})
+
+
+class TorchBottleneckIR(nn.Module):
+  """face.evoLVe / CurricularFace `bottleneck_IR` (model_irse.py), written from the public architecture."""
+
+  def __init__(self, in_channel, depth, stride):
+    super().__init__()
+    if in_channel == depth:
+      self.shortcut_layer = nn.MaxPool2d(1, stride)
+    else:
+      self.shortcut_layer = nn.Sequential(nn.Conv2d(in_channel, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
+    self.res_layer = nn.Sequential(nn.BatchNorm2d(in_channel), nn.Conv2d(in_channel, depth, 3, 1, 1, bias=False),
+                                   nn.PReLU(depth), nn.Conv2d(depth, depth, 3, stride, 1, bias=False),
+                                   nn.BatchNorm2d(depth))
+
+  def forward(self, x):
+    return self.res_layer(x) + self.shortcut_layer(x)
+
+
+class TorchIRBackbone(nn.Module):
+  """face.evoLVe `Backbone` (IR, no SE): input_layer, body of bottleneck_IR, output_layer with a
+  non-affine BatchNorm1d as in CurricularFace."""
+
+  def __init__(self, units, widths, input_size, num_features):
+    super().__init__()
+    self.input_layer = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                     nn.PReLU(widths[0]))
+    body, cin = [], widths[0]
+    for n, w in zip(units, widths):
+      body += [TorchBottleneckIR(cin, w, 2)] + [TorchBottleneckIR(w, w, 1) for _ in range(n - 1)]
+      cin = w
+    self.body = nn.Sequential(*body)
+    side = input_size // 2 ** len(units)
+    self.output_layer = nn.Sequential(nn.BatchNorm2d(cin), nn.Dropout(0.4), nn.Flatten(),
+                                      nn.Linear(cin * side * side, num_features),
+                                      nn.BatchNorm1d(num_features, affine=False))
+
+  def forward(self, x):
+    return self.output_layer(self.body(self.input_layer(x)))
+
+
+def test_curricularface_ir_converts_and_matches_torch(tmp_path):
+  import importlib.util
+  import os
+  spec = importlib.util.spec_from_file_location(
+      "convert_face_checkpoint", os.path.join(os.path.dirname(__file__), "..", "scripts", "convert_face_checkpoint.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  torch.manual_seed(0)
+  net = TorchIRBackbone((2, 1, 2, 1), (8, 16, 16 + 8, 32), 32, 24)
+  with torch.no_grad():
+    for m in net.modules():
+      if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        m.running_mean.normal_(0, 0.2)
+        m.running_var.uniform_(0.5, 1.5)
+        if m.affine:
+          m.weight.uniform_(0.5, 1.5)
+          m.bias.normal_(0, 0.1)
+  net.eval()
+  torch.save(net.state_dict(), tmp_path / "cur.bin")
+  assert mod.main(["--input", str(tmp_path / "cur.bin"), "--output", str(tmp_path / "out"), "--input_size", "32"]) == 0
+  model, params = face.load(str(tmp_path / "out"), input_size=32)
+  assert model.cfg.variant == "evolve" and model.cfg.blocks == (2, 1, 2, 1)
+  x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = net((torch.from_numpy(x).permute(0, 3, 1, 2) - 0.5) / 0.5).numpy()
+  out = jax.jit(model.apply)({"params": params}, jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_load_onto_a_mesh_matches_the_unsharded_network(tiny_iresnet, tmp_path):

@@ -7,6 +7,11 @@ Linear - BN1d). Depths (blocks per stage): r18 (2,2,2,2), r34 (3,4,6,3), r50 (3,
 r100 (3,13,30,3), r200 (6,26,60,6); the loader reads them from the checkpoint. Batch norms are
 frozen (inference statistics live in the params as `mean` / `var`).
 
+The face.evoLVe / CurricularFace IR-50/101/152 (`model_irse.py` `Backbone`, `bottleneck_IR`, the
+FaceSim-Cur network of OpenS2V) is the same stack with two block differences (config
+`variant='evolve'`, see IBasicBlock); `scripts/convert_face_checkpoint.py` renames its keys to
+the insightface names, so one loader reads both (the variant is read from the keys).
+
 Input: aligned faces (B, S, S, 3) RGB in [0, 1] (S = 112 for the public checkpoints); the
 network sees (x - 0.5) / 0.5 as arcface_torch's evaluation does. Output: (B, num_features)
 embeddings (not normalised). Checkpoints: `scripts/convert_face_checkpoint.py` turns the
@@ -48,8 +53,11 @@ class IResNetConfig:
   num_features: int = 512
   input_size: int = 112
   bn_eps: float = 1e-5
+  variant: str = "insightface"  # or 'evolve' (CurricularFace IR-101; see IBasicBlock)
 
   def validate(self):
+    if self.variant not in ("insightface", "evolve"):
+      raise ValueError(f"iResNet variant {self.variant!r} must be 'insightface' or 'evolve'.")
     if len(self.blocks) != len(self.widths) or not all(b >= 1 for b in self.blocks):
       raise ValueError(f"iResNet blocks {self.blocks} and widths {self.widths} must have the same length "
                        "and at least one block per stage.")
@@ -93,10 +101,13 @@ def _conv(features, kernel, stride, name, dtype, param_dtype):
 
 
 class IBasicBlock(nn.Module):
-  """BN - conv3x3 - BN - PReLU - conv3x3(stride) - BN, + identity or conv1x1(stride) - BN."""
+  """'insightface': BN - conv3x3 - BN - PReLU - conv3x3(stride) - BN, + identity or conv1x1(stride) - BN.
+  'evolve' (face.evoLVe / CurricularFace `bottleneck_IR`): no BN before the PReLU, and the
+  shortcut is MaxPool2d(1, stride) (a strided subsample) where the width does not change."""
   width: int
   stride: int
   eps: float
+  variant: str = "insightface"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -106,10 +117,14 @@ class IBasicBlock(nn.Module):
     bn = lambda name: FrozenBatchNorm(self.eps, self.param_dtype, name=name)
     y = bn("bn1")(x).astype(self.dtype)
     y = _conv(self.width, 3, 1, "conv1", **kw)(y)
-    y = PReLU(self.param_dtype, name="prelu")(bn("bn2")(y)).astype(self.dtype)
+    if self.variant == "insightface":
+      y = bn("bn2")(y)
+    y = PReLU(self.param_dtype, name="prelu")(y).astype(self.dtype)
     y = bn("bn3")(_conv(self.width, 3, self.stride, "conv2", **kw)(y))
-    if self.stride != 1 or x.shape[-1] != self.width:
+    if x.shape[-1] != self.width or (self.stride != 1 and self.variant == "insightface"):
       x = bn("downsample_bn")(_conv(self.width, 1, self.stride, "downsample_conv", **kw)(x))
+    elif self.stride != 1:
+      x = x[:, ::self.stride, ::self.stride]
     return (y + x.astype(jnp.float32)).astype(self.dtype)
 
 
@@ -132,7 +147,7 @@ class IResNet(nn.Module):
     x = x.astype(self.dtype)
     for stage, (n, w) in enumerate(zip(c.blocks, c.widths)):
       for i in range(n):
-        x = IBasicBlock(w, 2 if i == 0 else 1, c.bn_eps, name=f"layer{stage + 1}_{i}", **kw)(x)
+        x = IBasicBlock(w, 2 if i == 0 else 1, c.bn_eps, c.variant, name=f"layer{stage + 1}_{i}", **kw)(x)
     x = FrozenBatchNorm(c.bn_eps, self.param_dtype, name="bn2")(x)
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1).astype(self.dtype)  # torch flatten order
     x = nn.Dense(c.num_features, dtype=self.dtype, param_dtype=self.param_dtype, name="fc",
@@ -193,8 +208,10 @@ def config_from_checkpoint(reader: weights.SafetensorsFolder, *, input_size: int
   if not blocks or "conv1.weight" not in reader or "fc.weight" not in reader:
     raise weights.CheckpointError(f"{reader.folder} is not an insightface iResNet checkpoint: expected conv1.weight, "
                                   f"layer1.0.*, fc.weight; found {keys[:8]}...")
+  variant = "insightface" if "layer1.0.bn2.weight" in reader else "evolve"
   return IResNetConfig(blocks=tuple(blocks), widths=tuple(widths), stem_width=reader.shape("conv1.weight")[0],
-                       num_features=reader.shape("fc.weight")[0], input_size=input_size, bn_eps=bn_eps)
+                       num_features=reader.shape("fc.weight")[0], input_size=input_size, bn_eps=bn_eps,
+                       variant=variant)
 
 
 def abstract_params(model: IResNet):
