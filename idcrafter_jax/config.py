@@ -68,6 +68,8 @@ def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_c
   c.train = train_config()
   c.grpo = grpo_config()
   c.reward = reward_config()
+  from idcrafter_jax.rl import reward_models
+  c.reward_models = reward_models.default_config()  # checkpoint folders of the network rewards
   return c
 
 
@@ -83,7 +85,10 @@ def grpo_config() -> ml_collections.ConfigDict:
 
 def reward_config() -> ml_collections.ConfigDict:
   """Eq. S.5: R_total = w_fid R_fid + w_qual R_qual; gamma blends mean and min over subjects
-  (Table S.4). `fidelity` / `quality` map registered reward names (`rl/rewards.py`) to weights."""
+  (Table S.4). `fidelity` / `quality` map registered reward names (`rl/rewards.py`) to weights.
+  The defaults need no weights; the paper's terms are, e.g. fidelity {face_sim: 0.5,
+  nexus_score: 0.5} and quality {aesthetic: 0.5, q_align: 0.5}, with the networks' folders in
+  `reward_models` (`rl/reward_models.py`)."""
   return ml_collections.ConfigDict(dict(
       w_fid=0.6, w_qual=0.4, gamma=0.5,
       fidelity={"subject_color": 1.0}, quality={"temporal_consistency": 0.5, "contrast": 0.5}))

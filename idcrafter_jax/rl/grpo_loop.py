@@ -28,7 +28,9 @@ def _reward_batch(raw, group_size: int) -> dict:
          "subject_mask": np.asarray(raw["subject_mask"], bool)}
   if "subject_boxes" in raw:
     out["subject_boxes"] = np.asarray(raw["subject_boxes"], np.float32)
-  return {k: jnp.repeat(jnp.asarray(v), group_size, axis=0) for k, v in out.items()}
+  out = {k: jnp.repeat(jnp.asarray(v), group_size, axis=0) for k, v in out.items()}
+  out["prompt"] = [str(c) for c in np.asarray(raw["caption"]) for _ in range(group_size)]
+  return out
 
 
 def _conditions(pipe, raw):
@@ -84,8 +86,12 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
   if data_iterator is None or eval_batches is None:
     sft.prepare_data(config, workdir)
   ckpt_lib.save_config(workdir, config)
-  reward_fn = rewards_lib.from_config(config.reward)
   pipe, mesh, tx, boxed = sft.build(config, workdir)
+  from idcrafter_jax.rl import reward_models  # registers the network-based rewards
+  wanted = set(config.reward.fidelity) | set(config.reward.quality)
+  if wanted & set(reward_models.NEEDS):
+    reward_models.build_reward_models(config.reward_models, mesh=mesh)  # frozen, jitted, sharded
+  reward_fn = rewards_lib.from_config(config.reward)
   if data_iterator is None:
     data_iterator = data_lib.make_iterator(config.data, process_index=jax.process_index(),
                                            process_count=jax.process_count(), seed=config.seed)
