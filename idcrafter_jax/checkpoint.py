@@ -8,9 +8,7 @@ reported and the one before it is used.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any
 
 import jax

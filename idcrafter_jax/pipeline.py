@@ -33,6 +33,41 @@ def latent_shape(config, batch: int) -> tuple[int, ...]:
   return (batch, 1 + (s.num_frames - 1) // 4, s.height // 8, s.width // 8, config.model.in_channels)
 
 
+def _random_init_or_fail(config, what: str, flag: str):
+  if not config.random_init:
+    raise ValueError(f"no {what} given: pass {flag} (a local folder), or use a config with random_init=True.")
+
+
+def load_vae(config, folder: str | None, key):
+  """The frozen Wan VAE from a diffusers folder, or the random-initialised tiny one (random_init)."""
+  kw = dict(tile_sample_min_size=config.vae.tile_sample_min_size,
+            tile_sample_stride=tuple(config.vae.tile_sample_stride))
+  if kw["tile_sample_min_size"] is not None:
+    kw["tile_sample_min_size"] = tuple(kw["tile_sample_min_size"])
+  if folder:
+    return convert.load_wan_vae(folder, **kw)
+  _random_init_or_fail(config, "Wan VAE", "--wan_vae")
+  vae = wan_vae.WanVAE(tiny.vae_config(), **kw)
+  f = vae.config.spatial_factor
+  init = jax.jit(lambda k: vae.init(k, jnp.zeros((1, 5, f, f, 3)), jnp.zeros((1, 2, 1, 1, vae.config.z_dim)),
+                                    method=wan_vae.WanVAE.init_all))
+  return vae, nn.unbox(init(key)["params"])
+
+
+def load_vlm(config, folder: str | None, processor_folder: str | None, key, workdir: str | None = None):
+  """(Qwen2.5-VL module, params, processor) from a transformers folder, or the random-initialised
+  tiny ones with a byte-level processor written under `workdir` (random_init)."""
+  if folder:
+    vlm, params = convert.load_qwen2_5_vl(folder)
+    return vlm, params, processor_lib.QwenVLProcessor.from_pretrained(processor_folder or folder)
+  _random_init_or_fail(config, "Qwen2.5-VL encoder", "--vlm")
+  proc_dir = os.path.join(workdir or os.path.join(os.path.expanduser("~"), ".cache", "idcrafter_jax"),
+                          "tiny_processor")
+  ids = processor_lib.write_tiny_processor(proc_dir)
+  vlm = qwen2_5_vl.Qwen2_5_VL(tiny.vlm_config(ids))
+  return vlm, init_vlm(vlm, key), processor_lib.QwenVLProcessor.from_pretrained(proc_dir)
+
+
 @dataclasses.dataclass
 class Pipeline:
   config: Any
@@ -53,17 +88,13 @@ class Pipeline:
     key = jax.random.key(config.seed) if key is None else key
     k_dit, k_vae, k_vlm, k_new = jax.random.split(key, 4)
 
-    def need(what, flag):
-      if not config.random_init:
-        raise ValueError(f"no {what} given: pass {flag} (a local folder), or use a config with random_init=True.")
-
     dit_cfg = idcrafter.IDCrafterConfig.from_config(config)
     if wan_dit_folder:
       overrides = {k: getattr(dit_cfg.wan, k) for k in ("dtype", "param_dtype", "scan_layers", "remat_policy",
                                                        "attention_impl")}
       wan_module, wan_params = convert.load_wan_dit(wan_dit_folder, **overrides)
     else:
-      need("Wan DiT", "--wan_dit")
+      _random_init_or_fail(config, "Wan DiT", "--wan_dit")
       wan_module = wan_dit.WanDiT(dit_cfg.wan)
       dummy = [jnp.zeros(a.shape, a.dtype) for a in convert.wan_dummy_inputs(dit_cfg.wan)]
       wan_params = nn.unbox(jax.jit(wan_module.init)(k_dit, *dummy)["params"])
@@ -71,31 +102,8 @@ class Pipeline:
     if checkpoint:
       dit_params = restore_params(checkpoint, dit_params)
 
-    vae_kw = dict(tile_sample_min_size=config.vae.tile_sample_min_size,
-                  tile_sample_stride=tuple(config.vae.tile_sample_stride))
-    if vae_kw["tile_sample_min_size"] is not None:
-      vae_kw["tile_sample_min_size"] = tuple(vae_kw["tile_sample_min_size"])
-    if wan_vae_folder:
-      vae, vae_params = convert.load_wan_vae(wan_vae_folder, **vae_kw)
-    else:
-      need("Wan VAE", "--wan_vae")
-      vae = wan_vae.WanVAE(tiny.vae_config(), **vae_kw)
-      f = vae.config.spatial_factor
-      init = jax.jit(lambda k: vae.init(k, jnp.zeros((1, 5, f, f, 3)), jnp.zeros((1, 2, 1, 1, vae.config.z_dim)),
-                                        method=wan_vae.WanVAE.init_all))
-      vae_params = nn.unbox(init(k_vae)["params"])
-
-    if vlm_folder:
-      vlm, vlm_params = convert.load_qwen2_5_vl(vlm_folder)
-      proc = processor_lib.QwenVLProcessor.from_pretrained(processor_folder or vlm_folder)
-    else:
-      need("Qwen2.5-VL encoder", "--vlm")
-      proc_dir = os.path.join(workdir or os.path.join(os.path.expanduser("~"), ".cache", "idcrafter_jax"),
-                              "tiny_processor")
-      ids = processor_lib.write_tiny_processor(proc_dir)
-      proc = processor_lib.QwenVLProcessor.from_pretrained(proc_dir)
-      vlm = qwen2_5_vl.Qwen2_5_VL(tiny.vlm_config(ids))
-      vlm_params = init_vlm(vlm, k_vlm)
+    vae, vae_params = load_vae(config, wan_vae_folder, k_vae)
+    vlm, vlm_params, proc = load_vlm(config, vlm_folder, processor_folder, k_vlm, workdir)
     if vlm.cfg.text.hidden_size != dit_cfg.wan.text_dim:
       raise ValueError(f"the VLM's hidden size {vlm.cfg.text.hidden_size} != model.text_dim "
                        f"{dit_cfg.wan.text_dim}; set --config.model.text_dim.")

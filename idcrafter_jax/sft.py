@@ -11,8 +11,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from idcrafter_jax import checkpoint as ckpt_lib, pipeline as pipeline_lib, run_utils, sharding, trainer

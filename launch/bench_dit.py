@@ -28,7 +28,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from idcrafter_jax import aot, convert, flow, sharding  # noqa: E402
+from idcrafter_jax import aot, convert, sharding  # noqa: E402
+from idcrafter_jax.timing import median_time, median_times  # noqa: E402
 from idcrafter_jax.config import WAN_VARIANTS  # noqa: E402
 from idcrafter_jax.models import wan_dit  # noqa: E402
 
@@ -41,24 +42,6 @@ TPU_IMPL = flags.DEFINE_list("tpu_impls", ["xla"], "attention impls to AOT-compi
 BENCH = dict(WAN_VARIANTS["bench"], text_dim=512)
 SHAPE = (2, 4, 32, 32)
 CTX_LEN = 64
-
-
-def median_times(fns, repeats):
-  """Median seconds of each callable, run interleaved (A B A B ...) so that load from other
-  processes affects both sides alike."""
-  for fn in fns:
-    fn()  # warm-up (compile / allocator)
-  times = [[] for _ in fns]
-  for _ in range(repeats):
-    for fn, ts in zip(fns, times):
-      t = time.perf_counter()
-      fn()
-      ts.append(time.perf_counter() - t)
-  return [float(np.median(ts)) for ts in times]
-
-
-def median_time(fn, repeats):
-  return median_times([fn], repeats)[0]
 
 
 def make_models(folder):

@@ -29,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from idcrafter_jax import convert  # noqa: E402
+from idcrafter_jax.timing import median_times  # noqa: E402
 from idcrafter_jax.models import wan_vae  # noqa: E402
 
 SECTIONS = flags.DEFINE_list("sections", ["speed", "memory", "tpu"], "Sections to run.")
@@ -42,19 +43,6 @@ WIDTH = flags.DEFINE_integer("width", 256, "Frame width of the memory / tpu sect
 TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology for the tpu section.")
 
 MiB = 2 ** 20
-
-
-def median_times(fns, repeats):
-  """Median seconds of each callable, run interleaved so that outside load hits both alike."""
-  for fn in fns:
-    fn()  # warm-up (compile / allocator)
-  times = [[] for _ in fns]
-  for _ in range(repeats):
-    for fn, ts in zip(fns, times):
-      t = time.perf_counter()
-      fn()
-      ts.append(time.perf_counter() - t)
-  return [float(np.median(ts)) for ts in times]
 
 
 def bench_speed(repeats):

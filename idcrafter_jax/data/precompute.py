@@ -21,9 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
-from idcrafter_jax import conditioning, convert, processor as processor_lib, tiny, video as video_io
+from idcrafter_jax import conditioning, video as video_io
 from idcrafter_jax.data import pipeline, records, tfds_builder
 from idcrafter_jax.models import qwen2_5_vl, wan_vae
 
@@ -46,35 +45,11 @@ def load_encoders(config, *, wan_vae_folder: str | None = None, vlm_folder: str 
   """The VAE and VLM from their folders (`convert.load_wan_vae`, `convert.load_qwen2_5_vl`,
   `processor.QwenVLProcessor`), or, where `config.random_init` allows and no folder is given,
   the random-initialised tiny ones drawn from the same keys as `Pipeline.from_config`."""
+  from idcrafter_jax import pipeline as pipeline_lib
   _, k_vae, k_vlm, _ = jax.random.split(jax.random.key(config.seed), 4)
-  vae_kw = dict(tile_sample_min_size=config.vae.tile_sample_min_size,
-                tile_sample_stride=tuple(config.vae.tile_sample_stride))
-  if vae_kw["tile_sample_min_size"] is not None:
-    vae_kw["tile_sample_min_size"] = tuple(vae_kw["tile_sample_min_size"])
-  if wan_vae_folder:
-    vae, vae_params = convert.load_wan_vae(wan_vae_folder, **vae_kw)
-  elif config.random_init:
-    vae = wan_vae.WanVAE(tiny.vae_config(), **vae_kw)
-    f = vae.config.spatial_factor
-    init = jax.jit(lambda k: vae.init(k, jnp.zeros((1, 5, f, f, 3)), jnp.zeros((1, 2, 1, 1, vae.config.z_dim)),
-                                      method=wan_vae.WanVAE.init_all))
-    vae_params = nn.unbox(init(k_vae)["params"])
-  else:
-    raise ValueError("no Wan VAE given: pass a diffusers AutoencoderKLWan folder, or use a config with "
-                     "random_init=True (tiny encoders).")
-  if vlm_folder:
-    vlm, vlm_params = convert.load_qwen2_5_vl(vlm_folder)
-    proc = processor_lib.QwenVLProcessor.from_pretrained(processor_folder or vlm_folder)
-  elif config.random_init:
-    from idcrafter_jax import pipeline as pipeline_lib
-    proc_dir = tempfile.mkdtemp(prefix="tiny_processor_")
-    ids = processor_lib.write_tiny_processor(proc_dir)
-    proc = processor_lib.QwenVLProcessor.from_pretrained(proc_dir)
-    vlm = qwen2_5_vl.Qwen2_5_VL(tiny.vlm_config(ids))
-    vlm_params = pipeline_lib.init_vlm(vlm, k_vlm)
-  else:
-    raise ValueError("no Qwen2.5-VL encoder given: pass a transformers Qwen2_5_VLForConditionalGeneration "
-                     "folder, or use a config with random_init=True (tiny encoders).")
+  vae, vae_params = pipeline_lib.load_vae(config, wan_vae_folder, k_vae)
+  vlm, vlm_params, proc = pipeline_lib.load_vlm(config, vlm_folder, processor_folder, k_vlm,
+                                                tempfile.mkdtemp(prefix="precompute_"))
   return Encoders(vae, vae_params, vlm, vlm_params, proc, tuple(config.vlm.buckets), config.vlm.system_prompt,
                   config.vlm.hidden_layer)
 
