@@ -14,7 +14,10 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py:sft", "Run config.")
 
 _STEPS = flags.DEFINE_integer("steps", 300, "SFT steps.")
 _WINDOW = flags.DEFINE_integer("window", 50, "Steps averaged at each end.")
@@ -24,9 +27,8 @@ _LR = flags.DEFINE_float("lr", 1e-3, "AdamW learning rate.")
 
 def main(argv):
   del argv
-  from configs import tiny
   from idcrafter_jax import run_utils, sft
-  c = tiny.get_config("sft")
+  c = _CONFIG.value
   c.train.update(steps=_STEPS.value, lr=_LR.value, log_every=1, ckpt_every=max(50, _STEPS.value // 4))
   sft.run(c, _WORKDIR.value)
   loss = np.array([r["loss"] for r in run_utils.read_metrics(_WORKDIR.value) if isinstance(r.get("loss"), float)])
