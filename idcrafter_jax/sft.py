@@ -18,15 +18,15 @@ from idcrafter_jax.models import idcrafter
 
 
 def maybe_initialize_distributed():
-  """Multi-host: `jax.distributed.initialize()` when the environment names a coordinator
-  (TPU pod slices set it up themselves; GPU clusters pass JAX_COORDINATOR_ADDRESS etc.)."""
-  if jax.process_count() > 1:
+  """Multi-host: `jax.distributed.initialize()` when the environment names a coordinator (GPU
+  clusters: JAX_COORDINATOR_ADDRESS, ...; TPU pod slices: TPU_WORKER_HOSTNAMES). Must run before
+  any other JAX call, which would start a single-process backend."""
+  if not any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
+                                       "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID")):
     return
-  if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")):
-    try:
-      jax.distributed.initialize()
-    except RuntimeError as e:  # already initialised, or a single-host TPU VM
-      print(f"jax.distributed.initialize() skipped: {e}")
+  if jax.distributed.is_initialized():
+    return
+  jax.distributed.initialize()
 
 
 def prepare_data(config, workdir: str):

@@ -16,12 +16,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
-# (logical name, mesh axis or axes). Params are FSDP-sharded on their model dimension and
-# tensor-parallel on heads / MLP; activations are data+fsdp parallel on batch and
-# sequence-parallel on tokens.
+# (logical name, mesh axis or axes). Params are FSDP-sharded on their model dimension over
+# 'fsdp' and 'sequence' (as MaxText does: chips that split a sample's tokens still split the
+# weights, so sequence parallelism does not cost parameter sharding) and tensor-parallel on
+# heads / MLP; activations are data+fsdp parallel on batch and sequence-parallel on tokens.
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "sequence")),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),

@@ -108,7 +108,7 @@ def test_load_onto_a_mesh_places_params_by_logical_axes(tiny_clip, tmp_path):
   mesh = sharding.make_mesh({"fsdp": 4, "data": 2})
   _, sharded = clip.load(str(tmp_path), mesh=mesh)
   k = sharded["vision_model"]["layers_0"]["fc1"]["kernel"]
-  assert k.sharding.spec[0] == "fsdp" and len(k.sharding.device_set) == 8
+  assert k.sharding.spec[0] == ("fsdp", "sequence") and len(k.sharding.device_set) == 8  # the embed rule
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 28, 28, 3)), jnp.float32)
   apply = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.image_features))
   np.testing.assert_allclose(np.asarray(apply(sharded, x)), np.asarray(apply(params, x)), atol=1e-5)

@@ -221,7 +221,7 @@ def test_load_onto_a_mesh_matches_the_unsharded_network(tiny_iresnet, tmp_path):
   save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "model.safetensors"))
   mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2, "data": 2})
   _, sharded = face.load(str(tmp_path), input_size=32, mesh=mesh)
-  assert tuple(sharded["fc"]["kernel"].sharding.spec) == ("tensor", "fsdp")
+  assert tuple(sharded["fc"]["kernel"].sharding.spec) == ("tensor", ("fsdp", "sequence"))  # the embed rule
   x = jnp.full((2, 32, 32, 3), 0.25)
   apply = jax.jit(model.apply)
   np.testing.assert_allclose(np.asarray(apply({"params": sharded}, x)), np.asarray(apply({"params": params}, x)),
