@@ -74,6 +74,36 @@ def pad_sequences(q, k, v, n, *, kv_lengths, q_segment_ids, kv_segment_ids, mask
   return q, k, v, lens, q_segment_ids, kv_segment_ids, mask
 
 
+def check_inputs(name, q, k, v, mesh, segment_mode, q_segment_ids, kv_segment_ids, mask):
+  """The argument checks shared by the sequence-parallel attentions (ring, Ulysses)."""
+  if mesh is None:
+    raise ValueError(f"{name} attention needs a mesh with a 'sequence' axis; got mesh=None.")
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape != v.shape:
+    raise ValueError(f"{name} attention expects q (B, Lq, H, D) and k, v (B, Lk, Hkv, D) of equal "
+                     f"shape; got {q.shape}, {k.shape}, {v.shape}.")
+  b, lq, h, d = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  if k.shape[0] != b or k.shape[3] != d or h % hkv:
+    raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head dim, with q heads "
+                     f"a multiple of kv heads.")
+  if segment_mode not in fa.SEGMENT_MODES:
+    raise ValueError(f"segment_mode {segment_mode!r} is unknown; expected one of "
+                     f"{fa.SEGMENT_MODES}.")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
+  _check_mask(mask, b, h, lq, lk)
+
+
+def trim_mask(mask, b, h):
+  """(mask, varies over batch, varies over heads): the mask's broadcast batch / head axes kept
+  at size 1, so that shards receive only what differs."""
+  if mask is None:
+    return None, False, False
+  mask_b = mask.shape[0] == b and b > 1
+  mask_h = mask.shape[1] == h and h > 1
+  return mask[:(None if mask_b else 1), :(None if mask_h else 1)], mask_b, mask_h
+
+
 def _check_mask(mask, b, h, lq, lk):
   if mask is None:
     return
@@ -176,22 +206,9 @@ def ring_attention(q, k, v, *, mesh, kv_lengths=None, q_segment_ids=None, kv_seg
 
   q (B, Lq, H, D); k, v (B, Lk, Hkv, D) -> (B, Lq, H, D). Differentiable in q, k, v.
   """
-  if mesh is None:
-    raise ValueError("ring attention needs a mesh with a 'sequence' axis; got mesh=None.")
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape != v.shape:
-    raise ValueError(f"ring attention expects q (B, Lq, H, D) and k, v (B, Lk, Hkv, D) of equal "
-                     f"shape; got {q.shape}, {k.shape}, {v.shape}.")
+  check_inputs("ring", q, k, v, mesh, segment_mode, q_segment_ids, kv_segment_ids, mask)
   b, lq, h, d = q.shape
-  lk, hkv = k.shape[1], k.shape[2]
-  if k.shape[0] != b or k.shape[3] != d or h % hkv:
-    raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head dim, with q heads "
-                     f"a multiple of kv heads.")
-  if segment_mode not in fa.SEGMENT_MODES:
-    raise ValueError(f"segment_mode {segment_mode!r} is unknown; expected one of "
-                     f"{fa.SEGMENT_MODES}.")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
-  _check_mask(mask, b, h, lq, lk)
+  hkv = k.shape[2]
   b_spec, h_spec = shard_axes(mesh, b, h, hkv, axis)
   if interpret is None:
     interpret = fa.default_interpret(mesh)
@@ -200,10 +217,7 @@ def ring_attention(q, k, v, *, mesh, kv_lengths=None, q_segment_ids=None, kv_seg
       q, k, v, n, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
       kv_segment_ids=kv_segment_ids, mask=mask)
   has_seg, has_mask = qseg is not None, mask is not None
-  mask_b = has_mask and mask.shape[0] == b and b > 1
-  mask_h = has_mask and mask.shape[1] == h and h > 1
-  if has_mask:  # keep broadcast axes at size 1
-    mask = mask[:(None if mask_b else 1), :(None if mask_h else 1)]
+  mask, mask_b, mask_h = trim_mask(mask, b, h)
 
   def body(q, k, v, lens, qseg, kseg, mask):
     lc_q, lc_k = q.shape[1], k.shape[1]

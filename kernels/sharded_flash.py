@@ -40,10 +40,7 @@ def sharded_flash_attention(q, k, v, *, mesh, kv_lengths=None, q_segment_ids=Non
       q, k, v, n, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
       kv_segment_ids=kv_segment_ids, mask=mask)
   has_seg, has_mask = qseg is not None, mask is not None
-  mask_b = has_mask and mask.shape[0] == b and b > 1
-  mask_h = has_mask and mask.shape[1] == h and h > 1
-  if has_mask:
-    mask = mask[:(None if mask_b else 1), :(None if mask_h else 1)]
+  mask, mask_b, mask_h = ra.trim_mask(mask, b, h)
 
   def body(q, k, v, lens, qseg, kseg, mask):
     return fa.flash_attention(q, k, v, kv_lengths=lens, q_segment_ids=qseg,

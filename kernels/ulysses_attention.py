@@ -31,22 +31,9 @@ def ulysses_attention(q, k, v, *, mesh, kv_lengths=None, q_segment_ids=None,
 
   q (B, Lq, H, D); k, v (B, Lk, Hkv, D) -> (B, Lq, H, D). Differentiable in q, k, v.
   """
-  if mesh is None:
-    raise ValueError("ulysses attention needs a mesh with a 'sequence' axis; got mesh=None.")
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape != v.shape:
-    raise ValueError(f"ulysses attention expects q (B, Lq, H, D) and k, v (B, Lk, Hkv, D) of "
-                     f"equal shape; got {q.shape}, {k.shape}, {v.shape}.")
+  ra.check_inputs("ulysses", q, k, v, mesh, segment_mode, q_segment_ids, kv_segment_ids, mask)
   b, lq, h, d = q.shape
-  lk, hkv = k.shape[1], k.shape[2]
-  if k.shape[0] != b or k.shape[3] != d or h % hkv:
-    raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head dim, with q heads "
-                     f"a multiple of kv heads.")
-  if segment_mode not in fa.SEGMENT_MODES:
-    raise ValueError(f"segment_mode {segment_mode!r} is unknown; expected one of "
-                     f"{fa.SEGMENT_MODES}.")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
-  ra._check_mask(mask, b, h, lq, lk)
+  hkv = k.shape[2]
   b_spec, h_spec = ra.shard_axes(mesh, b, h, hkv, axis)
   if interpret is None:
     interpret = fa.default_interpret(mesh)
@@ -64,10 +51,7 @@ def ulysses_attention(q, k, v, *, mesh, kv_lengths=None, q_segment_ids=None,
       q, k, v, n, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
       kv_segment_ids=kv_segment_ids, mask=mask)
   has_seg, has_mask = qseg is not None, mask is not None
-  mask_b = has_mask and mask.shape[0] == b and b > 1
-  mask_h = has_mask and mask.shape[1] == h and h > 1
-  if has_mask:
-    mask = mask[:(None if mask_b else 1), :(None if mask_h else 1)]
+  mask, mask_b, mask_h = ra.trim_mask(mask, b, h)
 
   def body(q, k, v, lens, qseg, kseg, mask):
     to_heads = lambda x: lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
