@@ -8,6 +8,7 @@ update (params, optimiser and EMA unchanged) and is counted in `TrainState.skipp
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import flax
@@ -154,12 +155,8 @@ def jit_train_step(step_fn, state_sharding, batch_sharding, mesh):
                  out_shardings=(state_sharding, metric_sharding), donate_argnums=(0,))
 
 
+@contextlib.contextmanager
 def with_mesh_rules(mesh):
   """Context: the mesh and the logical-axis rules, under which models trace their constraints."""
-  import contextlib
-
-  @contextlib.contextmanager
-  def ctx():
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      yield
-  return ctx()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    yield

@@ -48,8 +48,9 @@ class EvalSet:
   standard error it reports the gain over the first evaluation with its paired standard error
   (same prompts, same noise), the statistic for "the reward rose"."""
 
-  def __init__(self, raw_batches, pipe, gc, reward_fn, seed):
+  def __init__(self, raw_batches, pipe, gc, reward_fn, seed, latent_tail):
     self.raws = raw_batches
+    self.latent_tail = latent_tail  # the latent shape after the batch axis
     self.conds = [_conditions(pipe, r) for r in raw_batches]
     self.key = jax.random.key(seed)
     self.pipe, self.gc, self.reward_fn = pipe, gc, reward_fn
@@ -117,8 +118,7 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
                          static_argnums=(4,))
     decode_fn = jax.jit(lambda z: (pipe.decode(z) + 1.0) / 2.0)
     update_fn = jax.jit(grpo.make_update_step(pipe.velocity_fn, tx, gc), donate_argnums=(0,))
-    evaluator = EvalSet(eval_batches, pipe, gc, reward_fn, config.grpo.eval_seed)
-    evaluator.latent_tail = latent_tail
+    evaluator = EvalSet(eval_batches, pipe, gc, reward_fn, config.grpo.eval_seed, latent_tail)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
 
     def evaluate(step):
