@@ -32,7 +32,7 @@ def model_config(variant: str, text_dim: int) -> ml_collections.ConfigDict:
       in_channels=16, out_channels=16, patch_size=(1, 2, 2), text_dim=text_dim, freq_dim=256,
       eps=1e-6, cross_attn_norm=True, rope_theta=10000.0, rope_max_seq_len=1024,
       dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full",
-      attention_impl="xla"))
+      attention_impl="xla", lora_rank=0, lora_alpha=16.0))
 
 
 def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_collections.ConfigDict:

@@ -41,6 +41,37 @@ def dense(features: int, axes: tuple[str | None, str | None], *, dtype: Dtype, p
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
 
 
+class LoRA(nn.Module):
+  """Low-rank adapter (Hu et al. 2021): x -> (alpha / rank) (x A) B, added to a frozen dense layer.
+
+  A (in, rank) starts uniform in +-1/sqrt(in) (peft's kaiming-uniform), B (rank, out) at zero, so
+  a new adapter leaves the layer unchanged. `axes` are the wrapped kernel's logical axes: A keeps
+  the input axis, B the output axis, the rank axis is never sharded.
+  """
+  features: int
+  rank: int
+  alpha: float
+  axes: tuple[str | None, str | None]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    a = self.param("lora_a", nn.with_logical_partitioning(lora_a_init, (self.axes[0], None)),
+                   (x.shape[-1], self.rank), self.param_dtype)
+    b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, self.axes[1])),
+                   (self.rank, self.features), self.param_dtype)
+    h = jnp.dot(x.astype(self.dtype), a.astype(self.dtype))
+    return jnp.dot(h, b.astype(self.dtype)) * jnp.asarray(self.alpha / self.rank, self.dtype)
+
+
+def lora_a_init(key, shape, dtype=jnp.float32):
+  """peft's init of A: kaiming-uniform with a=sqrt(5), i.e. uniform in +-1/sqrt(fan_in); fan_in is
+  the second-to-last axis (a leading layer axis of a scanned stack is not part of it)."""
+  bound = 1.0 / math.sqrt(shape[-2])
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class RMSNorm(nn.Module):
   """`torch.nn.RMSNorm` over the last axis, computed in float32 (Wan's q/k norm across heads)."""
   eps: float = 1e-6

@@ -42,6 +42,8 @@ class WanConfig:
   scan_layers: bool = True
   remat_policy: str = "none"
   attention_impl: str = "xla"
+  lora_rank: int = 0  # > 0: a LoRA adapter on every attention projection (q, k, v, out)
+  lora_alpha: float = 16.0  # adapter output scaled by lora_alpha / lora_rank
 
   @property
   def dim(self) -> int:
@@ -68,6 +70,8 @@ class WanConfig:
     layers.remat_policy(self.remat_policy)
     if self.attention_impl not in attention_lib.IMPLS:
       raise ValueError(f"attention_impl {self.attention_impl!r} is unknown; expected one of {attention_lib.IMPLS}.")
+    if self.lora_rank < 0:
+      raise ValueError(f"lora_rank {self.lora_rank} must be >= 0 (0: no adapters).")
 
 
 class WanAttention(nn.Module):
@@ -83,9 +87,16 @@ class WanAttention(nn.Module):
     cfg = self.config
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     src = x if context is None else context
-    q = layers.dense(cfg.dim, ("embed", "heads"), name="to_q", **kw)(x)
-    k = layers.dense(cfg.dim, ("embed", "heads"), name="to_k", **kw)(src)
-    v = layers.dense(cfg.dim, ("embed", "heads"), name="to_v", **kw)(src)
+
+    def proj(name, axes, inp):
+      y = layers.dense(cfg.dim, axes, name=name, **kw)(inp)
+      if cfg.lora_rank:  # a separate `{name}_lora` module, so the base tree is the checkpoint's
+        y = y + layers.LoRA(cfg.dim, cfg.lora_rank, cfg.lora_alpha, axes, name=f"{name}_lora", **kw)(inp)
+      return y
+
+    q = proj("to_q", ("embed", "heads"), x)
+    k = proj("to_k", ("embed", "heads"), src)
+    v = proj("to_v", ("embed", "heads"), src)
     q = layers.RMSNorm(cfg.eps, "heads", cfg.param_dtype, name="norm_q")(q)
     k = layers.RMSNorm(cfg.eps, "heads", cfg.param_dtype, name="norm_k")(k)
     split = lambda t: t.reshape(*t.shape[:2], cfg.num_heads, cfg.head_dim)  # (B, L, H, Dh)
@@ -102,7 +113,7 @@ class WanAttention(nn.Module):
                                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                 segment_mode=segment_mode)
     o = o.reshape(*o.shape[:2], cfg.dim)
-    return layers.dense(cfg.dim, ("heads", "embed"), name="to_out", **kw)(o)
+    return proj("to_out", ("heads", "embed"), o)
 
 
 def _table_init(dim):
