@@ -81,3 +81,22 @@ def grpo_loop_initial_params(c, tmp_path):
   from idcrafter_jax import sft
   pipe, *_ = sft.build(c, str(tmp_path / "init"))
   return pipe.dit_params
+
+
+def test_lora_grpo_trains_only_adapters_and_resumes_exactly(tmp_path):
+  from idcrafter_jax import lora
+  c = _config(2)
+  c.model.lora_rank = 4
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  s_full = _run(c, a)
+  _run(c, b, max_steps=1)
+  s_res = _run(c, b)
+  assert lora.has_adapters(s_full.params) and not lora.split(s_full.params)[0]  # adapters only
+  _, init_adapters = lora.split(grpo_loop_initial_params(c, tmp_path))
+  assert jax.tree_util.tree_structure(s_full.params) == jax.tree_util.tree_structure(init_adapters)
+  assert any(float(np.abs(np.asarray(x) - np.asarray(y)).max()) > 0
+             for x, y in zip(jax.tree_util.tree_leaves(s_full.params), jax.tree_util.tree_leaves(init_adapters)))
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+                         s_full.params, s_res.params)
+  rows = [r for r in run_utils.read_metrics(a) if "reward/total" in r]
+  assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["kl"]) for r in rows)

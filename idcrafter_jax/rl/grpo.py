@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idcrafter_jax import flow, sampling
+from idcrafter_jax import flow, lora, sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,11 +155,16 @@ def step_terms(velocity_fn, params, ref_params, x, x_next, old_lp, adv, k, cond,
   return policy, kl, ratio, clip_frac
 
 
-def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc: GRPOConfig):
+def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc: GRPOConfig, *,
+                     adapters: bool = False):
   """(state, ref_params, minibatch, ks) -> (state, metrics): gradients of the mean over the
   trained steps ks (accumulated one step at a time, so memory does not grow with len(ks)),
   then one optimiser update; a non-finite loss or gradient skips it (counted in state.skipped).
   `state.step` counts GRPO iterations and is advanced by the loop, not here.
+
+  With `adapters` (LoRA, `idcrafter_jax/lora.py`), `state.params` holds only the adapters and
+  `ref_params` is the frozen base: the policy is base + adapters, the reference the base with
+  the adapters off, so the reference costs no memory of its own.
 
   minibatch: xs (K+1, B, ...), log_probs (K, B), advantages (B,), cond, uncond.
   """
@@ -169,7 +174,11 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
       x = jnp.take(mb["xs"], k, axis=0)
       x_next = jnp.take(mb["xs"], k + 1, axis=0)
       old = jnp.take(mb["log_probs"], k, axis=0)
-      pol, kl, ratio, cf = step_terms(velocity_fn, params, ref_params, x, x_next, old, mb["advantages"], k,
+      policy, ref = params, ref_params
+      if adapters:
+        policy = lora.merge(ref_params, params)
+        ref = lora.merge(ref_params, lora.disabled(jax.lax.stop_gradient(params)))
+      pol, kl, ratio, cf = step_terms(velocity_fn, policy, ref, x, x_next, old, mb["advantages"], k,
                                       mb["cond"], mb["uncond"], gc)
       loss = jnp.mean(pol) + gc.beta * jnp.mean(kl)
       return loss, dict(policy_loss=jnp.mean(pol), kl=jnp.mean(kl), ratio=jnp.mean(ratio),

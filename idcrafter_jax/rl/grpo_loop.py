@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from idcrafter_jax import checkpoint as ckpt_lib, run_utils, trainer, video as video_io
+from idcrafter_jax import checkpoint as ckpt_lib, lora, run_utils, sharding, trainer, video as video_io
 from idcrafter_jax.rl import grpo, rewards as rewards_lib
 
 
@@ -103,13 +103,21 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
     eval_batches = [next(eval_it) for _ in range(max(1, config.grpo.eval_prompts // config.data.global_batch_size))]
   latent_tail = latent_shape(config, 1)[1:]
 
+  use_lora = bool(config.model.lora_rank)
   with trainer.with_mesh_rules(mesh):
-    ref_params = jax.tree_util.tree_map(jnp.copy, pipe.dit_params)  # the frozen reference policy
-    state = trainer.init_state(pipe.dit_params, tx, jax.random.fold_in(jax.random.key(config.seed), 2), ema=False)
+    if use_lora:  # train the adapters only; the frozen base is the reference policy (adapters off)
+      ref_params, trainable = lora.split(pipe.dit_params)
+      boxed_base, boxed = lora.split(boxed)
+      print(f"LoRA rank {config.model.lora_rank}: training {lora.count(trainable):,} adapter parameters.")
+    else:
+      ref_params = jax.tree_util.tree_map(jnp.copy, pipe.dit_params)  # the frozen reference policy
+      trainable, boxed_base = pipe.dit_params, boxed
+    state = trainer.init_state(trainable, tx, jax.random.fold_in(jax.random.key(config.seed), 2), ema=False)
     abstract = jax.eval_shape(lambda s: s, state)
     s_shard = trainer.state_shardings(abstract, boxed, mesh)
     state = jax.device_put(state, s_shard)
-    ref_params = jax.device_put(ref_params, s_shard.params)
+    ref_params = jax.device_put(ref_params, sharding.param_shardings(boxed_base, mesh))
+    policy = (lambda st: lora.merge(ref_params, st.params)) if use_lora else (lambda st: st.params)
     session = run_utils.TrainSession(workdir, tc, "grpo")
     writer = session.writer
     state = session.resume(state, data_iterator)
@@ -117,12 +125,12 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
     rollout_fn = jax.jit(lambda p, c, u, k, shape: grpo.rollout(pipe.velocity_fn, p, c, u, k, shape=shape, gc=gc),
                          static_argnums=(4,))
     decode_fn = jax.jit(lambda z: (pipe.decode(z) + 1.0) / 2.0)
-    update_fn = jax.jit(grpo.make_update_step(pipe.velocity_fn, tx, gc), donate_argnums=(0,))
+    update_fn = jax.jit(grpo.make_update_step(pipe.velocity_fn, tx, gc, adapters=use_lora), donate_argnums=(0,))
     evaluator = EvalSet(eval_batches, pipe, gc, reward_fn, config.grpo.eval_seed, latent_tail)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
 
     def evaluate(step):
-      stats, sample = evaluator(state.params, rollout_fn, decode_fn)
+      stats, sample = evaluator(policy(state), rollout_fn, decode_fn)
       for j in range(min(config.grpo.sample_videos, sample.shape[0])):
         video_io.write_video(os.path.join(workdir, "samples", f"iter{step:05d}_{j}.mp4"),
                              sample[j] * 2.0 - 1.0, fps=config.sampling.fps)
@@ -142,7 +150,7 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
         uncond = null_g if gc.guidance_scale != 1.0 else None
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), it)
         b = cond_g["context"].shape[0]
-        xs, lps = rollout_fn(state.params, cond_g, uncond, key, (b,) + latent_tail)
+        xs, lps = rollout_fn(policy(state), cond_g, uncond, key, (b,) + latent_tail)
         videos = decode_fn(xs[-1])
         comps = reward_fn(videos, _reward_batch(raw, g))
         r = np.asarray(comps["total"])
