@@ -159,11 +159,15 @@ class Result:
   compile_seconds: float = math.nan
   error: str | None = None
   error_detail: str | None = None  # the compiler's full message (e.g. its list of the largest buffers)
+  program: str = "sft_step"  # or 'grpo_rollout', 'grpo_update' (`rl/dryrun.py`)
+  resident_bytes: int = 0  # per chip: params of other networks that stay in HBM meanwhile
 
   @property
   def peak_bytes(self) -> int:
-    """HBM the program needs on one chip: arguments + outputs - donated aliases + temps + code."""
-    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+    """HBM the program needs on one chip: arguments + outputs - donated aliases + temps + code,
+    plus the resident networks' params."""
+    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+            + self.resident_bytes)
 
   @property
   def fits(self) -> bool | None:
@@ -203,7 +207,8 @@ class Result:
   def row(self) -> str:
     g = lambda b: f"{b / GiB:.1f}"
     mesh = "x".join(str(self.mesh[a]) for a in sharding.MESH_AXES)
-    head = (f"{self.variant} {self.frames}x{self.height}x{self.width} B={self.batch} on {self.target} "
+    prog = "" if self.program == "sft_step" else f"{self.program} "
+    head = (f"{prog}{self.variant} {self.frames}x{self.height}x{self.width} B={self.batch} on {self.target} "
             f"mesh(d,f,s,t)={mesh} remat={self.remat_policy} attn={self.attention_impl}")
     if self.error is not None:
       return f"{head}: FAILED ({self.error})"
@@ -215,9 +220,11 @@ class Result:
     mfu = "n/a" if self.mfu is None else f"{self.mfu:.0%}"
     at_peak = "" if self.seconds_at_peak is None else f", {self.seconds_at_peak:.3g} s at peak"
     return (f"{head}: per chip args {g(self.argument_bytes)} + out {g(self.output_bytes)} - alias "
-            f"{g(self.alias_bytes)} + temp {g(self.temp_bytes)} = peak {g(self.peak_bytes)}{cap} GiB "
+            f"{g(self.alias_bytes)} + temp {g(self.temp_bytes)}"
+            + (f" + resident {g(self.resident_bytes)}" if self.resident_bytes else "")
+            + f" = peak {g(self.peak_bytes)}{cap} GiB "
             f"(host temp {g(self.host_temp_bytes)} GiB): {verdict}; model FLOPs/step "
-            f"{self.analytic_flops / 1e15:.3g} PFLOP (analytic fwd+bwd){at_peak}; XLA "
+            f"{self.analytic_flops / 1e15:.3g} PFLOP (analytic){at_peak}; XLA "
             f"{self.xla_flops_per_chip / 1e12:.3g} TFLOP/chip (scan body once); compiler estimate {est}; "
             f"implied MFU {mfu}; compiled in {self.compile_seconds:.0f} s")
 
@@ -288,6 +295,11 @@ def compile_train_step(config, shape: Shape, devices, *, chip: str | None = None
       result.error_detail = str(e)[:20000]
       return result
     result.compile_seconds = time.perf_counter() - start
+  return read_compiled(result, compiled)
+
+
+def read_compiled(result: Result, compiled) -> Result:
+  """Fills `result`'s memory and cost fields from a compiled program."""
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})

@@ -13,6 +13,15 @@ fwd+bwd) next to XLA's count, the compiler's time estimate and the implied MFU. 
 to one sample per batch shard (data x fsdp); the video size to the config's `sampling` section.
 `--search` compiles a few (mesh, remat policy, attention impl) combinations and names the best
 that fits. `--json_out F` appends one JSON object per compiled candidate to F.
+
+`--program grpo` compiles the two Flow-GRPO programs instead (`idcrafter_jax/rl/dryrun.py`): the
+rollout of `--rollout_batch` videos (default: Table S.3's 32, rounded up to the batch shards) and
+one update on `--minibatch` trajectories (default: one per batch shard), each with the Wan VAE,
+Qwen2.5-VL 7B and the reward networks' params counted as resident; `--config.model.lora_rank=R`
+compiles the LoRA update (adapters trained, the frozen base as the reference):
+
+  python launch/dryrun.py --config configs/wan2_1_14b.py --topology v5p:2x2x2 --program grpo \
+      --height 480 --width 832 --config.model.attention_impl=pallas
 """
 from __future__ import annotations
 
@@ -33,6 +42,10 @@ _SUBJECTS = flags.DEFINE_integer("num_subjects", None, "Subjects per sample (def
 _SEARCH = flags.DEFINE_bool("search", False, "Try several meshes / remat policies / attention impls.")
 _REMATS = flags.DEFINE_list("remat_policies", ["full", "offload_dots_no_batch"], "Remat policies for --search.")
 _IMPLS = flags.DEFINE_list("attention_impls", None, "Attention impls for --search (default: pallas on TPU, xla on CPU).")
+_PROGRAM = flags.DEFINE_enum("program", "sft", ["sft", "grpo", "grpo_rollout", "grpo_update"],
+                             "What to compile: the SFT step, or the GRPO rollout and / or update.")
+_ROLLOUT_BATCH = flags.DEFINE_integer("rollout_batch", None, "GRPO: videos per rollout (prompts x group size).")
+_MINIBATCH = flags.DEFINE_integer("minibatch", None, "GRPO: trajectories per update step.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Append one JSON line per compiled candidate to this file.")
 flags.mark_flags_as_required(["config"])
 
@@ -54,7 +67,26 @@ def main(argv):
     return dryrun.shape_from_config(config, batch=batch, frames=_FRAMES.value, height=_HEIGHT.value,
                                     width=_WIDTH.value, text_len=_TEXT_LEN.value, num_subjects=_SUBJECTS.value)
 
-  if _SEARCH.value:
+  if _PROGRAM.value != "sft":
+    from idcrafter_jax.rl import dryrun as grpo_dryrun
+    dims = dict(zip(sharding.MESH_AXES, sharding.make_mesh(dict(config.mesh), devices).devices.shape))
+    rollout_batch, minibatch = grpo_dryrun.default_batches(config, dims)
+    shape = shape_fn(dict(config.mesh))
+    resident = grpo_dryrun.resident_bytes(config, sharding.make_mesh(dict(config.mesh), devices))
+    print("resident per chip: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in resident.items()))
+    results = []
+    kw = dict(chip=chip, target=target, variant=variant)
+    if _PROGRAM.value in ("grpo", "grpo_rollout"):
+      results.append(grpo_dryrun.compile_rollout(config, shape, devices, rollout_batch=_ROLLOUT_BATCH.value or
+                                                 rollout_batch, **kw))
+      print(results[-1].row(), flush=True)
+    if _PROGRAM.value in ("grpo", "grpo_update"):
+      results.append(grpo_dryrun.compile_update(config, shape, devices, minibatch=_MINIBATCH.value or minibatch, **kw))
+      print(results[-1].row(), flush=True)
+    for r in results:
+      if r.error_detail:
+        print(r.error_detail[:5000])
+  elif _SEARCH.value:
     best, results = dryrun.search(config, shape_fn, devices, chip=chip, target=target, variant=variant,
                                   remat_policies=_REMATS.value, attention_impls=_IMPLS.value)
     print("best: " + (best.row() if best is not None else "no candidate fits"))

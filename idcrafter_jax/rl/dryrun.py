@@ -1,0 +1,236 @@
+"""AOT dry run of the Flow-GRPO programs (`rl/grpo.py`): does online RL fit a TPU slice?
+
+The two jitted programs the GRPO loop runs on the DiT are lowered and compiled for the chips of a
+TPU topology that is not there (as `idcrafter_jax/dryrun.py` does for the SFT step):
+
+  rollout  `grpo.rollout`: the whole K-step SDE trajectory in one scan, CFG on the doubled batch,
+           for `rollout_batch` videos (prompts x group size), the policy's params as trained.
+  update   `grpo.make_update_step`: for each trained step, the policy's forward + backward and the
+           frozen reference's forward (both with CFG), gradients accumulated over the steps, one
+           AdamW update, for a minibatch; arguments are the train state and the reference.
+           With LoRA (`model.lora_rank > 0`) the state holds the adapters only and the reference
+           is the frozen base (adapters off), so the reference costs nothing extra.
+
+The other networks stay resident in HBM while these run: the Wan VAE (decode), the Qwen2.5-VL 7B
+conditioning encoder and the reward networks (CLIP ViT-L/14 + the LAION aesthetic head, the
+iResNet-100 face model). They are placed on the mesh by their logical axes, as the loop's
+loaders do; their per-chip parameter bytes (`resident_bytes`) are added to each program's peak.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from idcrafter_jax import aot, dryrun, lora, sharding, trainer
+from idcrafter_jax.dryrun import Result, Shape
+from idcrafter_jax.models import idcrafter
+from idcrafter_jax.rl import grpo
+
+BATCH_AXES = ("data", "fsdp")
+
+
+# ------------------------------------------------------------------------ resident networks
+
+
+def resident_networks(config) -> dict[str, tuple[nn.Module, tuple]]:
+  """{name: (module, init args)} of the networks a GRPO run keeps in HBM besides the DiT, at
+  their released sizes: Wan 2.1 VAE, Qwen2.5-VL 7B (bf16), CLIP ViT-L/14 + aesthetic head and
+  iResNet-100 (in `reward_models.param_dtype`)."""
+  from idcrafter_jax.models import aesthetic, clip, face, qwen2_5_vl as qv, wan_vae
+  rdt = jnp.dtype(config.reward_models.param_dtype)
+  vae = wan_vae.WanVAE(wan_vae.WanVAEConfig())
+  f = vae.config.spatial_factor
+  vit_l = clip.CLIPConfig(
+      vision=clip.TowerConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, patch_size=14),
+      text=clip.TowerConfig(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12),
+      projection_dim=768)
+  return {
+      "wan_vae": (vae, (jnp.zeros((1, 5, f, f, 3)), jnp.zeros((1, 2, 1, 1, vae.config.z_dim))), "init_all"),
+      "qwen2_5_vl_7b": (qv.Qwen2_5_VL(qv.VARIANTS["7B"], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), None, None),
+      "clip_vit_l14": (clip.CLIP(vit_l, param_dtype=rdt), None, None),
+      "aesthetic_head": (aesthetic.AestheticHead(768, param_dtype=rdt), (jnp.zeros((1, 768)),), None),
+      "iresnet100": (face.IResNet(face.IResNetConfig(), param_dtype=rdt), None, None),
+  }
+
+
+def _abstract_boxed(module, args, method):
+  from idcrafter_jax.models import clip, face, qwen2_5_vl as qv
+  if args is None:  # the model's own abstract init
+    for lib in (clip, face, qv):
+      if isinstance(module, tuple(v for v in vars(lib).values() if isinstance(v, type) and issubclass(v, nn.Module))):
+        return lib.abstract_params(module)
+    raise TypeError(f"no abstract init for {type(module).__name__}")
+  kw = {} if method is None else {"method": getattr(type(module), method)}
+  return jax.eval_shape(lambda k: module.init(k, *args, **kw), jax.random.key(0))["params"]
+
+
+def per_chip_bytes(boxed, mesh) -> int:
+  """Bytes of one chip's shard of a tree of boxed abstract params placed by their logical axes
+  (a dimension that does not divide its mesh axes is counted padded up, as XLA pads it)."""
+  shards = sharding.param_shardings(boxed, mesh)
+  total = 0
+  for x, s in zip(jax.tree_util.tree_leaves(nn.unbox(boxed)), jax.tree_util.tree_leaves(shards)):
+    spec = tuple(s.spec) + (None,) * (len(x.shape) - len(s.spec))
+    dims = []
+    for d, axes in zip(x.shape, spec):
+      ways = 1 if axes is None else int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+      dims.append(-(-d // ways))
+    total += int(np.prod(dims)) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def resident_bytes(config, mesh) -> dict[str, int]:
+  """{network: per-chip parameter bytes} of `resident_networks` on `mesh`."""
+  return {name: per_chip_bytes(_abstract_boxed(m, args, method), mesh)
+          for name, (m, args, method) in resident_networks(config).items()}
+
+
+# ------------------------------------------------------------------------ programs
+
+
+def abstract_conditions(shape: Shape, text_dim: int, batch: int, dtype=jnp.float32) -> dict:
+  """The DiT's condition pytree (`grpo_loop._conditions`) for `batch` samples."""
+  h, w = shape.subject_grid
+  return dict(context=jax.ShapeDtypeStruct((batch, shape.text_len, text_dim), dtype),
+              context_mask=jax.ShapeDtypeStruct((batch, shape.text_len), jnp.bool_),
+              subject_latents=jax.ShapeDtypeStruct((batch, shape.num_subjects, 1, h, w, 16), dtype),
+              subject_mask=jax.ShapeDtypeStruct((batch, shape.num_subjects), jnp.bool_))
+
+
+def _batch_on(mesh, ndim: int, axis: int = 0) -> NamedSharding:
+  spec = [None] * ndim
+  spec[axis] = BATCH_AXES
+  return NamedSharding(mesh, P(*spec))
+
+
+def _velocity_fn(module):
+  def velocity_fn(params, x, timestep, cond):  # as `Pipeline.velocity_fn`
+    return module.apply({"params": params}, x, timestep, cond["context"], cond["subject_latents"],
+                        cond["subject_mask"], cond["context_mask"])
+  return velocity_fn
+
+
+def _put(tree, shardings):
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _setup(config, shape: Shape, devices, batch: int, program: str, chip, target, variant):
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  dims = dict(zip(sharding.MESH_AXES, mesh.devices.shape))
+  ways = dims["data"] * dims["fsdp"]
+  if batch % ways:
+    raise ValueError(f"{program} batch {batch} is not divisible by data x fsdp = {ways} of mesh {dims}.")
+  mcfg = idcrafter.IDCrafterConfig.from_config(config)
+  if shape.num_subjects > mcfg.max_subjects:
+    raise ValueError(f"num_subjects {shape.num_subjects} exceeds model.max_subjects={mcfg.max_subjects}.")
+  if mcfg.wan.num_heads % dims["tensor"]:
+    raise ValueError(f"{mcfg.wan.num_heads} heads do not split over tensor={dims['tensor']}.")
+  tokens = shape.tokens(mcfg.wan.patch_size)
+  if tokens % dims["sequence"]:
+    raise ValueError(f"{tokens} video tokens do not split over sequence={dims['sequence']}.")
+  module = idcrafter.IDCrafter(mcfg, mesh=mesh)
+  result = Result(
+      target=target or f"{len(devices)} devices", chip=chip, num_devices=len(devices), mesh=dims,
+      remat_policy=mcfg.wan.remat_policy, attention_impl=mcfg.wan.attention_impl, variant=variant, params=0,
+      batch=batch, frames=shape.frames, height=shape.height, width=shape.width, tokens=tokens,
+      hbm_bytes=None if chip is None else int(aot.TPU_CHIPS[chip]["hbm"]), program=program)
+  return mesh, mcfg, module, result
+
+
+def _compile(result: Result, lower):
+  start = time.perf_counter()
+  try:
+    compiled = lower().compile()
+  except Exception as e:  # noqa: BLE001 -- XLA reports OOM and unsupported programs as runtime errors
+    result.compile_seconds = time.perf_counter() - start
+    result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    result.error_detail = str(e)[:20000]
+    return result
+  result.compile_seconds = time.perf_counter() - start
+  dryrun.read_compiled(result, compiled)
+  return result
+
+
+def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=None, target="", variant="",
+                    resident: bool = True) -> Result:
+  """Compiles `grpo.rollout` for `rollout_batch` videos of `shape` (its batch is ignored)."""
+  gc = grpo.GRPOConfig.from_config(config.grpo)
+  mesh, mcfg, module, result = _setup(config, shape, devices, rollout_batch, "grpo_rollout", chip, target, variant)
+  boxed = jax.eval_shape(module.init, jax.random.key(0), *idcrafter.dummy_inputs(mcfg))["params"]
+  params = nn.unbox(boxed)
+  result.params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+  cfg_mult = 2 if gc.guidance_scale != 1.0 else 1
+  lat = (rollout_batch,) + shape.latent_shape[1:]
+  result.analytic_flops = gc.num_steps * cfg_mult * idcrafter.forward_flops(
+      mcfg, lat, shape.text_len, shape.num_subjects, shape.subject_tokens())
+  if resident:
+    result.resident_bytes = sum(resident_bytes(config, mesh).values())
+  cond = abstract_conditions(shape, mcfg.wan.text_dim, rollout_batch)
+  uncond = cond if cfg_mult == 2 else None
+  vf = _velocity_fn(module)
+  with trainer.with_mesh_rules(mesh):
+    p_shard = sharding.param_shardings(boxed, mesh)
+    c_shard = jax.tree_util.tree_map(lambda x: _batch_on(mesh, len(x.shape)), cond)
+    rep = NamedSharding(mesh, P())
+    fn = jax.jit(lambda p, c, u, k: grpo.rollout(vf, p, c, u, k, shape=lat, gc=gc),
+                 in_shardings=(p_shard, c_shard, None if uncond is None else c_shard, rep),
+                 out_shardings=(_batch_on(mesh, len(lat) + 1, 1), _batch_on(mesh, 2, 1)))
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
+    return _compile(result, lambda: fn.lower(_put(params, p_shard), _put(cond, c_shard),
+                                             None if uncond is None else _put(uncond, c_shard), key))
+
+
+def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, target="", variant="",
+                   resident: bool = True) -> Result:
+  """Compiles one `grpo.make_update_step` on a minibatch of `minibatch` stored trajectories, over
+  the steps `grpo.trained_steps` picks (LoRA when `model.lora_rank > 0`)."""
+  gc = grpo.GRPOConfig.from_config(config.grpo)
+  mesh, mcfg, module, result = _setup(config, shape, devices, minibatch, "grpo_update", chip, target, variant)
+  tx = trainer.make_optimizer(config.train)
+  boxed = jax.eval_shape(module.init, jax.random.key(0), *idcrafter.dummy_inputs(mcfg))["params"]
+  use_lora = bool(mcfg.wan.lora_rank)
+  if use_lora:
+    boxed_ref, boxed_train = lora.split(boxed)
+  else:
+    boxed_ref = boxed_train = boxed
+  train_abs, ref_abs = nn.unbox(boxed_train), nn.unbox(boxed_ref)  # (outside the mesh context)
+  state_abs = jax.eval_shape(lambda p: trainer.init_state(p, tx, jax.random.key(0), ema=False), train_abs)
+  result.params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(train_abs)))
+  ks = grpo.trained_steps(gc, np.random.default_rng(0))
+  cfg_mult = 2 if gc.guidance_scale != 1.0 else 1
+  lat = (minibatch,) + shape.latent_shape[1:]
+  fwd = idcrafter.forward_flops(mcfg, lat, shape.text_len, shape.num_subjects, shape.subject_tokens())
+  result.analytic_flops = len(ks) * cfg_mult * fwd * (3 + (1 if gc.beta > 0 else 0))
+  if resident:
+    result.resident_bytes = sum(resident_bytes(config, mesh).values())
+  cond = abstract_conditions(shape, mcfg.wan.text_dim, minibatch)
+  mb = dict(xs=jax.ShapeDtypeStruct((gc.num_steps + 1,) + lat, jnp.float32),
+            log_probs=jax.ShapeDtypeStruct((gc.num_steps, minibatch), jnp.float32),
+            advantages=jax.ShapeDtypeStruct((minibatch,), jnp.float32),
+            cond=cond, uncond=cond if cfg_mult == 2 else None)
+  step = grpo.make_update_step(_velocity_fn(module), tx, gc, adapters=use_lora)
+  with trainer.with_mesh_rules(mesh):
+    s_shard = trainer.state_shardings(state_abs, boxed_train, mesh)
+    r_shard = sharding.param_shardings(boxed_ref, mesh)
+    rep = NamedSharding(mesh, P())
+    c_shard = jax.tree_util.tree_map(lambda x: _batch_on(mesh, len(x.shape)), cond)
+    mb_shard = dict(xs=_batch_on(mesh, len(lat) + 1, 1), log_probs=_batch_on(mesh, 2, 1),
+                    advantages=_batch_on(mesh, 1), cond=c_shard, uncond=c_shard if cfg_mult == 2 else None)
+    fn = jax.jit(step, in_shardings=(s_shard, r_shard, mb_shard, rep), out_shardings=(s_shard, rep),
+                 donate_argnums=(0,))
+    ks_abs = jax.ShapeDtypeStruct((len(ks),), jnp.int32, sharding=rep)
+    return _compile(result, lambda: fn.lower(_put(state_abs, s_shard), _put(ref_abs, r_shard), _put(mb, mb_shard),
+                                             ks_abs))
+
+
+def default_batches(config, mesh_dims: dict) -> tuple[int, int]:
+  """(rollout batch, update minibatch): Table S.3's 32 videos per iteration (rounded up to a
+  multiple of the batch shards) and one sample per batch shard for the update."""
+  ways = mesh_dims["data"] * mesh_dims["fsdp"]
+  rollout = max(32, ways)
+  return -(-rollout // ways) * ways, ways
