@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from idcrafter_jax import conditioning, convert, processor as processor_lib, sampling, tiny, video as video_io
+from idcrafter_jax import conditioning, convert, lora, processor as processor_lib, sampling, tiny, video as video_io
 from idcrafter_jax.models import idcrafter, qwen2_5_vl, wan_dit, wan_vae
 
 
@@ -254,7 +254,8 @@ def init_vlm(vlm: qwen2_5_vl.Qwen2_5_VL, key):
 
 def restore_params(path: str, like):
   """ID-Crafter params from a trainer checkpoint: a step folder (`workdir/checkpoints/N`), its
-  `state` item, or an Orbax checkpoint of the param tree itself. Checked against `like`."""
+  `state` item, or an Orbax checkpoint of the param tree itself. Checked against `like`. A LoRA
+  GRPO checkpoint holds the adapters only; they are put over the base weights of `like`."""
   import orbax.checkpoint as ocp
   path = os.path.abspath(path)
   if not os.path.exists(path):
@@ -264,6 +265,8 @@ def restore_params(path: str, like):
   with ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.restore(path)
   params = tree.get("params", tree) if isinstance(tree, dict) else tree
+  if isinstance(params, dict) and lora.has_adapters(like) and not lora.split(params)[0]:
+    params = lora.merge(lora.split(like)[0], params)  # a LoRA run saves its adapters only
   want = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), like)
   got = jax.tree_util.tree_map(lambda x: (tuple(np.shape(x)), str(np.asarray(x).dtype)), params)
   if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or want != got:

@@ -100,3 +100,11 @@ def test_lora_grpo_trains_only_adapters_and_resumes_exactly(tmp_path):
                          s_full.params, s_res.params)
   rows = [r for r in run_utils.read_metrics(a) if "reward/total" in r]
   assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["kl"]) for r in rows)
+  # generate.py's --checkpoint path: the adapters-only checkpoint goes over the base weights.
+  from idcrafter_jax.pipeline import restore_params
+  init = grpo_loop_initial_params(c, tmp_path)
+  restored = restore_params(os.path.join(a, "checkpoints", "2"), init)
+  base, ad = lora.split(restored)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), ad, s_full.params)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+                         base, lora.split(init)[0])
