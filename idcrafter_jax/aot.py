@@ -12,6 +12,8 @@ import math
 
 import jax
 
+from kernels import aot as kernels_aot
+
 GiB = 1024 ** 3
 
 # HBM per chip, and peak dense bf16 FLOP/s per chip (public TPU specs).
@@ -36,11 +38,7 @@ def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
 
 
 def have_libtpu() -> bool:
-  try:
-    import libtpu  # noqa: F401
-    return True
-  except ImportError:
-    return False
+  return kernels_aot.libtpu_available()
 
 
 def topology_devices(topology: str, num_slices: int = 1):
@@ -48,10 +46,7 @@ def topology_devices(topology: str, num_slices: int = 1):
   parse_topology(topology)
   if not have_libtpu():
     raise RuntimeError("AOT compilation for TPU needs libtpu: pip install -e '.[tpu]'.")
-  from jax.experimental import topologies
-  topo = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="default",
-                                      chips_per_host_bounds=(2, 2, 1), num_slices=num_slices)
-  return topo.devices
+  return kernels_aot.tpu_topology(topology, num_slices=num_slices).devices
 
 
 @dataclasses.dataclass

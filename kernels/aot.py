@@ -25,19 +25,24 @@ def libtpu_available() -> bool:
   return importlib.util.find_spec("libtpu") is not None
 
 
-def tpu_topology(name: str = "v5p:2x2x1"):
-  """A TPU topology description, e.g. 'v5p:2x2x1' (4 chips) or 'v5p:2x2x2' (8 chips)."""
+TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
+
+
+def tpu_topology(name: str = "v5p:2x2x1", num_slices: int = 1):
+  """A TPU topology description, e.g. 'v5p:2x2x1' (4 chips), 'v5p:2x2x2' (8), 'v6e:8x8' (64)."""
   from jax.experimental import topologies
+  kind, _, dims = name.partition(":")
+  try:
+    shape = tuple(int(x) for x in dims.split("x"))
+  except ValueError:
+    shape = ()
+  if kind not in TPU_GENERATIONS or len(shape) not in (2, 3) or min(shape) < 1:
+    raise ValueError(f"topology {name!r}: expected '<{'|'.join(TPU_GENERATIONS)}>:AxB[xC]'.")
   if not libtpu_available():
     raise RuntimeError("AOT TPU compilation needs libtpu (pip install 'jax[tpu]').")
-  kind, _, dims = name.partition(":")
-  shape = tuple(int(x) for x in dims.split("x"))
-  if len(shape) != 3 or kind not in ("v4", "v5p"):
-    raise ValueError(f"topology {name!r}: expected 'v4|v5p:AxBxC'.")
   return topologies.get_topology_desc(
       platform="tpu", topology_name=name, chip_config_name="default",
-      chips_per_host_bounds=(min(shape[0], 2), min(shape[1], 2), 1),
-      num_slices=1)
+      chips_per_host_bounds=(min(shape[0], 2), min(shape[1], 2), 1), num_slices=num_slices)
 
 
 def mesh_on(devices, shape: dict) -> Mesh:
