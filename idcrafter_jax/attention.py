@@ -28,6 +28,7 @@ topology compiles the real kernels from a CPU host.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -122,9 +123,25 @@ def _acc(x):
   return {} if x.dtype == jnp.float32 else {"preferred_element_type": jnp.float32}
 
 
+def _fold_scale(q, scale):
+  """(q * scale, 1.0) when scale is a power of two (exact in any float dtype), else (q, scale).
+
+  Scaling the (L, D) queries instead of the (L, L) logits saves a pass over the logits: XLA's CPU
+  backend materialises a product that feeds both the row max and the exp.
+  """
+  if isinstance(scale, (int, float)) and math.frexp(scale)[0] == 0.5:
+    return q * jnp.asarray(scale, q.dtype), 1.0
+  return q, scale
+
+
+def _scaled(s, scale):
+  return s if isinstance(scale, float) and scale == 1.0 else s * scale
+
+
 def _dense_attention(q, k, v, m, scale):
   """q (B, H, Lq, D), k/v (B, H, Lk, D), mask (B|1, H|1, Lq, Lk) | None -> (B, H, Lq, D) float32."""
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, **_acc(q)).astype(jnp.float32) * scale
+  q, scale = _fold_scale(q, scale)
+  logits = _scaled(jnp.einsum("bhqd,bhkd->bhqk", q, k, **_acc(q)).astype(jnp.float32), scale)
   if m is not None:
     logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -135,7 +152,7 @@ def _dense_attention(q, k, v, m, scale):
 
 def _tile_stats(qb, k, mb, scale):
   """Masked logits of one query tile and their row max, float32."""
-  s = jnp.einsum("bhqd,bhkd->bhqk", qb, k, **_acc(qb)).astype(jnp.float32) * scale
+  s = _scaled(jnp.einsum("bhqd,bhkd->bhqk", qb, k, **_acc(qb)).astype(jnp.float32), scale)
   if mb is not None:
     s = jnp.where(mb, s, -jnp.inf)
   mx = jnp.max(s, axis=-1, keepdims=True)
@@ -172,6 +189,7 @@ def _blocked_fwd(q, k, v, m, scale, block):
     lse = jnp.where(l > 0, mx + jnp.log(jnp.maximum(l, 1e-30)), jnp.inf)[..., 0]
     return o, lse
   mt = _mask_tiles(m, block)
+  q, scale = _fold_scale(q, scale)
   qs = _split_q(q, block)
   o, lse = jax.lax.map(tile, (qs, mt)) if mt is not None else jax.lax.map(lambda qb: tile((qb, m)), qs)
   return _merge_q(o), _merge_q(lse)
