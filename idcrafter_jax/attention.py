@@ -32,6 +32,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from kernels import flash_attention
 from kernels import ring_attention
@@ -204,6 +205,8 @@ def _blocked_core(q, k, v, m, scale_block):
 def _blocked_core_fwd(q, k, v, m, scale_block):
   scale, block = scale_block
   o, lse = _blocked_fwd(q, k, v, m, scale, block)
+  o = checkpoint_name(o, "attention_out")
+  lse = checkpoint_name(lse, "attention_lse")
   return o, (q, k, v, m, o, lse)
 
 

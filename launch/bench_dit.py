@@ -11,7 +11,10 @@ Sections:
   tpu      AOT-compile the 1.3B forward for v5p 2x2x1 (needs libtpu): per-chip memory and the
            compiler's cost estimate.
 Bench config (~19M params): dim 512 (8 heads x 64), FFN 2048, 4 layers, text_dim 512,
-latents 2 x 4 x 32 x 32 x 16 (1024 tokens a sample), 64 context tokens.
+latents 2 x 4 x 32 x 32 x 16 (1024 tokens a sample), 64 context tokens. The JAX model scans its
+layers with `--remat_policy` (default `dots_no_batch_attention`: matmul outputs and attention
+output/log-sum-exp saved, elementwise work recomputed in the backward, which is faster on CPU
+than storing it; `none` stores everything, as diffusers does without gradient checkpointing).
 """
 from __future__ import annotations
 
@@ -38,13 +41,15 @@ REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median reported
 THREADS = flags.DEFINE_integer("threads", 2, "torch threads (the CPU has 2 cores).")
 TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology for the AOT section.")
 TPU_IMPL = flags.DEFINE_list("tpu_impls", ["xla"], "attention impls to AOT-compile in the tpu section.")
+REMAT = flags.DEFINE_string("remat_policy", "dots_no_batch_attention",
+                            "JAX model remat policy for the forward/train sections (layers.REMAT_POLICIES).")
 
 BENCH = dict(WAN_VARIANTS["bench"], text_dim=512)
 SHAPE = (2, 4, 32, 32)
 CTX_LEN = 64
 
 
-def make_models(folder):
+def make_models(folder, remat_policy="none"):
   import torch
   from diffusers import WanTransformer3DModel
   torch.manual_seed(0)
@@ -53,7 +58,7 @@ def make_models(folder):
       in_channels=16, out_channels=16, text_dim=BENCH["text_dim"], freq_dim=256, ffn_dim=BENCH["ffn_dim"],
       num_layers=BENCH["num_layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
   ref.save_pretrained(folder)
-  module, params = convert.load_wan_dit(folder)
+  module, params = convert.load_wan_dit(folder, remat_policy=remat_policy)
   n = sum(p.numel() for p in ref.parameters())
   return ref, module, params, n
 
@@ -204,8 +209,9 @@ def main(argv):
   sections = FLAGS.value
   if {"forward", "train"} & set(sections):
     with tempfile.TemporaryDirectory() as folder:
-      ref, module, params, n = make_models(folder)
-      print(f"bench config: {n / 1e6:.1f}M params, latents {SHAPE} x 16, {CTX_LEN} context tokens")
+      ref, module, params, n = make_models(folder, REMAT.value)
+      print(f"bench config: {n / 1e6:.1f}M params, latents {SHAPE} x 16, {CTX_LEN} context tokens; "
+            f"jax remat_policy={REMAT.value}")
       if "forward" in sections:
         bench_forward(ref, module, params, REPEATS.value)
       if "train" in sections:

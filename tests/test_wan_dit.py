@@ -66,7 +66,7 @@ def test_remat_does_not_change_gradients(tmp_path):
   make_diffusers_wan(tmp_path, **kw)
   latents, t, ctx = _inputs(CONFIGS[0][2], 7, kw["text_dim"])
   grads = []
-  for policy in ("none", "full", "dots_no_batch"):
+  for policy in ("none", "full", "dots_no_batch", "dots_no_batch_attention"):
     m, p = convert.load_wan_dit(str(tmp_path), remat_policy=policy)
     loss = lambda p: jnp.mean(m.apply({"params": p}, latents, t, ctx) ** 2)
     grads.append(jax.grad(loss)(p))

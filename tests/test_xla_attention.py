@@ -41,3 +41,21 @@ def test_blocked_path_under_jit_and_grad():
   (a, ga), (b, gb) = f(q), g(q)
   np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), atol=2e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_no_batch_attention"])
+def test_blocked_path_under_remat(policy):
+  from idcrafter_jax.models import layers
+  r = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(r.standard_normal((1, 256, 2, 16)), jnp.float32) for _ in range(3))
+  w = jnp.asarray(r.standard_normal((32, 32)), jnp.float32)
+
+  def f(q, k, v, w):
+    x = A.xla_attention(q @ w[:16, :16], k, v, block_q=64)
+    return jnp.sum(jnp.tanh(x) ** 2)
+
+  g = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(q, k, v, w)
+  g_remat = jax.jit(jax.grad(jax.checkpoint(f, policy=layers.remat_policy(policy)), argnums=(0, 1, 2, 3)))(
+      q, k, v, w)
+  for a, b in zip(g, g_remat):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
