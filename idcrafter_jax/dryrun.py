@@ -22,7 +22,7 @@ import dataclasses
 import itertools
 import math
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -249,53 +249,67 @@ def abstract_train_state(config, module: idcrafter.IDCrafter, tx):
   return boxed, jax.eval_shape(init, nn.unbox(boxed))
 
 
+def setup_program(config, shape: Shape, devices, *, batch: int, program: str, chip: str | None = None,
+                  target: str = "", variant: str = "", batch_name: str = "batch"):
+  """(mesh, model config, module, Result) for compiling `program` on `batch` samples of `shape`;
+  raises ValueError, before anything is traced, when the batch, subjects, heads or tokens do not
+  split over the mesh of `config.mesh`."""
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  dims = dict(zip(sharding.MESH_AXES, mesh.devices.shape))
+  ways = dims["data"] * dims["fsdp"]
+  if batch % ways:
+    raise ValueError(f"{batch_name} {batch} is not divisible by data x fsdp = {ways} of mesh {dims}.")
+  mcfg = idcrafter.IDCrafterConfig.from_config(config)
+  if shape.num_subjects > mcfg.max_subjects:
+    raise ValueError(f"num_subjects {shape.num_subjects} exceeds model.max_subjects={mcfg.max_subjects}.")
+  if mcfg.wan.num_heads % dims["tensor"]:
+    raise ValueError(f"{mcfg.wan.num_heads} heads do not split over tensor={dims['tensor']}.")
+  tokens = shape.tokens(mcfg.wan.patch_size)
+  if tokens % dims["sequence"]:
+    raise ValueError(f"{tokens} video tokens do not split over sequence={dims['sequence']}.")
+  result = Result(
+      target=target or f"{len(devices)} devices", chip=chip, num_devices=len(devices), mesh=dims,
+      remat_policy=mcfg.wan.remat_policy, attention_impl=mcfg.wan.attention_impl, variant=variant, params=0,
+      batch=batch, frames=shape.frames, height=shape.height, width=shape.width, tokens=tokens,
+      hbm_bytes=None if chip is None else int(aot.TPU_CHIPS[chip]["hbm"]), program=program)
+  return mesh, mcfg, idcrafter.IDCrafter(mcfg, mesh=mesh), result
+
+
+def compile_into(result: Result, lower: Callable[[], Any]) -> Result:
+  """Compiles `lower()` and fills `result`; compile errors (e.g. out of memory) go into
+  `result.error` instead of being raised."""
+  start = time.perf_counter()
+  try:
+    compiled = lower().compile()
+  except Exception as e:  # noqa: BLE001 -- XLA reports OOM and unsupported programs as runtime errors
+    result.compile_seconds = time.perf_counter() - start
+    result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    result.error_detail = str(e)[:20000]
+    return result
+  result.compile_seconds = time.perf_counter() - start
+  return read_compiled(result, compiled)
+
+
 def compile_train_step(config, shape: Shape, devices, *, chip: str | None = None, target: str = "",
                        batch_dtype=jnp.float32, variant: str = "") -> Result:
   """Lowers and compiles `sft.run`'s train step for `config` (its `mesh`, `model.remat_policy`,
   `model.attention_impl`) over `devices`. Compile errors (e.g. out of memory) are returned in
   `Result.error`, not raised; bad configs raise before compiling."""
-  mesh = sharding.make_mesh(dict(config.mesh), devices)
-  mesh_dims = dict(zip(sharding.MESH_AXES, mesh.devices.shape))
-  batch_ways = mesh_dims["data"] * mesh_dims["fsdp"]
-  if shape.batch % batch_ways:
-    raise ValueError(f"batch {shape.batch} is not divisible by data x fsdp = {batch_ways} of mesh {mesh_dims}.")
-  mcfg = idcrafter.IDCrafterConfig.from_config(config)
-  if shape.num_subjects > mcfg.max_subjects:
-    raise ValueError(f"num_subjects {shape.num_subjects} exceeds model.max_subjects={mcfg.max_subjects}.")
-  if mcfg.wan.num_heads % mesh_dims["tensor"]:
-    raise ValueError(f"{mcfg.wan.num_heads} heads do not split over tensor={mesh_dims['tensor']}.")
-  if shape.tokens(mcfg.wan.patch_size) % mesh_dims["sequence"]:
-    raise ValueError(f"{shape.tokens(mcfg.wan.patch_size)} video tokens do not split over "
-                     f"sequence={mesh_dims['sequence']}.")
-  module = idcrafter.IDCrafter(mcfg, mesh=mesh)
+  mesh, mcfg, module, result = setup_program(config, shape, devices, batch=shape.batch, program="sft_step",
+                                             chip=chip, target=target, variant=variant)
   tx = trainer.make_optimizer(config.train)
   boxed, state_abs = abstract_train_state(config, module, tx)
-  n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state_abs.params)))
+  result.params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state_abs.params)))
   batch_abs = abstract_batch(shape, mcfg.wan.text_dim, batch_dtype)
-  result = Result(
-      target=target or f"{len(devices)} devices", chip=chip, num_devices=len(devices), mesh=mesh_dims,
-      remat_policy=mcfg.wan.remat_policy, attention_impl=mcfg.wan.attention_impl, variant=variant,
-      params=n_params, batch=shape.batch, frames=shape.frames, height=shape.height, width=shape.width,
-      tokens=shape.tokens(mcfg.wan.patch_size),
-      hbm_bytes=None if chip is None else int(aot.TPU_CHIPS[chip]["hbm"]),
-      analytic_flops=3 * idcrafter.forward_flops(mcfg, shape.latent_shape, shape.text_len, shape.num_subjects,
-                                                 shape.subject_tokens()))
+  result.analytic_flops = 3 * idcrafter.forward_flops(mcfg, shape.latent_shape, shape.text_len, shape.num_subjects,
+                                                      shape.subject_tokens())
   with trainer.with_mesh_rules(mesh):
     s_shard = trainer.state_shardings(state_abs, boxed, mesh)
     b_shard = trainer.batch_shardings(batch_abs, mesh)
     put = lambda tree, sh: jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
     step = trainer.jit_train_step(trainer.make_train_step(module.apply, tx, config.train), s_shard, b_shard, mesh)
-    start = time.perf_counter()
-    try:
-      compiled = step.lower(put(state_abs, s_shard), put(batch_abs, b_shard)).compile()
-    except Exception as e:  # noqa: BLE001 -- XLA reports OOM and unsupported programs as runtime errors
-      result.compile_seconds = time.perf_counter() - start
-      result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-      result.error_detail = str(e)[:20000]
-      return result
-    result.compile_seconds = time.perf_counter() - start
-  return read_compiled(result, compiled)
+    return compile_into(result, lambda: step.lower(put(state_abs, s_shard), put(batch_abs, b_shard)))
 
 
 def read_compiled(result: Result, compiled) -> Result:

@@ -18,15 +18,13 @@ loaders do; their per-chip parameter bytes (`resident_bytes`) are added to each 
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from idcrafter_jax import aot, dryrun, lora, sharding, trainer
+from idcrafter_jax import dryrun, lora, sharding, trainer
 from idcrafter_jax.dryrun import Result, Shape
 from idcrafter_jax.models import idcrafter
 from idcrafter_jax.rl import grpo
@@ -119,48 +117,13 @@ def _put(tree, shardings):
   return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _setup(config, shape: Shape, devices, batch: int, program: str, chip, target, variant):
-  mesh = sharding.make_mesh(dict(config.mesh), devices)
-  dims = dict(zip(sharding.MESH_AXES, mesh.devices.shape))
-  ways = dims["data"] * dims["fsdp"]
-  if batch % ways:
-    raise ValueError(f"{program} batch {batch} is not divisible by data x fsdp = {ways} of mesh {dims}.")
-  mcfg = idcrafter.IDCrafterConfig.from_config(config)
-  if shape.num_subjects > mcfg.max_subjects:
-    raise ValueError(f"num_subjects {shape.num_subjects} exceeds model.max_subjects={mcfg.max_subjects}.")
-  if mcfg.wan.num_heads % dims["tensor"]:
-    raise ValueError(f"{mcfg.wan.num_heads} heads do not split over tensor={dims['tensor']}.")
-  tokens = shape.tokens(mcfg.wan.patch_size)
-  if tokens % dims["sequence"]:
-    raise ValueError(f"{tokens} video tokens do not split over sequence={dims['sequence']}.")
-  module = idcrafter.IDCrafter(mcfg, mesh=mesh)
-  result = Result(
-      target=target or f"{len(devices)} devices", chip=chip, num_devices=len(devices), mesh=dims,
-      remat_policy=mcfg.wan.remat_policy, attention_impl=mcfg.wan.attention_impl, variant=variant, params=0,
-      batch=batch, frames=shape.frames, height=shape.height, width=shape.width, tokens=tokens,
-      hbm_bytes=None if chip is None else int(aot.TPU_CHIPS[chip]["hbm"]), program=program)
-  return mesh, mcfg, module, result
-
-
-def _compile(result: Result, lower):
-  start = time.perf_counter()
-  try:
-    compiled = lower().compile()
-  except Exception as e:  # noqa: BLE001 -- XLA reports OOM and unsupported programs as runtime errors
-    result.compile_seconds = time.perf_counter() - start
-    result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    result.error_detail = str(e)[:20000]
-    return result
-  result.compile_seconds = time.perf_counter() - start
-  dryrun.read_compiled(result, compiled)
-  return result
-
-
 def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=None, target="", variant="",
                     resident: bool = True) -> Result:
   """Compiles `grpo.rollout` for `rollout_batch` videos of `shape` (its batch is ignored)."""
   gc = grpo.GRPOConfig.from_config(config.grpo)
-  mesh, mcfg, module, result = _setup(config, shape, devices, rollout_batch, "grpo_rollout", chip, target, variant)
+  mesh, mcfg, module, result = dryrun.setup_program(config, shape, devices, batch=rollout_batch, program="grpo_rollout",
+                                                    chip=chip, target=target, variant=variant,
+                                                    batch_name="rollout batch")
   boxed = jax.eval_shape(module.init, jax.random.key(0), *idcrafter.dummy_inputs(mcfg))["params"]
   params = nn.unbox(boxed)
   result.params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
@@ -181,7 +144,7 @@ def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=N
                  in_shardings=(p_shard, c_shard, None if uncond is None else c_shard, rep),
                  out_shardings=(_batch_on(mesh, len(lat) + 1, 1), _batch_on(mesh, 2, 1)))
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
-    return _compile(result, lambda: fn.lower(_put(params, p_shard), _put(cond, c_shard),
+    return dryrun.compile_into(result, lambda: fn.lower(_put(params, p_shard), _put(cond, c_shard),
                                              None if uncond is None else _put(uncond, c_shard), key))
 
 
@@ -190,7 +153,8 @@ def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, 
   """Compiles one `grpo.make_update_step` on a minibatch of `minibatch` stored trajectories, over
   the steps `grpo.trained_steps` picks (LoRA when `model.lora_rank > 0`)."""
   gc = grpo.GRPOConfig.from_config(config.grpo)
-  mesh, mcfg, module, result = _setup(config, shape, devices, minibatch, "grpo_update", chip, target, variant)
+  mesh, mcfg, module, result = dryrun.setup_program(config, shape, devices, batch=minibatch, program="grpo_update",
+                                                    chip=chip, target=target, variant=variant, batch_name="minibatch")
   tx = trainer.make_optimizer(config.train)
   boxed = jax.eval_shape(module.init, jax.random.key(0), *idcrafter.dummy_inputs(mcfg))["params"]
   use_lora = bool(mcfg.wan.lora_rank)
@@ -224,7 +188,7 @@ def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, 
     fn = jax.jit(step, in_shardings=(s_shard, r_shard, mb_shard, rep), out_shardings=(s_shard, rep),
                  donate_argnums=(0,))
     ks_abs = jax.ShapeDtypeStruct((len(ks),), jnp.int32, sharding=rep)
-    return _compile(result, lambda: fn.lower(_put(state_abs, s_shard), _put(ref_abs, r_shard), _put(mb, mb_shard),
+    return dryrun.compile_into(result, lambda: fn.lower(_put(state_abs, s_shard), _put(ref_abs, r_shard), _put(mb, mb_shard),
                                              ks_abs))
 
 
