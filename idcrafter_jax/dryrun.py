@@ -306,10 +306,14 @@ def compile_train_step(config, shape: Shape, devices, *, chip: str | None = None
   with trainer.with_mesh_rules(mesh):
     s_shard = trainer.state_shardings(state_abs, boxed, mesh)
     b_shard = trainer.batch_shardings(batch_abs, mesh)
-    put = lambda tree, sh: jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
     step = trainer.jit_train_step(trainer.make_train_step(module.apply, tx, config.train), s_shard, b_shard, mesh)
-    return compile_into(result, lambda: step.lower(put(state_abs, s_shard), put(batch_abs, b_shard)))
+    return compile_into(result, lambda: step.lower(with_shardings(state_abs, s_shard),
+                                                   with_shardings(batch_abs, b_shard)))
+
+
+def with_shardings(tree, shardings):
+  """Abstract arguments for `.lower()`: each leaf's shape and dtype with its sharding."""
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def read_compiled(result: Result, compiled) -> Result:

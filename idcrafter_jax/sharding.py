@@ -95,6 +95,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Leading (batch) axis over ('data', 'fsdp'), the rest replicated."""
-  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
+  """The batch axis (`axis`, default the leading one) over ('data', 'fsdp'), the rest replicated."""
+  spec = [None] * ndim
+  spec[axis] = ("data", "fsdp")
+  return NamedSharding(mesh, P(*spec))
+
+
+def fit_shardings(shardings, expected):
+  """Drops the mesh axes a dimension does not divide evenly (that dimension is replicated).
+
+  E.g. the Qwen2.5-VL 7B vision MLP width 3420 over tensor=8, or 4 kv heads over tensor=8: the
+  rules table stays one for all sizes, and such a param is replicated on that axis instead of
+  failing to place.
+  """
+  def fit(s, leaf):
+    if not isinstance(s, NamedSharding):
+      return s
+    spec = []
+    for i, axes in enumerate(tuple(s.spec) + (None,) * (len(leaf.shape) - len(s.spec))):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      size = int(np.prod([s.mesh.shape[a] for a in names])) if names else 1
+      spec.append(axes if leaf.shape[i] % size == 0 else None)
+    return NamedSharding(s.mesh, P(*spec))
+  return jax.tree_util.tree_map(fit, shardings, expected)

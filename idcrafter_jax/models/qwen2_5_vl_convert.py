@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from idcrafter_jax import sharding as shd
 from idcrafter_jax import weights
@@ -191,23 +191,7 @@ def stream_params(reader: weights.SafetensorsFolder, rule, expected: dict, shard
   return _unflatten(out)
 
 
-def fit_shardings(shardings, expected):
-  """Drops the mesh axes a dimension does not divide evenly (that dimension is replicated).
-
-  E.g. the 7B vision MLP width 3420 over tensor=8, or 4 kv heads over tensor=8: the rules
-  table stays one for all sizes, and such a param is replicated on that axis instead of
-  failing to place.
-  """
-  def fit(s, leaf):
-    if not isinstance(s, NamedSharding):
-      return s
-    spec = []
-    for i, axes in enumerate(tuple(s.spec) + (None,) * (len(leaf.shape) - len(s.spec))):
-      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-      size = int(np.prod([s.mesh.shape[a] for a in names])) if names else 1
-      spec.append(axes if leaf.shape[i] % size == 0 else None)
-    return NamedSharding(s.mesh, P(*spec))
-  return jax.tree_util.tree_map(fit, shardings, expected)
+fit_shardings = shd.fit_shardings  # the loader's placement rule, shared with the dry runs
 
 
 def load(folder: str, *, dtype=jnp.float32, compute_dtype=None, mesh: Mesh | None = None,

@@ -22,70 +22,51 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from idcrafter_jax import dryrun, lora, sharding, trainer
 from idcrafter_jax.dryrun import Result, Shape
 from idcrafter_jax.models import idcrafter
 from idcrafter_jax.rl import grpo
 
-BATCH_AXES = ("data", "fsdp")
-
-
 # ------------------------------------------------------------------------ resident networks
 
 
-def resident_networks(config) -> dict[str, tuple[nn.Module, tuple]]:
-  """{name: (module, init args)} of the networks a GRPO run keeps in HBM besides the DiT, at
-  their released sizes: Wan 2.1 VAE, Qwen2.5-VL 7B (bf16), CLIP ViT-L/14 + aesthetic head and
-  iResNet-100 (in `reward_models.param_dtype`)."""
+def resident_networks(config) -> dict[str, tuple]:
+  """{name: (abstract params, their logical PartitionSpecs)} of the networks a GRPO run keeps in
+  HBM besides the DiT, at their released sizes: Wan 2.1 VAE, Qwen2.5-VL 7B (bf16), CLIP
+  ViT-L/14 + aesthetic head and iResNet-100 (in `reward_models.param_dtype`)."""
+  from idcrafter_jax import convert
   from idcrafter_jax.models import aesthetic, clip, face, qwen2_5_vl as qv, wan_vae
   rdt = jnp.dtype(config.reward_models.param_dtype)
   vae = wan_vae.WanVAE(wan_vae.WanVAEConfig())
-  f = vae.config.spatial_factor
   vit_l = clip.CLIPConfig(
       vision=clip.TowerConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, patch_size=14),
       text=clip.TowerConfig(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12),
       projection_dim=768)
-  return {
-      "wan_vae": (vae, (jnp.zeros((1, 5, f, f, 3)), jnp.zeros((1, 2, 1, 1, vae.config.z_dim))), "init_all"),
-      "qwen2_5_vl_7b": (qv.Qwen2_5_VL(qv.VARIANTS["7B"], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), None, None),
-      "clip_vit_l14": (clip.CLIP(vit_l, param_dtype=rdt), None, None),
-      "aesthetic_head": (aesthetic.AestheticHead(768, param_dtype=rdt), (jnp.zeros((1, 768)),), None),
-      "iresnet100": (face.IResNet(face.IResNetConfig(), param_dtype=rdt), None, None),
+  boxed = {
+      "qwen2_5_vl_7b": qv.abstract_params(qv.Qwen2_5_VL(qv.VARIANTS["7B"], dtype=jnp.bfloat16,
+                                                        param_dtype=jnp.bfloat16)),
+      "clip_vit_l14": clip.abstract_params(clip.CLIP(vit_l, param_dtype=rdt)),
+      "aesthetic_head": convert.abstract_params(aesthetic.AestheticHead(768, param_dtype=rdt), jnp.zeros((1, 768))),
+      "iresnet100": face.abstract_params(face.IResNet(face.IResNetConfig(), param_dtype=rdt)),
   }
+  out = {"wan_vae": (wan_vae.abstract_params(vae), wan_vae.logical_axes(vae))}
+  out.update({k: (nn.unbox(b), nn.get_partition_spec(b)) for k, b in boxed.items()})
+  return out
 
 
-def _abstract_boxed(module, args, method):
-  from idcrafter_jax.models import clip, face, qwen2_5_vl as qv
-  if args is None:  # the model's own abstract init
-    for lib in (clip, face, qv):
-      if isinstance(module, tuple(v for v in vars(lib).values() if isinstance(v, type) and issubclass(v, nn.Module))):
-        return lib.abstract_params(module)
-    raise TypeError(f"no abstract init for {type(module).__name__}")
-  kw = {} if method is None else {"method": getattr(type(module), method)}
-  return jax.eval_shape(lambda k: module.init(k, *args, **kw), jax.random.key(0))["params"]
-
-
-def per_chip_bytes(boxed, mesh) -> int:
-  """Bytes of one chip's shard of a tree of boxed abstract params placed by their logical axes
-  (a dimension that does not divide its mesh axes is counted padded up, as XLA pads it)."""
-  shards = sharding.param_shardings(boxed, mesh)
-  total = 0
-  for x, s in zip(jax.tree_util.tree_leaves(nn.unbox(boxed)), jax.tree_util.tree_leaves(shards)):
-    spec = tuple(s.spec) + (None,) * (len(x.shape) - len(s.spec))
-    dims = []
-    for d, axes in zip(x.shape, spec):
-      ways = 1 if axes is None else int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
-      dims.append(-(-d // ways))
-    total += int(np.prod(dims)) * jnp.dtype(x.dtype).itemsize
-  return total
+def per_chip_bytes(abstract, logical, mesh) -> int:
+  """Bytes of one chip's shard of `abstract` params placed by their logical axes with the
+  loaders' rule (`sharding.fit_shardings`: a dimension its mesh axes do not divide is replicated)."""
+  shards = sharding.fit_shardings(sharding.logical_to_mesh_sharding(logical, mesh), abstract)
+  return sum(int(np.prod(s.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
+             for x, s in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shards)))
 
 
 def resident_bytes(config, mesh) -> dict[str, int]:
   """{network: per-chip parameter bytes} of `resident_networks` on `mesh`."""
-  return {name: per_chip_bytes(_abstract_boxed(m, args, method), mesh)
-          for name, (m, args, method) in resident_networks(config).items()}
+  return {name: per_chip_bytes(abstract, logical, mesh)
+          for name, (abstract, logical) in resident_networks(config).items()}
 
 
 # ------------------------------------------------------------------------ programs
@@ -100,21 +81,11 @@ def abstract_conditions(shape: Shape, text_dim: int, batch: int, dtype=jnp.float
               subject_mask=jax.ShapeDtypeStruct((batch, shape.num_subjects), jnp.bool_))
 
 
-def _batch_on(mesh, ndim: int, axis: int = 0) -> NamedSharding:
-  spec = [None] * ndim
-  spec[axis] = BATCH_AXES
-  return NamedSharding(mesh, P(*spec))
-
-
 def _velocity_fn(module):
   def velocity_fn(params, x, timestep, cond):  # as `Pipeline.velocity_fn`
     return module.apply({"params": params}, x, timestep, cond["context"], cond["subject_latents"],
                         cond["subject_mask"], cond["context_mask"])
   return velocity_fn
-
-
-def _put(tree, shardings):
-  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=None, target="", variant="",
@@ -138,14 +109,16 @@ def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=N
   vf = _velocity_fn(module)
   with trainer.with_mesh_rules(mesh):
     p_shard = sharding.param_shardings(boxed, mesh)
-    c_shard = jax.tree_util.tree_map(lambda x: _batch_on(mesh, len(x.shape)), cond)
-    rep = NamedSharding(mesh, P())
+    c_shard = trainer.batch_shardings(cond, mesh)
+    rep = sharding.replicated(mesh)
     fn = jax.jit(lambda p, c, u, k: grpo.rollout(vf, p, c, u, k, shape=lat, gc=gc),
                  in_shardings=(p_shard, c_shard, None if uncond is None else c_shard, rep),
-                 out_shardings=(_batch_on(mesh, len(lat) + 1, 1), _batch_on(mesh, 2, 1)))
+                 out_shardings=(sharding.batch_sharding(mesh, len(lat) + 1, axis=1),
+                                sharding.batch_sharding(mesh, 2, axis=1)))
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
-    return dryrun.compile_into(result, lambda: fn.lower(_put(params, p_shard), _put(cond, c_shard),
-                                             None if uncond is None else _put(uncond, c_shard), key))
+    put = dryrun.with_shardings
+    return dryrun.compile_into(result, lambda: fn.lower(put(params, p_shard), put(cond, c_shard),
+                                                        None if uncond is None else put(uncond, c_shard), key))
 
 
 def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, target="", variant="",
@@ -181,15 +154,17 @@ def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, 
   with trainer.with_mesh_rules(mesh):
     s_shard = trainer.state_shardings(state_abs, boxed_train, mesh)
     r_shard = sharding.param_shardings(boxed_ref, mesh)
-    rep = NamedSharding(mesh, P())
-    c_shard = jax.tree_util.tree_map(lambda x: _batch_on(mesh, len(x.shape)), cond)
-    mb_shard = dict(xs=_batch_on(mesh, len(lat) + 1, 1), log_probs=_batch_on(mesh, 2, 1),
-                    advantages=_batch_on(mesh, 1), cond=c_shard, uncond=c_shard if cfg_mult == 2 else None)
+    rep = sharding.replicated(mesh)
+    c_shard = trainer.batch_shardings(cond, mesh)
+    mb_shard = dict(xs=sharding.batch_sharding(mesh, len(lat) + 1, axis=1),
+                    log_probs=sharding.batch_sharding(mesh, 2, axis=1), advantages=sharding.batch_sharding(mesh, 1),
+                    cond=c_shard, uncond=c_shard if cfg_mult == 2 else None)
     fn = jax.jit(step, in_shardings=(s_shard, r_shard, mb_shard, rep), out_shardings=(s_shard, rep),
                  donate_argnums=(0,))
     ks_abs = jax.ShapeDtypeStruct((len(ks),), jnp.int32, sharding=rep)
-    return dryrun.compile_into(result, lambda: fn.lower(_put(state_abs, s_shard), _put(ref_abs, r_shard), _put(mb, mb_shard),
-                                             ks_abs))
+    put = dryrun.with_shardings
+    return dryrun.compile_into(result, lambda: fn.lower(put(state_abs, s_shard), put(ref_abs, r_shard),
+                                                        put(mb, mb_shard), ks_abs))
 
 
 def default_batches(config, mesh_dims: dict) -> tuple[int, int]:
