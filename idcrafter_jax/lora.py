@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 SUFFIX = "_lora"
-ADAPTER_LEAVES = ("lora_a", "lora_b")
 
 
 def is_adapter_path(path: tuple[str, ...]) -> bool:

@@ -69,13 +69,13 @@ def main(argv):
 
   if _PROGRAM.value != "sft":
     from idcrafter_jax.rl import dryrun as grpo_dryrun
-    dims = dict(zip(sharding.MESH_AXES, sharding.make_mesh(dict(config.mesh), devices).devices.shape))
-    rollout_batch, minibatch = grpo_dryrun.default_batches(config, dims)
+    mesh = sharding.make_mesh(dict(config.mesh), devices)
+    rollout_batch, minibatch = grpo_dryrun.default_batches(config, dict(zip(sharding.MESH_AXES, mesh.devices.shape)))
     shape = shape_fn(dict(config.mesh))
-    resident = grpo_dryrun.resident_bytes(config, sharding.make_mesh(dict(config.mesh), devices))
+    resident = grpo_dryrun.resident_bytes(config, mesh)  # once, for both programs
     print("resident per chip: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in resident.items()))
     results = []
-    kw = dict(chip=chip, target=target, variant=variant)
+    kw = dict(chip=chip, target=target, variant=variant, resident=sum(resident.values()))
     if _PROGRAM.value in ("grpo", "grpo_rollout"):
       results.append(grpo_dryrun.compile_rollout(config, shape, devices, rollout_batch=_ROLLOUT_BATCH.value or
                                                  rollout_batch, **kw))

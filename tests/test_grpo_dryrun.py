@@ -48,7 +48,7 @@ def _abstract(c):
 def test_cpu_update_arguments_are_the_state_reference_and_minibatch_shards(lora_rank):
   c = _config(lora_rank=lora_rank)
   devices = jax.devices("cpu")[:4]
-  r = grpo_dryrun.compile_update(c, _shape(c), devices, minibatch=4, resident=False)
+  r = grpo_dryrun.compile_update(c, _shape(c), devices, minibatch=4, resident=0)
   assert r.error is None, r.error
   assert r.program == "grpo_update" and r.alias_bytes > 0  # the state is donated
 
@@ -77,11 +77,11 @@ def test_cpu_update_arguments_are_the_state_reference_and_minibatch_shards(lora_
 def test_cpu_rollout_compiles_and_bad_batches_fail_before_compiling():
   c = _config()
   devices = jax.devices("cpu")[:4]
-  r = grpo_dryrun.compile_rollout(c, _shape(c), devices, rollout_batch=8, resident=False)
+  r = grpo_dryrun.compile_rollout(c, _shape(c), devices, rollout_batch=8, resident=0)
   assert r.error is None, r.error
   assert r.program == "grpo_rollout" and r.batch == 8 and "grpo_rollout" in r.row()
   with pytest.raises(ValueError, match="rollout batch 6 is not divisible"):
-    grpo_dryrun.compile_rollout(c, _shape(c), devices, rollout_batch=6, resident=False)
+    grpo_dryrun.compile_rollout(c, _shape(c), devices, rollout_batch=6, resident=0)
   assert grpo_dryrun.default_batches(c, dict(data=1, fsdp=64, sequence=1, tensor=1)) == (64, 64)
   assert grpo_dryrun.default_batches(c, dict(data=2, fsdp=2, sequence=1, tensor=1)) == (32, 4)
 

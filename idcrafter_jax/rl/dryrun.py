@@ -89,8 +89,9 @@ def _velocity_fn(module):
 
 
 def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=None, target="", variant="",
-                    resident: bool = True) -> Result:
-  """Compiles `grpo.rollout` for `rollout_batch` videos of `shape` (its batch is ignored)."""
+                    resident: int | None = None) -> Result:
+  """Compiles `grpo.rollout` for `rollout_batch` videos of `shape` (its batch is ignored).
+  `resident`: per-chip bytes of the resident networks (None: `resident_bytes` on this mesh)."""
   gc = grpo.GRPOConfig.from_config(config.grpo)
   mesh, mcfg, module, result = dryrun.setup_program(config, shape, devices, batch=rollout_batch, program="grpo_rollout",
                                                     chip=chip, target=target, variant=variant,
@@ -102,8 +103,7 @@ def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=N
   lat = (rollout_batch,) + shape.latent_shape[1:]
   result.analytic_flops = gc.num_steps * cfg_mult * idcrafter.forward_flops(
       mcfg, lat, shape.text_len, shape.num_subjects, shape.subject_tokens())
-  if resident:
-    result.resident_bytes = sum(resident_bytes(config, mesh).values())
+  result.resident_bytes = sum(resident_bytes(config, mesh).values()) if resident is None else resident
   cond = abstract_conditions(shape, mcfg.wan.text_dim, rollout_batch)
   uncond = cond if cfg_mult == 2 else None
   vf = _velocity_fn(module)
@@ -122,9 +122,10 @@ def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=N
 
 
 def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, target="", variant="",
-                   resident: bool = True) -> Result:
+                   resident: int | None = None) -> Result:
   """Compiles one `grpo.make_update_step` on a minibatch of `minibatch` stored trajectories, over
-  the steps `grpo.trained_steps` picks (LoRA when `model.lora_rank > 0`)."""
+  the steps `grpo.trained_steps` picks (LoRA when `model.lora_rank > 0`). `resident` as in
+  `compile_rollout`."""
   gc = grpo.GRPOConfig.from_config(config.grpo)
   mesh, mcfg, module, result = dryrun.setup_program(config, shape, devices, batch=minibatch, program="grpo_update",
                                                     chip=chip, target=target, variant=variant, batch_name="minibatch")
@@ -143,8 +144,7 @@ def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, 
   lat = (minibatch,) + shape.latent_shape[1:]
   fwd = idcrafter.forward_flops(mcfg, lat, shape.text_len, shape.num_subjects, shape.subject_tokens())
   result.analytic_flops = len(ks) * cfg_mult * fwd * (3 + (1 if gc.beta > 0 else 0))
-  if resident:
-    result.resident_bytes = sum(resident_bytes(config, mesh).values())
+  result.resident_bytes = sum(resident_bytes(config, mesh).values()) if resident is None else resident
   cond = abstract_conditions(shape, mcfg.wan.text_dim, minibatch)
   mb = dict(xs=jax.ShapeDtypeStruct((gc.num_steps + 1,) + lat, jnp.float32),
             log_probs=jax.ShapeDtypeStruct((gc.num_steps, minibatch), jnp.float32),
