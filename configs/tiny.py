@@ -3,9 +3,25 @@
   python launch/generate.py --config configs/tiny.py --out out/tiny.mp4      # 9 frames, 64x64
   python launch/train.py --config configs/tiny.py:sft --workdir /tmp/tiny_sft
   python launch/train.py --config configs/tiny.py:grpo --workdir /tmp/tiny_grpo
+
+The demo architectures of the random-initialised VAE and Qwen2.5-VL are written here
+(`random_arch`), so the whole pipeline (prompt + subject images -> VLM -> DiT -> VAE -> mp4)
+runs on a CPU in seconds with nothing downloaded. The VLM's token ids are those
+`qwen2_5_vl_processor.write_tiny_processor` assigns (256 byte tokens, then Qwen's special tokens).
 """
 from idcrafter_jax.config import base_config
-from idcrafter_jax.tiny import TINY_TEXT_DIM
+
+TINY_TEXT_DIM = 32
+
+# 8x spatial / 4x temporal like Wan's VAE, 16 latent channels, base width 8.
+TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
+                temperal_downsample=(False, True, True))
+# 2 vision + 2 text layers of width 32 (head_dim 16, mRoPE sections 2/3/3), GQA 2:1.
+TINY_VLM_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                       temporal_patch_size=2, spatial_merge_size=2, window_size=56,
+                       out_hidden_size=TINY_TEXT_DIM, fullatt_block_indexes=(1,))
+TINY_VLM_TEXT = dict(hidden_size=TINY_TEXT_DIM, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                     mrope_section=(2, 3, 3), max_position_embeddings=4096)
 
 
 def get_config(arg=None):
@@ -19,6 +35,7 @@ def get_config(arg=None):
   c.vlm.buckets = (64, 128, 256)
   c.sampling.update(num_steps=8, num_frames=9, height=64, width=64, guidance_scale=3.0, fps=8)
   c.random_init = True
+  c.random_arch.update(vae=TINY_VAE, vlm_vision=TINY_VLM_VISION, vlm_text=TINY_VLM_TEXT)
   c.train.update(steps=200, lr=1e-4, log_every=10, ckpt_every=50, shift=1.0)
   # A synthetic dataset (textured shapes moving over backgrounds) written into the workdir.
   c.data.update(num_frames=9, height=64, width=64, subject_height=32, subject_width=32, max_subjects=3,

@@ -7,5 +7,6 @@ from idcrafter_jax.config import base_config
 
 def get_config(arg=None):
   c = base_config("1.3B")
+  c.model.dtype = "bfloat16"  # compute; the float32 master weights stay (param_dtype)
   c.sampling.shift = 3.0  # Wan's recommendation at 480p
   return c

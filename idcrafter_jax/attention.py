@@ -7,7 +7,7 @@ segment ids ("same": attend within the segment; "other": attend to other segment
 stage 2 of the identity attention does, eq. S.2); negative segment ids mark padding that is
 never attended. A query row with no visible key returns zeros, not NaN.
 
-`impl` chooses the implementation (config key `attention.impl`):
+`impl` chooses the implementation (config key `model.attention_impl`):
   'xla'      einsum logits, float32 softmax (materialises the (Lq, Lk) scores; the reference);
   'pallas'   the fused flash kernel of `kernels/flash_attention.py` (Mosaic on TPU, the
              Triton kernels of `kernels/flash_attention_gpu.py` on GPU, interpret mode on CPU);
@@ -38,24 +38,9 @@ from kernels import flash_attention
 from kernels import ring_attention
 from kernels import sharded_flash
 from kernels import ulysses_attention
+from kernels.common import as_rank4, check_inputs, check_segment_pair
 
 IMPLS = ("xla", "pallas", "ring", "ulysses")
-SEGMENT_MODES = ("same", "other")
-
-
-def _check(q, k, v, impl, segment_mode):
-  if impl not in IMPLS:
-    raise ValueError(f"attention impl {impl!r} is unknown; expected one of {IMPLS}.")
-  if segment_mode not in SEGMENT_MODES:
-    raise ValueError(f"segment_mode {segment_mode!r} is unknown; expected one of {SEGMENT_MODES}.")
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"attention expects q, k, v of rank 4 (B, L, H, D); got {q.shape}, {k.shape}, {v.shape}.")
-  if k.shape != v.shape:
-    raise ValueError(f"k and v must have the same shape; got {k.shape} and {v.shape}.")
-  if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-    raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head dim.")
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f"q heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}.")
 
 
 def build_mask(batch, lq, lk, *, mask=None, kv_lengths=None, q_segment_ids=None,
@@ -67,16 +52,12 @@ def build_mask(batch, lq, lk, *, mask=None, kv_lengths=None, q_segment_ids=None,
     return b if a is None else jnp.logical_and(a, b)
 
   if mask is not None:
-    mask = jnp.asarray(mask, bool)
-    while mask.ndim < 4:
-      mask = mask[None]
-    out = mask
+    out = as_rank4(jnp.asarray(mask, bool))
   if kv_lengths is not None:
     keep = jnp.arange(lk)[None, :] < jnp.asarray(kv_lengths)[:, None]  # (B, Lk)
     out = conj(out, keep[:, None, None, :])
   if q_segment_ids is not None or kv_segment_ids is not None:
-    if q_segment_ids is None or kv_segment_ids is None:
-      raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
+    check_segment_pair(q_segment_ids, kv_segment_ids)
     qs = jnp.asarray(q_segment_ids)[:, None, :, None]
     ks = jnp.asarray(kv_segment_ids)[:, None, None, :]
     same = qs == ks if segment_mode == "same" else qs != ks
@@ -104,8 +85,7 @@ def xla_attention(q, k, v, mask=None, *, scale=None, block_q: int | None = XLA_B
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   m = None
   if mask is not None:
-    m = jnp.asarray(mask, bool)
-    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+    m = as_rank4(jnp.asarray(mask, bool))
     mb, mh = m.shape[0], m.shape[1]
     m = jnp.broadcast_to(m, (mb, mh, lq, lk))
     if mh == h:  # per-head mask: (B, Hkv, G*Lq, Lk) like the logits
@@ -258,10 +238,7 @@ def fold_key_mask(mask, batch, lq, lk, q_segment_ids, kv_segment_ids):
   Returns (mask or None, q_segment_ids, kv_segment_ids)."""
   if mask is None:
     return mask, q_segment_ids, kv_segment_ids
-  m = jnp.asarray(mask, bool)
-  if m.ndim > 4:
-    raise ValueError(f"mask of rank {m.ndim} cannot broadcast to (B, H, Lq, Lk).")
-  m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+  m = as_rank4(jnp.asarray(mask, bool))
   if m.shape[1:3] != (1, 1) or m.shape[3] != lk or m.shape[0] not in (1, batch):
     return mask, q_segment_ids, kv_segment_ids
   keep = jnp.broadcast_to(m[:, 0, 0, :], (batch, lk))
@@ -280,14 +257,15 @@ def attention(q, k, v, *, mask=None, impl="xla", scale=None, kv_lengths=None,
   `block_q` / `block_k` (kernel tile sizes, default 512 / 512 on TPU, 64 / 64 on GPU) and
   `interpret` (Pallas interpret mode; default: on for CPU devices) apply to the kernel impls.
   """
-  _check(q, k, v, impl, segment_mode)
+  if impl not in IMPLS:
+    raise ValueError(f"attention impl {impl!r} is unknown; expected one of {IMPLS}.")
+  check_inputs(q, k, v, segment_mode=segment_mode, q_segment_ids=q_segment_ids,
+               kv_segment_ids=kv_segment_ids, kv_lengths=kv_lengths, mask=mask)
   b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
   if impl == "xla":
     full = build_mask(b, lq, lk, mask=mask, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
                       kv_segment_ids=kv_segment_ids, segment_mode=segment_mode)
     return xla_attention(q, k, v, full, scale=scale)
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
   mask, q_segment_ids, kv_segment_ids = fold_key_mask(mask, b, lq, lk, q_segment_ids,
                                                       kv_segment_ids)
   kw = dict(kv_lengths=kv_lengths, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,

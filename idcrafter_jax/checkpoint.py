@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a training run: async saves every N steps, keep-N, exact resume.
+"""Orbax checkpoints of a training run: async saves every N steps, keep-N, exact resume, and
+the params-only restore that generation and fine-tuning start from (`restore_params`).
 
 A checkpoint holds the train state (params, optimiser state, EMA, step, RNG, skip count) and
 the data iterator's state (JSON), so that resuming continues the same data order. The workdir
@@ -9,11 +10,17 @@ reported and the one before it is used.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from idcrafter_jax.inference import pipeline as pipeline_lib
+from idcrafter_jax.training import lora
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +97,36 @@ def abstract_like(tree):
   """ShapeDtypeStructs (with shardings, where the arrays have them) of a tree of arrays."""
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def restore_params(path: str, like):
+  """ID-Crafter params from a training checkpoint: a step folder (`workdir/checkpoints/N`), its
+  `state` item, or an Orbax checkpoint of the param tree itself. Checked against `like`. A LoRA
+  GRPO checkpoint holds the adapters only; they are put over the base weights of `like`."""
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"ID-Crafter checkpoint {path!r} does not exist.")
+  if os.path.isdir(os.path.join(path, "state")):
+    path = os.path.join(path, "state")
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(path)
+  params = tree.get("params", tree) if isinstance(tree, dict) else tree
+  if isinstance(params, dict) and lora.has_adapters(like) and not lora.split(params)[0]:
+    params = lora.merge(lora.split(like)[0], params)  # a LoRA run saves its adapters only
+  want = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), like)
+  got = jax.tree_util.tree_map(lambda x: (tuple(np.shape(x)), str(np.asarray(x).dtype)), params)
+  if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or want != got:
+    raise ValueError(f"checkpoint {path} holds params of another architecture than the configured model "
+                     "(different names or shapes); check model.*, hipa.* and max_subjects.")
+  return jax.tree_util.tree_map(lambda x, l: jnp.asarray(x, l.dtype), params, like)
+
+
+def load_pipeline(config, init, *, workdir: str | None = None) -> pipeline_lib.Pipeline:
+  """The pipeline of the folders in `init` (`wan_dit`, `wan_vae`, `vlm`, `processor`: the run
+  config's `init` section or the same names from flags), with the DiT params of the training
+  checkpoint `init.idcrafter_ckpt` when one is given."""
+  pipe = pipeline_lib.Pipeline.from_config(config, wan_dit_folder=init.wan_dit, wan_vae_folder=init.wan_vae,
+                                           vlm_folder=init.vlm, processor_folder=init.processor, workdir=workdir)
+  if init.idcrafter_ckpt:
+    pipe = pipe.with_dit_params(restore_params(init.idcrafter_ckpt, pipe.dit_params))
+  return pipe

@@ -1,12 +1,23 @@
 """Run configuration: one `ml_collections.ConfigDict` per run, built by `configs/*.py:get_config`.
 
 Model sizes come from one table, `WAN_VARIANTS`, copied from Table S.1 of the seed and the Wan
-2.1 release. Every key here is read by some part of the package; unknown keys are an error
-where a section is turned into a dataclass (`WanConfig.from_dict`).
+2.1 release. Every default is written once: the sections that a dataclass reads (`model` ->
+`WanConfig` / `IDCrafterConfig`, `grpo` -> `GRPOConfig`, `data`, `reward_models`) take their
+defaults from that dataclass or module, and this file adds only what is a run's choice. Every
+key here is read by some part of the package; unknown keys are an error where a section is
+turned into a dataclass (`WanConfig.from_dict`).
 """
 from __future__ import annotations
 
+import dataclasses
+
+import jax.numpy as jnp
 import ml_collections
+
+from idcrafter_jax import data
+from idcrafter_jax.inference import conditioning
+from idcrafter_jax.models import idcrafter, wan_dit, wan_vae
+from idcrafter_jax.rl import grpo, reward_models
 
 # DiT sizes (Table S.1 and Wan 2.1): heads x 128, FFN width, depth. Shared by all variants:
 # patch (1, 2, 2), 16 latent channels, freq_dim 256, eps 1e-6, q/k RMSNorm across heads,
@@ -24,15 +35,23 @@ WAN_VARIANTS = {
 TEXT_DIM = {"umt5": 4096, "qwen2_5_vl_7b": 3584}
 
 
+def dataclass_defaults(cls) -> dict:
+  """{field: default} of a config dataclass; dtypes as their names (ConfigDicts hold strings)."""
+  out = {}
+  for f in dataclasses.fields(cls):
+    if f.default is dataclasses.MISSING:
+      continue
+    v = f.default
+    out[f.name] = jnp.dtype(v).name if f.name.endswith("dtype") and v is not None else v
+  return out
+
+
 def model_config(variant: str, text_dim: int) -> ml_collections.ConfigDict:
+  """`WanConfig`'s defaults at the variant's size and `text_dim`."""
   if variant not in WAN_VARIANTS:
     raise ValueError(f"Wan variant {variant!r} is unknown; expected one of {sorted(WAN_VARIANTS)}.")
-  return ml_collections.ConfigDict(dict(
-      **WAN_VARIANTS[variant],
-      in_channels=16, out_channels=16, patch_size=(1, 2, 2), text_dim=text_dim, freq_dim=256,
-      eps=1e-6, cross_attn_norm=True, rope_theta=10000.0, rope_max_seq_len=1024,
-      dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full",
-      attention_impl="xla", lora_rank=0, lora_alpha=16.0))
+  return ml_collections.ConfigDict(dict(dataclass_defaults(wan_dit.WanConfig), **WAN_VARIANTS[variant],
+                                       text_dim=text_dim))
 
 
 def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_collections.ConfigDict:
@@ -41,26 +60,32 @@ def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_c
   c.model = model_config(variant, text_dim)
   # Mesh over ('data', 'fsdp', 'sequence', 'tensor'); -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, sequence=1, tensor=1))
-  c.model.max_subjects = 4
   # Hierarchical Identity-Preserving Attention in the first `num_layers` blocks (seed A.1: 20).
   # `stages` selects the rows of Table S.2: (1, 2, 3) full, (2, 3) w/o stage 1, (1, 3) w/o
   # stage 2, (3,) vanilla attention, () w/o stage 3 (subjects reach the DiT only via the VLM).
-  c.hipa = ml_collections.ConfigDict(dict(num_layers=min(20, c.model.num_layers), stages=(1, 2, 3)))
+  hipa = dataclass_defaults(idcrafter.IDCrafterConfig)
+  c.model.max_subjects = hipa["max_subjects"]
+  c.hipa = ml_collections.ConfigDict(dict(num_layers=min(hipa["hipa_layers"], c.model.num_layers),
+                                          stages=tuple(hipa["stages"])))
   # Subject reference images are fitted (padded on white) to this size before the VAE.
   c.subjects = ml_collections.ConfigDict(dict(height=480, width=480))
   # Qwen2.5-VL conditioning: token buckets (a new prompt length within a bucket reuses the
   # compiled encoder), the system prompt, and the hidden layer used (None: the last).
-  c.vlm = ml_collections.ConfigDict(dict(buckets=(128, 256, 512, 1024), system_prompt=None,
+  c.vlm = ml_collections.ConfigDict(dict(buckets=conditioning.DEFAULT_BUCKETS, system_prompt=None,
                                          hidden_layer=None))
   # Wan VAE: spatial tiling for decoding large frames (None: off), sizes in pixels.
-  c.vae = ml_collections.ConfigDict(dict(tile_sample_min_size=None, tile_sample_stride=(192, 192)))
+  vae = dataclass_defaults(wan_vae.WanVAE)
+  c.vae = ml_collections.ConfigDict({k: vae[k] for k in ("tile_sample_min_size", "tile_sample_stride")})
   # Sampling: Wan's flow-matching schedule with shift, Euler steps, classifier-free guidance
   # (the unconditional branch drops the prompt and every subject).
   c.sampling = ml_collections.ConfigDict(dict(
       num_steps=50, shift=5.0, guidance_scale=5.0, num_frames=81, height=480, width=832,
       fps=16, negative_prompt=""))
-  # Components without a checkpoint folder are random-initialised only where this is True.
+  # Components without a checkpoint folder are random-initialised only where this is True, with
+  # the architectures `random_arch` gives (fields of WanVAEConfig, and of Qwen2.5-VL's
+  # VisionConfig / TextConfig); the tiny configs set both (`inference/loading.py`).
   c.random_init = False
+  c.random_arch = ml_collections.ConfigDict(dict(vae={}, vlm_vision={}, vlm_text={}))
   # Local folders the run starts from (launch/train.py; generate.py takes them as flags).
   c.init = ml_collections.ConfigDict(dict(wan_dit=None, wan_vae=None, vlm=None, processor=None,
                                           idcrafter_ckpt=None))
@@ -68,18 +93,16 @@ def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_c
   c.train = train_config()
   c.grpo = grpo_config()
   c.reward = reward_config()
-  from idcrafter_jax.rl import reward_models
   c.reward_models = reward_models.default_config()  # checkpoint folders of the network rewards
   return c
 
 
 def grpo_config() -> ml_collections.ConfigDict:
-  """Flow-GRPO (seed A.2, Table S.3; `rl/grpo.py`). The optimiser is `train`'s; the prompts of an
-  iteration are one data batch (`data.global_batch_size`), each rolled out `group_size` times."""
+  """Flow-GRPO (seed A.2, Table S.3): `GRPOConfig`'s defaults (`rl/grpo.py`) and the loop's
+  held-out evaluation. The optimiser is `train`'s; the prompts of an iteration are one data batch
+  (`data.global_batch_size`), each rolled out `group_size` times."""
   return ml_collections.ConfigDict(dict(
-      group_size=8, num_steps=10, shift=3.0, guidance_scale=4.5,
-      noise_level=1.0, sde_type="sde", train_steps="all", train_fraction=1.0, window=(0, 10),
-      clip_range=1e-4, adv_clip=5.0, beta=0.004, inner_epochs=1, minibatch=8,
+      dataclass_defaults(grpo.GRPOConfig),
       eval_every=20, eval_prompts=8, eval_seed=1234, sample_videos=2))
 
 
@@ -98,7 +121,6 @@ def data_config() -> ml_collections.ConfigDict:
   """`idcrafter_jax.data.default_config()` plus what the loops need around it: the held-out split
   GRPO evaluates on, and a synthetic dataset written into the workdir when `folder` is empty
   (`synthetic_clips` > 0; the tiny configs)."""
-  from idcrafter_jax import data
   c = data.default_config()
   c.eval_split = "test"
   c.synthetic_clips = 0

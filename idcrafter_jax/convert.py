@@ -168,6 +168,7 @@ def load_wan_vae(folder: str, **kwargs):
 
 
 def load_qwen2_5_vl(folder: str, **kwargs):
-  """transformers `Qwen2_5_VLForConditionalGeneration` folder -> (Qwen2_5_VL module, params)."""
-  from idcrafter_jax.models import qwen2_5_vl
-  return qwen2_5_vl.load(folder, **kwargs)
+  """transformers `Qwen2_5_VLForConditionalGeneration` folder -> (Qwen2_5_VL module, params); the
+  options (dtype, compute_dtype, mesh, ...) are `qwen2_5_vl_convert.load`'s."""
+  from idcrafter_jax.models import qwen2_5_vl_convert
+  return qwen2_5_vl_convert.load(folder, **kwargs)

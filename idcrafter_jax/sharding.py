@@ -6,6 +6,7 @@ only this file names the mesh axes ('data', 'fsdp', 'sequence', 'tensor').
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -119,3 +120,10 @@ def fit_shardings(shardings, expected):
       spec.append(axes if leaf.shape[i] % size == 0 else None)
     return NamedSharding(s.mesh, P(*spec))
   return jax.tree_util.tree_map(fit, shardings, expected)
+
+
+@contextlib.contextmanager
+def with_mesh_rules(mesh: Mesh):
+  """Context: the mesh and the logical-axis rules, under which models trace their constraints."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    yield

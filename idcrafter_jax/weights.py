@@ -141,6 +141,39 @@ def check_keys(folder: str, missing: Iterable[str], unexpected: Iterable[str]) -
         f"unexpected keys: {show(unexpected)}.")
 
 
+def flatten_paths(tree) -> dict[tuple[str, ...], Any]:
+  """A nested dict tree -> {('a', 'b', 'kernel'): leaf}."""
+  return {tuple(str(getattr(p, "key", p)) for p in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten_paths(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  """The inverse of `flatten_paths`."""
+  out: dict = {}
+  for path, leaf in flat.items():
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = leaf
+  return out
+
+
+def map_keys(reader: SafetensorsFolder, rule: Callable[[str], Any],
+             ignore: Callable[[str], bool]) -> tuple[list[tuple[str, Any]], list[str]]:
+  """[(key, rule(key))] for the checkpoint keys `rule` maps, and the keys it does not (unexpected);
+  keys for which `ignore(key)` holds are in neither."""
+  mapped, unexpected = [], []
+  for key in reader.keys():
+    if ignore(key):
+      continue
+    target = rule(key)
+    if target is None:
+      unexpected.append(key)
+    else:
+      mapped.append((key, target))
+  return mapped, unexpected
+
+
 def assemble(
     reader: SafetensorsFolder,
     rule: Rule,
@@ -157,21 +190,13 @@ def assemble(
   (stacked layers): the tensors are stacked along axis 0 in index order. Missing and
   unexpected keys, and shape mismatches, raise a CheckpointError listing them all.
   """
-  flat_expected = {tuple(str(getattr(p, "key", p)) for p in path): leaf
-                   for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  flat_expected = flatten_paths(expected)
   place = place or (lambda path, x: jnp.asarray(x, dtype=dtype))
   stacked: dict[tuple[str, ...], dict[int, str]] = {}
   direct: dict[tuple[str, ...], str] = {}
   transforms: dict[str, Callable] = {}
-  unexpected = []
-  for key in reader.keys():
-    if ignore(key):
-      continue
-    mapped = rule(key)
-    if mapped is None:
-      unexpected.append(key)
-      continue
-    path, fn = mapped
+  mapped, unexpected = map_keys(reader, rule, ignore)
+  for key, (path, fn) in mapped:
     transforms[key] = fn
     if len(path) >= 2 and isinstance(path[-1], int):
       stacked.setdefault(tuple(path[:-1]), {})[path[-1]] = key
@@ -199,13 +224,10 @@ def assemble(
     if tuple(arr.shape) != tuple(leaf.shape):
       mismatched.append(f"{'.'.join(path)}: checkpoint {tuple(arr.shape)} vs model {tuple(leaf.shape)}")
       continue
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = place(path, arr)
+    out[path] = place(path, arr)
   if mismatched:
     raise CheckpointError(f"checkpoint {reader.folder} has shapes the model does not: " + "; ".join(mismatched))
-  return out
+  return unflatten_paths(out)
 
 
 def transpose_linear(w: np.ndarray) -> np.ndarray:
@@ -226,8 +248,7 @@ def mesh_placer(abstract_boxed, mesh, dtype, rules=None):
   """
   from idcrafter_jax import sharding as sharding_lib
   shardings = sharding_lib.param_shardings(abstract_boxed, mesh, rules or sharding_lib.LOGICAL_RULES)
-  by_path = {tuple(str(getattr(p, "key", p)) for p in path): s
-             for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+  by_path = flatten_paths(shardings)
 
   def place(path, arr):
     s = by_path[tuple(path)]

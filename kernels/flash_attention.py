@@ -32,7 +32,6 @@ ring builds on are TPU-only.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -41,29 +40,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-# A finite "minus infinity": exp(MASK_VALUE - m) underflows to 0 and MASK_VALUE - MASK_VALUE
-# stays 0, so fully masked rows never produce inf - inf.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from kernels import flash_attention_gpu
+from kernels.common import KernelConfig
+from kernels.common import (MASK_VALUE, check_inputs, default_interpret, fused_vjp,
+                            kernel_mask, pad_side_inputs, pad_tokens, round_up, side_args,
+                            split_refs)
+
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 512
-SEGMENT_MODES = ("same", "other")
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-  """Static kernel configuration (hashable: it is a `nondiff_argnums` of the custom_vjp)."""
-  scale: float
-  block_q: int
-  block_k: int
-  segment_mode: str
-  interpret: bool
-  groups: int              # query heads per kv head
-  mask_heads: bool         # dense mask has a head axis of size H (else 1)
-  mask_batch: bool         # dense mask has a batch axis of size B (else 1)
-
-
-def _round_up(x, m):
-  return -(-x // m) * m
 
 
 def _precision(a, b):
@@ -118,21 +102,11 @@ def _keep(cfg, length, kv_start, block_q, block_k, qseg_ref, kseg_ref, mask_ref)
   return jnp.broadcast_to(keep, (block_q, block_k))
 
 
-def _split_refs(refs, has_seg, has_mask):
-  refs = list(refs)
-  qseg = kseg = mask = None
-  if has_seg:
-    qseg, kseg = refs.pop(0), refs.pop(0)
-  if has_mask:
-    mask = refs.pop(0)
-  return qseg, kseg, mask, refs
-
-
 # ----------------------------------------------------------------------------- forward kernel
 
 
 def _fwd_kernel(lens_ref, q_ref, k_ref, v_ref, *refs, cfg, has_seg, has_mask, nb, nq, nk):
-  qseg_ref, kseg_ref, mask_ref, rest = _split_refs(refs, has_seg, has_mask)
+  qseg_ref, kseg_ref, mask_ref, rest = split_refs(refs, has_seg, has_mask)
   o_ref, lse_ref, m_sc, l_sc, acc_sc = rest
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   bq, bk = cfg.block_q, cfg.block_k
@@ -175,7 +149,7 @@ def _kv_block(j, b, lens_ref, bk):
   return jnp.minimum(j, last)
 
 
-def _segment_ranges(seg, block):
+def segment_ranges(seg, block):
   """Per block: (min, max) of the non-negative segment ids of seg (B, 1, L); (INT_MAX, -1) for a
   block with none. Returns two (B * L / block,) int32 arrays."""
   ids = seg.reshape(seg.shape[0], -1, block)
@@ -191,7 +165,7 @@ def _meta(lens, qseg, kseg, cfg):
   segment ranges q_lo, q_hi (B * nq each) and k_lo, k_hi (B * nk each)."""
   parts = [lens.astype(jnp.int32)]
   if qseg is not None:
-    parts += [*_segment_ranges(qseg, cfg.block_q), *_segment_ranges(kseg, cfg.block_k)]
+    parts += [*segment_ranges(qseg, cfg.block_q), *segment_ranges(kseg, cfg.block_k)]
   return jnp.concatenate(parts)
 
 
@@ -240,6 +214,20 @@ def _tpu_params(semantics):
   return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
+def _q_major_specs(cfg, d, has_seg, has_mask):
+  """BlockSpecs of the (B, H, nq, nk) grids (forward, dq), whose index maps get (b, h, i, j,
+  lens_ref): (query tile, kv tile, lane-dense row of per-query statistics, side inputs). Key
+  blocks past the sample's length are clamped (`_kv_block`)."""
+  bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
+  kv_block = lambda b_, h_, i, j, lens_ref: _kv_block(j, b_, lens_ref, bk)
+  q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j, lens_ref: (b_, h_, i, 0))
+  kv_spec = pl.BlockSpec((None, None, bk, d), lambda *a: (a[0], a[1] // g, kv_block(*a), 0))
+  row_spec = pl.BlockSpec((None, None, 1, bq), lambda b_, h_, i, j, lens_ref: (b_, h_, 0, i))
+  side = _side_specs(cfg, has_seg, has_mask, q_idx=lambda b_, h_, i, j, lens_ref: i,
+                     k_idx=kv_block, head_idx=lambda b_, h_, i, j, lens_ref: h_)
+  return q_spec, kv_spec, row_spec, side
+
+
 def _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype=None):
   """Kernel-layout forward: q (B,H,Lq,D), k/v (B,Hkv,Lk,D) padded -> o (B,H,Lq,D), lse (B,H,1,Lq).
 
@@ -247,24 +235,10 @@ def _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype=None):
   array would be padded 128-fold by the TPU's (8, 128) tiling."""
   b, h, lq, d = q.shape
   lk = k.shape[2]
-  bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
+  bq, bk = cfg.block_q, cfg.block_k
   nq, nk = lq // bq, lk // bk
   has_seg, has_mask = qseg is not None, mask is not None
-
-  q_map = lambda b_, h_, i, j, lens_ref: (b_, h_, i, 0)
-  row_map = lambda b_, h_, i, j, lens_ref: (b_, h_, 0, i)
-  kv_map = lambda b_, h_, i, j, lens_ref: (b_, h_ // g, _kv_block(j, b_, lens_ref, bk), 0)
-  in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-              pl.BlockSpec((None, None, bk, d), kv_map),
-              pl.BlockSpec((None, None, bk, d), kv_map)]
-  in_specs += _side_specs(
-      cfg, has_seg, has_mask,
-      q_idx=lambda b_, h_, i, j, lens_ref: i,
-      k_idx=lambda b_, h_, i, j, lens_ref: _kv_block(j, b_, lens_ref, bk),
-      head_idx=lambda b_, h_, i, j, lens_ref: h_)
-  out_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-               pl.BlockSpec((None, None, 1, bq), row_map)]
-  args = [x for x in (qseg, kseg) if has_seg] + ([mask] if has_mask else [])
+  q_spec, kv_spec, row_spec, side_specs = _q_major_specs(cfg, d, has_seg, has_mask)
   kernel = functools.partial(_fwd_kernel, cfg=cfg, has_seg=has_seg, has_mask=has_mask, nb=b,
                              nq=nq, nk=nk)
   itemsize = q.dtype.itemsize
@@ -274,7 +248,8 @@ def _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype=None):
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(b, h, nq, nk), in_specs=in_specs, out_specs=out_specs,
+          num_scalar_prefetch=1, grid=(b, h, nq, nk),
+          in_specs=[q_spec, kv_spec, kv_spec] + side_specs, out_specs=[q_spec, row_spec],
           scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                           pltpu.VMEM((bq, d), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(q.shape, out_dtype or q.dtype),
@@ -283,23 +258,27 @@ def _fwd_call(q, k, v, lens, qseg, kseg, mask, cfg, out_dtype=None):
       cost_estimate=cost,
       interpret=cfg.interpret,
       name="flash_attention_fwd",
-  )(_meta(lens, qseg, kseg, cfg), q, k, v, *args)
+  )(_meta(lens, qseg, kseg, cfg), q, k, v, *side_args(qseg, kseg, mask))
 
 
 # ---------------------------------------------------------------------------- backward kernels
 
 
-def _probs(cfg, q, k, lse, keep):
-  s = _dot_nt(q, k) * cfg.scale
-  return jnp.where(keep, jnp.exp(s - lse), 0.0)
-
-
-def _dq_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg, has_seg,
-               has_mask, nb, nq, nk):
-  qseg_ref, kseg_ref, mask_ref, rest = _split_refs(refs, has_seg, has_mask)
-  dq_ref, dq_sc = rest
-  b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+def _grad_tile(cfg, length, j, refs, side_refs):
+  """One (query, key) tile of the backward: loads q, k, v, do, recomputes the probabilities p
+  from the saved log-sum-exp and returns (q, k, do, p, ds) with ds = p * (dp - di), unscaled."""
+  q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref = refs
   bq, bk = cfg.block_q, cfg.block_k
+  q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+  keep = _keep(cfg, length, j * bk, bq, bk, *side_refs)
+  p = jnp.where(keep, jnp.exp(_dot_nt(q, k) * cfg.scale - _col(lse_ref[...])), 0.0)  # (bq, bk)
+  ds = p * (_dot_nt(do, v) - _col(di_ref[...]))
+  return q, k, do, p, ds
+
+
+def _dq_kernel(lens_ref, *refs, cfg, has_seg, has_mask, nb, nq, nk):
+  qseg_ref, kseg_ref, mask_ref, (dq_ref, dq_sc) = split_refs(refs[6:], has_seg, has_mask)
+  b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
   def _init():
@@ -309,11 +288,7 @@ def _dq_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cf
 
   @pl.when(_live(cfg, lens_ref, has_seg, length, b, i, j, nb, nq, nk))
   def _compute():
-    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    keep = _keep(cfg, length, j * bk, bq, bk, qseg_ref, kseg_ref, mask_ref)
-    p = _probs(cfg, q, k, _col(lse_ref[...]), keep)
-    dp = _dot_nt(do, v)
-    ds = p * (dp - _col(di_ref[...]))
+    _, k, _, _, ds = _grad_tile(cfg, length, j, refs[:6], (qseg_ref, kseg_ref, mask_ref))
     dq_sc[...] += _dot_nn(ds.astype(k.dtype), k) * cfg.scale
 
   @pl.when(j == nk - 1)
@@ -321,12 +296,10 @@ def _dq_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cf
     dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg, has_seg,
-                has_mask, nb, nq, nk):
-  qseg_ref, kseg_ref, mask_ref, rest = _split_refs(refs, has_seg, has_mask)
+def _dkv_kernel(lens_ref, *refs, cfg, has_seg, has_mask, nb, nq, nk):
+  qseg_ref, kseg_ref, mask_ref, rest = split_refs(refs[6:], has_seg, has_mask)
   dk_ref, dv_ref, dk_sc, dv_sc = rest
   b, j, gi, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
-  bq, bk = cfg.block_q, cfg.block_k
 
   @pl.when(jnp.logical_and(gi == 0, i == 0))
   def _init():
@@ -337,12 +310,8 @@ def _dkv_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, c
 
   @pl.when(_live(cfg, lens_ref, has_seg, length, b, i, j, nb, nq, nk))
   def _compute():
-    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    keep = _keep(cfg, length, j * bk, bq, bk, qseg_ref, kseg_ref, mask_ref)
-    p = _probs(cfg, q, k, _col(lse_ref[...]), keep)                  # (bq, bk)
+    q, _, do, p, ds = _grad_tile(cfg, length, j, refs[:6], (qseg_ref, kseg_ref, mask_ref))
     dv_sc[...] += _dot_tn(p.astype(do.dtype), do)
-    dp = _dot_nt(do, v)
-    ds = p * (dp - _col(di_ref[...]))
     dk_sc[...] += _dot_tn(ds.astype(q.dtype), q) * cfg.scale
 
   @pl.when(jnp.logical_and(gi == cfg.groups - 1, i == nq - 1))
@@ -353,92 +322,79 @@ def _dkv_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, c
 
 def _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype=None):
   """Kernel-layout backward -> dq (B,H,Lq,D), dk, dv (B,Hkv,Lk,D)."""
-  b, h, lq, d = q.shape
-  hkv, lk = k.shape[1], k.shape[2]
-  bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
-  nq, nk = lq // bq, lk // bk
+  args = (_meta(lens, qseg, kseg, cfg), q, k, v, do, lse, di, *side_args(qseg, kseg, mask))
   has_seg, has_mask = qseg is not None, mask is not None
-  side = [x for x in (qseg, kseg) if has_seg] + ([mask] if has_mask else [])
-  itemsize = q.dtype.itemsize
-  meta = _meta(lens, qseg, kseg, cfg)
+  dq = _dq_call(args, cfg, has_seg, has_mask, out_dtype)
+  dk, dv = _dkv_call(args, cfg, has_seg, has_mask, out_dtype)
+  return dq, dk, dv
 
-  # dq: grid (B, H, nq, nk), reduction over key blocks.
-  q_map = lambda b_, h_, i, j, lens_ref: (b_, h_, i, 0)
-  row_map = lambda b_, h_, i, j, lens_ref: (b_, h_, 0, i)
-  kv_map = lambda b_, h_, i, j, lens_ref: (b_, h_ // g, _kv_block(j, b_, lens_ref, bk), 0)
-  in_specs = [pl.BlockSpec((None, None, bq, d), q_map),
-              pl.BlockSpec((None, None, bk, d), kv_map),
-              pl.BlockSpec((None, None, bk, d), kv_map),
-              pl.BlockSpec((None, None, bq, d), q_map),
-              pl.BlockSpec((None, None, 1, bq), row_map),
-              pl.BlockSpec((None, None, 1, bq), row_map)]
-  in_specs += _side_specs(
-      cfg, has_seg, has_mask,
-      q_idx=lambda b_, h_, i, j, lens_ref: i,
-      k_idx=lambda b_, h_, i, j, lens_ref: _kv_block(j, b_, lens_ref, bk),
-      head_idx=lambda b_, h_, i, j, lens_ref: h_)
-  dq = pl.pallas_call(
+
+def _dq_call(args, cfg, has_seg, has_mask, out_dtype):
+  """dq on the grid (B, H, nq, nk), reducing over key blocks."""
+  q, k, v = args[1:4]
+  b, h, lq, d = q.shape
+  lk = k.shape[2]
+  nq, nk = lq // cfg.block_q, lk // cfg.block_k
+  q_spec, kv_spec, row_spec, side_specs = _q_major_specs(cfg, d, has_seg, has_mask)
+  return pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg, has_seg=has_seg, has_mask=has_mask, nb=b, nq=nq,
                         nk=nk),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(b, h, nq, nk), in_specs=in_specs,
-          out_specs=pl.BlockSpec((None, None, bq, d), q_map),
-          scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
+          num_scalar_prefetch=1, grid=(b, h, nq, nk),
+          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + side_specs,
+          out_specs=q_spec, scratch_shapes=[pltpu.VMEM((cfg.block_q, d), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, out_dtype or q.dtype),
       compiler_params=_tpu_params(("parallel", "parallel", "parallel", "arbitrary")),
       cost_estimate=pl.CostEstimate(
           flops=6 * b * h * lq * lk * d, transcendentals=b * h * lq * lk,
-          bytes_accessed=itemsize * (q.size * 3 + (k.size + v.size) * nq)),
+          bytes_accessed=q.dtype.itemsize * (q.size * 3 + (k.size + v.size) * nq)),
       interpret=cfg.interpret,
       name="flash_attention_dq",
-  )(meta, q, k, v, do, lse, di, *side)
+  )(*args)
 
-  # dk, dv: grid (B, Hkv, nk, G, nq), reduction over the query heads of the group and q blocks.
-  # For a key block wholly past the sample's length the kernel only writes zeros: its query-side
-  # blocks are pinned to the first one, so the pipeline fetches nothing new.
-  def live(b_, j, lens_ref):
-    return j * bk < lens_ref[b_]
 
-  def q_head(b_, hk, j, gi, lens_ref):
-    return hk * g + jnp.where(live(b_, j, lens_ref), gi, 0)
+def _dkv_specs(cfg, d, has_seg, has_mask):
+  """BlockSpecs of the dk, dv grid (B, Hkv, nk, G, nq): (query-side tile, key tile, row, side
+  inputs). For a key block wholly past the sample's length the kernel only writes zeros: its
+  query-side blocks are pinned to the first one, so the pipeline fetches nothing new."""
+  bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
+  live = lambda b_, j, lens_ref: j * bk < lens_ref[b_]
+  q_head = lambda b_, hk, j, gi, i, lens_ref: hk * g + jnp.where(live(b_, j, lens_ref), gi, 0)
+  q_block = lambda b_, hk, j, gi, i, lens_ref: jnp.where(live(b_, j, lens_ref), i, 0)
+  q_spec = pl.BlockSpec((None, None, bq, d), lambda *a: (a[0], q_head(*a), q_block(*a), 0))
+  k_spec = pl.BlockSpec((None, None, bk, d), lambda b_, hk, j, gi, i, lens_ref: (b_, hk, j, 0))
+  row_spec = pl.BlockSpec((None, None, 1, bq), lambda *a: (a[0], q_head(*a), 0, q_block(*a)))
+  side = _side_specs(cfg, has_seg, has_mask, q_idx=q_block,
+                     k_idx=lambda b_, hk, j, gi, i, lens_ref: j, head_idx=q_head)
+  return q_spec, k_spec, row_spec, side
 
-  def q_block(b_, j, i, lens_ref):
-    return jnp.where(live(b_, j, lens_ref), i, 0)
 
-  qh_map = lambda b_, hk, j, gi, i, lens_ref: (b_, q_head(b_, hk, j, gi, lens_ref),
-                                               q_block(b_, j, i, lens_ref), 0)
-  qrow_map = lambda b_, hk, j, gi, i, lens_ref: (b_, q_head(b_, hk, j, gi, lens_ref), 0,
-                                                 q_block(b_, j, i, lens_ref))
-  k_map = lambda b_, hk, j, gi, i, lens_ref: (b_, hk, j, 0)
-  in_specs = [pl.BlockSpec((None, None, bq, d), qh_map),
-              pl.BlockSpec((None, None, bk, d), k_map),
-              pl.BlockSpec((None, None, bk, d), k_map),
-              pl.BlockSpec((None, None, bq, d), qh_map),
-              pl.BlockSpec((None, None, 1, bq), qrow_map),
-              pl.BlockSpec((None, None, 1, bq), qrow_map)]
-  in_specs += _side_specs(
-      cfg, has_seg, has_mask,
-      q_idx=lambda b_, hk, j, gi, i, lens_ref: q_block(b_, j, i, lens_ref),
-      k_idx=lambda b_, hk, j, gi, i, lens_ref: j,
-      head_idx=lambda b_, hk, j, gi, i, lens_ref: q_head(b_, hk, j, gi, lens_ref))
-  dk, dv = pl.pallas_call(
+def _dkv_call(args, cfg, has_seg, has_mask, out_dtype):
+  """dk, dv on the grid (B, Hkv, nk, G, nq), reducing over the group's query heads and the
+  query blocks."""
+  q, k, v = args[1:4]
+  b, h, lq, d = q.shape
+  hkv, lk = k.shape[1], k.shape[2]
+  bk = cfg.block_k
+  nq, nk = lq // cfg.block_q, lk // bk
+  q_spec, k_spec, row_spec, side_specs = _dkv_specs(cfg, d, has_seg, has_mask)
+  return pl.pallas_call(
       functools.partial(_dkv_kernel, cfg=cfg, has_seg=has_seg, has_mask=has_mask, nb=b, nq=nq,
                         nk=nk),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(b, hkv, nk, g, nq), in_specs=in_specs,
-          out_specs=[pl.BlockSpec((None, None, bk, d), k_map),
-                     pl.BlockSpec((None, None, bk, d), k_map)],
+          num_scalar_prefetch=1, grid=(b, hkv, nk, cfg.groups, nq),
+          in_specs=[q_spec, k_spec, k_spec, q_spec, row_spec, row_spec] + side_specs,
+          out_specs=[k_spec, k_spec],
           scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(k.shape, out_dtype or k.dtype),
                  jax.ShapeDtypeStruct(v.shape, out_dtype or v.dtype)],
       compiler_params=_tpu_params(("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
       cost_estimate=pl.CostEstimate(
           flops=8 * b * h * lq * lk * d, transcendentals=b * h * lq * lk,
-          bytes_accessed=itemsize * ((q.size * 2) * nk + k.size * 4)),
+          bytes_accessed=q.dtype.itemsize * ((q.size * 2) * nk + k.size * 4)),
       interpret=cfg.interpret,
       name="flash_attention_dkv",
-  )(meta, q, k, v, do, lse, di, *side)
-  return dq, dk, dv
+  )(*args)
 
 
 # ------------------------------------------------------------------ kernel-layout entry points
@@ -457,36 +413,10 @@ def flash_bwd(q, k, v, lens, qseg, kseg, mask, o, lse, do, cfg, out_dtype=None):
   return _bwd_call(q, k, v, lens, qseg, kseg, mask, lse, do, di, cfg, out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _flash_core(q, k, v, lens, qseg, kseg, mask, cfg):
-  return flash_fwd(q, k, v, lens, qseg, kseg, mask, cfg)[0]
-
-
-def _flash_core_fwd(q, k, v, lens, qseg, kseg, mask, cfg):
-  o, lse = flash_fwd(q, k, v, lens, qseg, kseg, mask, cfg)
-  return o, (q, k, v, lens, qseg, kseg, mask, o, lse)
-
-
-def _flash_core_bwd(cfg, res, do):
-  q, k, v, lens, qseg, kseg, mask, o, lse = res
-  dq, dk, dv = flash_bwd(q, k, v, lens, qseg, kseg, mask, o, lse, do, cfg)
-  return dq, dk, dv, None, None, None, None
-
-
-_flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
+_flash_core = fused_vjp(flash_fwd, flash_bwd)
 
 
 # ------------------------------------------------------------------------- public entry point
-
-
-def default_interpret(mesh=None) -> bool:
-  """Interpret mode where there is no accelerator to lower to: the mesh's devices decide when a
-  mesh is given (so a mesh over an AOT TPU topology lowers through Mosaic from a CPU host),
-  else the default backend."""
-  devices = getattr(mesh, "devices", None)  # an AbstractMesh has none
-  if devices is not None and devices.size:
-    return devices.flat[0].platform == "cpu"
-  return jax.default_backend() == "cpu"
 
 
 def choose_blocks(lq, lk, block_q=None, block_k=None, *, has_mask=False, tpu=False):
@@ -503,8 +433,8 @@ def choose_blocks(lq, lk, block_q=None, block_k=None, *, has_mask=False, tpu=Fal
     raise ValueError(f"block_q={bq} must be a positive multiple of {align_q}.")
   if bk <= 0 or bk % 128:
     raise ValueError(f"block_k={bk} must be a positive multiple of 128.")
-  bq, bk = min(bq, _round_up(lq, align_q)), min(bk, _round_up(lk, 128))
-  if tpu and bq % 128 and bq < _round_up(lq, align_q):
+  bq, bk = min(bq, round_up(lq, align_q)), min(bk, round_up(lk, 128))
+  if tpu and bq % 128 and bq < round_up(lq, align_q):
     raise ValueError(f"block_q={bq} must be a multiple of 128 for TPU when it does not cover "
                      f"all {lq} queries.")
   return bq, bk
@@ -513,81 +443,41 @@ def choose_blocks(lq, lk, block_q=None, block_k=None, *, has_mask=False, tpu=Fal
 def prepare(q, k, v, *, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None,
             segment_mode="same", mask=None, scale=None, block_q=None, block_k=None,
             interpret=None, pad_head_dim=None, align_q_for_mask=False):
-  """Validates inputs and brings them into kernel layout.
+  """Validates inputs (`common.check_inputs`) and brings them into kernel layout.
 
   Returns (qt, kt, vt, lens, qseg, kseg, mask8, cfg): q (B,H,Lq',D') etc. transposed and
   padded, lens (B,) int32 effective key lengths, segment ids as (B,1,Lq') / (B,1,Lk') int32,
-  the dense mask as int8 (B|1, H|1, Lq', Lk'), and the static Config. `align_q_for_mask`
+  the dense mask as int8 (B|1, H|1, Lq', Lk'), and the static KernelConfig. `align_q_for_mask`
   aligns block_q for int8 mask tiles when the caller brings its own mask (the ring).
   """
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"flash attention expects rank-4 q, k, v (B, L, H, D); got {q.shape}, "
-                     f"{k.shape}, {v.shape}.")
-  if k.shape != v.shape:
-    raise ValueError(f"k {k.shape} and v {v.shape} must have the same shape.")
+  check_inputs(q, k, v, segment_mode=segment_mode, q_segment_ids=q_segment_ids,
+               kv_segment_ids=kv_segment_ids, kv_lengths=kv_lengths, mask=mask,
+               name="flash attention")
   b, lq, h, d = q.shape
-  _, lk, hkv, _ = k.shape
-  if k.shape[0] != b or k.shape[3] != d:
-    raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head dim.")
-  if h % hkv:
-    raise ValueError(f"q heads {h} must be a multiple of kv heads {hkv}.")
-  if segment_mode not in SEGMENT_MODES:
-    raise ValueError(f"segment_mode {segment_mode!r} is unknown; expected one of {SEGMENT_MODES}.")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
-  if q_segment_ids is not None:
-    if q_segment_ids.shape != (b, lq) or kv_segment_ids.shape != (b, lk):
-      raise ValueError(f"segment ids {q_segment_ids.shape}, {kv_segment_ids.shape} must be "
-                       f"({b}, {lq}) and ({b}, {lk}).")
-  if kv_lengths is not None and jnp.shape(kv_lengths) != (b,):
-    raise ValueError(f"kv_lengths has shape {jnp.shape(kv_lengths)}; expected ({b},).")
+  lk, hkv = k.shape[1], k.shape[2]
   if interpret is None:
     interpret = default_interpret()
   if not interpret and jax.default_backend() == "gpu":
     raise NotImplementedError("the kernel-layout flash entry points (used by ring attention) are "
                               "laid out for TPU (Mosaic); on GPU use impl='pallas' or 'ulysses', "
                               "which run the Triton kernels.")
-  scale = d ** -0.5 if scale is None else float(scale)
-
-  mask_b = mask_h = False
-  if mask is not None:
-    mask = jnp.asarray(mask)
-    if mask.ndim > 4:
-      raise ValueError(f"mask of rank {mask.ndim} cannot broadcast to (B, H, Lq, Lk).")
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    for got, want, name in zip(mask.shape, (b, h, lq, lk), ("B", "H", "Lq", "Lk")):
-      if got not in (1, want):
-        raise ValueError(f"mask shape {mask.shape} does not broadcast to (B, H, Lq, Lk) = "
-                         f"{(b, h, lq, lk)} on axis {name}.")
-    mask_b, mask_h = mask.shape[0] == b and b > 1, mask.shape[1] == h and h > 1
-    mask = jnp.broadcast_to(mask, (mask.shape[0] if mask_b else 1, mask.shape[1] if mask_h else 1,
-                                   lq, lk)).astype(jnp.int8)
   bq, bk = choose_blocks(lq, lk, block_q, block_k,
                         has_mask=mask is not None or align_q_for_mask, tpu=not interpret)
-  lqp, lkp = _round_up(lq, bq), _round_up(lk, bk)
-
-  if pad_head_dim is None:
-    pad_head_dim = not interpret
-  dp = _round_up(d, 128) if pad_head_dim else d
-
-  def to_kernel(x, lp):
-    x = jnp.swapaxes(x, 1, 2)
-    return jnp.pad(x, ((0, 0), (0, 0), (0, lp - x.shape[2]), (0, dp - d)))
-
-  qt, kt, vt = to_kernel(q, lqp), to_kernel(k, lkp), to_kernel(v, lkp)
-  lens = jnp.full((b,), lk, jnp.int32) if kv_lengths is None else jnp.clip(
-      jnp.asarray(kv_lengths, jnp.int32), 0, lk)
-  qseg = kseg = None
-  if q_segment_ids is not None:
-    qseg = jnp.pad(jnp.asarray(q_segment_ids, jnp.int32), ((0, 0), (0, lqp - lq)),
-                   constant_values=-1)[:, None, :]
-    kseg = jnp.pad(jnp.asarray(kv_segment_ids, jnp.int32), ((0, 0), (0, lkp - lk)),
-                   constant_values=-1)[:, None, :]
+  lqp, lkp = round_up(lq, bq), round_up(lk, bk)
+  pad_head_dim = not interpret if pad_head_dim is None else pad_head_dim
+  dp = round_up(d, 128) if pad_head_dim else d
+  to_kernel = lambda x, lp: jnp.swapaxes(pad_tokens(x, lp, dp), 1, 2)
+  lens, qseg, kseg = pad_side_inputs(kv_lengths, q_segment_ids, kv_segment_ids, b, lk,
+                                     lqp - lq, lkp - lk)
+  if qseg is not None:
+    qseg, kseg = qseg[:, None, :], kseg[:, None, :]
+  mask_b = mask_h = False
   if mask is not None:
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, lqp - lq), (0, lkp - lk)))
-  cfg = Config(scale=scale, block_q=bq, block_k=bk, segment_mode=segment_mode,
-               interpret=bool(interpret), groups=h // hkv, mask_heads=mask_h, mask_batch=mask_b)
-  return qt, kt, vt, lens, qseg, kseg, mask, cfg
+    mask, mask_b, mask_h = kernel_mask(jnp.asarray(mask), b, h, lq, lk, lqp, lkp)
+  cfg = KernelConfig(scale=d ** -0.5 if scale is None else float(scale), block_q=bq, block_k=bk,
+               segment_mode=segment_mode, interpret=bool(interpret), groups=h // hkv,
+               mask_heads=mask_h, mask_batch=mask_b)
+  return to_kernel(q, lqp), to_kernel(k, lkp), to_kernel(v, lkp), lens, qseg, kseg, mask, cfg
 
 
 def flash_attention(q, k, v, *, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None,
@@ -596,18 +486,13 @@ def flash_attention(q, k, v, *, kv_lengths=None, q_segment_ids=None, kv_segment_
   """Fused attention. q (B, Lq, H, D); k, v (B, Lk, Hkv, D) -> (B, Lq, H, D) in q's dtype.
 
   Differentiable in q, k, v (custom_vjp with the Pallas backward kernels). On a GPU backend
-  (and not in interpret mode) this runs the Triton kernels instead.
+  (and not in interpret mode) this runs the Triton kernels of `flash_attention_gpu` instead.
   """
+  kw = dict(kv_lengths=kv_lengths, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+            segment_mode=segment_mode, mask=mask, scale=scale, block_q=block_q, block_k=block_k)
   if not interpret and jax.default_backend() == "gpu":
-    from kernels import flash_attention_gpu  # imports this module: resolved at call time
-    return flash_attention_gpu.flash_attention_gpu(
-        q, k, v, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids, segment_mode=segment_mode, mask=mask, scale=scale,
-        block_q=block_q, block_k=block_k, interpret=False)
-  b, lq, h, d = q.shape
-  qt, kt, vt, lens, qseg, kseg, mask8, cfg = prepare(
-      q, k, v, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
-      kv_segment_ids=kv_segment_ids, segment_mode=segment_mode, mask=mask, scale=scale,
-      block_q=block_q, block_k=block_k, interpret=interpret)
+    return flash_attention_gpu.flash_attention_gpu(q, k, v, interpret=False, **kw)
+  qt, kt, vt, lens, qseg, kseg, mask8, cfg = prepare(q, k, v, interpret=interpret, **kw)
   o = _flash_core(qt, kt, vt, lens, qseg, kseg, mask8, cfg)
+  lq, d = q.shape[1], q.shape[3]
   return jnp.swapaxes(o[:, :, :lq, :d], 1, 2)

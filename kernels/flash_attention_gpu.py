@@ -21,21 +21,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from kernels.flash_attention import MASK_VALUE, SEGMENT_MODES
+from kernels.common import (MASK_VALUE, KernelConfig, check_inputs, default_interpret, fused_vjp,
+                            kernel_mask, pad_side_inputs, pad_tokens, round_up, side_args,
+                            split_refs)
 
 DEFAULT_BLOCK = 64
 
 
 @dataclasses.dataclass(frozen=True)
-class GpuConfig:
-  scale: float
-  block_q: int
-  block_k: int
-  segment_mode: str
-  interpret: bool
-  groups: int
-  mask_heads: bool
-  mask_batch: bool
+class GpuConfig(KernelConfig):
+  """KernelConfig with the Triton launch parameters."""
   num_warps: int = 4
   num_stages: int = 2
 
@@ -64,18 +59,8 @@ def _keep(cfg, length, kv_start, bq, bk, qs, ks, m):
   return keep
 
 
-def _split(refs, has_seg, has_mask):
-  refs = list(refs)
-  qseg = kseg = mask = None
-  if has_seg:
-    qseg, kseg = refs.pop(0), refs.pop(0)
-  if has_mask:
-    mask = refs.pop(0)
-  return qseg, kseg, mask, refs
-
-
 def _fwd_kernel(lens_ref, q_ref, k_ref, v_ref, *refs, cfg, has_seg, has_mask):
-  qseg_ref, kseg_ref, mask_ref, (o_ref, lse_ref) = _split(refs, has_seg, has_mask)
+  qseg_ref, kseg_ref, mask_ref, (o_ref, lse_ref) = split_refs(refs, has_seg, has_mask)
   bq, bk = cfg.block_q, cfg.block_k
   length = lens_ref[...]
   q = q_ref[...]                                                   # (bq, D)
@@ -105,7 +90,7 @@ def _fwd_kernel(lens_ref, q_ref, k_ref, v_ref, *refs, cfg, has_seg, has_mask):
 
 def _dq_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg, has_seg,
                has_mask):
-  qseg_ref, kseg_ref, mask_ref, (dq_ref,) = _split(refs, has_seg, has_mask)
+  qseg_ref, kseg_ref, mask_ref, (dq_ref,) = split_refs(refs, has_seg, has_mask)
   bq, bk = cfg.block_q, cfg.block_k
   length = lens_ref[...]
   q, do, lse, di = q_ref[...], do_ref[...], lse_ref[...], di_ref[...]
@@ -126,7 +111,7 @@ def _dq_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cf
 
 def _dkv_kernel(lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg, has_seg,
                 has_mask, nq):
-  qseg_ref, kseg_ref, mask_ref, (dk_ref, dv_ref) = _split(refs, has_seg, has_mask)
+  qseg_ref, kseg_ref, mask_ref, (dk_ref, dv_ref) = split_refs(refs, has_seg, has_mask)
   bq, bk = cfg.block_q, cfg.block_k
   j = pl.program_id(2)
   length = lens_ref[...]
@@ -173,27 +158,32 @@ def _side_specs(cfg, has_seg, has_mask, lqp, lkp, q_block):
   return specs
 
 
+def _q_major_specs(cfg, lkp, d):
+  """Specs on the (b, h, i) grid of the forward and dq kernels: the key length, a query tile,
+  the whole key / value sequence of the head's kv head, a row of per-query statistics."""
+  bq, g = cfg.block_q, cfg.groups
+  return (pl.BlockSpec((None,), lambda b_, h_, i: (b_,)),
+          pl.BlockSpec((None, bq, None, d), lambda b_, h_, i: (b_, i, h_, 0)),
+          pl.BlockSpec((None, lkp, None, d), lambda b_, h_, i: (b_, 0, h_ // g, 0)),
+          pl.BlockSpec((None, None, bq), lambda b_, h_, i: (b_, h_, i)))
+
+
 def _fwd(q, k, v, lens, qseg, kseg, mask, cfg):
   """(B, Lq', H, D') padded inputs -> o (B, Lq', H, D'), lse (B, H, Lq')."""
   b, lqp, h, d = q.shape
   lkp = k.shape[1]
-  bq, g = cfg.block_q, cfg.groups
+  bq = cfg.block_q
   has_seg, has_mask = qseg is not None, mask is not None
-  in_specs = [pl.BlockSpec((None,), lambda b_, h_, i: (b_,)),
-              pl.BlockSpec((None, bq, None, d), lambda b_, h_, i: (b_, i, h_, 0)),
-              pl.BlockSpec((None, lkp, None, d), lambda b_, h_, i: (b_, 0, h_ // g, 0)),
-              pl.BlockSpec((None, lkp, None, d), lambda b_, h_, i: (b_, 0, h_ // g, 0))]
+  lens_spec, q_spec, kv_spec, row_spec = _q_major_specs(cfg, lkp, d)
+  in_specs = [lens_spec, q_spec, kv_spec, kv_spec]
   in_specs += _side_specs(cfg, has_seg, has_mask, lqp, lkp, bq)
-  side = [x for x in (qseg, kseg) if has_seg] + ([mask] if has_mask else [])
   return pl.pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg, has_seg=has_seg, has_mask=has_mask),
-      grid=(b, h, lqp // bq), in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, bq, None, d), lambda b_, h_, i: (b_, i, h_, 0)),
-                 pl.BlockSpec((None, None, bq), lambda b_, h_, i: (b_, h_, i))],
+      grid=(b, h, lqp // bq), in_specs=in_specs, out_specs=[q_spec, row_spec],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, lqp), jnp.float32)],
       compiler_params=_params(cfg), interpret=cfg.interpret, name="flash_attention_fwd_gpu",
-  )(lens, q, k, v, *side)
+  )(lens, q, k, v, *side_args(qseg, kseg, mask))
 
 
 def _bwd(q, k, v, lens, qseg, kseg, mask, o, lse, do, cfg):
@@ -201,14 +191,12 @@ def _bwd(q, k, v, lens, qseg, kseg, mask, o, lse, do, cfg):
   lkp, hkv = k.shape[1], k.shape[2]
   bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
   has_seg, has_mask = qseg is not None, mask is not None
-  side = [x for x in (qseg, kseg) if has_seg] + ([mask] if has_mask else [])
+  side = side_args(qseg, kseg, mask)
   di = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
 
-  q_spec = pl.BlockSpec((None, bq, None, d), lambda b_, h_, i: (b_, i, h_, 0))
-  kv_spec = pl.BlockSpec((None, lkp, None, d), lambda b_, h_, i: (b_, 0, h_ // g, 0))
-  row_spec = pl.BlockSpec((None, None, bq), lambda b_, h_, i: (b_, h_, i))
-  in_specs = [pl.BlockSpec((None,), lambda b_, h_, i: (b_,)), q_spec, kv_spec, kv_spec, q_spec,
-              row_spec, row_spec] + _side_specs(cfg, has_seg, has_mask, lqp, lkp, bq)
+  lens_spec, q_spec, kv_spec, row_spec = _q_major_specs(cfg, lkp, d)
+  in_specs = [lens_spec, q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+  in_specs += _side_specs(cfg, has_seg, has_mask, lqp, lkp, bq)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg, has_seg=has_seg, has_mask=has_mask),
       grid=(b, h, lqp // bq), in_specs=in_specs, out_specs=q_spec,
@@ -242,70 +230,39 @@ def _bwd(q, k, v, lens, qseg, kseg, mask, o, lse, do, cfg):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _core(q, k, v, lens, qseg, kseg, mask, cfg):
-  return _fwd(q, k, v, lens, qseg, kseg, mask, cfg)[0]
+_core = fused_vjp(_fwd, _bwd)
 
 
-def _core_fwd(q, k, v, lens, qseg, kseg, mask, cfg):
-  o, lse = _fwd(q, k, v, lens, qseg, kseg, mask, cfg)
-  return o, (q, k, v, lens, qseg, kseg, mask, o, lse)
-
-
-def _core_bwd(cfg, res, do):
-  q, k, v, lens, qseg, kseg, mask, o, lse = res
-  dq, dk, dv = _bwd(q, k, v, lens, qseg, kseg, mask, o, lse, do, cfg)
-  return dq, dk, dv, None, None, None, None
-
-
-_core.defvjp(_core_fwd, _core_bwd)
+def _blocks(lq, lk, block_q, block_k):
+  """Triton tiles: powers of two >= 16 (default 64), capped to the padded sequences."""
+  bq = DEFAULT_BLOCK if block_q is None else int(block_q)
+  bk = DEFAULT_BLOCK if block_k is None else int(block_k)
+  for name, val in (("block_q", bq), ("block_k", bk)):
+    if val < 16 or val & (val - 1):
+      raise ValueError(f"{name}={val} must be a power of two >= 16 for Triton.")
+  return min(bq, max(16, _pow2(lq))), min(bk, max(16, _pow2(lk)))
 
 
 def flash_attention_gpu(q, k, v, *, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None,
                         segment_mode="same", mask=None, scale=None, block_q=None, block_k=None,
                         interpret=None):
   """Fused attention through Triton. q (B, Lq, H, D); k, v (B, Lk, Hkv, D) -> (B, Lq, H, D)."""
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape != v.shape:
-    raise ValueError(f"flash attention expects q (B, Lq, H, D) and k, v (B, Lk, Hkv, D) of equal "
-                     f"shape; got {q.shape}, {k.shape}, {v.shape}.")
+  check_inputs(q, k, v, segment_mode=segment_mode, q_segment_ids=q_segment_ids,
+               kv_segment_ids=kv_segment_ids, kv_lengths=kv_lengths, mask=mask,
+               name="flash attention")
   b, lq, h, d = q.shape
-  _, lk, hkv, _ = k.shape
-  if k.shape[0] != b or k.shape[3] != d or h % hkv:
-    raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head dim, with q heads "
-                     f"a multiple of kv heads.")
-  if segment_mode not in SEGMENT_MODES:
-    raise ValueError(f"segment_mode {segment_mode!r} is unknown; expected one of {SEGMENT_MODES}.")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
-  bq = DEFAULT_BLOCK if block_q is None else int(block_q)
-  bk = DEFAULT_BLOCK if block_k is None else int(block_k)
-  for name, val in (("block_q", bq), ("block_k", bk)):
-    if val < 16 or val & (val - 1):
-      raise ValueError(f"{name}={val} must be a power of two >= 16 for Triton.")
-  bq, bk = min(bq, max(16, _pow2(lq))), min(bk, max(16, _pow2(lk)))
-  lqp, lkp = -(-lq // bq) * bq, -(-lk // bk) * bk
+  lk, hkv = k.shape[1], k.shape[2]
+  bq, bk = _blocks(lq, lk, block_q, block_k)
+  lqp, lkp = round_up(lq, bq), round_up(lk, bk)
   dp = max(16, _pow2(d))
   if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  pad = lambda x, lp: jnp.pad(x, ((0, 0), (0, lp - x.shape[1]), (0, 0), (0, dp - d)))
-  qp, kp, vp = pad(q, lqp), pad(k, lkp), pad(v, lkp)
-  lens = jnp.full((b,), lk, jnp.int32) if kv_lengths is None else jnp.clip(
-      jnp.asarray(kv_lengths, jnp.int32), 0, lk)
-  qseg = kseg = None
-  if q_segment_ids is not None:
-    qseg = jnp.pad(jnp.asarray(q_segment_ids, jnp.int32), ((0, 0), (0, lqp - lq)), constant_values=-1)
-    kseg = jnp.pad(jnp.asarray(kv_segment_ids, jnp.int32), ((0, 0), (0, lkp - lk)), constant_values=-1)
+    interpret = default_interpret()
+  qp, kp, vp = pad_tokens(q, lqp, dp), pad_tokens(k, lkp, dp), pad_tokens(v, lkp, dp)
+  lens, qseg, kseg = pad_side_inputs(kv_lengths, q_segment_ids, kv_segment_ids, b, lk,
+                                     lqp - lq, lkp - lk)
   mask_b = mask_h = False
   if mask is not None:
-    mask = jnp.asarray(mask, bool)
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    for got, want in zip(mask.shape, (b, h, lq, lk)):
-      if got not in (1, want):
-        raise ValueError(f"mask shape {mask.shape} does not broadcast to (B, H, Lq, Lk) = "
-                         f"{(b, h, lq, lk)}.")
-    mask_b, mask_h = mask.shape[0] == b and b > 1, mask.shape[1] == h and h > 1
-    mask = jnp.broadcast_to(mask, mask.shape[:2] + (lq, lk)).astype(jnp.int8)
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, lqp - lq), (0, lkp - lk)))
+    mask, mask_b, mask_h = kernel_mask(jnp.asarray(mask, bool), b, h, lq, lk, lqp, lkp)
   cfg = GpuConfig(scale=d ** -0.5 if scale is None else float(scale), block_q=bq, block_k=bk,
                   segment_mode=segment_mode, interpret=bool(interpret), groups=h // hkv,
                   mask_heads=mask_h, mask_batch=mask_b)

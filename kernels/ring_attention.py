@@ -20,106 +20,18 @@ where they divide.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 from kernels import flash_attention as fa
-
-SEQUENCE_AXIS = "sequence"
-
-
-def _axis_size(mesh, names):
-  size = 1
-  for n in names:
-    size *= mesh.shape[n]
-  return size
-
-
-def shard_axes(mesh, batch, heads, kv_heads, axis=SEQUENCE_AXIS):
-  """Mesh axes for the batch and head dimensions: ('data', 'fsdp') and 'tensor' where they
-  exist with size > 1 and divide the dimension, else None (replicated)."""
-  if axis not in mesh.shape:
-    raise ValueError(f"mesh axes {tuple(mesh.shape)} have no sequence axis {axis!r}.")
-  b_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
-  b_spec = b_axes if b_axes and batch % _axis_size(mesh, b_axes) == 0 else None
-  t = mesh.shape.get("tensor", 1)
-  h_spec = "tensor" if t > 1 and heads % t == 0 and kv_heads % t == 0 else None
-  return b_spec, h_spec
-
-
-def pad_sequences(q, k, v, n, *, kv_lengths, q_segment_ids, kv_segment_ids, mask):
-  """Pads q / k / v (and their side inputs) on the sequence axis to multiples of n. Padded keys
-  lie past `kv_lengths` (returned, now always an array); padded queries are sliced off later."""
-  b, lq = q.shape[:2]
-  lk = k.shape[1]
-  pq, pk = (-lq) % n, (-lk) % n
-  lens = (jnp.full((b,), lk, jnp.int32) if kv_lengths is None
-          else jnp.clip(jnp.asarray(kv_lengths, jnp.int32), 0, lk))
-  seq_pad = lambda x, p: jnp.pad(x, ((0, 0), (0, p)) + ((0, 0),) * (x.ndim - 2))
-  q, k, v = seq_pad(q, pq), seq_pad(k, pk), seq_pad(v, pk)
-  if q_segment_ids is not None:
-    q_segment_ids = jnp.pad(jnp.asarray(q_segment_ids, jnp.int32), ((0, 0), (0, pq)),
-                            constant_values=-1)
-    kv_segment_ids = jnp.pad(jnp.asarray(kv_segment_ids, jnp.int32), ((0, 0), (0, pk)),
-                             constant_values=-1)
-  if mask is not None:
-    mask = jnp.asarray(mask, bool)
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    mask = jnp.broadcast_to(mask, mask.shape[:2] + (lq, lk))
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pq), (0, pk)))
-  return q, k, v, lens, q_segment_ids, kv_segment_ids, mask
-
-
-def check_inputs(name, q, k, v, mesh, segment_mode, q_segment_ids, kv_segment_ids, mask):
-  """The argument checks shared by the sequence-parallel attentions (ring, Ulysses)."""
-  if mesh is None:
-    raise ValueError(f"{name} attention needs a mesh with a 'sequence' axis; got mesh=None.")
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape != v.shape:
-    raise ValueError(f"{name} attention expects q (B, Lq, H, D) and k, v (B, Lk, Hkv, D) of equal "
-                     f"shape; got {q.shape}, {k.shape}, {v.shape}.")
-  b, lq, h, d = q.shape
-  lk, hkv = k.shape[1], k.shape[2]
-  if k.shape[0] != b or k.shape[3] != d or h % hkv:
-    raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head dim, with q heads "
-                     f"a multiple of kv heads.")
-  if segment_mode not in fa.SEGMENT_MODES:
-    raise ValueError(f"segment_mode {segment_mode!r} is unknown; expected one of "
-                     f"{fa.SEGMENT_MODES}.")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
-  _check_mask(mask, b, h, lq, lk)
-
-
-def trim_mask(mask, b, h):
-  """(mask, varies over batch, varies over heads): the mask's broadcast batch / head axes kept
-  at size 1, so that shards receive only what differs."""
-  if mask is None:
-    return None, False, False
-  mask_b = mask.shape[0] == b and b > 1
-  mask_h = mask.shape[1] == h and h > 1
-  return mask[:(None if mask_b else 1), :(None if mask_h else 1)], mask_b, mask_h
-
-
-def _check_mask(mask, b, h, lq, lk):
-  if mask is None:
-    return
-  shape = jnp.shape(mask)
-  if len(shape) > 4:
-    raise ValueError(f"mask of rank {len(shape)} cannot broadcast to (B, H, Lq, Lk).")
-  shape = (1,) * (4 - len(shape)) + tuple(shape)
-  for got, want, name in zip(shape, (b, h, lq, lk), ("B", "H", "Lq", "Lk")):
-    if got not in (1, want):
-      raise ValueError(f"mask shape {shape} does not broadcast to (B, H, Lq, Lk) = "
-                       f"{(b, h, lq, lk)} on axis {name}.")
+from kernels.common import (MASK_VALUE, SEQUENCE_AXIS, KernelConfig, fused_vjp, pad_sequences,
+                            sequence_parallel_setup, shard_map_attention)
 
 
 @dataclasses.dataclass(frozen=True)
 class RingConfig:
-  kernel: fa.Config
+  kernel: KernelConfig
   n: int
   axis: str
   chunk_k: int      # unpadded keys per device
@@ -159,23 +71,12 @@ def _ring_fwd_impl(q, k, v, lens, qseg, kseg, mask, rc):
     return compute(t, o, lse, k, v, kseg) + nxt
 
   o = jnp.zeros(q.shape, jnp.float32)
-  lse = jnp.full(q.shape[:2] + (1, q.shape[2]), fa.MASK_VALUE, jnp.float32)
+  lse = jnp.full(q.shape[:2] + (1, q.shape[2]), MASK_VALUE, jnp.float32)
   o, lse, k, v, kseg = lax.fori_loop(0, rc.n - 1, step, (o, lse, k, v, kseg))
   return compute(rc.n - 1, o, lse, k, v, kseg)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _ring(q, k, v, lens, qseg, kseg, mask, rc):
-  return _ring_fwd_impl(q, k, v, lens, qseg, kseg, mask, rc)[0].astype(q.dtype)
-
-
-def _ring_fwd(q, k, v, lens, qseg, kseg, mask, rc):
-  o, lse = _ring_fwd_impl(q, k, v, lens, qseg, kseg, mask, rc)
-  return o.astype(q.dtype), (q, k, v, lens, qseg, kseg, mask, o, lse)
-
-
-def _ring_bwd(rc, res, do):
-  q, k, v, lens, qseg, kseg, mask, o, lse = res
+def _ring_bwd(q, k, v, lens, qseg, kseg, mask, o, lse, do, rc):
 
   def compute(t, dq, k, v, kseg, dk, dv):
     local_len, m = _step_inputs(rc, lens, mask, t)
@@ -193,10 +94,10 @@ def _ring_bwd(rc, res, do):
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
   carry = lax.fori_loop(0, rc.n - 1, step, (zeros(q), k, v, kseg, zeros(k), zeros(v)))
   dq, (dk, dv) = compute(rc.n - 1, *carry)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-_ring.defvjp(_ring_fwd, _ring_bwd)
+_ring = fused_vjp(_ring_fwd_impl, _ring_bwd)
 
 
 def ring_attention(q, k, v, *, mesh, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None,
@@ -206,28 +107,22 @@ def ring_attention(q, k, v, *, mesh, kv_lengths=None, q_segment_ids=None, kv_seg
 
   q (B, Lq, H, D); k, v (B, Lk, Hkv, D) -> (B, Lq, H, D). Differentiable in q, k, v.
   """
-  check_inputs("ring", q, k, v, mesh, segment_mode, q_segment_ids, kv_segment_ids, mask)
-  b, lq, h, d = q.shape
-  hkv = k.shape[2]
-  b_spec, h_spec = shard_axes(mesh, b, h, hkv, axis)
-  if interpret is None:
-    interpret = fa.default_interpret(mesh)
-  n = mesh.shape[axis]
-  q, k, v, lens, qseg, kseg, mask = pad_sequences(
-      q, k, v, n, kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
-      kv_segment_ids=kv_segment_ids, mask=mask)
-  has_seg, has_mask = qseg is not None, mask is not None
-  mask, mask_b, mask_h = trim_mask(mask, b, h)
+  side = dict(kv_lengths=kv_lengths, q_segment_ids=q_segment_ids,
+              kv_segment_ids=kv_segment_ids, mask=mask)
+  b_spec, h_spec, n, interpret = sequence_parallel_setup("ring", q, k, v, mesh, axis, interpret,
+                                                         segment_mode, **side)
+  lq, d = q.shape[1], q.shape[3]
+  inputs, mask_b, mask_h = pad_sequences(q, k, v, n, **side)
 
   def body(q, k, v, lens, qseg, kseg, mask):
     lc_q, lc_k = q.shape[1], k.shape[1]
     qt, kt, vt, _, qs, ks, _, cfg = fa.prepare(
         q, k, v, q_segment_ids=qseg, kv_segment_ids=kseg, segment_mode=segment_mode,
         scale=scale, block_q=block_q, block_k=block_k, interpret=interpret,
-        align_q_for_mask=has_mask)
+        align_q_for_mask=mask is not None)
     lqp, lkp = qt.shape[2], kt.shape[2]
     m = None
-    if has_mask:  # (Bm, Hm, Lc_q, n * Lc_k) -> (Bm, Hm, Lq', n, Lk') int8
+    if mask is not None:  # (Bm, Hm, Lc_q, n * Lc_k) -> (Bm, Hm, Lq', n, Lk') int8
       m = mask.reshape(mask.shape[:3] + (n, lc_k)).astype(jnp.int8)
       m = jnp.pad(m, ((0, 0), (0, 0), (0, lqp - lc_q), (0, 0), (0, lkp - lc_k)))
       cfg = dataclasses.replace(cfg, mask_batch=mask_b, mask_heads=mask_h)
@@ -235,13 +130,6 @@ def ring_attention(q, k, v, *, mesh, kv_lengths=None, q_segment_ids=None, kv_seg
     o = _ring(qt, kt, vt, lens, qs, ks, m, rc)
     return jnp.swapaxes(o[:, :, :lc_q, :d], 1, 2)
 
-  x_spec = P(b_spec, axis, h_spec, None)
-  seg_spec = P(b_spec, axis)
-  mask_spec = P(b_spec if mask_b else None, h_spec if mask_h else None, axis, None)
-  out = jax.shard_map(
-      body, mesh=mesh,
-      in_specs=(x_spec, x_spec, x_spec, P(b_spec), seg_spec if has_seg else None,
-                seg_spec if has_seg else None, mask_spec if has_mask else None),
-      out_specs=x_spec, check_vma=False,
-  )(q, k, v, lens, qseg, kseg, mask)
+  out = shard_map_attention(body, mesh, inputs, b_spec=b_spec, h_spec=h_spec, mask_b=mask_b,
+                            mask_h=mask_h, seq=(axis, axis))
   return out[:, :lq]

@@ -14,7 +14,7 @@ to one sample per batch shard (data x fsdp); the video size to the config's `sam
 `--search` compiles a few (mesh, remat policy, attention impl) combinations and names the best
 that fits. `--json_out F` appends one JSON object per compiled candidate to F.
 
-`--program grpo` compiles the two Flow-GRPO programs instead (`idcrafter_jax/rl/dryrun.py`): the
+`--program grpo` compiles the two Flow-GRPO programs instead (`idcrafter_jax/aot/grpo_dryrun.py`): the
 rollout of `--rollout_batch` videos (default: Table S.3's 32, rounded up to the batch shards) and
 one update on `--minibatch` trajectories (default: one per batch shard), each with the Wan VAE,
 Qwen2.5-VL 7B and the reward networks' params counted as resident; `--config.model.lora_rank=R`
@@ -50,53 +50,70 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Append one JSON line per comp
 flags.mark_flags_as_required(["config"])
 
 
+def _shape_fn(config, devices):
+  """mesh -> Shape: `--batch` (default one sample per data x fsdp shard) and the video-size flags."""
+  from idcrafter_jax import sharding
+  from idcrafter_jax.aot import program
+
+  def shape_fn(mesh: dict):
+    dims = dict(zip(sharding.MESH_AXES, sharding.make_mesh(dict(mesh), devices).devices.shape))
+    batch = _BATCH.value or dims["data"] * dims["fsdp"]
+    return program.shape_from_config(config, batch=batch, frames=_FRAMES.value, height=_HEIGHT.value,
+                                     width=_WIDTH.value, text_len=_TEXT_LEN.value, num_subjects=_SUBJECTS.value)
+  return shape_fn
+
+
+def _grpo(config, shape_fn, devices, **kw) -> list:
+  """Compiles the GRPO rollout and / or update (`--program`), with the resident networks counted once."""
+  from idcrafter_jax import sharding
+  from idcrafter_jax.aot import grpo_dryrun
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  rollout_batch, minibatch = grpo_dryrun.default_batches(config, dict(zip(sharding.MESH_AXES, mesh.devices.shape)))
+  shape = shape_fn(dict(config.mesh))
+  resident = grpo_dryrun.resident_bytes(config, mesh)  # once, for both programs
+  print("resident per chip: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in resident.items()))
+  results = []
+  kw.update(resident=sum(resident.values()))
+  if _PROGRAM.value in ("grpo", "grpo_rollout"):
+    results.append(grpo_dryrun.compile_rollout(config, shape, devices, rollout_batch=_ROLLOUT_BATCH.value or
+                                               rollout_batch, **kw))
+    print(results[-1].row(), flush=True)
+  if _PROGRAM.value in ("grpo", "grpo_update"):
+    results.append(grpo_dryrun.compile_update(config, shape, devices, minibatch=_MINIBATCH.value or minibatch, **kw))
+    print(results[-1].row(), flush=True)
+  for r in results:
+    if r.error_detail:
+      print(r.error_detail[:5000])
+  return results
+
+
+def _sft(config, shape_fn, devices, **kw) -> list:
+  """Compiles the SFT step for the config's mesh, or with `--search` each candidate (names the best)."""
+  from idcrafter_jax.aot import sft_dryrun
+  if _SEARCH.value:
+    best, results = sft_dryrun.search(config, shape_fn, devices, remat_policies=_REMATS.value,
+                                      attention_impls=_IMPLS.value, **kw)
+    print("best: " + (best.row() if best is not None else "no candidate fits"))
+    return results
+  r = sft_dryrun.compile_train_step(config, shape_fn(dict(config.mesh)), devices, **kw)
+  print(r.row())
+  if r.error_detail:
+    print(r.error_detail)
+  return [r]
+
+
 def main(argv):
   del argv
   import jax
   if _CPU_DEVICES.value is not None:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # before any backend starts
-  from idcrafter_jax import dryrun, sharding
+  from idcrafter_jax.aot import program
 
   config = _CONFIG.value
-  devices, chip, target = dryrun.target_devices(_TOPOLOGY.value, _CPU_DEVICES.value)
-  variant = dryrun.variant_name(config)
-
-  def shape_fn(mesh: dict):
-    dims = dict(zip(sharding.MESH_AXES, sharding.make_mesh(dict(mesh), devices).devices.shape))
-    batch = _BATCH.value or dims["data"] * dims["fsdp"]
-    return dryrun.shape_from_config(config, batch=batch, frames=_FRAMES.value, height=_HEIGHT.value,
-                                    width=_WIDTH.value, text_len=_TEXT_LEN.value, num_subjects=_SUBJECTS.value)
-
-  if _PROGRAM.value != "sft":
-    from idcrafter_jax.rl import dryrun as grpo_dryrun
-    mesh = sharding.make_mesh(dict(config.mesh), devices)
-    rollout_batch, minibatch = grpo_dryrun.default_batches(config, dict(zip(sharding.MESH_AXES, mesh.devices.shape)))
-    shape = shape_fn(dict(config.mesh))
-    resident = grpo_dryrun.resident_bytes(config, mesh)  # once, for both programs
-    print("resident per chip: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in resident.items()))
-    results = []
-    kw = dict(chip=chip, target=target, variant=variant, resident=sum(resident.values()))
-    if _PROGRAM.value in ("grpo", "grpo_rollout"):
-      results.append(grpo_dryrun.compile_rollout(config, shape, devices, rollout_batch=_ROLLOUT_BATCH.value or
-                                                 rollout_batch, **kw))
-      print(results[-1].row(), flush=True)
-    if _PROGRAM.value in ("grpo", "grpo_update"):
-      results.append(grpo_dryrun.compile_update(config, shape, devices, minibatch=_MINIBATCH.value or minibatch, **kw))
-      print(results[-1].row(), flush=True)
-    for r in results:
-      if r.error_detail:
-        print(r.error_detail[:5000])
-  elif _SEARCH.value:
-    best, results = dryrun.search(config, shape_fn, devices, chip=chip, target=target, variant=variant,
-                                  remat_policies=_REMATS.value, attention_impls=_IMPLS.value)
-    print("best: " + (best.row() if best is not None else "no candidate fits"))
-  else:
-    r = dryrun.compile_train_step(config, shape_fn(dict(config.mesh)), devices, chip=chip, target=target,
-                                  variant=variant)
-    print(r.row())
-    if r.error_detail:
-      print(r.error_detail)
-    results = [r]
+  devices, chip, target = program.target_devices(_TOPOLOGY.value, _CPU_DEVICES.value)
+  kw = dict(chip=chip, target=target, variant=program.variant_name(config))
+  run = _sft if _PROGRAM.value == "sft" else _grpo
+  results = run(config, _shape_fn(config, devices), devices, **kw)
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "a") as f:
       for r in results:

@@ -13,212 +13,35 @@ Reads the prompt set (OpenS2V-Eval JSON: {id: {"prompt": ..., "img_paths": [...]
 and out/results.md (a Markdown table like Table S.2). Resumable: ids that already have a
 per-video JSON are not scored again. A video or reference image that cannot be read is
 recorded with its error and left out of the means; it does not stop the run.
+The evaluation itself is `idcrafter_jax.eval.run`.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-from typing import Any, Callable, Mapping
 
-import numpy as np
+from absl import app
+from ml_collections import config_flags
 
-COLUMNS = (("aesthetic", "Aesthetics"), ("motion_smoothness", "MotionSmooth."), ("motion_amplitude", "MotionAmp."),
-           ("face_sim", "FaceSim"), ("gme_score", "GmeScore"), ("nexus_score", "NexusScore"),
-           ("natural_score", "NaturalScore"))
-# evaluation score -> the reward scorer that computes it (rl/reward_models.py names)
-SCORER_OF = {"aesthetic": "aesthetic", "face_sim": "face_sim", "gme_score": "gme_score",
-             "nexus_score": "nexus_score", "natural_score": "q_align"}
-
-
-def read_prompt_set(path: str) -> dict[str, dict]:
-  """The OpenS2V-Eval JSON, checked: {id: {"prompt": str, "img_paths": [str, ...]}}."""
-  if not os.path.isfile(path):
-    raise ValueError(f"prompt set {path!r} does not exist; expected an OpenS2V-Eval JSON file.")
-  with open(path) as f:
-    data = json.load(f)
-  if not isinstance(data, dict) or not data:
-    raise ValueError(f"{path}: expected a non-empty JSON object {{id: {{prompt, img_paths}}}}.")
-  for k, v in data.items():
-    if not isinstance(v, dict) or not isinstance(v.get("prompt"), str) or not isinstance(v.get("img_paths", []), list):
-      raise ValueError(f"{path}: entry {k!r} must be {{\"prompt\": str, \"img_paths\": [str, ...]}}; got {v!r}.")
-  return data
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
-def score_video(video_id: str, frames: np.ndarray, subjects: list[np.ndarray], prompt: str,
-                scorers: Mapping[str, Callable], face_keywords) -> dict[str, Any]:
-  """Every available score of one video. frames uint8 (T, H, W, 3); subjects uint8 (h, w, 3)."""
-  import jax.numpy as jnp
-  from idcrafter_jax import metrics
-  videos = jnp.asarray(frames, jnp.float32)[None] / 255.0
-  scores: dict[str, Any] = {"motion_amplitude": float(metrics.motion_amplitude(videos)[0]),
-                            "motion_smoothness": float(metrics.motion_smoothness(videos)[0])}
-  per_subject: dict[str, list[float]] = {}
-  batch: dict[str, Any] = {"prompt": [prompt]}
-  if subjects:
-    batch["subject_images"] = jnp.asarray(np.stack(subjects), jnp.float32)[None] / 255.0
-    batch["subject_mask"] = jnp.ones((1, len(subjects)), bool)
-  for name, scorer_name in SCORER_OF.items():
-    if scorer_name not in scorers:
-      continue
-    if name in ("face_sim", "nexus_score") and not subjects:
-      continue
-    if name == "face_sim" and not any(k in video_id for k in face_keywords):
-      continue
-    s = np.asarray(scorers[scorer_name](videos, batch))
-    if s.ndim == 2:  # per subject: the table reports the mean, the min is kept (Table S.4)
-      per_subject[name] = [float(x) for x in s[0]]
-      scores[name] = float(s[0].mean())
-      scores[name + "_min"] = float(s[0].min())
-    else:
-      scores[name] = float(s[0])
-  return {"id": video_id, "prompt": prompt, "num_frames": int(frames.shape[0]), "scores": scores,
-          "per_subject": per_subject}
-
-
-def aggregate(records: list[dict], ranges: Mapping[str, tuple], weights: Mapping[str, float]) -> dict:
-  """OpenS2V-Nexus normalisation: per-video clip to [low, high], mean over the videos that have the
-  score (nexus_score: non-zero ones), (mean - low) / (high - low); total = weighted sum (a score
-  with no value contributes 0 and is listed in 'missing')."""
-  for k in weights:
-    if k not in ranges:
-      raise ValueError(f"score {k!r} has a weight but no range; ranges has {sorted(ranges)}.")
-  out: dict[str, Any] = {"normalised": {}, "mean": {}, "count": {}, "missing": []}
-  for name, (lo, hi) in ranges.items():
-    if not hi > lo:
-      raise ValueError(f"range of {name!r} is {(lo, hi)}; expected low < high.")
-    vals = [r["scores"][name] for r in records if name in r.get("scores", {})]
-    if name == "nexus_score":
-      vals = [v for v in vals if v != 0.0]
-    out["count"][name] = len(vals)
-    if not vals:
-      if name in weights:
-        out["missing"].append(name)
-      continue
-    mean = float(np.mean(np.clip(vals, lo, hi)))
-    out["mean"][name] = mean
-    out["normalised"][name] = (mean - lo) / (hi - lo)
-  out["total"] = float(sum(w * out["normalised"].get(k, 0.0) for k, w in weights.items()))
-  out["weights"] = dict(weights)
-  return out
-
-
-def markdown_table(summary: dict, model_name: str, domain: str) -> str:
-  """One row per model, normalised scores in percent (Table S.2 / OpenS2V leaderboard layout)."""
-  cols = [(k, t) for k, t in COLUMNS if k in summary["weights"]]
-  head = "| Model | Total | " + " | ".join(t for _, t in cols) + " |"
-  sep = "|" + "---|" * (len(cols) + 2)
-  cell = lambda k: f"{100 * summary['normalised'][k]:.2f}%" if k in summary["normalised"] else "n/a"
-  row = f"| {model_name} | {100 * summary['total']:.2f}% | " + " | ".join(cell(k) for k, _ in cols) + " |"
-  notes = [f"OpenS2V-Eval {domain}, {summary['videos']} videos scored"]
-  if summary["missing"]:
-    notes.append("not scored (no model loaded or no video had it, counted as 0 in Total): "
-                 + ", ".join(summary["missing"]))
-  if summary.get("failed"):
-    notes.append(f"{len(summary['failed'])} videos failed: " + ", ".join(summary["failed"]))
-  return "\n".join([head, sep, row, ""] + [f"- {n}" for n in notes]) + "\n"
-
-
-def run(cfg, scorers: Mapping[str, Callable], *, generate_fn: Callable | None = None, progress: bool = True) -> dict:
-  """Scores the prompt set of `cfg` (configs/eval_opens2v.py) and writes the outputs; returns the summary.
-  generate_fn(prompt, subjects uint8 list, seed) -> uint8 (T, H, W, 3), used for missing videos."""
-  from tqdm import tqdm
-  from idcrafter_jax import video as video_io
-  prompts = read_prompt_set(cfg.prompts)
-  if not cfg.videos:
-    raise ValueError("config.videos is empty; expected the folder of <id>.mp4 videos (read or generated).")
-  if not os.path.isdir(cfg.videos) and not generate_fn:
-    raise ValueError(f"videos folder {cfg.videos!r} does not exist (set config.generate=True to generate).")
-  os.makedirs(cfg.videos, exist_ok=True)
-  per_dir = os.path.join(cfg.out, "per_video")
-  os.makedirs(per_dir, exist_ok=True)
-  ids = sorted(prompts)[:cfg.limit or None]
-  records, failed = [], []
-  bar = tqdm(ids, desc="evaluating", unit="video", disable=not progress)
-  for i, vid in enumerate(bar):
-    path = os.path.join(per_dir, f"{vid}.json")
-    if os.path.exists(path):  # resumable: already scored
-      with open(path) as f:
-        rec = json.load(f)
-    else:
-      entry = prompts[vid]
-      try:
-        subjects = [video_io.read_image(os.path.join(cfg.image_root, p), (cfg.subject_size, cfg.subject_size), "pad")
-                    for p in entry.get("img_paths", [])]
-        vpath = os.path.join(cfg.videos, f"{vid}.mp4")
-        if not os.path.exists(vpath):
-          if generate_fn is None:
-            raise ValueError(f"no video {vpath} and generation is off.")
-          video_io.write_video(vpath, generate_fn(entry["prompt"], subjects, cfg.seed + i))
-        frames, _ = video_io.read_video(vpath, max_frames=cfg.video_frames or None)
-        rec = score_video(vid, frames, subjects, entry["prompt"], scorers, tuple(cfg.face_keywords))
-      except (ValueError, OSError) as e:  # recorded, left out of the means; the run goes on
-        rec = {"id": vid, "prompt": entry["prompt"], "error": str(e), "scores": {}}
-      _write_json(path, rec)
-    if "error" in rec:
-      failed.append(vid)
-    else:
-      records.append(rec)
-  summary = aggregate(records, {k: tuple(v) for k, v in cfg.ranges.items()}, dict(cfg.weights))
-  summary.update(videos=len(records), failed=failed, domain=cfg.domain, model=cfg.model_name)
-  _write_json(os.path.join(cfg.out, "summary.json"), summary)
-  with open(os.path.join(cfg.out, "results.md"), "w") as f:
-    f.write(markdown_table(summary, cfg.model_name, cfg.domain))
-  return summary
-
-
-def make_generator(cfg) -> Callable:
-  """generate_fn for `run` from the model config file and the folders in cfg.init."""
-  import importlib.util
-
-  import jax
-  from idcrafter_jax import pipeline as pipeline_lib
-  spec = importlib.util.spec_from_file_location("model_config", cfg.model_config)
-  if spec is None or not os.path.isfile(cfg.model_config):
-    raise ValueError(f"model_config {cfg.model_config!r} is not a config file.")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  model_config = mod.get_config()
-  pipe = pipeline_lib.Pipeline.from_config(
-      model_config, wan_dit_folder=cfg.init.wan_dit, wan_vae_folder=cfg.init.wan_vae, vlm_folder=cfg.init.vlm,
-      processor_folder=cfg.init.processor, checkpoint=cfg.init.idcrafter_ckpt)
-  max_subjects = model_config.model.max_subjects
-
-  def generate(prompt, subjects, seed):
-    if len(subjects) > max_subjects:
-      raise ValueError(f"{len(subjects)} subject images exceed model.max_subjects={max_subjects}.")
-    sh, sw = model_config.subjects.height, model_config.subjects.width
-    from idcrafter_jax import video as video_io
-    subs = [video_io.fit_image(s, (sh, sw), "pad") for s in subjects]
-    return pipe(prompt, subs, jax.random.key(seed))
-  return generate
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/eval_opens2v.py", "Evaluation config.")
 
 
 def main(argv):
   del argv
+  from idcrafter_jax.eval import run as run_lib
   from idcrafter_jax.rl import reward_models
   cfg = _CONFIG.value
   print(cfg)
   scorers = reward_models.build_reward_models(cfg.reward_models)
-  missing = [k for k, s in SCORER_OF.items() if s not in scorers]
+  missing = run_lib.unscored(scorers)
   if missing:
     print(f"no model loaded for: {', '.join(missing)} (set config.reward_models.*)")
-  summary = run(cfg, scorers, generate_fn=make_generator(cfg) if cfg.generate else None)
+  summary = run_lib.run(cfg, scorers, generate_fn=run_lib.make_generator(cfg) if cfg.generate else None)
   with open(os.path.join(cfg.out, "results.md")) as f:
     print(f.read())
   print(f"total {100 * summary['total']:.2f}% over {summary['videos']} videos; outputs in {os.path.abspath(cfg.out)}")
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from absl import app
-  from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval_opens2v.py", "Evaluation config.")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout not installed
   app.run(main)

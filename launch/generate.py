@@ -13,14 +13,14 @@ from __future__ import annotations
 import os
 import time
 
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm import tqdm
 
-
-from absl import app, flags, logging  # noqa: E402
-import jax  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from idcrafter_jax import pipeline as pipeline_lib, video as video_io  # noqa: E402
+from idcrafter_jax import checkpoint, video as video_io
+from idcrafter_jax.inference import pipeline as pipeline_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config (a configs/*.py file).")
 _PROMPT = flags.DEFINE_string("prompt", "two toys play on a table", "Text prompt.")
@@ -48,9 +48,9 @@ def main(argv):
   subjects = [video_io.read_image(p) for p in _SUBJECTS.value]
 
   start = time.perf_counter()
-  pipe = pipeline_lib.Pipeline.from_config(
-      config, wan_dit_folder=_WAN_DIT.value, wan_vae_folder=_WAN_VAE.value, vlm_folder=_VLM.value,
-      processor_folder=_PROCESSOR.value, checkpoint=_CKPT.value)
+  init = ml_collections.ConfigDict(dict(wan_dit=_WAN_DIT.value, wan_vae=_WAN_VAE.value, vlm=_VLM.value,
+                                        processor=_PROCESSOR.value, idcrafter_ckpt=_CKPT.value))
+  pipe = checkpoint.load_pipeline(config, init)
   logging.info("models ready in %.1f s", time.perf_counter() - start)
   bar = tqdm(total=config.sampling.num_steps, desc="denoising", unit="step")
   frames = pipe(_PROMPT.value, subjects, jax.random.key(_SEED.value), progress=lambda i: bar.update(1))

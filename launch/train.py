@@ -24,11 +24,11 @@ def main(argv):
   print(config)
   mode = config.train.mode
   if mode == "sft":
-    from idcrafter_jax import sft
+    from idcrafter_jax.training import sft
     sft.run(config, _WORKDIR.value, max_steps=_MAX_STEPS.value)
   elif mode == "grpo":
-    from idcrafter_jax.rl import grpo
-    grpo.run(config, _WORKDIR.value, max_steps=_MAX_STEPS.value)
+    from idcrafter_jax.rl import loop
+    loop.run(config, _WORKDIR.value, max_steps=_MAX_STEPS.value)
   else:
     raise ValueError(f"train.mode {mode!r} is unknown; expected 'sft' or 'grpo'.")
 

@@ -157,9 +157,9 @@ def test_packed_subjects_block_sparse_segments_match_reference(mode):
   ids = jnp.asarray(np.stack([ids, np.r_[ids[130:], np.full(130, -1)]]), jnp.int32)
   kw = dict(q_segment_ids=ids, kv_segment_ids=ids, segment_mode=mode)
   _check_against_reference("pallas", q, k, v, kw, F32_TOL, block_q=64, block_k=128)
-  lo, hi = fa._segment_ranges(ids[:, None, :384], 128)  # per-tile ranges the kernel skips by
+  lo, hi = fa.segment_ranges(ids[:, None, :384], 128)  # per-tile ranges the kernel skips by
   assert lo.tolist() == [0, 0, 1, 1, 1, 2] and hi.tolist() == [0, 1, 2, 1, 2, 2]
-  lo, hi = fa._segment_ranges(jnp.full((1, 1, 128), -1, jnp.int32), 128)
+  lo, hi = fa.segment_ranges(jnp.full((1, 1, 128), -1, jnp.int32), 128)
   assert hi.tolist() == [-1] and lo.tolist() == [np.iinfo(np.int32).max]  # padding: never live
 
 

@@ -15,7 +15,8 @@ tokenizers = pytest.importorskip("tokenizers")
 
 import jax  # noqa: E402
 
-from idcrafter_jax import conditioning, convert  # noqa: E402
+from idcrafter_jax import convert  # noqa: E402
+from idcrafter_jax.inference import conditioning
 from test_qwen2_5_vl import IMAGE, VEND, VIDEO, VSTART, build_reference, max_err_on_valid  # noqa: E402
 
 WORDS = ["user", "system", "a", "photo", "of", "the", "man", "woman", "and", "dog", "walks", "in",

@@ -118,7 +118,7 @@ def test_stages_run_separately_and_downstream_needs_upstream(raw, tmp_path):
   np.testing.assert_array_equal(crop, ref)
 
 
-def test_detector_and_captioner_hooks(raw, tmp_path):
+def test_registered_detector_and_captioner_are_called_by_the_stages(raw, tmp_path):
   src, vids = raw
   calls = []
 

@@ -74,7 +74,7 @@ def test_clip_motion_from_the_single_pass_equals_motion_score():
                                rtol=1e-12)
 
 
-def test_bad_frames_raise():
+def test_frames_that_are_not_uint8_raise():
   with pytest.raises(ValueError, match="uint8"):
     shots.detect_cuts(np.zeros((3, 8, 8, 3), np.float32), 16.0)
 

@@ -1,5 +1,5 @@
 """launch/precompute.py's library part: cached latents and VLM features equal what the trainer's
-frozen encoders compute online (`Pipeline.model_batch`) for the same random-init tiny config
+frozen encoders compute online (`training.batches.model_batch`) for the same random-init tiny config
 (reached: latents 7e-7, subject latents 3e-7, f_txt 1.3e-6; asserted within 5e-6)."""
 import os
 
@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from configs import tiny as tiny_config
-from idcrafter_jax import data, pipeline as pipeline_lib
+from idcrafter_jax import data
+from idcrafter_jax.inference import pipeline as pipeline_lib
 from idcrafter_jax.data import precompute, synthetic
+from idcrafter_jax.training import batches
 
 ONLINE_KEYS = ("video", "caption", "subject_images", "subject_mask")
 
@@ -36,7 +38,7 @@ def test_cached_features_equal_online_encoding_and_corrupt_clips_are_left_out(tm
   assert (b["subject_latents"][~b["subject_mask"]] == 0).all()
 
   pipe = pipeline_lib.Pipeline.from_config(cfg, workdir=str(tmp_path / "work"))
-  online = {k: np.asarray(v) for k, v in pipe.model_batch({k: b[k] for k in ONLINE_KEYS}).items()}
+  online = {k: np.asarray(v) for k, v in batches.model_batch(pipe, {k: b[k] for k in ONLINE_KEYS}).items()}
   np.testing.assert_allclose(b["latents"], online["latents"], atol=5e-6, rtol=0)
   m = b["subject_mask"]
   np.testing.assert_allclose(b["subject_latents"][m], online["subject_latents"][m], atol=5e-6, rtol=0)

@@ -5,7 +5,6 @@ torch iResNet from test_face) and loaded through `build_reward_models`; the eq. 
 then uses them. Evaluation runs on a 3-prompt set in the OpenS2V-Eval JSON layout: a generated
 video, an existing one, one with a missing reference (recorded, not fatal), and resumes.
 """
-import importlib.util
 import json
 import os
 
@@ -16,17 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 from idcrafter_jax import video as video_io
+from idcrafter_jax.eval import run as ev
 from idcrafter_jax.rl import reward_models, rewards
 
 S = 32
-
-
-def _load_evaluate():
-  spec = importlib.util.spec_from_file_location(
-      "evaluate", os.path.join(os.path.dirname(__file__), "..", "launch", "evaluate.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +91,6 @@ def test_unloaded_network_reward_fails_with_a_clear_message():
 
 
 def test_aggregate_follows_opens2v_normalisation():
-  ev = _load_evaluate()
   recs = [{"scores": {"aesthetic": 0.5, "nexus_score": 0.0, "gme_score": 1.4}},
           {"scores": {"aesthetic": 1.0, "nexus_score": 0.4, "gme_score": 0.2}}]
   s = ev.aggregate(recs, {"aesthetic": (0.0, 1.0), "nexus_score": (0.0, 0.5), "gme_score": (0.0, 1.0)},
@@ -114,7 +105,6 @@ def test_aggregate_follows_opens2v_normalisation():
 
 def test_evaluate_generates_scores_resumes_and_writes_the_table(tmp_path, scorers):
   import importlib
-  ev = _load_evaluate()
   cfg = importlib.import_module("configs.eval_opens2v").get_config()
   rng = np.random.default_rng(0)
   faces = [rng.integers(0, 255, (S, S, 3), dtype=np.uint8) for _ in range(2)]
@@ -155,7 +145,6 @@ def test_evaluate_generates_scores_resumes_and_writes_the_table(tmp_path, scorer
 
 
 def test_bad_prompt_set_is_rejected(tmp_path):
-  ev = _load_evaluate()
   (tmp_path / "p.json").write_text(json.dumps({"a": {"img_paths": []}}))
   with pytest.raises(ValueError, match="prompt"):
     ev.read_prompt_set(str(tmp_path / "p.json"))

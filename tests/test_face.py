@@ -131,20 +131,14 @@ def test_box_landmarks_place_the_template_in_the_box():
 
 
 def test_convert_script_roundtrip_from_pth(tiny_iresnet, tmp_path):
-  import importlib.util
-  import os
-  spec = importlib.util.spec_from_file_location(
-      "convert_face_checkpoint", os.path.join(os.path.dirname(__file__), "..", "scripts", "convert_face_checkpoint.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
   net, model, params = tiny_iresnet
   torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()}}, tmp_path / "r.pth")
-  assert mod.main(["--input", str(tmp_path / "r.pth"), "--output", str(tmp_path / "out"), "--input_size", "32"]) == 0
+  face.convert_state_dict(torch.load(tmp_path / "r.pth", weights_only=True), str(tmp_path / "out"), input_size=32)
   m2, p2 = face.load(str(tmp_path / "out"), input_size=32)
   assert m2.cfg == model.cfg
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p2, params)
   with pytest.raises(NotImplementedError, match="IR-SE"):
-    mod.clean_state_dict({"input_layer.0.weight": torch.zeros(1), "body.0.res_layer.5.fc1.weight": torch.zeros(1)})
+    face.clean_state_dict({"input_layer.0.weight": torch.zeros(1), "body.0.res_layer.5.fc1.weight": torch.zeros(1)})
 
 
 class TorchBottleneckIR(nn.Module):
@@ -187,12 +181,6 @@ class TorchIRBackbone(nn.Module):
 
 
 def test_curricularface_ir_converts_and_matches_torch(tmp_path):
-  import importlib.util
-  import os
-  spec = importlib.util.spec_from_file_location(
-      "convert_face_checkpoint", os.path.join(os.path.dirname(__file__), "..", "scripts", "convert_face_checkpoint.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
   torch.manual_seed(0)
   net = TorchIRBackbone((2, 1, 2, 1), (8, 16, 16 + 8, 32), 32, 24)
   with torch.no_grad():
@@ -205,7 +193,7 @@ def test_curricularface_ir_converts_and_matches_torch(tmp_path):
           m.bias.normal_(0, 0.1)
   net.eval()
   torch.save(net.state_dict(), tmp_path / "cur.bin")
-  assert mod.main(["--input", str(tmp_path / "cur.bin"), "--output", str(tmp_path / "out"), "--input_size", "32"]) == 0
+  face.convert_state_dict(torch.load(tmp_path / "cur.bin", weights_only=True), str(tmp_path / "out"), input_size=32)
   model, params = face.load(str(tmp_path / "out"), input_size=32)
   assert model.cfg.variant == "evolve" and model.cfg.blocks == (2, 1, 2, 1)
   x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)

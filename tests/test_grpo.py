@@ -128,14 +128,14 @@ def test_group_members_draw_distinct_noise():
 def test_update_step_moves_the_policy_towards_higher_advantage():
   """One update with positive advantage on a sample raises its log-prob under the new policy."""
   import optax
-  from idcrafter_jax import trainer
+  from idcrafter_jax.training import train_state
   vf, params = _toy_policy()
   gc = grpo.GRPOConfig(group_size=2, num_steps=4, beta=0.0, clip_range=10.0)
   cond = grpo.repeat_groups({"shift": jnp.array([0.2])}, 2)
   xs, lps = grpo.rollout(vf, params, cond, None, jax.random.key(2), shape=(2, 6), gc=gc)
   adv = jnp.array([1.0, -1.0])
   tx = optax.sgd(0.05)
-  state = trainer.init_state(params, tx, jax.random.key(0), ema=False)
+  state = train_state.init_state(params, tx, jax.random.key(0), ema=False)
   step = jax.jit(grpo.make_update_step(vf, tx, gc))
   mb = dict(xs=xs, log_probs=lps, advantages=adv, cond=cond, uncond=None)
   new, m = step(state, params, mb, jnp.arange(4))
@@ -150,7 +150,7 @@ def test_nan_reward_is_detected():
   assert grpo.rewards_ok([0.1, 0.2]) and not grpo.rewards_ok([0.1, float("nan")])
 
 
-def test_trained_steps_selection():
+def test_trained_steps_follow_all_window_fraction_and_cps():
   rng = np.random.default_rng(0)
   assert list(grpo.trained_steps(grpo.GRPOConfig(num_steps=6), rng)) == list(range(6))
   assert list(grpo.trained_steps(grpo.GRPOConfig(num_steps=6, train_steps="window", window=(1, 3)), rng)) == [1, 2]

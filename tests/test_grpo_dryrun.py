@@ -14,9 +14,13 @@ from flax import linen as nn  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs import tiny as tiny_config  # noqa: E402
-from idcrafter_jax import aot, dryrun, lora, sharding, trainer  # noqa: E402
+from idcrafter_jax import sharding  # noqa: E402
+from idcrafter_jax.aot import program, tpu  # noqa: E402
+from idcrafter_jax.training import lora
+from idcrafter_jax.training import train_state
 from idcrafter_jax.models import idcrafter  # noqa: E402
-from idcrafter_jax.rl import dryrun as grpo_dryrun, grpo  # noqa: E402
+from idcrafter_jax.rl import grpo  # noqa: E402
+from idcrafter_jax.aot import grpo_dryrun
 
 
 def _config(mesh=(1, 4, 1, 1), lora_rank=0, impl="xla", remat="none", dtype="float32"):
@@ -28,7 +32,7 @@ def _config(mesh=(1, 4, 1, 1), lora_rank=0, impl="xla", remat="none", dtype="flo
 
 
 def _shape(c):
-  return dryrun.shape_from_config(c, batch=4, frames=5, height=32, width=32, text_len=8)
+  return program.shape_from_config(c, batch=4, frames=5, height=32, width=32, text_len=8)
 
 
 def _shard_bytes(tree, shardings):
@@ -56,11 +60,11 @@ def test_cpu_update_arguments_are_the_state_reference_and_minibatch_shards(lora_
   ref_boxed, train_boxed = lora.split(boxed) if lora_rank else (boxed, boxed)
   assert bool(lora.has_adapters(nn.unbox(train_boxed))) == bool(lora_rank)
   mesh = sharding.make_mesh(dict(c.mesh), devices)
-  tx = trainer.make_optimizer(c.train)
+  tx = train_state.make_optimizer(c.train)
   train, ref = nn.unbox(train_boxed), nn.unbox(ref_boxed)
-  state = jax.eval_shape(lambda p: trainer.init_state(p, tx, jax.random.key(0), ema=False), train)
-  with trainer.with_mesh_rules(mesh):
-    s_shard = trainer.state_shardings(state, train_boxed, mesh)
+  state = jax.eval_shape(lambda p: train_state.init_state(p, tx, jax.random.key(0), ema=False), train)
+  with sharding.with_mesh_rules(mesh):
+    s_shard = train_state.state_shardings(state, train_boxed, mesh)
   gc = grpo.GRPOConfig.from_config(c.grpo)
   lat = (4,) + _shape(c).latent_shape[1:]
   per_sample = 4 * ((gc.num_steps + 1) * int(np.prod(lat[1:])) + gc.num_steps + 1)  # xs, log_probs, advantage
@@ -97,17 +101,17 @@ def test_resident_networks_are_counted_per_chip_from_their_shardings():
   assert 4.2e8 < one["clip_vit_l14"] / 4 < 4.4e8
   assert 6.0e7 < one["iresnet100"] / 4 < 7.0e7
   assert four["qwen2_5_vl_7b"] < 0.3 * one["qwen2_5_vl_7b"]  # sharded over fsdp
-  r = dryrun.Result(target="t", chip="v5p", num_devices=4, mesh={}, remat_policy="full", attention_impl="xla",
-                    variant="tiny", params=1, batch=1, frames=1, height=16, width=16, tokens=1,
-                    temp_bytes=10, resident_bytes=5)
+  r = program.Result(target="t", chip="v5p", num_devices=4, mesh={}, remat_policy="full", attention_impl="xla",
+                     variant="tiny", params=1, batch=1, frames=1, height=16, width=16, tokens=1,
+                     temp_bytes=10, resident_bytes=5)
   assert r.peak_bytes == 15
 
 
 @pytest.mark.tpu_compile
-@pytest.mark.skipif(not aot.have_libtpu(), reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
+@pytest.mark.skipif(not tpu.have_libtpu(), reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
 def test_v5p_rollout_and_lora_update_compile_with_pallas_attention_and_fit():
   c = _config(lora_rank=4, impl="pallas", remat="full", dtype="bfloat16")
-  devices, chip, target = dryrun.target_devices(topology="v5p:2x2x1")
+  devices, chip, target = program.target_devices(topology="v5p:2x2x1")
   cache = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)  # no client for this topology
   try:

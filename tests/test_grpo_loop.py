@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from configs import tiny as tiny_config
-from idcrafter_jax import checkpoint as ckpt_lib, run_utils
-from idcrafter_jax.rl import grpo_loop, rewards
+from idcrafter_jax import checkpoint as ckpt_lib
+from idcrafter_jax.training import metrics
+from idcrafter_jax.rl import rewards
+from idcrafter_jax.rl import loop as grpo_loop
 
 
 class Prompts:
@@ -52,14 +54,14 @@ def test_grpo_logs_components_and_resumes_exactly(tmp_path):
   assert int(s_full.step) == int(s_res.step) == 4
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                          s_full.params, s_res.params)
-  rows = run_utils.read_metrics(a)
+  rows = metrics.read_metrics(a)
   train_rows = [r for r in rows if "reward/total" in r]
   assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
   for key in ("reward/fid/subject_color", "reward/qual/contrast", "kl", "clip_frac", "adv/std", "ratio",
               "policy_loss", "grad_norm"):
     assert key in train_rows[-1], key
   assert rows[0]["step"] == 0 and "eval/reward_mean" in rows[0]
-  assert [r["reward/total"] for r in train_rows] == [r["reward/total"] for r in run_utils.read_metrics(b)
+  assert [r["reward/total"] for r in train_rows] == [r["reward/total"] for r in metrics.read_metrics(b)
                                                      if "reward/total" in r]
   assert os.path.exists(os.path.join(a, "reward_curve.png"))
   assert any(f.endswith(".mp4") for f in os.listdir(os.path.join(a, "samples")))
@@ -71,20 +73,20 @@ def test_nan_reward_skips_the_update_and_is_logged(tmp_path):
   c = _config(2)
   c.reward.quality = {"_nan": 1.0}
   state = _run(c, str(tmp_path))
-  rows = [r for r in run_utils.read_metrics(str(tmp_path)) if "reward/total" in r]
+  rows = [r for r in metrics.read_metrics(str(tmp_path)) if "reward/total" in r]
   assert all(r.get("reward_nonfinite") == 1.0 for r in rows)
   first = grpo_loop_initial_params(c, tmp_path)
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), state.params, first)
 
 
 def grpo_loop_initial_params(c, tmp_path):
-  from idcrafter_jax import sft
-  pipe, *_ = sft.build(c, str(tmp_path / "init"))
+  from idcrafter_jax.training import loop
+  pipe, *_ = loop.build(c, str(tmp_path / "init"))
   return pipe.dit_params
 
 
 def test_lora_grpo_trains_only_adapters_and_resumes_exactly(tmp_path):
-  from idcrafter_jax import lora
+  from idcrafter_jax.training import lora
   c = _config(2)
   c.model.lora_rank = 4
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -98,10 +100,10 @@ def test_lora_grpo_trains_only_adapters_and_resumes_exactly(tmp_path):
              for x, y in zip(jax.tree_util.tree_leaves(s_full.params), jax.tree_util.tree_leaves(init_adapters)))
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                          s_full.params, s_res.params)
-  rows = [r for r in run_utils.read_metrics(a) if "reward/total" in r]
+  rows = [r for r in metrics.read_metrics(a) if "reward/total" in r]
   assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["kl"]) for r in rows)
   # generate.py's --checkpoint path: the adapters-only checkpoint goes over the base weights.
-  from idcrafter_jax.pipeline import restore_params
+  from idcrafter_jax.checkpoint import restore_params
   init = grpo_loop_initial_params(c, tmp_path)
   restored = restore_params(os.path.join(a, "checkpoints", "2"), init)
   base, ad = lora.split(restored)

@@ -11,7 +11,9 @@ import pytest
 from flax import linen as nn
 
 from configs import tiny as tiny_config
-from idcrafter_jax import lora, sharding, trainer
+from idcrafter_jax import sharding
+from idcrafter_jax.training import lora
+from idcrafter_jax.training import train_state
 from idcrafter_jax.models import idcrafter, layers
 from idcrafter_jax.rl import grpo
 
@@ -128,7 +130,7 @@ def test_grpo_update_with_adapters_trains_only_them_with_the_base_as_reference()
   xs, lps = jax.jit(lambda pp, k: grpo.rollout(vf, pp, cond, None, k, shape=(2, 1, 4, 4, 16), gc=gc))(
       p, jax.random.key(5))
   tx = optax.adam(1e-2)
-  state = trainer.init_state(ad, tx, jax.random.key(0), ema=False)
+  state = train_state.init_state(ad, tx, jax.random.key(0), ema=False)
   step = jax.jit(grpo.make_update_step(vf, tx, gc, adapters=True))
   mb = dict(xs=xs, log_probs=lps, advantages=jnp.array([1.0, -1.0]), cond=cond, uncond=None)
   new, met = step(state, base, mb, jnp.arange(3))

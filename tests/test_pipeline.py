@@ -3,7 +3,10 @@ import numpy as np
 import pytest
 import jax
 
-from idcrafter_jax import pipeline as pipeline_lib, processor as processor_lib, video as video_io, conditioning
+from idcrafter_jax import video as video_io
+from idcrafter_jax.inference import pipeline as pipeline_lib
+from idcrafter_jax.models import qwen2_5_vl_processor as processor_lib
+from idcrafter_jax.inference import conditioning
 from configs import tiny as tiny_config
 
 

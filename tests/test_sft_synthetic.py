@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from configs import tiny as tiny_config
-from idcrafter_jax import run_utils, sft
+from idcrafter_jax.training import loop, metrics, sft
 
 
 def test_a_corrupt_clip_is_skipped_counted_and_training_goes_on(tmp_path):
@@ -14,12 +14,12 @@ def test_a_corrupt_clip_is_skipped_counted_and_training_goes_on(tmp_path):
   c.data.update(synthetic_clips=5, synthetic_test_clips=0, num_frames=5, shuffle_seed=None)
   c.train.update(steps=4, log_every=1, ckpt_every=4, async_ckpt=False)
   workdir = str(tmp_path)
-  sft.prepare_data(c, workdir)
+  loop.prepare_data(c, workdir)
   clips = sorted(glob.glob(os.path.join(c.data.folder, "clips", "*.mp4")))
   with open(clips[1], "wb") as f:
     f.write(b"\x00not an mp4")
   state = sft.run(c, workdir, progress=False)
-  rows = run_utils.read_metrics(workdir)
+  rows = metrics.read_metrics(workdir)
   assert int(state.step) == 4 and [r["step"] for r in rows] == [1, 2, 3, 4]
   assert all(np.isfinite(r["loss"]) for r in rows)
   assert rows[-1]["data_skipped"] >= 1

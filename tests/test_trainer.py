@@ -10,7 +10,10 @@ import pytest
 from flax import linen as nn
 
 from configs import tiny as tiny_config
-from idcrafter_jax import checkpoint as ckpt_lib, run_utils, sharding, sft, trainer
+from idcrafter_jax import checkpoint, checkpoint as ckpt_lib, sharding
+from idcrafter_jax.training import metrics
+from idcrafter_jax.training import sft
+from idcrafter_jax.training import train_state
 from idcrafter_jax.models import idcrafter, wan_dit
 
 
@@ -36,18 +39,18 @@ def _batch(b=8, seed=0, d=32):
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1, 1), (2, 2, 1, 2), (1, 2, 2, 2)])
 def test_sharded_step_equals_single_device_step(mesh_shape):
   c, m, p = _model()
-  tx = trainer.make_optimizer(c.train)
-  step = trainer.make_train_step(m.apply, tx, c.train)
+  tx = train_state.make_optimizer(c.train)
+  step = sft.make_train_step(m.apply, tx, c.train)
   batch = _batch()
-  state = trainer.init_state(p, tx, jax.random.key(3), ema=True)
+  state = train_state.init_state(p, tx, jax.random.key(3), ema=True)
   ref_state, ref_metrics = jax.jit(step)(state, batch)
 
   mesh = sharding.make_mesh(mesh_shape)
   boxed = jax.eval_shape(m.init, jax.random.key(0), *idcrafter.dummy_inputs(m.config))["params"]
-  with trainer.with_mesh_rules(mesh):
-    s_shard = trainer.state_shardings(jax.eval_shape(lambda s: s, state), boxed, mesh)
-    b_shard = trainer.batch_shardings(batch, mesh)
-    fn = trainer.jit_train_step(step, s_shard, b_shard, mesh)
+  with sharding.with_mesh_rules(mesh):
+    s_shard = train_state.state_shardings(jax.eval_shape(lambda s: s, state), boxed, mesh)
+    b_shard = train_state.batch_shardings(batch, mesh)
+    fn = train_state.jit_train_step(step, s_shard, b_shard, mesh)
     new, metrics = fn(jax.device_put(state, s_shard), jax.device_put(batch, b_shard))
   assert new.params["blocks"]["ffn"]["fc_in"]["kernel"].sharding.spec != ()  # really sharded
   np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=1e-5)
@@ -57,9 +60,9 @@ def test_sharded_step_equals_single_device_step(mesh_shape):
 
 def test_non_finite_loss_skips_the_update_and_is_counted():
   c, m, p = _model()
-  tx = trainer.make_optimizer(c.train)
-  step = jax.jit(trainer.make_train_step(m.apply, tx, c.train))
-  state = trainer.init_state(p, tx, jax.random.key(3), ema=False)
+  tx = train_state.make_optimizer(c.train)
+  step = jax.jit(sft.make_train_step(m.apply, tx, c.train))
+  state = train_state.init_state(p, tx, jax.random.key(3), ema=False)
   bad = _batch(b=2)
   bad["latents"] = bad["latents"].at[0, 0, 0, 0, 0].set(jnp.nan)
   new, metrics = step(state, bad)
@@ -74,12 +77,12 @@ def test_timestep_sampling_modes():
   tc.shift = 1.0
   for mode in ("uniform", "logit_normal"):
     tc.timestep_sampling = mode
-    t = trainer.sample_t(jax.random.key(0), 4096, tc)
+    t = sft.sample_t(jax.random.key(0), 4096, tc)
     assert float(t.min()) > 0 and float(t.max()) < 1
     assert abs(float(t.mean()) - 0.5) < 0.02
   tc.timestep_sampling = "cubic"
   with pytest.raises(ValueError, match="timestep_sampling 'cubic' is unknown"):
-    trainer.sample_t(jax.random.key(0), 4, tc)
+    sft.sample_t(jax.random.key(0), 4, tc)
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
@@ -126,7 +129,7 @@ def _params_of(workdir, like):
   return step, state
 
 
-def test_resume_is_exact(tmp_path, monkeypatch):
+def test_sft_resumed_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, monkeypatch):
   from idcrafter_jax import data as data_lib
   monkeypatch.setattr(data_lib, "skipped_count", lambda it: 0, raising=False)
   c = tiny_config.get_config()
@@ -138,13 +141,12 @@ def test_resume_is_exact(tmp_path, monkeypatch):
   assert int(s_full.step) == int(s_res.step) == 6
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                          s_full.params, s_res.params)
-  rows_a, rows_b = run_utils.read_metrics(a), run_utils.read_metrics(b)
+  rows_a, rows_b = metrics.read_metrics(a), metrics.read_metrics(b)
   assert [r["step"] for r in rows_b] == list(range(1, 7))
   assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
   assert json.loads((tmp_path / "straight" / "config.json").read_text())["train"]["steps"] == 6
   # generate.py --idcrafter_ckpt reads the params of a step folder
-  from idcrafter_jax import pipeline
-  p = pipeline.restore_params(os.path.join(a, "checkpoints", "6"), s_full.params)
+  p = checkpoint.restore_params(os.path.join(a, "checkpoints", "6"), s_full.params)
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), p, s_full.params)
   with pytest.raises(ValueError, match="another architecture"):
-    pipeline.restore_params(os.path.join(a, "checkpoints", "6"), {"w": jnp.zeros(3)})
+    checkpoint.restore_params(os.path.join(a, "checkpoints", "6"), {"w": jnp.zeros(3)})

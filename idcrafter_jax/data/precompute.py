@@ -6,14 +6,13 @@ For each readable record the clip is decoded as the pipeline decodes it (`pipeli
   latents          = normalize(VAE.encode(video).mean)            (F, H/8, W/8, 16)
   subject_latents  = normalize(VAE.encode(subject).mean), T = 1   (N, 1, h/8, w/8, 16)
   f_txt, f_txt_mask = encode_condition(caption, subjects)         (L_bucket, D), (L_bucket,)
-exactly what `Pipeline.model_batch` computes online (the posterior mean, the run config's VLM
+exactly what `training.batches.model_batch` computes online (the posterior mean, the run config's VLM
 buckets, system prompt and hidden layer), and the record is written again, with its clip and
 images, into new ArrayRecord shards. Records that do not decode are left out and counted.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import tempfile
 from typing import Any
@@ -22,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idcrafter_jax import conditioning, video as video_io
+from idcrafter_jax import video as video_io
+from idcrafter_jax.inference import conditioning
 from idcrafter_jax.data import pipeline, records, tfds_builder
 from idcrafter_jax.models import qwen2_5_vl, wan_vae
 
@@ -45,27 +45,21 @@ def load_encoders(config, *, wan_vae_folder: str | None = None, vlm_folder: str 
   """The VAE and VLM from their folders (`convert.load_wan_vae`, `convert.load_qwen2_5_vl`,
   `processor.QwenVLProcessor`), or, where `config.random_init` allows and no folder is given,
   the random-initialised tiny ones drawn from the same keys as `Pipeline.from_config`."""
-  from idcrafter_jax import pipeline as pipeline_lib
+  from idcrafter_jax.inference import loading
   _, k_vae, k_vlm, _ = jax.random.split(jax.random.key(config.seed), 4)
-  vae, vae_params = pipeline_lib.load_vae(config, wan_vae_folder, k_vae)
-  vlm, vlm_params, proc = pipeline_lib.load_vlm(config, vlm_folder, processor_folder, k_vlm,
+  vae, vae_params = loading.load_vae(config, wan_vae_folder, k_vae)
+  vlm, vlm_params, proc = loading.load_vlm(config, vlm_folder, processor_folder, k_vlm,
                                                 tempfile.mkdtemp(prefix="precompute_"))
   return Encoders(vae, vae_params, vlm, vlm_params, proc, tuple(config.vlm.buckets), config.vlm.system_prompt,
                   config.vlm.hidden_layer)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _latents(vae, params, video):
-  mean = vae.apply({"params": params}, video, method=vae.encode)[0]
-  return wan_vae.normalize_latents(mean, vae.config)
-
-
 def encode_sample(sample: dict[str, Any], enc: Encoders) -> dict[str, np.ndarray]:
   """A decoded sample (`pipeline.decode`) -> its cache arrays (real subjects only)."""
   n = int(sample["subject_mask"].sum())
-  latents = _latents(enc.vae, enc.vae_params, jnp.asarray(sample["video"][None]))[0]
+  latents = conditioning.vae_latents(enc.vae, enc.vae_params, jnp.asarray(sample["video"][None]))[0]
   # all N_max slots (padding included) go through the VAE, so one compilation serves every record
-  subj = _latents(enc.vae, enc.vae_params, jnp.asarray(sample["subject_images"][:, None]))[:n]
+  subj = conditioning.vae_latents(enc.vae, enc.vae_params, jnp.asarray(sample["subject_images"][:, None]))[:n]
   images = [video_io.to_uint8(sample["subject_images"][k]) for k in range(n)]
   f_txt, f_mask = conditioning.encode_condition(sample["caption"], images, enc.processor, enc.vlm, enc.vlm_params,
                                                 buckets=enc.buckets, system_prompt=enc.system_prompt,

@@ -3,7 +3,9 @@ ViT-L/14 image embeddings (reference: christophschuhmann/improved-aesthetic-pred
 `simple_inference.py`: nn.Sequential Linear-Dropout-Linear-Dropout-Linear-Dropout-Linear-Linear,
 no activations; its state dict keys are `layers.{0,2,4,6,7}.{weight,bias}`).
 
-`score_video` scores evenly spaced frames of a video with CLIP + this head and averages them.
+`score_video` scores evenly spaced frames of a video (`frame_indices`, the one frame sampler of
+the package's scores) with CLIP + this head and averages them, as OpenS2V-Eval's
+`get_aesscore.py` does.
 """
 from __future__ import annotations
 
@@ -60,12 +62,18 @@ def load(folder: str, *, param_dtype=jnp.float32):
   return head, weights.assemble(reader, _rule, expected, dtype=param_dtype)
 
 
-def frame_indices(num_total: int, num_frames: int) -> np.ndarray:
-  """`num_frames` evenly spaced indices in [0, num_total) (all of them if fewer)."""
-  if num_total < 1 or num_frames < 1:
-    raise ValueError(f"need at least one frame (video has {num_total}, asked for {num_frames}).")
-  n = min(num_frames, num_total)
-  return np.round(np.linspace(0, num_total - 1, n)).astype(np.int32)
+def frame_indices(num_total: int, num_frames: int | None) -> np.ndarray:
+  """`num_frames` evenly spaced frame indices in [0, num_total), first and last included, rounded
+  down as OpenS2V-Eval samples frames (`get_aesscore.py` / `get_facesim.py`:
+  `np.linspace(0, total - 1, num_frames, dtype=int)`); every frame when `num_frames` is None or
+  not below `num_total` (where OpenS2V would repeat frames)."""
+  if num_total < 1:
+    raise ValueError(f"the video has {num_total} frames; expected at least one.")
+  if num_frames is None or num_frames >= num_total:
+    return np.arange(num_total, dtype=np.int32)
+  if num_frames < 1:
+    raise ValueError(f"num_frames {num_frames} must be >= 1.")
+  return np.linspace(0, num_total - 1, num_frames).astype(np.int32)
 
 
 def score_video(clip_model: clip_lib.CLIP, clip_params, head: AestheticHead, head_params, videos, *,

@@ -83,6 +83,11 @@ def config_from_hf(cfg: dict) -> CLIPConfig:
                     projection_dim=cfg.get("projection_dim", 512))
 
 
+def _layer_norm(c: TowerConfig, param_dtype, name: str):
+  """torch `nn.LayerNorm(eps=layer_norm_eps)`, in float32."""
+  return layers.FP32LayerNorm(eps=c.layer_norm_eps, affine=True, param_dtype=param_dtype, name=name)
+
+
 class EncoderLayer(nn.Module):
   """Pre-LN block: x + attn(ln1 x); x + fc2(act(fc1(ln2 x))) (reference `CLIPEncoderLayer`)."""
   cfg: TowerConfig
@@ -94,16 +99,14 @@ class EncoderLayer(nn.Module):
     c = self.cfg
     d, h = c.hidden_size, c.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ln = lambda name: layers.FP32LayerNorm(eps=c.layer_norm_eps, affine=True,
-                                           param_dtype=self.param_dtype, name=name)
-    y = ln("layer_norm1")(x).astype(self.dtype)
+    y = _layer_norm(c, self.param_dtype, "layer_norm1")(x).astype(self.dtype)
     b, l, _ = y.shape
     q = layers.dense(d, ("embed", "heads"), name="q_proj", **kw)(y).reshape(b, l, h, d // h)
     k = layers.dense(d, ("embed", "heads"), name="k_proj", **kw)(y).reshape(b, l, h, d // h)
     v = layers.dense(d, ("embed", "heads"), name="v_proj", **kw)(y).reshape(b, l, h, d // h)
     o = attn_lib.attention(q, k, v, mask=mask).reshape(b, l, d)
     x = x + layers.dense(d, ("heads", "embed"), name="out_proj", **kw)(o)
-    y = ln("layer_norm2")(x).astype(self.dtype)
+    y = _layer_norm(c, self.param_dtype, "layer_norm2")(x).astype(self.dtype)
     y = layers.dense(c.intermediate_size, ("embed", "mlp"), name="fc1", **kw)(y)
     y = _ACTS[c.hidden_act](y.astype(jnp.float32)).astype(self.dtype)
     return x + layers.dense(d, ("mlp", "embed"), name="fc2", **kw)(y)
@@ -137,12 +140,10 @@ class VisionTower(nn.Module):
     pos = _embed_param(self, "position_embedding", ((c.image_size // p) ** 2 + 1, d), (None, "embed"),
                        self.param_dtype)
     x = x + pos.astype(self.dtype)[None]
-    x = layers.FP32LayerNorm(eps=c.layer_norm_eps, affine=True, param_dtype=self.param_dtype,
-                             name="pre_layrnorm")(x).astype(self.dtype)
+    x = _layer_norm(c, self.param_dtype, "pre_layrnorm")(x).astype(self.dtype)
     for i in range(c.num_layers):
       x = EncoderLayer(c, self.dtype, self.param_dtype, name=f"layers_{i}")(x, None)
-    return layers.FP32LayerNorm(eps=c.layer_norm_eps, affine=True, param_dtype=self.param_dtype,
-                                name="post_layernorm")(x[:, 0])
+    return _layer_norm(c, self.param_dtype, "post_layernorm")(x[:, 0])
 
 
 class TextTower(nn.Module):
@@ -169,8 +170,7 @@ class TextTower(nn.Module):
       mask = mask & jnp.asarray(attention_mask, bool)[:, None, None, :]
     for i in range(c.num_layers):
       x = EncoderLayer(c, self.dtype, self.param_dtype, name=f"layers_{i}")(x, mask)
-    x = layers.FP32LayerNorm(eps=c.layer_norm_eps, affine=True, param_dtype=self.param_dtype,
-                             name="final_layer_norm")(x)
+    x = _layer_norm(c, self.param_dtype, "final_layer_norm")(x)
     if c.eos_token_id == 2:
       idx = jnp.argmax(input_ids, axis=-1)
     else:

@@ -9,13 +9,14 @@ frozen (inference statistics live in the params as `mean` / `var`).
 
 The face.evoLVe / CurricularFace IR-50/101/152 (`model_irse.py` `Backbone`, `bottleneck_IR`, the
 FaceSim-Cur network of OpenS2V) is the same stack with two block differences (config
-`variant='evolve'`, see IBasicBlock); `scripts/convert_face_checkpoint.py` renames its keys to
-the insightface names, so one loader reads both (the variant is read from the keys).
+`variant='evolve'`, see IBasicBlock); `clean_state_dict` renames its keys to the insightface
+names, so one loader reads both (the variant is read from the keys).
 
 Input: aligned faces (B, S, S, 3) RGB in [0, 1] (S = 112 for the public checkpoints); the
 network sees (x - 0.5) / 0.5 as arcface_torch's evaluation does. Output: (B, num_features)
-embeddings (not normalised). Checkpoints: `scripts/convert_face_checkpoint.py` turns the
-PyTorch file into safetensors with the same key names.
+embeddings (not normalised). Checkpoints: `convert_state_dict` (the library side of
+`scripts/convert_face_checkpoint.py`, which reads the PyTorch file) writes a state dict as
+safetensors with the insightface key names.
 
 Alignment (`align_faces`): the similarity transform (rotation, uniform scale, translation)
 that best maps the 5 landmarks (left eye, right eye, nose, left / right mouth corner; (x, y)
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from typing import Any, Sequence
 
@@ -238,6 +240,77 @@ def load(folder: str, *, input_size: int = 112, bn_eps: float = 1e-5, dtype=jnp.
   params = weights.assemble(reader, _rule, expected, dtype=param_dtype, place=place,
                             ignore=lambda k: k.endswith("num_batches_tracked"))
   return model, params
+
+
+# ---------------------------------------------------------------------------- conversion
+
+_EVOLVE_BODY = re.compile(r"^body\.(\d+)\.(res_layer|shortcut_layer)\.(\d+)\.(.+)$")
+_EVOLVE_RES = {"0": "bn1", "1": "conv1", "2": "prelu", "3": "conv2", "4": "bn3"}
+_EVOLVE_TOP = {"input_layer.0": "conv1", "input_layer.1": "bn1", "input_layer.2": "prelu", "output_layer.0": "bn2",
+               "output_layer.3": "fc", "output_layer.4": "features"}
+
+
+def clean_state_dict(obj) -> dict:
+  """A loaded checkpoint object -> {insightface key: array}: a {'state_dict': ...} wrapper and
+  DataParallel 'module.' prefixes removed, face.evoLVe names renamed (`rename_evolve`). Values
+  pass through untouched (numpy arrays, or the caller's tensors)."""
+  if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    obj = obj["state_dict"]
+  if not isinstance(obj, dict):
+    raise ValueError(f"the checkpoint holds a {type(obj).__name__}, expected a state dict of tensors.")
+  out = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+  if any(k.startswith(("input_layer.", "body.", "output_layer.")) for k in out):
+    out = rename_evolve(out)
+  if "conv1.weight" not in out or "fc.weight" not in out:
+    raise ValueError(f"not an insightface iResNet state dict: no conv1.weight / fc.weight among {sorted(out)[:8]}.")
+  return out
+
+
+def _evolve_stages(sd: dict) -> dict[int, tuple[int, int]]:
+  """body block index -> (stage, index in stage); a new stage starts where the block width changes."""
+  stage_of, widths = {}, []
+  for b in sorted({int(m.group(1)) for k in sd if (m := _EVOLVE_BODY.match(k))}):
+    w = sd[f"body.{b}.res_layer.1.weight"].shape[0]
+    if not widths or widths[-1][0] != w:
+      widths.append([w, 0])
+    stage_of[b] = (len(widths), widths[-1][1])
+    widths[-1][1] += 1
+  return stage_of
+
+
+def rename_evolve(sd: dict) -> dict:
+  """face.evoLVe / CurricularFace `Backbone` (IR, `model_irse.py`) state dict -> insightface iResNet
+  key names; a BatchNorm1d without affine parameters gets scale 1 and bias 0. IR-SE is refused."""
+  if any(".res_layer.5." in k for k in sd):
+    raise NotImplementedError("this is an IR-SE checkpoint (squeeze-excitation in res_layer.5); face.py "
+                              "implements the plain IR blocks only.")
+  out, stage_of = {}, _evolve_stages(sd)
+  for k, v in sd.items():
+    m = _EVOLVE_BODY.match(k)
+    if m:
+      s, i = stage_of[int(m.group(1))]
+      part = _EVOLVE_RES[m.group(3)] if m.group(2) == "res_layer" else f"downsample.{m.group(3)}"
+      out[f"layer{s}.{i}.{part}.{m.group(4)}"] = v
+      continue
+    prefix, _, param = k.rpartition(".")
+    if prefix not in _EVOLVE_TOP:
+      raise ValueError(f"unexpected face.evoLVe key {k!r}; expected input_layer / body / output_layer tensors.")
+    out[f"{_EVOLVE_TOP[prefix]}.{param}"] = v
+  if "features.running_mean" in out and "features.weight" not in out:  # BatchNorm1d(affine=False)
+    out["features.weight"] = out["features.running_mean"] * 0 + 1
+    out["features.bias"] = out["features.running_mean"] * 0
+  return out
+
+
+def convert_state_dict(obj, folder: str, *, input_size: int = 112) -> IResNet:
+  """A loaded insightface or face.evoLVe checkpoint (`clean_state_dict`; values numpy-readable)
+  -> folder/model.safetensors in float32 with insightface key names; loaded back with `load` as
+  a check. Returns the model (its config names the architecture found)."""
+  from safetensors.numpy import save_file
+  sd = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in clean_state_dict(obj).items()}
+  os.makedirs(folder, exist_ok=True)
+  save_file(sd, os.path.join(folder, "model.safetensors"))
+  return load(folder, input_size=input_size)[0]
 
 
 # ------------------------------------------------------------------------------- alignment

@@ -1,4 +1,4 @@
-"""Building blocks shared by the DiTs: dense layers with logical axes, norms, embeddings, RoPE.
+"""Building blocks shared by the models: dense layers with logical axes, norms, embeddings, RoPE.
 
 Each matches the diffusers module named in its docstring on the same weights.
 """
@@ -78,18 +78,36 @@ def lora_a_init(key, shape, dtype=jnp.float32):
 
 
 class RMSNorm(nn.Module):
-  """`torch.nn.RMSNorm` over the last axis, computed in float32 (Wan's q/k norm across heads)."""
+  """RMSNorm over the last axis with a learned `scale` (ones at init), normalised in float32.
+
+  Default: `torch.nn.RMSNorm`, scale applied in float32 (Wan DiT's q/k norm across heads).
+  cast_before_scale: the normalised x is cast to `dtype`, then scaled in `dtype` (transformers
+    `Qwen2RMSNorm` / `Qwen2_5_VLRMSNorm`).
+  l2_normalize: diffusers `WanRMS_norm` (Wan VAE), F.normalize(x) * sqrt(C) * scale: the same
+    quantity, except that eps clamps the L2 norm (max(|x|, eps)) instead of adding to mean(x^2).
+  dtype: the output dtype; None keeps x's.
+  """
   eps: float = 1e-6
   axis_name: str | None = "norm"
   param_dtype: Dtype = jnp.float32
+  dtype: Dtype | None = None
+  cast_before_scale: bool = False
+  l2_normalize: bool = False
 
   @nn.compact
   def __call__(self, x):
+    c = x.shape[-1]
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
-                       (x.shape[-1],), self.param_dtype)
+                       (c,), self.param_dtype)
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+    if self.l2_normalize:
+      y = x32 / jnp.maximum(jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True)), self.eps) * (c ** 0.5)
+    else:
+      y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    dtype = x.dtype if self.dtype is None else self.dtype
+    if self.cast_before_scale:
+      return y.astype(dtype) * scale.astype(dtype)
+    return (y * scale.astype(jnp.float32)).astype(dtype)
 
 
 class FP32LayerNorm(nn.Module):

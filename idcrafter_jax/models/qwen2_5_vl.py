@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +41,7 @@ import numpy as np
 from flax import linen as nn
 
 from idcrafter_jax.attention import attention
+from idcrafter_jax.models import layers
 
 # -------------------------------------------------------------------------------- configs
 
@@ -177,8 +177,7 @@ def config_from_hf(cfg: dict) -> Qwen2_5_VLConfig:
 # ------------------------------------------------------------------------------- layers
 
 
-def _dense_init(names):
-  return nn.with_logical_partitioning(nn.initializers.lecun_normal(), names)
+_LECUN = nn.initializers.lecun_normal()  # flax's Dense default, for `layers.dense`
 
 
 def _zeros(names):
@@ -215,19 +214,8 @@ class Projection(nn.Module):
     return y
 
 
-class RMSNorm(nn.Module):
-  """x / sqrt(mean(x^2) + eps) * scale, in float32 (reference `Qwen2_5_VLRMSNorm`)."""
-  eps: float = 1e-6
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                       (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return y.astype(self.dtype) * scale.astype(self.dtype)
+# x / sqrt(mean(x^2) + eps) in float32, cast to `dtype`, times scale (reference `Qwen2_5_VLRMSNorm`).
+_rms_norm = functools.partial(layers.RMSNorm, cast_before_scale=True)
 
 
 class SwiGLU(nn.Module):
@@ -239,18 +227,13 @@ class SwiGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    d = x.shape[-1]
-
-    def dense(features, names, name):
-      return nn.Dense(features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                      kernel_init=_dense_init(names), bias_init=_zeros(names[1:]), name=name)
-
-    gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
-    up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+    kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_LECUN)
+    gate = layers.dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+    up = layers.dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
     h = jax.nn.silu(gate) * up
     if h.ndim == 3:
       h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-    return dense(d, ("mlp", "embed"), "down_proj")(h)
+    return layers.dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(h)
 
 
 def rotate_half(x):
@@ -389,10 +372,10 @@ class VisionBlock(nn.Module):
   @nn.compact
   def __call__(self, x, is_full, cos, sin, packs):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = RMSNorm(self.cfg.norm_eps, name="norm1", **kw)(x)
+    h = _rms_norm(self.cfg.norm_eps, name="norm1", **kw)(x)
     x = x + VisionAttention(self.cfg.num_heads, attn_impl=self.attn_impl, name="attn", **kw)(
         h, cos, sin, is_full, packs)
-    h = RMSNorm(self.cfg.norm_eps, name="norm2", **kw)(x)
+    h = _rms_norm(self.cfg.norm_eps, name="norm2", **kw)(x)
     x = x + SwiGLU(self.cfg.intermediate_size, use_bias=True, name="mlp", **kw)(h)
     return x, None
 
@@ -408,12 +391,10 @@ class PatchMerger(nn.Module):
   def __call__(self, x):  # (N, Dv) -> (N / merge^2, D)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     unit = self.cfg.spatial_merge_size ** 2
-    x = RMSNorm(self.cfg.norm_eps, name="ln_q", **kw)(x).reshape(-1, unit * x.shape[-1])
-    x = nn.Dense(x.shape[-1], kernel_init=_dense_init(("embed", "mlp")), bias_init=_zeros(("mlp",)),
-                 name="mlp_0", **kw)(x)
+    x = _rms_norm(self.cfg.norm_eps, name="ln_q", **kw)(x).reshape(-1, unit * x.shape[-1])
+    x = layers.dense(x.shape[-1], ("embed", "mlp"), name="mlp_0", kernel_init=_LECUN, **kw)(x)
     x = jax.nn.gelu(x, approximate=False)
-    return nn.Dense(self.cfg.out_hidden_size, kernel_init=_dense_init(("mlp", "embed")),
-                    bias_init=_zeros(("embed",)), name="mlp_2", **kw)(x)
+    return layers.dense(self.cfg.out_hidden_size, ("mlp", "embed"), name="mlp_2", kernel_init=_LECUN, **kw)(x)
 
 
 class VisionTower(nn.Module):
@@ -433,8 +414,8 @@ class VisionTower(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     unit = cfg.spatial_merge_size ** 2
     # Conv3d with stride = kernel over (C, tp, p, p) patches == a linear map of the flattened patch.
-    x = nn.Dense(cfg.hidden_size, use_bias=False, kernel_init=_dense_init(("conv_in", "embed")),
-                 name="patch_embed", **kw)(pixel_values.astype(self.dtype))
+    x = layers.dense(cfg.hidden_size, ("conv_in", "embed"), use_bias=False, kernel_init=_LECUN,
+                     name="patch_embed", **kw)(pixel_values.astype(self.dtype))
     n = x.shape[0]
     x = x.reshape(n // unit, unit, -1)[layout["window_index"]].reshape(n, -1)  # window order
     cos, sin = vision_rope(layout["positions"], cfg.head_dim, cfg.rope_theta)
@@ -550,9 +531,9 @@ class DecoderLayer(nn.Module):
     x, kept = carry
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
+    h = _rms_norm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
     x = x + TextAttention(c, attn_impl=self.attn_impl, name="self_attn", **kw)(h, cos, sin, mask, kv_segments)
-    h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
+    h = _rms_norm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
     x = x + SwiGLU(c.intermediate_size, use_bias=False, name="mlp", **kw)(h)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     if kept is not None:
@@ -577,7 +558,7 @@ class TextModel(nn.Module):
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     self.layers = scanned(c, attn_impl=self.attn_impl, **kw)
-    self.norm = RMSNorm(c.rms_norm_eps, **kw)
+    self.norm = _rms_norm(c.rms_norm_eps, **kw)
 
   def embed(self, input_ids):
     return self.embed_tokens(input_ids)
@@ -612,7 +593,6 @@ def check_inputs(cfg: Qwen2_5_VLConfig, input_ids, attention_mask, pixel_values,
 
   Returns the grid as an (num_images, 3) int64 numpy array, or None.
   """
-  v = cfg.vision
   if getattr(input_ids, "ndim", None) != 2:
     raise ValueError(f"input_ids must be (B, L); got shape {getattr(input_ids, 'shape', None)}.")
   if not jnp.issubdtype(input_ids.dtype, jnp.integer):
@@ -628,48 +608,58 @@ def check_inputs(cfg: Qwen2_5_VLConfig, input_ids, attention_mask, pixel_values,
     raise ValueError("pixel_values and image_grid_thw must be given together (or both None); got "
                      f"pixel_values {'None' if pixel_values is None else tuple(pixel_values.shape)} and "
                      f"image_grid_thw {image_grid_thw if image_grid_thw is None else 'given'}.")
-  grid = None
-  if image_grid_thw is not None:
-    if _is_traced(image_grid_thw):
-      raise ValueError("image_grid_thw must be concrete (numpy array or nested tuple), not traced: it fixes "
-                       "the vision tower's shapes and window layout. Close over it or pass it as a static "
-                       "argument of jit.")
-    grid = np.asarray(image_grid_thw, dtype=np.int64)
-    if grid.ndim != 2 or grid.shape[1] != 3 or (grid <= 0).any():
-      raise ValueError(f"image_grid_thw must be (num_images, 3) positive (t, h, w); got {grid.tolist()}.")
-    m = v.spatial_merge_size
-    if (grid[:, 1:] % m).any():
-      raise ValueError(f"image_grid_thw {grid.tolist()}: h and w must be multiples of spatial_merge_size "
-                       f"{m}.")
-    n = int(np.prod(grid, axis=1).sum())
-    if not jnp.issubdtype(pixel_values.dtype, jnp.floating):
-      raise ValueError(f"pixel_values must be floating point (normalised by the image processor); got dtype "
-                       f"{pixel_values.dtype}.")
-    if tuple(pixel_values.shape) != (n, v.patch_dim):
-      raise ValueError(
-          f"pixel_values shape {tuple(pixel_values.shape)} does not match image_grid_thw {grid.tolist()}: "
-          f"expected flattened patches (sum t*h*w, C*tp*p*p) = ({n}, {v.patch_dim}) as the "
-          "Qwen2-VL image processor produces them.")
+  grid = None if image_grid_thw is None else _check_images(cfg.vision, pixel_values, image_grid_thw)
   if not _is_traced(input_ids):
-    ids = np.asarray(input_ids)
-    mask = np.ones((b, l), bool) if attention_mask is None or _is_traced(attention_mask) \
-        else np.asarray(attention_mask).astype(bool)
-    if ids.min(initial=0) < 0 or ids.max(initial=0) >= cfg.text.vocab_size:
-      raise ValueError(f"input_ids must lie in [0, {cfg.text.vocab_size}); got range "
-                       f"[{ids.min()}, {ids.max()}].")
-    is_img = ids == cfg.image_token_id
-    if (is_img & ~mask).any():
-      raise ValueError("image tokens sit at padded positions (attention_mask 0); padding must not cover "
-                       "image tokens.")
-    if (ids == cfg.video_token_id).any():
-      raise NotImplementedError("video tokens are not supported by this encoder; pass images only.")
-    n_tokens = int(is_img.sum())
-    n_feats = 0 if grid is None else int((np.prod(grid, axis=1) // v.spatial_merge_size ** 2).sum())
-    if n_tokens != n_feats:
-      raise ValueError(f"{n_tokens} image tokens (id {cfg.image_token_id}) in input_ids but the images give "
-                       f"{n_feats} features (image_grid_thw "
-                       f"{None if grid is None else grid.tolist()}); expected equal counts.")
+    _check_tokens(cfg, input_ids, attention_mask, grid)
   return grid
+
+
+def _check_images(v, pixel_values, image_grid_thw) -> np.ndarray:
+  """The image grid against the spatial merge and the flattened patches; returns the grid."""
+  if _is_traced(image_grid_thw):
+    raise ValueError("image_grid_thw must be concrete (numpy array or nested tuple), not traced: it fixes "
+                     "the vision tower's shapes and window layout. Close over it or pass it as a static "
+                     "argument of jit.")
+  grid = np.asarray(image_grid_thw, dtype=np.int64)
+  if grid.ndim != 2 or grid.shape[1] != 3 or (grid <= 0).any():
+    raise ValueError(f"image_grid_thw must be (num_images, 3) positive (t, h, w); got {grid.tolist()}.")
+  m = v.spatial_merge_size
+  if (grid[:, 1:] % m).any():
+    raise ValueError(f"image_grid_thw {grid.tolist()}: h and w must be multiples of spatial_merge_size "
+                     f"{m}.")
+  n = int(np.prod(grid, axis=1).sum())
+  if not jnp.issubdtype(pixel_values.dtype, jnp.floating):
+    raise ValueError(f"pixel_values must be floating point (normalised by the image processor); got dtype "
+                     f"{pixel_values.dtype}.")
+  if tuple(pixel_values.shape) != (n, v.patch_dim):
+    raise ValueError(
+        f"pixel_values shape {tuple(pixel_values.shape)} does not match image_grid_thw {grid.tolist()}: "
+        f"expected flattened patches (sum t*h*w, C*tp*p*p) = ({n}, {v.patch_dim}) as the "
+        "Qwen2-VL image processor produces them.")
+  return grid
+
+
+def _check_tokens(cfg: Qwen2_5_VLConfig, input_ids, attention_mask, grid) -> None:
+  """Token ids in the vocabulary, image tokens unpadded and as many as the images' features."""
+  v = cfg.vision
+  ids = np.asarray(input_ids)
+  mask = np.ones(ids.shape, bool) if attention_mask is None or _is_traced(attention_mask) \
+      else np.asarray(attention_mask).astype(bool)
+  if ids.min(initial=0) < 0 or ids.max(initial=0) >= cfg.text.vocab_size:
+    raise ValueError(f"input_ids must lie in [0, {cfg.text.vocab_size}); got range "
+                     f"[{ids.min()}, {ids.max()}].")
+  is_img = ids == cfg.image_token_id
+  if (is_img & ~mask).any():
+    raise ValueError("image tokens sit at padded positions (attention_mask 0); padding must not cover "
+                     "image tokens.")
+  if (ids == cfg.video_token_id).any():
+    raise NotImplementedError("video tokens are not supported by this encoder; pass images only.")
+  n_tokens = int(is_img.sum())
+  n_feats = 0 if grid is None else int((np.prod(grid, axis=1) // v.spatial_merge_size ** 2).sum())
+  if n_tokens != n_feats:
+    raise ValueError(f"{n_tokens} image tokens (id {cfg.image_token_id}) in input_ids but the images give "
+                     f"{n_feats} features (image_grid_thw "
+                     f"{None if grid is None else grid.tolist()}); expected equal counts.")
 
 
 class Qwen2_5_VL(nn.Module):
@@ -731,12 +721,3 @@ def abstract_params(module: Qwen2_5_VL):
   pixels = jax.ShapeDtypeStruct((m * m, module.cfg.vision.patch_dim), jnp.float32)
   return jax.eval_shape(lambda k, p: module.init(k, ids, None, p, grid),
                         jax.random.PRNGKey(0), pixels)["params"]
-
-
-# ------------------------------------------------------------------------------- loading
-
-def load(folder: str, **kwargs):
-  """transformers `Qwen2_5_VLForConditionalGeneration` folder -> (Qwen2_5_VL, params); see
-  `qwen2_5_vl_convert.load` for the options (dtype, mesh, ...)."""
-  from idcrafter_jax.models import qwen2_5_vl_convert
-  return qwen2_5_vl_convert.load(folder, **kwargs)

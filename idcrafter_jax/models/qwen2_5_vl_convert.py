@@ -17,7 +17,7 @@ why this file has its own assembly; key checking reuses `weights.check_keys`.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,51 +41,62 @@ def _canonical(key: str) -> str | None:
   return None
 
 
-def make_rule(cfg: Qwen2_5_VLConfig):
-  """key -> (flax path, layer index or None, zero-copy view transform), or None if not ours."""
-  v, t = cfg.vision, cfg.text
+def _lin(w):  # torch Linear (out, in) -> flax kernel (in, out)
+  return w.T
+
+
+def _ident(w):
+  return w
+
+
+def _vision_block_table(v) -> dict:
+  """Per-block vision tower keys -> (flax path, view transform)."""
   vh, vd = v.num_heads, v.head_dim
-  th, tk, td = t.num_heads, t.num_kv_heads, t.head_dim
-
-  def lin(w):  # torch Linear (out, in) -> flax kernel (in, out)
-    return w.T
-
-  def ident(w):
-    return w
-
-  vision_block = {
-      "norm1.weight": (("norm1", "scale"), ident),
-      "norm2.weight": (("norm2", "scale"), ident),
+  table = {
+      "norm1.weight": (("norm1", "scale"), _ident),
+      "norm2.weight": (("norm2", "scale"), _ident),
       "attn.qkv.weight": (("attn", "qkv", "kernel"), lambda w: w.T.reshape(w.shape[1], 3, vh, vd)),
       "attn.qkv.bias": (("attn", "qkv", "bias"), lambda w: w.reshape(3, vh, vd)),
       "attn.proj.weight": (("attn", "proj", "kernel"), lambda w: w.T.reshape(vh, vd, w.shape[0])),
-      "attn.proj.bias": (("attn", "proj", "bias"), ident),
+      "attn.proj.bias": (("attn", "proj", "bias"), _ident),
   }
   for p in ("gate_proj", "up_proj", "down_proj"):
-    vision_block[f"mlp.{p}.weight"] = (("mlp", p, "kernel"), lin)
-    vision_block[f"mlp.{p}.bias"] = (("mlp", p, "bias"), ident)
-  text_layer = {
-      "input_layernorm.weight": (("input_layernorm", "scale"), ident),
-      "post_attention_layernorm.weight": (("post_attention_layernorm", "scale"), ident),
+    table[f"mlp.{p}.weight"] = (("mlp", p, "kernel"), _lin)
+    table[f"mlp.{p}.bias"] = (("mlp", p, "bias"), _ident)
+  return table
+
+
+def _text_layer_table(t) -> dict:
+  """Per-layer language model keys -> (flax path, view transform)."""
+  th, tk, td = t.num_heads, t.num_kv_heads, t.head_dim
+  table = {
+      "input_layernorm.weight": (("input_layernorm", "scale"), _ident),
+      "post_attention_layernorm.weight": (("post_attention_layernorm", "scale"), _ident),
       "self_attn.o_proj.weight": (("self_attn", "o_proj", "kernel"),
                                   lambda w: w.T.reshape(th, td, w.shape[0])),
   }
   for p, heads in (("q_proj", th), ("k_proj", tk), ("v_proj", tk)):
-    text_layer[f"self_attn.{p}.weight"] = (("self_attn", p, "kernel"),
-                                           lambda w, h=heads: w.T.reshape(w.shape[1], h, td))
-    text_layer[f"self_attn.{p}.bias"] = (("self_attn", p, "bias"), lambda w, h=heads: w.reshape(h, td))
+    table[f"self_attn.{p}.weight"] = (("self_attn", p, "kernel"),
+                                      lambda w, h=heads: w.T.reshape(w.shape[1], h, td))
+    table[f"self_attn.{p}.bias"] = (("self_attn", p, "bias"), lambda w, h=heads: w.reshape(h, td))
   for p in ("gate_proj", "up_proj", "down_proj"):
-    text_layer[f"mlp.{p}.weight"] = (("mlp", p, "kernel"), lin)
+    table[f"mlp.{p}.weight"] = (("mlp", p, "kernel"), _lin)
+  return table
+
+
+def make_rule(cfg: Qwen2_5_VLConfig):
+  """key -> (flax path, layer index or None, zero-copy view transform), or None if not ours."""
+  vision_block, text_layer = _vision_block_table(cfg.vision), _text_layer_table(cfg.text)
   single = {
       "visual.patch_embed.proj.weight": (("visual", "patch_embed", "kernel"),
                                          lambda w: w.reshape(w.shape[0], -1).T),
-      "visual.merger.ln_q.weight": (("visual", "merger", "ln_q", "scale"), ident),
-      "visual.merger.mlp.0.weight": (("visual", "merger", "mlp_0", "kernel"), lin),
-      "visual.merger.mlp.0.bias": (("visual", "merger", "mlp_0", "bias"), ident),
-      "visual.merger.mlp.2.weight": (("visual", "merger", "mlp_2", "kernel"), lin),
-      "visual.merger.mlp.2.bias": (("visual", "merger", "mlp_2", "bias"), ident),
-      "lm.embed_tokens.weight": (("language_model", "embed_tokens", "embedding"), ident),
-      "lm.norm.weight": (("language_model", "norm", "scale"), ident),
+      "visual.merger.ln_q.weight": (("visual", "merger", "ln_q", "scale"), _ident),
+      "visual.merger.mlp.0.weight": (("visual", "merger", "mlp_0", "kernel"), _lin),
+      "visual.merger.mlp.0.bias": (("visual", "merger", "mlp_0", "bias"), _ident),
+      "visual.merger.mlp.2.weight": (("visual", "merger", "mlp_2", "kernel"), _lin),
+      "visual.merger.mlp.2.bias": (("visual", "merger", "mlp_2", "bias"), _ident),
+      "lm.embed_tokens.weight": (("language_model", "embed_tokens", "embedding"), _ident),
+      "lm.norm.weight": (("language_model", "norm", "scale"), _ident),
   }
   stacked_re = re.compile(r"^(visual\.blocks|lm\.layers)\.(\d+)\.(.+)$")
 
@@ -109,46 +120,22 @@ def make_rule(cfg: Qwen2_5_VLConfig):
   return rule
 
 
-def _flatten(tree) -> dict[tuple[str, ...], Any]:
-  return {tuple(str(getattr(p, "key", p)) for p in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, leaf in flat.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = leaf
-  return out
-
-
-def stream_params(reader: weights.SafetensorsFolder, rule, expected: dict, shardings: dict, *,
-                  dtype=jnp.float32, ignore: Callable[[str], bool] = lambda k: False) -> dict:
-  """Builds the param tree `expected` (ShapeDtypeStructs) shard by shard from `reader`.
-
-  `rule(key)` -> (path, layer index or None, view transform). Missing / unexpected keys,
-  missing layers and shape mismatches raise `weights.CheckpointError` before any tensor is
-  read; `shardings` is a tree of `jax.sharding.Sharding` like `expected`.
-  """
-  flat_expected = _flatten(expected)
-  flat_shardings = _flatten(shardings)
+def _sources(reader: weights.SafetensorsFolder, rule, flat_expected: dict, ignore) -> dict:
+  """{path: {layer index or None: (key, view transform)}}; raises `weights.CheckpointError` on
+  missing or unexpected keys."""
   sources: dict[tuple[str, ...], dict] = {}
-  unexpected = []
-  for key in reader.keys():
-    if ignore(key):
-      continue
-    mapped = rule(key)
-    if mapped is None:
-      unexpected.append(key)
-      continue
-    path, layer, fn = mapped
+  mapped, unexpected = weights.map_keys(reader, rule, ignore)
+  for key, (path, layer, fn) in mapped:
     sources.setdefault(tuple(path), {})[layer] = (key, fn)
   missing = [".".join(p) for p in flat_expected if p not in sources]
   unexpected += [k for p, src in sources.items() if p not in flat_expected for k, _ in src.values()]
   weights.check_keys(reader.folder, missing, unexpected)
+  return sources
 
+
+def _views(reader: weights.SafetensorsFolder, sources: dict, flat_expected: dict) -> dict:
+  """{path: zero-copy view, or one per layer}; raises `weights.CheckpointError` listing every
+  missing layer and shape mismatch."""
   problems = []
   views: dict[tuple[str, ...], list[np.ndarray] | np.ndarray] = {}
   for path, leaf in flat_expected.items():
@@ -176,7 +163,20 @@ def stream_params(reader: weights.SafetensorsFolder, rule, expected: dict, shard
   if problems:
     raise weights.CheckpointError(
         f"checkpoint {reader.folder} does not fit the model: " + "; ".join(problems))
+  return views
 
+
+def stream_params(reader: weights.SafetensorsFolder, rule, expected: dict, shardings: dict, *,
+                  dtype=jnp.float32, ignore: Callable[[str], bool] = lambda k: False) -> dict:
+  """Builds the param tree `expected` (ShapeDtypeStructs) shard by shard from `reader`.
+
+  `rule(key)` -> (path, layer index or None, view transform). Missing / unexpected keys,
+  missing layers and shape mismatches raise `weights.CheckpointError` before any tensor is
+  read; `shardings` is a tree of `jax.sharding.Sharding` like `expected`.
+  """
+  flat_expected = weights.flatten_paths(expected)
+  flat_shardings = weights.flatten_paths(shardings)
+  views = _views(reader, _sources(reader, rule, flat_expected, ignore), flat_expected)
   out = {}
   for path, leaf in flat_expected.items():
     view = views[path]
@@ -188,7 +188,7 @@ def stream_params(reader: weights.SafetensorsFolder, rule, expected: dict, shard
       return np.asarray(view[tuple(index)]).astype(dtype)
 
     out[path] = jax.make_array_from_callback(tuple(leaf.shape), flat_shardings[path], read)
-  return _unflatten(out)
+  return weights.unflatten_paths(out)
 
 
 fit_shardings = shd.fit_shardings  # the loader's placement rule, shared with the dry runs

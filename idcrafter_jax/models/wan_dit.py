@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from idcrafter_jax import attention as attention_lib
-from idcrafter_jax.models import layers
+from idcrafter_jax.models import config_utils, layers
 
 BLOCK_AXES = ("activation_batch", "activation_length", "activation_embed")
 
@@ -40,7 +40,7 @@ class WanConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   scan_layers: bool = True
-  remat_policy: str = "none"
+  remat_policy: str = "full"
   attention_impl: str = "xla"
   lora_rank: int = 0  # > 0: a LoRA adapter on every attention projection (q, k, v, out)
   lora_alpha: float = 16.0  # adapter output scaled by lora_alpha / lora_rank
@@ -51,18 +51,12 @@ class WanConfig:
 
   @classmethod
   def from_dict(cls, d) -> "WanConfig":
-    """From a ConfigDict / dict section (unknown keys are an error, not ignored)."""
+    """From a ConfigDict / dict section (unknown keys are an error, not ignored); dtypes may be names."""
     d = dict(d)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown Wan DiT config keys {unknown}; expected a subset of {sorted(names)}.")
     for k in ("dtype", "param_dtype"):
       if isinstance(d.get(k), str):
         d[k] = jnp.dtype(d[k])
-    if "patch_size" in d:
-      d["patch_size"] = tuple(d["patch_size"])
-    return cls(**d)
+    return config_utils.from_dict(cls, d, what="Wan DiT")
 
   def validate(self):
     if self.head_dim % 2:

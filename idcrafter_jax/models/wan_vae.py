@@ -30,6 +30,7 @@ overlap, used when the frame is larger than one tile.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -39,6 +40,7 @@ from flax import linen as nn
 
 from idcrafter_jax import attention as attention_lib
 from idcrafter_jax import weights
+from idcrafter_jax.models import config_utils, layers
 
 Dtype = Any
 CACHE_T = 2  # frames of history a temporal kernel of size 3 needs
@@ -110,13 +112,8 @@ def config_from_diffusers(cfg: dict) -> WanVAEConfig:
   if cfg.get("attn_scales"):
     raise NotImplementedError(f"attn_scales={cfg['attn_scales']}: attention inside the down/up "
                               "blocks is unused by Wan 2.1 (and broken in the reference).")
-  fields = {f.name for f in dataclasses.fields(WanVAEConfig)}
-  unknown = set(cfg) - fields - _IGNORED_KEYS
-  if unknown:
-    raise weights.CheckpointError(f"config keys {sorted(unknown)} are unknown to WanVAE; "
-                                  f"expected a subset of {sorted(fields | _IGNORED_KEYS)}.")
-  kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in fields}
-  return WanVAEConfig(**kw)
+  return config_utils.from_dict(WanVAEConfig, cfg, what="WanVAE", ignored=_IGNORED_KEYS,
+                                error=weights.CheckpointError)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -225,56 +222,58 @@ class Conv2d(nn.Module):
     return y.reshape(lead + y.shape[1:])
 
 
-class RMSNorm(nn.Module):
-  """torch `WanRMS_norm` (no bias): F.normalize over channels * sqrt(C) * gamma, in float32."""
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                       (c,), self.param_dtype)
-    xf = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True))
-    y = xf / jnp.maximum(norm, 1e-12) * (c ** 0.5) * scale.astype(jnp.float32)
-    return y.astype(self.dtype)
+# diffusers `WanRMS_norm` (no bias): F.normalize over channels * sqrt(C) * gamma, in float32.
+_rms_norm = functools.partial(layers.RMSNorm, eps=1e-12, l2_normalize=True)
 
 
-class ResidualBlock(nn.Module):
-  """torch `WanResidualBlock`: RMSNorm-SiLU-CausalConv x2 plus a (1x1x1 conv) shortcut."""
-  out_dim: int
+class _Block(nn.Module):
+  """Keyword-only fields shared by the VAE's blocks, and the keyword sets passed on to their parts."""
+  _: dataclasses.KW_ONLY
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   conv_impl: str = "auto"
+  attention_impl: str = "xla"
+
+  @property
+  def layer_kw(self) -> dict:  # Conv2d, norms
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+  @property
+  def conv_kw(self) -> dict:  # CausalConv3d
+    return dict(self.layer_kw, conv_impl=self.conv_impl)
+
+  @property
+  def block_kw(self) -> dict:  # sub-blocks
+    return dict(self.conv_kw, attention_impl=self.attention_impl)
+
+
+class ResidualBlock(_Block):
+  """torch `WanResidualBlock`: RMSNorm-SiLU-CausalConv x2 plus a (1x1x1 conv) shortcut."""
+  out_dim: int
 
   @nn.compact
   def __call__(self, x, cache=None):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ckw = dict(kw, conv_impl=self.conv_impl)
+    kw, ckw = self.layer_kw, self.conv_kw
     c = cache or {}
     if x.shape[-1] != self.out_dim:
       h, _ = CausalConv3d(self.out_dim, (1, 1, 1), (0, 0, 0), name="conv_shortcut", **ckw)(x)
     else:
       h = x
-    x = nn.silu(RMSNorm(name="norm1", **kw)(x))
+    x = nn.silu(_rms_norm(name="norm1", **kw)(x))
     x, c1 = CausalConv3d(self.out_dim, name="conv1", **ckw)(x, c.get("conv1"))
-    x = nn.silu(RMSNorm(name="norm2", **kw)(x))
+    x = nn.silu(_rms_norm(name="norm2", **kw)(x))
     x, c2 = CausalConv3d(self.out_dim, name="conv2", **ckw)(x, c.get("conv2"))
     return x + h, {"conv1": c1, "conv2": c2}
 
 
-class AttentionBlock(nn.Module):
+class AttentionBlock(_Block):
   """torch `WanAttentionBlock`: single-head self-attention over the pixels of each frame."""
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.layer_kw
     b, t, h, w, c = x.shape
-    y = RMSNorm(name="norm", **kw)(x)
+    y = _rms_norm(name="norm", **kw)(x)
     qkv = Conv2d(3 * c, 1, padding=((0, 0), (0, 0)), name="to_qkv", **kw)(y)
     qkv = qkv.reshape(b * t, h * w, 1, 3 * c)  # (B*T, HW, 1 head, 3C)
     q, k, v = jnp.split(qkv, 3, axis=-1)
@@ -284,26 +283,21 @@ class AttentionBlock(nn.Module):
     return y + x
 
 
-class MidBlock(nn.Module):
+class MidBlock(_Block):
   """torch `WanMidBlock` (num_layers=1): residual, attention, residual."""
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
-  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, cache=None):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ckw = dict(kw, conv_impl=self.conv_impl)
+    bkw = self.block_kw
     c = cache or {}
     dim = x.shape[-1]
-    x, c0 = ResidualBlock(dim, name="resnets_0", **ckw)(x, c.get("resnets_0"))
-    x = AttentionBlock(name="attentions_0", attention_impl=self.attention_impl, **kw)(x)
-    x, c1 = ResidualBlock(dim, name="resnets_1", **ckw)(x, c.get("resnets_1"))
+    x, c0 = ResidualBlock(dim, name="resnets_0", **bkw)(x, c.get("resnets_0"))
+    x = AttentionBlock(name="attentions_0", **bkw)(x)
+    x, c1 = ResidualBlock(dim, name="resnets_1", **bkw)(x, c.get("resnets_1"))
     return x, {"resnets_0": c0, "resnets_1": c1}
 
 
-class Resample(nn.Module):
+class Resample(_Block):
   """torch `WanResample`: 2x spatial up/down sampling, optionally with 2x temporal.
 
   'upsample3d': frames after the first pass a causal (3,1,1) conv to 2C channels that become
@@ -312,14 +306,10 @@ class Resample(nn.Module):
   previous chunk; chunk] (the first chunk passes through).
   """
   mode: str
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, cache=None):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ckw = dict(kw, conv_impl=self.conv_impl)
+    kw, ckw = self.layer_kw, self.conv_kw
     b, t, h, w, c = x.shape
     new_cache = None
     if self.mode == "upsample3d":
@@ -356,19 +346,14 @@ class Resample(nn.Module):
     return x, new_cache
 
 
-class Encoder(nn.Module):
+class Encoder(_Block):
   """torch `WanEncoder3d` (Wan 2.1): conv_in, down blocks, mid block, RMSNorm-SiLU, conv_out."""
   config: WanVAEConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
-  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, cache=None):
     cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ckw = dict(kw, conv_impl=self.conv_impl)
+    ckw, bkw = self.conv_kw, self.block_kw
     c = cache or {}
     nc = {}
     dims = [cfg.base_dim * u for u in (1,) + tuple(cfg.dim_mult)]
@@ -377,72 +362,61 @@ class Encoder(nn.Module):
     for i, out_dim in enumerate(dims[1:]):
       for _ in range(cfg.num_res_blocks):
         name = f"down_blocks_{n}"
-        x, nc[name] = ResidualBlock(out_dim, name=name, **ckw)(x, c.get(name))
+        x, nc[name] = ResidualBlock(out_dim, name=name, **bkw)(x, c.get(name))
         n += 1
       if i != len(cfg.dim_mult) - 1:
         name = f"down_blocks_{n}"
         mode = "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"
-        x, nc[name] = Resample(mode, name=name, **ckw)(x, c.get(name))
+        x, nc[name] = Resample(mode, name=name, **bkw)(x, c.get(name))
         n += 1
-    x, nc["mid_block"] = MidBlock(name="mid_block", attention_impl=self.attention_impl, **ckw)(
-        x, c.get("mid_block"))
-    x = nn.silu(RMSNorm(name="norm_out", **kw)(x))
+    x, nc["mid_block"] = MidBlock(name="mid_block", **bkw)(x, c.get("mid_block"))
+    x = nn.silu(_rms_norm(name="norm_out", **self.layer_kw)(x))
     x, nc["conv_out"] = CausalConv3d(2 * cfg.z_dim, name="conv_out", **ckw)(x, c.get("conv_out"))
     return x, nc
 
 
-class UpBlock(nn.Module):
+class UpBlock(_Block):
   """torch `WanUpBlock`: num_res_blocks + 1 residual blocks, then an optional Resample."""
   out_dim: int
   num_res_blocks: int
   upsample_mode: str | None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, cache=None):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ckw = dict(kw, conv_impl=self.conv_impl)
+    bkw = self.block_kw
     c = cache or {}
     nc = {}
     for j in range(self.num_res_blocks + 1):
       name = f"resnets_{j}"
-      x, nc[name] = ResidualBlock(self.out_dim, name=name, **ckw)(x, c.get(name))
+      x, nc[name] = ResidualBlock(self.out_dim, name=name, **bkw)(x, c.get(name))
     if self.upsample_mode is not None:
-      x, nc["upsamplers_0"] = Resample(self.upsample_mode, name="upsamplers_0", **ckw)(
+      x, nc["upsamplers_0"] = Resample(self.upsample_mode, name="upsamplers_0", **bkw)(
           x, c.get("upsamplers_0"))
     return x, nc
 
 
-class Decoder(nn.Module):
+class Decoder(_Block):
   """torch `WanDecoder3d` (Wan 2.1): conv_in, mid block, up blocks, RMSNorm-SiLU, conv_out."""
   config: WanVAEConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
-  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, cache=None):
     cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ckw = dict(kw, conv_impl=self.conv_impl)
+    ckw, bkw = self.conv_kw, self.block_kw
     c = cache or {}
     nc = {}
     mult = tuple(cfg.dim_mult)
     dims = [cfg.dec_base_dim * u for u in (mult[-1],) + mult[::-1]]
     temperal_upsample = tuple(cfg.temperal_downsample[:len(mult) - 1])[::-1]
     x, nc["conv_in"] = CausalConv3d(dims[0], name="conv_in", **ckw)(x, c.get("conv_in"))
-    x, nc["mid_block"] = MidBlock(name="mid_block", attention_impl=self.attention_impl, **ckw)(
-        x, c.get("mid_block"))
+    x, nc["mid_block"] = MidBlock(name="mid_block", **bkw)(x, c.get("mid_block"))
     for i, out_dim in enumerate(dims[1:]):
       mode = None
       if i != len(mult) - 1:
         mode = "upsample3d" if temperal_upsample[i] else "upsample2d"
       name = f"up_blocks_{i}"
-      x, nc[name] = UpBlock(out_dim, cfg.num_res_blocks, mode, name=name, **ckw)(x, c.get(name))
-    x = nn.silu(RMSNorm(name="norm_out", **kw)(x))
+      x, nc[name] = UpBlock(out_dim, cfg.num_res_blocks, mode, name=name, **bkw)(x, c.get(name))
+    x = nn.silu(_rms_norm(name="norm_out", **self.layer_kw)(x))
     x, nc["conv_out"] = CausalConv3d(cfg.out_channels, name="conv_out", **ckw)(x, c.get("conv_out"))
     return x, nc
 
@@ -523,8 +497,7 @@ class WanVAE(nn.Module):
 
   def setup(self):
     cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ckw = dict(kw, conv_impl=self.conv_impl)
+    ckw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
     self.encoder = Encoder(cfg, attention_impl=self.attention_impl, **ckw)
     self.decoder = Decoder(cfg, attention_impl=self.attention_impl, **ckw)
     self.quant_conv = CausalConv3d(2 * cfg.z_dim, (1, 1, 1), (0, 0, 0), **ckw)

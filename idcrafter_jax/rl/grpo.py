@@ -17,28 +17,30 @@ averaged over latent elements; std of the step sigma_t sqrt(dt), sigma_t = a sqr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idcrafter_jax import flow, lora, sampling
+from idcrafter_jax import flow, sampling
+from idcrafter_jax.training import lora
 
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
-  group_size: int = 4
+  """Flow-GRPO settings (flow_grpo's Wan defaults); the run config's `grpo` section starts from these."""
+  group_size: int = 8
   num_steps: int = 10  # denoising steps of a rollout
   shift: float = 3.0
-  guidance_scale: float = 1.0
+  guidance_scale: float = 4.5
   noise_level: float = 1.0  # a in sigma_t = a sqrt(t / (1 - t)) (seed A.2: 1.0)
   sde_type: str = "sde"  # 'sde' (Flow-GRPO) | 'cps'
   train_steps: str = "all"  # which steps are trained: 'all' | 'fraction' | 'window'
   train_fraction: float = 1.0  # 'fraction': a random subset of this size each iteration
   window: tuple[int, int] = (0, 10)  # 'window': steps [lo, hi) (Flow-GRPO-Fast)
-  clip_range: float = 0.2
+  clip_range: float = 1e-4
   adv_clip: float | None = 5.0
   beta: float = 0.004  # KL weight
   inner_epochs: int = 1
@@ -218,9 +220,3 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
 def repeat_groups(tree, group_size: int):
   """Each sample's condition repeated G times along the batch (group members are consecutive)."""
   return jax.tree_util.tree_map(lambda x: jnp.repeat(x, group_size, axis=0), tree)
-
-
-def run(config, workdir: str, **kwargs) -> Any:
-  """The GRPO training loop (`launch/train.py --config configs/tiny.py:grpo`)."""
-  from idcrafter_jax.rl import grpo_loop
-  return grpo_loop.run(config, workdir, **kwargs)

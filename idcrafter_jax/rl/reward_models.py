@@ -7,8 +7,8 @@ are), wraps each in a jitted scorer, installs them and returns {reward name: sco
 registered reward functions (signature `fn(videos, batch)` of the registry) call the installed
 scorer and fail with a clear message when its network was not loaded:
 
-  face_sim           per subject  FaceSim with the ArcFace iResNet (metrics.face_sim), in [0, 1]
-  nexus_score        per subject  CLIP subject consistency (metrics.nexus_score), in [-1, 1]
+  face_sim           per subject  FaceSim with the ArcFace iResNet (scores.face_sim), in [0, 1]
+  nexus_score        per subject  CLIP subject consistency (scores.nexus_score), in [-1, 1]
   aesthetic                       LAION aesthetic head on CLIP, mapped from `aesthetic_range`
                                   (OpenS2V's [4, 7]) to [0, 1] and clipped
   gme_score                       GmeScore-style prompt-video cosine with Qwen2.5-VL; needs
@@ -19,7 +19,7 @@ scorer and fail with a clear message when its network was not loaded:
 
 Per-subject rewards enter R_fid of eq. S.5 through the registry's gamma blend of mean and min
 over subjects; which scores enter R_fid / R_qual, and their weights, are `config.reward`'s.
-A face / subject detector hook (`detector(videos, batch) -> per-frame keys`, metrics.py) may
+A face / subject detector hook (`detector(videos, batch) -> per-frame keys`, eval/scores.py) may
 be passed to `build_reward_models`; without one the sample's boxes (or whole frames) are used.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from idcrafter_jax import metrics
+from idcrafter_jax.eval import scores
 from idcrafter_jax.rl.rewards import register
 
 Scorer = Callable[[jax.Array, Mapping[str, Any]], jax.Array]
@@ -95,35 +95,41 @@ def build_reward_models(cfg, *, mesh=None, detector=None) -> dict[str, Scorer]:
   scorers: dict[str, Scorer] = {}
   if cfg.face is not None:
     fm, fp = face_lib.load(cfg.face, input_size=cfg.face_input_size, param_dtype=dtype, mesh=mesh)
-    fp = _frozen(fp)
-    n = cfg.face_num_frames
-    scorers["face_sim"] = lambda v, b: metrics.face_sim(fm, fp, v, metrics.with_detector(detector, v, b),
-                                                        num_frames=n)
+    scorers["face_sim"] = subject_scorer(scores.face_sim, fm, _frozen(fp), num_frames=cfg.face_num_frames,
+                                         detector=detector)
   if cfg.aesthetic is not None and cfg.clip is None:
     raise ValueError("reward_models.aesthetic needs reward_models.clip (the LAION head scores CLIP embeddings).")
   if cfg.clip is not None:
     cm, cp = clip_lib.load(cfg.clip, param_dtype=dtype, mesh=mesh)
     cp = _frozen(cp)
-    n = cfg.clip_num_frames
-    scorers["nexus_score"] = lambda v, b: metrics.nexus_score(cm, cp, v, metrics.with_detector(detector, v, b),
-                                                              num_frames=n)
+    scorers["nexus_score"] = subject_scorer(scores.nexus_score, cm, cp, num_frames=cfg.clip_num_frames,
+                                            detector=detector)
     if cfg.aesthetic is not None:
       head, hp = aesthetic_lib.load(cfg.aesthetic, param_dtype=dtype)
       if head.embed_dim != cm.cfg.projection_dim:
         raise ValueError(f"aesthetic head takes {head.embed_dim}-d embeddings but the CLIP at {cfg.clip} "
                          f"gives {cm.cfg.projection_dim}-d ones (the LAION head needs ViT-L/14).")
-      scorers["aesthetic"] = aesthetic_scorer(cm, cp, head, _frozen(hp), num_frames=n,
+      scorers["aesthetic"] = aesthetic_scorer(cm, cp, head, _frozen(hp), num_frames=cfg.clip_num_frames,
                                               value_range=tuple(cfg.aesthetic_range))
   if cfg.vlm is not None:
-    from idcrafter_jax import convert, processor as processor_lib
+    from idcrafter_jax import convert
+    from idcrafter_jax.models import qwen2_5_vl_processor as processor_lib
     vlm, vp = convert.load_qwen2_5_vl(cfg.vlm, mesh=mesh)
     proc = processor_lib.QwenVLProcessor.from_pretrained(cfg.processor or cfg.vlm)
-    rows = metrics.read_level_rows(cfg.vlm, metrics.level_token_ids(proc.tokenizer))
-    scorers.update(vlm_scorers(metrics.VLMScorer(vlm, _frozen(vp), proc, level_rows=rows),
+    rows = scores.read_level_rows(cfg.vlm, scores.level_token_ids(proc.tokenizer))
+    scorers.update(vlm_scorers(scores.VLMScorer(vlm, _frozen(vp), proc, level_rows=rows),
                                num_frames=cfg.vlm_num_frames, question=cfg.q_align_question,
                                answer_prefix=cfg.q_align_answer_prefix))
   install(scorers)
   return scorers
+
+
+def subject_scorer(score_fn, model, params, *, num_frames: int, detector=None) -> Scorer:
+  """fn(videos, batch) -> (B, N): a per-subject score (`scores.face_sim` / `scores.nexus_score`)
+  of `model` on `num_frames` frames, after the detector hook (`scores.with_detector`)."""
+  def fn(videos, batch):
+    return score_fn(model, params, videos, scores.with_detector(detector, videos, batch), num_frames=num_frames)
+  return fn
 
 
 def aesthetic_scorer(clip_model, clip_params, head, head_params, *, num_frames: int,
@@ -141,12 +147,12 @@ def aesthetic_scorer(clip_model, clip_params, head, head_params, *, num_frames: 
 
   def fn(videos, batch):
     del batch
-    metrics.check_inputs(videos, {}, need_subjects=False)
+    scores.check_inputs(videos, {}, need_subjects=False)
     return run(clip_params, head_params, jnp.asarray(videos, jnp.float32))
   return fn
 
 
-def vlm_scorers(scorer: metrics.VLMScorer, *, num_frames: int, question: str, answer_prefix: str) -> dict[str, Scorer]:
+def vlm_scorers(scorer: scores.VLMScorer, *, num_frames: int, question: str, answer_prefix: str) -> dict[str, Scorer]:
   """{'gme_score', 'q_align'} scorers around one VLMScorer."""
   def gme(videos, batch):
     if "prompt" not in batch:
@@ -165,7 +171,7 @@ def vlm_scorers(scorer: metrics.VLMScorer, *, num_frames: int, question: str, an
 
 @register("face_sim", per_subject=True, needs_weights=True)
 def face_sim(videos, batch):
-  """FaceSim per subject (B, N), in [0, 1]; 0 where no face is found (metrics.py)."""
+  """FaceSim per subject (B, N), in [0, 1]; 0 where no face is found (eval/scores.py)."""
   return _scorer("face_sim")(videos, batch)
 
 
@@ -195,13 +201,13 @@ def q_align(videos, batch):
 
 @register("motion_amplitude")
 def motion_amplitude(videos, batch):
-  """Mean absolute luma change between frames, in [0, 1] (metrics.motion_amplitude)."""
+  """Mean absolute luma change between frames, in [0, 1] (scores.motion_amplitude)."""
   del batch
-  return metrics.motion_amplitude(videos)
+  return scores.motion_amplitude(videos)
 
 
 @register("motion_smoothness")
 def motion_smoothness(videos, batch):
-  """1 - error of linearly interpolated inner frames, in [0, 1] (metrics.motion_smoothness)."""
+  """1 - error of linearly interpolated inner frames, in [0, 1] (scores.motion_smoothness)."""
   del batch
-  return metrics.motion_smoothness(videos)
+  return scores.motion_smoothness(videos)

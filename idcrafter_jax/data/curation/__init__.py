@@ -21,7 +21,8 @@ the work directory, which is also its done-marker:
   --stats     `stats`       the Table S.5-style composition table and histograms (PNG)
 
 Input: a folder of videos; `<stem>.json` beside a video holds its annotations (format in
-`subjects`). Nothing here imports jax or torch; no network call is made.
+`subjects`). Backends (detectors, captioners, image editors) are looked up by name in one
+`registry.Registry` per kind. Nothing here imports jax or torch; no network call is made.
 """
 import ml_collections
 

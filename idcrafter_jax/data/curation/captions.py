@@ -14,6 +14,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from idcrafter_jax.data.curation.registry import Registry
+
 SOURCES = ("annotations", "captioner")
 
 
@@ -23,20 +25,17 @@ class Captioner(Protocol):
     ...
 
 
-_CAPTIONERS: dict[str, Callable[[], Captioner]] = {}
+CAPTIONERS: Registry[Captioner] = Registry("captions.captioner", "captions.register_captioner")
 
 
 def register_captioner(name: str, factory: Callable[[], Captioner]) -> None:
   """Makes `captions.captioner = name` build its captioner with `factory()` (in each worker)."""
-  _CAPTIONERS[name] = factory
+  CAPTIONERS.register(name, factory)
 
 
 def make_captioner(name: str, build: bool = True) -> Captioner | None:
   """The registered backend `name`, built (or only checked to exist, with build=False)."""
-  if name not in _CAPTIONERS:
-    raise ValueError(f"captions.captioner = {name!r} is not registered; registered: {sorted(_CAPTIONERS)} "
-                     "(register one with captions.register_captioner(name, factory)).")
-  return _CAPTIONERS[name]() if build else None
+  return CAPTIONERS.make(name) if build else CAPTIONERS.check(name)
 
 
 def caption_clip(cfg, *, annotation_caption: str | None, frames: np.ndarray | None = None,

@@ -21,6 +21,8 @@ from typing import Callable, Protocol
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from idcrafter_jax.data.curation.registry import Registry
+
 STRATEGIES = ("crop", "augment", "generate")
 PROMPT_DIR = os.path.join(os.path.dirname(__file__), "prompts")
 
@@ -78,23 +80,21 @@ class ImageEditor(Protocol):
     ...
 
 
-_EDITORS: dict[str, Callable[[], ImageEditor]] = {}
+EDITORS: Registry[ImageEditor] = Registry("references.editor", "references.register_editor")
 
 
 def register_editor(name: str, factory: Callable[[], ImageEditor]) -> None:
   """Makes `references.editor = name` build its backend with `factory()` (in each worker)."""
-  _EDITORS[name] = factory
+  EDITORS.register(name, factory)
 
 
 def make_editor(name: str, build: bool = True) -> ImageEditor | None:
   """The registered backend `name`, built (or only checked to exist, with build=False)."""
   if not name:
     raise ValueError("references.strategy = 'generate' needs references.editor naming a registered "
-                     f"image-editing backend; none is configured (registered: {sorted(_EDITORS)}). "
+                     f"image-editing backend; none is configured (registered: {EDITORS.names()}). "
                      "No backend is built in: register one with references.register_editor(name, factory).")
-  if name not in _EDITORS:
-    raise ValueError(f"references.editor = {name!r} is not registered; registered: {sorted(_EDITORS)}.")
-  return _EDITORS[name]() if build else None
+  return EDITORS.make(name) if build else EDITORS.check(name)
 
 
 def load_template(path: str = "") -> str:

@@ -13,9 +13,9 @@ Work directory (one folder per source video, `<workdir>/<video id>/`):
 Each stage's JSON is its done-marker (written atomically, last): a rerun skips a (file, stage)
 whose JSON exists unless `force` is set (forcing a stage does not redo the stages after it:
 force those too); a stage whose input stage has not run for a file reports that file as
-failed, and a failed stage leaves no JSON, so the next run retries it. Within one call the video is decoded at most once for all stages
-(`decode`: the whole video is held in memory, so very long or large sources should be split
-first).
+failed, and a failed stage leaves no JSON, so the next run retries it. Within one call the
+video is decoded at most once for all stages (`decode`: the whole video is held in memory, so
+very long or large sources should be split first).
 """
 from __future__ import annotations
 
@@ -327,17 +327,39 @@ def _stage_write(f: _File, shots: dict, subjects: dict, refs: dict, caps: dict) 
   return dict(status="ok", written=written, dropped=dropped)
 
 
+def _caption_lookup(f: _File):
+  """clip -> the caption its generated references are prompted with: the captions stage's
+  where that stage has run, else the annotation's (captions.source 'annotations')."""
+  job = f.job
+  caps = {c["id"]: c["caption"] for c in _load(job, "captions")["clips"]} \
+      if os.path.exists(_path(job, "captions")) else {}
+  ann = f.annotations()["caption"] if job.cfg.captions.source == "annotations" else None
+  return lambda c: caps.get(c["id"], ann)
+
+
+def _run_stage(f: _File, stage: str, shots: dict | None) -> dict:
+  """One stage of one file, its inputs read from the earlier stages' JSON."""
+  job = f.job
+  if stage == "shots":
+    return _stage_shots(f)
+  if stage == "subjects":
+    return _stage_subjects(f, shots)
+  if stage == "references":
+    return _stage_references(f, _load(job, "subjects"), _caption_lookup(f))
+  if stage == "captions":
+    return _stage_captions(f, _load(job, "subjects"))
+  return _stage_write(f, shots, _load(job, "subjects"), _load(job, "references"), _load(job, "captions"))
+
+
 def run_file(job: Job) -> dict:
-  """All selected stages of one file. Returns {"video", "stages": {stage: state}, "seconds"}
-  where state is 'done', 'cached' (already done), 'skipped: <reason>' or 'failed: <error>', and
-  "traceback" (of the failure, '' if none)."""
+  """All selected stages of one file. Returns {"video", "vid", "stages": {stage: state},
+  "seconds", "traceback"}: state is 'done', 'cached' (already done), 'skipped: <reason>' or
+  'failed: <error>'; traceback is the failure's ('' if none)."""
   t0 = time.perf_counter()
   f = _File(job)
   states, error = {}, ""
   os.makedirs(job.workdir, exist_ok=True)
-  for stage in STAGES:
-    if stage not in job.stages:
-      continue
+  for stage in (s for s in STAGES if s in job.stages):
     if os.path.exists(_path(job, stage)) and not job.force:
       states[stage] = "cached"
       continue
@@ -346,20 +368,7 @@ def run_file(job: Job) -> dict:
       if shots is not None and shots["status"] != "ok":
         states[stage] = f"skipped: {shots['reason']}"
         continue
-      if stage == "shots":
-        res = _stage_shots(f)
-      elif stage == "subjects":
-        res = _stage_subjects(f, shots)
-      elif stage == "references":
-        subjects = _load(job, "subjects")
-        caps = {c["id"]: c["caption"] for c in _load(job, "captions")["clips"]} \
-            if os.path.exists(_path(job, "captions")) else {}
-        ann = f.annotations()["caption"] if job.cfg.captions.source == "annotations" else None
-        res = _stage_references(f, subjects, lambda c: caps.get(c["id"], ann))
-      elif stage == "captions":
-        res = _stage_captions(f, _load(job, "subjects"))
-      else:
-        res = _stage_write(f, shots, _load(job, "subjects"), _load(job, "references"), _load(job, "captions"))
+      res = _run_stage(f, stage, shots)
       writer_mod.write_json(_path(job, stage), res)
       states[stage] = "done" if res["status"] == "ok" else f"skipped: {res['reason']}"
     except Exception as e:  # noqa: BLE001  (one bad file must not stop the others)
@@ -369,6 +378,40 @@ def run_file(job: Job) -> dict:
   return dict(video=job.path, vid=job.vid, stages=states, seconds=time.perf_counter() - t0, traceback=error)
 
 
+def _check_backends(cfg, stages) -> None:
+  """A selected stage's backend that is not registered fails before any work."""
+  if "references" in stages and cfg.references.strategy == "generate":
+    ref_mod.make_editor(cfg.references.editor, build=False)
+  if "subjects" in stages and cfg.subjects.source == "detector":
+    subj_mod.make_detector(cfg.subjects.detector, build=False)
+  if "captions" in stages and cfg.captions.source == "captioner":
+    cap_mod.make_captioner(cfg.captions.captioner)
+
+
+def _run_jobs(jobs: list[Job], workers: int, progress: bool) -> list[dict]:
+  """run_file over `jobs`: in process (workers <= 1) or in a fork pool, in completion order."""
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=len(jobs), desc="curate", unit="video")
+  results = []
+
+  def collect(rs):
+    for r in rs:
+      results.append(r)
+      if bar is not None:
+        bar.update(1)
+
+  if workers <= 1:
+    collect(map(run_file, jobs))
+  else:
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+      collect(pool.imap_unordered(run_file, jobs))
+  if bar is not None:
+    bar.close()
+  return results
+
+
 def run(input_dir: str, workdir: str, output: str, cfg, *, stages=STAGES, workers: int = 1,
         force: bool = False, progress: bool = True) -> list[dict]:
   """Every video under `input_dir` through `stages`; returns run_file's result per video."""
@@ -376,32 +419,8 @@ def run(input_dir: str, workdir: str, output: str, cfg, *, stages=STAGES, worker
   if bad or not stages:
     raise ValueError(f"stages {list(stages)}: expected a non-empty subset of {STAGES}.")
   check_config(cfg)
-  # a backend that is not registered fails before any work
-  if "references" in stages and cfg.references.strategy == "generate":
-    ref_mod.make_editor(cfg.references.editor, build=False)
-  if "subjects" in stages and cfg.subjects.source == "detector":
-    subj_mod.make_detector(cfg.subjects.detector, build=False)
-  if "captions" in stages and cfg.captions.source == "captioner":
-    cap_mod.make_captioner(cfg.captions.captioner)
+  _check_backends(cfg, stages)
   paths = list_videos(input_dir)
   jobs = [Job(p, video_id(p, input_dir), os.path.join(workdir, video_id(p, input_dir)), output, cfg,
               tuple(stages), force) for p in paths]
-  results = []
-  bar = None
-  if progress:
-    from tqdm import tqdm
-    bar = tqdm(total=len(jobs), desc="curate", unit="video")
-  if workers <= 1:
-    for j in jobs:
-      results.append(run_file(j))
-      if bar is not None:
-        bar.update(1)
-  else:
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-      for r in pool.imap_unordered(run_file, jobs):
-        results.append(r)
-        if bar is not None:
-          bar.update(1)
-  if bar is not None:
-    bar.close()
-  return sorted(results, key=lambda r: r["vid"])
+  return sorted(_run_jobs(jobs, workers, progress), key=lambda r: r["vid"])

@@ -35,6 +35,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from idcrafter_jax.data.curation.registry import Registry
+
 FRAME_POLICIES = ("first", "middle", "best")
 
 
@@ -165,20 +167,17 @@ class Detector(Protocol):
     ...
 
 
-_DETECTORS: dict[str, Callable[[], Detector]] = {}
+DETECTORS: Registry[Detector] = Registry("subjects.detector", "subjects.register_detector")
 
 
 def register_detector(name: str, factory: Callable[[], Detector]) -> None:
   """Makes `subjects.detector = name` build its detector with `factory()` (in each worker)."""
-  _DETECTORS[name] = factory
+  DETECTORS.register(name, factory)
 
 
 def make_detector(name: str, build: bool = True) -> Detector | None:
   """The registered backend `name`, built (or only checked to exist, with build=False)."""
-  if name not in _DETECTORS:
-    raise ValueError(f"subjects.detector = {name!r} is not registered; registered: {sorted(_DETECTORS)} "
-                     "(register one with subjects.register_detector(name, factory)).")
-  return _DETECTORS[name]() if build else None
+  return DETECTORS.make(name) if build else DETECTORS.check(name)
 
 
 def detect(detector: Detector, frames: np.ndarray, start: int, end: int, count: int) -> dict[int, list[Detection]]:

@@ -23,6 +23,22 @@ PALETTE = np.asarray([(220, 40, 40), (40, 170, 60), (40, 80, 220), (240, 210, 40
 NAMES = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink", "black", "white")
 
 
+def _subject_mask(o: dict, t: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+  """bool (H, W): subject `o` (of `make_video`) at frame t of its scene, moved along its
+  velocity and held 2 pixels inside the frame."""
+  height, width = yy.shape
+  y = float(np.clip(o["y"] + t * o["vel"][0], 2, height - o["sh"] - 2))
+  x = float(np.clip(o["x"] + t * o["vel"][1], 2, width - o["sw"] - 2))
+  y0, x0 = int(round(y)), int(round(x))
+  y1, x1 = y0 + o["sh"], x0 + o["sw"]
+  if o["kind"] == "rect":
+    m = np.zeros((height, width), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+  cy, cx, ry, rx = (y0 + y1 - 1) / 2, (x0 + x1 - 1) / 2, o["sh"] / 2, o["sw"] / 2
+  return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+
+
 def make_video(seed: int, *, scene_lengths=(20, 24, 18), height: int = 96, width: int = 128,
                subjects_per_scene=None, static_scenes=(), speed: float = 2.0,
                size_range=(0.25, 0.4)) -> dict:
@@ -62,18 +78,7 @@ def make_video(seed: int, *, scene_lengths=(20, 24, 18), height: int = 96, width
       grad = (yy / max(height - 1, 1))[..., None]
       frame = (c0 * (1 - grad) + c1 * grad) * (0.7 + 0.3 * stripes)
       for k, o in enumerate(objs):
-        y = o["y"] + t * o["vel"][0]
-        x = o["x"] + t * o["vel"][1]
-        y = float(np.clip(y, 2, height - o["sh"] - 2))
-        x = float(np.clip(x, 2, width - o["sw"] - 2))
-        y0, x0 = int(round(y)), int(round(x))
-        y1, x1 = y0 + o["sh"], x0 + o["sw"]
-        m = np.zeros((height, width), bool)
-        if o["kind"] == "rect":
-          m[y0:y1, x0:x1] = True
-        else:
-          cy, cx, ry, rx = (y0 + y1 - 1) / 2, (x0 + x1 - 1) / 2, o["sh"] / 2, o["sw"] / 2
-          m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+        m = _subject_mask(o, t, yy, xx)
         texture = 0.75 + 0.25 * ((np.floor(yy / 4) + np.floor(xx / 4)) % 2)[..., None]
         frame = np.where(m[..., None], o["color"] * texture, frame)
         for j in range(k):  # earlier subjects lose the pixels this one covers

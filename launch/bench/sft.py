@@ -1,6 +1,6 @@
 r"""The SFT loss curve on the synthetic dataset: does flow-matching training learn?
 
-  JAX_PLATFORMS=cpu python launch/bench_sft.py --steps=300 --workdir=/tmp/bench_sft
+  JAX_PLATFORMS=cpu python launch/bench/sft.py --steps=300 --workdir=/tmp/bench_sft
 
 Runs configs/tiny.py:sft (random-initialised tiny model, synthetic clips written into the
 workdir, frozen tiny VAE / VLM) and compares the mean loss of the first and the last `--window`
@@ -27,11 +27,11 @@ _LR = flags.DEFINE_float("lr", 1e-3, "AdamW learning rate.")
 
 def main(argv):
   del argv
-  from idcrafter_jax import run_utils, sft
+  from idcrafter_jax.training import metrics, sft
   c = _CONFIG.value
   c.train.update(steps=_STEPS.value, lr=_LR.value, log_every=1, ckpt_every=max(50, _STEPS.value // 4))
   sft.run(c, _WORKDIR.value)
-  loss = np.array([r["loss"] for r in run_utils.read_metrics(_WORKDIR.value) if isinstance(r.get("loss"), float)])
+  loss = np.array([r["loss"] for r in metrics.read_metrics(_WORKDIR.value) if isinstance(r.get("loss"), float)])
   w = min(_WINDOW.value, len(loss) // 2)
   first, last = loss[:w], loss[-w:]
   se = lambda x: x.std(ddof=1) / np.sqrt(len(x))

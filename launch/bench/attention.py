@@ -17,7 +17,7 @@ about 2.5 MiB (double-buffered inputs included), far inside v5p's VMEM, while ea
 (score lanes) and block_q a multiple of 128 (lane-dense per-row statistics) unless one block
 covers all queries.
 
-  python launch/bench_attention.py --sections=cpu,tpu --seq=8192
+  python launch/bench/attention.py --sections=cpu,tpu --seq=8192
 """
 from __future__ import annotations
 
@@ -31,33 +31,37 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from idcrafter_jax.attention import attention  # noqa: E402
-from kernels import aot  # noqa: E402
+from idcrafter_jax.aot import report, tpu  # noqa: E402
 from kernels import flash_attention as fa  # noqa: E402
 
 MiB = 2 ** 20
 
 
 def _row(name, s, extra=""):
-  print(f"  {name:<34} temp {s['temp_bytes'] / MiB:10.1f} MiB   args {s['argument_bytes'] / MiB:8.1f}"
-        f" MiB   out {s['output_bytes'] / MiB:8.1f} MiB{extra}")
+  print(f"  {name:<34} temp {s.temp_bytes / MiB:10.1f} MiB   args {s.argument_bytes / MiB:8.1f}"
+        f" MiB   out {s.output_bytes / MiB:8.1f} MiB{extra}")
+
+
+def _ms(seconds):
+  return "     n/a" if seconds is None else f"{seconds * 1e3:8.2f}"
 
 
 def _program(impl, devices, mesh_shape, *, batch, seq, heads, head_dim, grad, interpret, dtype):
-  mesh = aot.mesh_on(devices, mesh_shape)
+  mesh = tpu.mesh_on(devices, mesh_shape)
   fn = lambda q, k, v: attention(q, k, v, impl=impl, mesh=mesh, interpret=interpret)
-  c = aot.attention_program(fn, mesh, batch=batch, lq=seq, lk=seq, heads=heads, kv_heads=heads,
+  c = tpu.attention_program(fn, mesh, batch=batch, lq=seq, lk=seq, heads=heads, kv_heads=heads,
                             head_dim=head_dim, dtype=dtype, grad=grad)
-  return aot.summarize(c)
+  return report.compile_report(c)
 
 
 def cpu_section(args):
-  heads, head_dim = aot.WAN_HEADS[args.model]
+  heads, head_dim = tpu.WAN_HEADS[args.model]
   devs = jax.devices()
   print(f"\n[cpu] host CPU, {len(devs)} simulated devices, Wan {args.model} heads "
         f"({heads} x {head_dim}), float32, batch 1")
@@ -68,28 +72,28 @@ def cpu_section(args):
       res[impl] = _program(impl, devs[:1], {"data": 1}, batch=1, seq=args.seq, heads=heads,
                            head_dim=head_dim, grad=grad, interpret=True, dtype=jnp.float32)
       _row(f"{impl} L={args.seq} {tag}", res[impl])
-    print(f"  -> pallas / xla temp = {res['pallas']['temp_bytes'] / max(res['xla']['temp_bytes'], 1):.4f}")
+    print(f"  -> pallas / xla temp = {res['pallas'].temp_bytes / max(res['xla'].temp_bytes, 1):.4f}")
   ring = {}
   for n in (2, 4, 8):
     ring[n] = _program("ring", devs, {"data": 8 // n, "sequence": n}, batch=8 // n,
                        seq=args.ring_seq, heads=heads, head_dim=head_dim, grad=True,
                        interpret=True, dtype=jnp.float32)
     _row(f"ring L={args.ring_seq} {n} shards fwd+bwd", ring[n])
-  print(f"  -> ring temp 2 -> 8 shards falls {ring[2]['temp_bytes'] / max(ring[8]['temp_bytes'], 1):.2f}x")
+  print(f"  -> ring temp 2 -> 8 shards falls {ring[2].temp_bytes / max(ring[8].temp_bytes, 1):.2f}x")
 
 
 def tpu_section(args):
-  if not aot.libtpu_available():
+  if not tpu.have_libtpu():
     print("\n[tpu] skipped: libtpu is not installed")
     return
-  heads, head_dim = aot.WAN_HEADS[args.model]
-  v4 = aot.tpu_topology("v5p:2x2x1").devices
-  v8 = aot.tpu_topology("v5p:2x2x2").devices
+  heads, head_dim = tpu.WAN_HEADS[args.model]
+  v4 = tpu.topology_devices("v5p:2x2x1")
+  v8 = tpu.topology_devices("v5p:2x2x2")
   dt = jnp.bfloat16
   print(f"\n[tpu] AOT compile for TPU v5p, Wan {args.model} heads ({heads} x {head_dim}), bfloat16;"
         " memory per chip; cost = the TPU compiler's estimate per chip (a fori_loop body, as in"
         " the ring, is counted once)")
-  for seq in (args.seq, aot.WAN_480P_81F_TOKENS):
+  for seq in (args.seq, tpu.WAN_480P_81F_TOKENS):
     for grad in (False, True):
       tag = "fwd+bwd" if grad else "fwd"
       res = {}
@@ -104,17 +108,17 @@ def tpu_section(args):
         res[impl] = s
         model_flops = (4 if not grad else 12) * seq * seq * heads * head_dim * batch / 4
         _row(f"{impl} L={seq} {tag} mesh {shape}", s,
-             f"   cost {s['flops'] / 1e12:7.2f} TFLOP  {s['bytes_accessed'] / 2**30:7.2f} GiB"
-             f"  {s['optimal_seconds'] * 1e3:8.2f} ms   (model {model_flops / 1e12:.2f} TFLOP/chip,"
+             f"   cost {s.xla_flops_per_chip / 1e12:7.2f} TFLOP  {s.bytes_accessed / 2**30:7.2f} GiB"
+             f"  {_ms(s.estimated_seconds)} ms   (model {model_flops / 1e12:.2f} TFLOP/chip,"
              f" compile {time.time() - t:.1f}s)")
       if "xla" in res:
-        print(f"  -> pallas / xla temp = {res['pallas']['temp_bytes'] / res['xla']['temp_bytes']:.4f}")
+        print(f"  -> pallas / xla temp = {res['pallas'].temp_bytes / res['xla'].temp_bytes:.4f}")
   ring = {}
   for n in (2, 4, 8):
     ring[n] = _program("ring", v8, {"data": 8 // n, "sequence": n}, batch=8 // n, seq=32768,
                        heads=heads, head_dim=head_dim, grad=True, interpret=False, dtype=dt)
     _row(f"ring L=32768 {n} shards fwd+bwd (v5p:2x2x2)", ring[n])
-  print(f"  -> ring temp 2 -> 8 shards falls {ring[2]['temp_bytes'] / ring[8]['temp_bytes']:.2f}x")
+  print(f"  -> ring temp 2 -> 8 shards falls {ring[2].temp_bytes / ring[8].temp_bytes:.2f}x")
 
 
 def run_section(args):
@@ -122,7 +126,7 @@ def run_section(args):
   if backend == "cpu":
     print("\n[run] skipped: real TFLOP/s needs a TPU or GPU (CPU runs the kernels in interpret mode)")
     return
-  heads, head_dim = aot.WAN_HEADS[args.model]
+  heads, head_dim = tpu.WAN_HEADS[args.model]
   b, seq = 1, args.seq
   keys = jax.random.split(jax.random.key(0), 3)
   q, k, v = (jax.random.normal(kk, (b, seq, heads, head_dim), jnp.bfloat16) for kk in keys)
@@ -147,7 +151,7 @@ def main():
   p.add_argument("--sections", default="cpu,tpu,run")
   p.add_argument("--seq", type=int, default=8192)
   p.add_argument("--ring_seq", type=int, default=4096, help="global length of the CPU ring section")
-  p.add_argument("--model", default="1.3B", choices=sorted(aot.WAN_HEADS))
+  p.add_argument("--model", default="1.3B", choices=sorted(tpu.WAN_HEADS))
   p.add_argument("--repeats", type=int, default=5)
   args = p.parse_args()
   print(f"jax {jax.__version__}; block_q={fa.DEFAULT_BLOCK_Q} block_k={fa.DEFAULT_BLOCK_K} "

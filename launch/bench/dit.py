@@ -1,7 +1,7 @@
 r"""Wan DiT speed against diffusers on the same weights, compile-time scaling, and the TPU AOT figure.
 
-  JAX_PLATFORMS=cpu python launch/bench_dit.py            # all sections
-  JAX_PLATFORMS=cpu python launch/bench_dit.py --sections=forward,train
+  JAX_PLATFORMS=cpu python launch/bench/dit.py            # all sections
+  JAX_PLATFORMS=cpu python launch/bench/dit.py --sections=forward,train
 
 Sections:
   forward  jitted forward vs diffusers `WanTransformer3DModel` (torch, 2 threads), same weights;
@@ -36,8 +36,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from idcrafter_jax import aot, convert, sharding  # noqa: E402
-from idcrafter_jax.timing import median_times  # noqa: E402
+from idcrafter_jax import convert, sharding  # noqa: E402
+from idcrafter_jax.aot import report, tpu  # noqa: E402
+from timing import median_times  # noqa: E402  (launch/bench/timing.py)
 from idcrafter_jax.config import WAN_VARIANTS  # noqa: E402
 from idcrafter_jax.models import wan_dit  # noqa: E402
 
@@ -172,14 +173,12 @@ def bench_compile():
 
 
 def bench_tpu(topology, impls):
-  if not aot.have_libtpu():
+  if not tpu.have_libtpu():
     print("tpu: skipped (libtpu absent; pip install -e '.[tpu]')")
     return
   from flax import linen as nn
-  chip, _ = aot.parse_topology(topology)
-  devices = aot.topology_devices(topology)
-  mesh = sharding.make_mesh({"fsdp": len(devices)}, devices)
-  b = len(devices)  # one 480x832 x 81-frame sample per chip
+  chip, mesh = tpu.topology_mesh(topology)
+  b = mesh.devices.size  # one 480x832 x 81-frame sample per chip
   lat_shape, ctx_shape = (b, 21, 60, 104, 16), (b, 512, 4096)
   for impl in impls:
     from idcrafter_jax.config import model_config
@@ -199,10 +198,10 @@ def bench_tpu(topology, impls):
       start = time.perf_counter()
       compiled = jax.jit(lambda p, *a: module.apply({"params": p}, *a)).lower(params, *args).compile()
       secs = time.perf_counter() - start
-    r = aot.compile_report(compiled)
-    peak_tflops = aot.TPU_CHIPS[chip]["bf16_flops"] / 1e12
+    r = report.compile_report(compiled)
+    peak_tflops = tpu.TPU_CHIPS[chip]["bf16_flops"] / 1e12
     print(f"tpu {topology} 1.3B forward, attention={impl}, 480x832x81, batch {b} (1/chip), fsdp={b}: "
-          f"{r.row()} per chip; fits {chip} HBM: {r.fits(chip)}; "
+          f"{r.row()} per chip; fits {chip} HBM: {r.fits_on(chip)}; "
           f"analytic {wan_dit.forward_flops(cfg, lat_shape, 512) / b / 1e12:.1f} TFLOP/chip "
           f"(>= {wan_dit.forward_flops(cfg, lat_shape, 512) / b / (peak_tflops * 1e12):.2f} s at peak); "
           f"compiled in {secs:.0f} s")

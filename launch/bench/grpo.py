@@ -1,6 +1,6 @@
 r"""GRPO rollout cost: time per denoising step of a jitted SDE rollout vs one plain forward.
 
-  JAX_PLATFORMS=cpu python launch/bench_grpo.py
+  JAX_PLATFORMS=cpu python launch/bench/grpo.py
 
 The rollout keeps x_t, x_{t-dt} and log-probs for every step inside one lax.scan, so with no
 host round trips a step should cost what a forward costs (target <= 1.1x). Bench DiT config

@@ -1,13 +1,13 @@
 r"""Wan 2.1 VAE: encode / decode speed against diffusers on the same weights, and decode memory.
 
-  JAX_PLATFORMS=cpu python launch/bench_vae.py                   # all sections
-  JAX_PLATFORMS=cpu python launch/bench_vae.py --sections=memory --height=480 --width=832
+  JAX_PLATFORMS=cpu python launch/bench/vae.py                   # all sections
+  JAX_PLATFORMS=cpu python launch/bench/vae.py --sections=memory --height=480 --width=832
 
 Sections:
   speed   jitted encode and decode vs diffusers `AutoencoderKLWan` (torch, 2 threads), the
           Wan 2.1 architecture (base_dim 96, z_dim 16; random weights) in float32, video
           (1, --speed_frames, --speed_height, --speed_width, 3); max abs differences too.
-  memory  compiled temporaries (`compiled.memory_analysis().temp_size_in_bytes`) of decoding
+  memory  compiled temporaries (`report.compile_report(compiled).temp_bytes`) of decoding
           17 vs 81 frames (5 vs 21 latent frames) and encoding 17 vs 81 frames at
           --height x --width on the host backend; nothing is executed. The temporal scan keeps
           the 81-frame figure within 1.3x of the 17-frame one.
@@ -29,7 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from idcrafter_jax import convert  # noqa: E402
-from idcrafter_jax.timing import median_times  # noqa: E402
+from idcrafter_jax.aot import report, tpu  # noqa: E402
+from timing import median_times  # noqa: E402  (launch/bench/timing.py)
 from idcrafter_jax.models import wan_vae  # noqa: E402
 
 SECTIONS = flags.DEFINE_list("sections", ["speed", "memory", "tpu"], "Sections to run.")
@@ -101,13 +102,13 @@ def bench_memory():
     z = jax.ShapeDtypeStruct((1, lat, h // 8, w // 8, 16), jnp.float32)
     v = jax.ShapeDtypeStruct((1, frames, h, w, 3), jnp.float32)
     t0 = time.perf_counter()
-    md = dec.lower(params, z).compile().memory_analysis()
-    me = enc.lower(params, v).compile().memory_analysis()
-    temps[frames] = (md.temp_size_in_bytes, me.temp_size_in_bytes)
-    print(f"memory: {frames} frames {h}x{w} float32: decode temp {md.temp_size_in_bytes / MiB:.1f} MiB "
-          f"(output {md.output_size_in_bytes / MiB:.1f} MiB), "
-          f"encode temp {me.temp_size_in_bytes / MiB:.1f} MiB "
-          f"(input {me.argument_size_in_bytes / MiB:.1f} MiB incl. params); compiled in "
+    md = report.compile_report(dec.lower(params, z).compile())
+    me = report.compile_report(enc.lower(params, v).compile())
+    temps[frames] = (md.temp_bytes, me.temp_bytes)
+    print(f"memory: {frames} frames {h}x{w} float32: decode temp {md.temp_bytes / MiB:.1f} MiB "
+          f"(output {md.output_bytes / MiB:.1f} MiB), "
+          f"encode temp {me.temp_bytes / MiB:.1f} MiB "
+          f"(input {me.argument_bytes / MiB:.1f} MiB incl. params); compiled in "
           f"{time.perf_counter() - t0:.1f} s")
   rd = temps[81][0] / temps[17][0]
   re = temps[81][1] / temps[17][1]
@@ -115,11 +116,10 @@ def bench_memory():
 
 
 def bench_tpu(topology):
-  from idcrafter_jax import aot
-  if not aot.have_libtpu():
+  if not tpu.have_libtpu():
     print("tpu: skipped (libtpu absent; pip install -e '.[tpu]')")
     return
-  devices = aot.topology_devices(topology)
+  devices = tpu.topology_devices(topology)
   sharding = jax.sharding.SingleDeviceSharding(devices[0])
   vae = wan_vae.WanVAE(wan_vae.WanVAEConfig(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                        conv_impl="conv3d")
@@ -130,8 +130,8 @@ def bench_tpu(topology):
   for frames in (17, 81):
     lat = 1 + (frames - 1) // 4
     z = jax.ShapeDtypeStruct((1, lat, h // 8, w // 8, 16), jnp.bfloat16, sharding=sharding)
-    report = aot.compile_report(dec.lower(params, z).compile())
-    print(f"tpu {topology} (one chip) bf16 decode {frames} frames {h}x{w}: {report.row()}")
+    r = report.compile_report(dec.lower(params, z).compile())
+    print(f"tpu {topology} (one chip) bf16 decode {frames} frames {h}x{w}: {r.row()}")
 
 
 def main(argv):

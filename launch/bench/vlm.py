@@ -1,7 +1,7 @@
 r"""Qwen2.5-VL encoder: speed against transformers on the same weights, and the 7B memory dry-run.
 
-  JAX_PLATFORMS=cpu python launch/bench_vlm.py                       # all sections
-  JAX_PLATFORMS=cpu python launch/bench_vlm.py --sections=memory --mesh=fsdp=2,tensor=4
+  JAX_PLATFORMS=cpu python launch/bench/vlm.py                       # all sections
+  JAX_PLATFORMS=cpu python launch/bench/vlm.py --sections=memory --mesh=fsdp=2,tensor=4
 
 Sections:
   forward  jitted forward (vision tower + LLM, last hidden states) vs transformers
@@ -33,7 +33,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from idcrafter_jax import aot, convert, sharding  # noqa: E402
+from idcrafter_jax import convert, sharding  # noqa: E402
+from idcrafter_jax.aot import report, tpu  # noqa: E402
 from idcrafter_jax.models import qwen2_5_vl as qv  # noqa: E402
 from idcrafter_jax.models import qwen2_5_vl_convert  # noqa: E402
 
@@ -177,27 +178,25 @@ def bench_memory(mesh_spec, tokens, side):
   whole = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
   per_dev = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in leaves)
   vis = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params["visual"]))
-  gib = aot.GiB
+  gib = tpu.GiB
   print(f"memory: 7B config {total / 1e9:.3f}B params ({vis / 1e9:.3f}B vision), bfloat16 "
         f"{whole / gib:.2f} GiB whole; mesh {dict(mesh.shape)}: {per_dev / gib:.2f} GiB params per device")
   compiled, secs, n_img = compile_forward(module, params, mesh, tokens, side)
-  r = aot.compile_report(compiled)
+  r = report.compile_report(compiled)
   print(f"memory: 7B forward, 1 sample x {tokens} tokens with 2 images {side}px ({n_img} image tokens), "
         f"8 CPU devices: {r.row()} per device (XLA CPU estimate); compiled in {secs:.0f} s")
 
 
 def bench_tpu(topology, tokens, side):
-  if not aot.have_libtpu():
+  if not tpu.have_libtpu():
     print("tpu: skipped (libtpu absent; pip install -e '.[tpu]')")
     return
-  chip, _ = aot.parse_topology(topology)
-  devices = aot.topology_devices(topology)
-  mesh = sharding.make_mesh({"fsdp": len(devices)}, devices)
+  chip, mesh = tpu.topology_mesh(topology)
   module, params = abstract_7b(mesh)
   compiled, secs, n_img = compile_forward(module, params, mesh, tokens, side)
-  r = aot.compile_report(compiled)
-  print(f"tpu {topology} 7B forward, 1 sample x {tokens} tokens, 2 images {side}px, fsdp={len(devices)}: "
-        f"{r.row()} per chip; fits {chip} HBM: {r.fits(chip)}; compiled in {secs:.0f} s")
+  r = report.compile_report(compiled)
+  print(f"tpu {topology} 7B forward, 1 sample x {tokens} tokens, 2 images {side}px, fsdp={mesh.devices.size}: "
+        f"{r.row()} per chip; fits {chip} HBM: {r.fits_on(chip)}; compiled in {secs:.0f} s")
 
 
 def main(argv):

@@ -1,6 +1,6 @@
 r"""Cost of the identity path: time per denoising step with 0, 1, 2 and 4 subjects (seed E.1).
 
-  JAX_PLATFORMS=cpu python launch/bench_idcrafter.py
+  JAX_PLATFORMS=cpu python launch/bench/idcrafter.py
 
 Bench config of bench_dit.py (dim 512, 8 heads x 64, FFN 2048, 4 layers, text_dim 512; latents
 2 x 4 x 32 x 32 x 16 = 1024 video tokens a sample, 64 text tokens), HIPA in the first

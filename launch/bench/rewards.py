@@ -1,6 +1,6 @@
 r"""Time the network rewards (compile and steady state) at public architecture sizes, random weights.
 
-  python launch/bench_rewards.py --face_depth 100 --clip B32 --frames 8 --subjects 2 --height 480 --width 832
+  python launch/bench/rewards.py --face_depth 100 --clip B32 --frames 8 --subjects 2 --height 480 --width 832
 
 Scores one batch of videos with face_sim (ArcFace iResNet at 112x112), nexus_score (CLIP crops
 of each subject) and aesthetic (LAION head on CLIP), each through its jitted scorer as GRPO
@@ -63,11 +63,11 @@ def main():
   videos = jax.random.uniform(key, (b, a.frames, a.height, a.width, 3))
   batch = {"subject_images": jax.random.uniform(key, (b, n, 224, 224, 3)), "subject_mask": jnp.ones((b, n), bool),
            "subject_boxes": jnp.tile(jnp.asarray([0.1, 0.1, 0.9, 0.6]), (b, n, 1))}
-  from idcrafter_jax import metrics
+  from idcrafter_jax.eval import scores
   aes = reward_models.aesthetic_scorer(cm, cp, head, hp, num_frames=a.frames)
   scorers = {
-      "face_sim": lambda: metrics.face_sim(fm, fp, videos, batch, num_frames=a.frames),
-      "nexus_score": lambda: metrics.nexus_score(cm, cp, videos, batch, num_frames=a.frames),
+      "face_sim": lambda: scores.face_sim(fm, fp, videos, batch, num_frames=a.frames),
+      "nexus_score": lambda: scores.nexus_score(cm, cp, videos, batch, num_frames=a.frames),
       "aesthetic": lambda: aes(videos, batch),
   }
   print(f"devices: {jax.devices()[0].platform} x{jax.device_count()}; videos {tuple(videos.shape)}, {n} subjects; "

@@ -1,7 +1,7 @@
 r"""Shot-stage throughput (clips per second) against the `scenedetect` command-line tool.
 
-  python launch/bench_curate.py                              # 8 videos, 4 scenes, 240x432, 1 worker
-  python launch/bench_curate.py --videos 16 --workers 2 --height 360 --width 640
+  python launch/bench/curate.py                              # 8 videos, 4 scenes, 240x432, 1 worker
+  python launch/bench/curate.py --videos 16 --workers 2 --height 360 --width 640
 
 Writes synthetic raw videos (hard cuts at known frames), then, on the same files and in the
 same run: (a) the curation shot stage (`runner.run(stages=('shots',))`: decode once, PySceneDetect

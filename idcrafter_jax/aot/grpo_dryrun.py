@@ -1,7 +1,7 @@
 """AOT dry run of the Flow-GRPO programs (`rl/grpo.py`): does online RL fit a TPU slice?
 
 The two jitted programs the GRPO loop runs on the DiT are lowered and compiled for the chips of a
-TPU topology that is not there (as `idcrafter_jax/dryrun.py` does for the SFT step):
+TPU topology that is not there (as `sft_dryrun.py` does for the SFT step), on `program`'s pieces:
 
   rollout  `grpo.rollout`: the whole K-step SDE trajectory in one scan, CFG on the doubled batch,
            for `rollout_batch` videos (prompts x group size), the policy's params as trained.
@@ -11,7 +11,8 @@ TPU topology that is not there (as `idcrafter_jax/dryrun.py` does for the SFT st
            With LoRA (`model.lora_rank > 0`) the state holds the adapters only and the reference
            is the frozen base (adapters off), so the reference costs nothing extra.
 
-The other networks stay resident in HBM while these run: the Wan VAE (decode), the Qwen2.5-VL 7B
+Both take the DiT's velocity from `conditioning.velocity_fn`, as the loop does. The other
+networks stay resident in HBM while these run: the Wan VAE (decode), the Qwen2.5-VL 7B
 conditioning encoder and the reward networks (CLIP ViT-L/14 + the LAION aesthetic head, the
 iResNet-100 face model). They are placed on the mesh by their logical axes, as the loop's
 loaders do; their per-chip parameter bytes (`resident_bytes`) are added to each program's peak.
@@ -23,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from idcrafter_jax import dryrun, lora, sharding, trainer
-from idcrafter_jax.dryrun import Result, Shape
-from idcrafter_jax.models import idcrafter
+from idcrafter_jax import sharding
+from idcrafter_jax.aot import program
+from idcrafter_jax.aot.program import Result, Shape
+from idcrafter_jax.inference import conditioning
 from idcrafter_jax.rl import grpo
+from idcrafter_jax.training import lora, train_state
 
 # ------------------------------------------------------------------------ resident networks
 
@@ -73,52 +76,79 @@ def resident_bytes(config, mesh) -> dict[str, int]:
 
 
 def abstract_conditions(shape: Shape, text_dim: int, batch: int, dtype=jnp.float32) -> dict:
-  """The DiT's condition pytree (`grpo_loop._conditions`) for `batch` samples."""
+  """The DiT's condition pytree (`conditioning.condition`) for `batch` samples."""
   h, w = shape.subject_grid
-  return dict(context=jax.ShapeDtypeStruct((batch, shape.text_len, text_dim), dtype),
-              context_mask=jax.ShapeDtypeStruct((batch, shape.text_len), jnp.bool_),
-              subject_latents=jax.ShapeDtypeStruct((batch, shape.num_subjects, 1, h, w, 16), dtype),
-              subject_mask=jax.ShapeDtypeStruct((batch, shape.num_subjects), jnp.bool_))
+  return conditioning.condition(jax.ShapeDtypeStruct((batch, shape.text_len, text_dim), dtype),
+                                jax.ShapeDtypeStruct((batch, shape.text_len), jnp.bool_),
+                                jax.ShapeDtypeStruct((batch, shape.num_subjects, 1, h, w, 16), dtype),
+                                jax.ShapeDtypeStruct((batch, shape.num_subjects), jnp.bool_))
 
 
-def _velocity_fn(module):
-  def velocity_fn(params, x, timestep, cond):  # as `Pipeline.velocity_fn`
-    return module.apply({"params": params}, x, timestep, cond["context"], cond["subject_latents"],
-                        cond["subject_mask"], cond["context_mask"])
-  return velocity_fn
+def _setup(config, shape: Shape, devices, *, batch: int, program_name: str, batch_name: str,
+           resident: int | None, **kw):
+  """`program.setup_program` for a GRPO program: (GRPOConfig, CFG multiplier, latent shape, mesh,
+  model config, module, Result with `resident_bytes` set; None: `resident_bytes` on this mesh)."""
+  gc = grpo.GRPOConfig.from_config(config.grpo)
+  mesh, mcfg, module, result = program.setup_program(config, shape, devices, batch=batch, program=program_name,
+                                                     batch_name=batch_name, **kw)
+  result.resident_bytes = sum(resident_bytes(config, mesh).values()) if resident is None else resident
+  cfg_mult = 2 if gc.guidance_scale != 1.0 else 1
+  return gc, cfg_mult, (batch,) + shape.latent_shape[1:], mesh, mcfg, module, result
 
 
 def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=None, target="", variant="",
                     resident: int | None = None) -> Result:
   """Compiles `grpo.rollout` for `rollout_batch` videos of `shape` (its batch is ignored).
   `resident`: per-chip bytes of the resident networks (None: `resident_bytes` on this mesh)."""
-  gc = grpo.GRPOConfig.from_config(config.grpo)
-  mesh, mcfg, module, result = dryrun.setup_program(config, shape, devices, batch=rollout_batch, program="grpo_rollout",
-                                                    chip=chip, target=target, variant=variant,
-                                                    batch_name="rollout batch")
-  boxed = jax.eval_shape(module.init, jax.random.key(0), *idcrafter.dummy_inputs(mcfg))["params"]
+  gc, cfg_mult, lat, mesh, mcfg, module, result = _setup(
+      config, shape, devices, batch=rollout_batch, program_name="grpo_rollout", batch_name="rollout batch",
+      resident=resident, chip=chip, target=target, variant=variant)
+  boxed = program.abstract_params(module)
   params = nn.unbox(boxed)
-  result.params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
-  cfg_mult = 2 if gc.guidance_scale != 1.0 else 1
-  lat = (rollout_batch,) + shape.latent_shape[1:]
-  result.analytic_flops = gc.num_steps * cfg_mult * idcrafter.forward_flops(
-      mcfg, lat, shape.text_len, shape.num_subjects, shape.subject_tokens())
-  result.resident_bytes = sum(resident_bytes(config, mesh).values()) if resident is None else resident
+  result.params = program.count_params(params)
+  result.analytic_flops = gc.num_steps * cfg_mult * program.model_flops(mcfg, shape, rollout_batch)
   cond = abstract_conditions(shape, mcfg.wan.text_dim, rollout_batch)
   uncond = cond if cfg_mult == 2 else None
-  vf = _velocity_fn(module)
-  with trainer.with_mesh_rules(mesh):
+  vf = conditioning.velocity_fn(module)
+  with sharding.with_mesh_rules(mesh):
     p_shard = sharding.param_shardings(boxed, mesh)
-    c_shard = trainer.batch_shardings(cond, mesh)
+    c_shard = train_state.batch_shardings(cond, mesh)
+    u_shard = None if uncond is None else c_shard
     rep = sharding.replicated(mesh)
     fn = jax.jit(lambda p, c, u, k: grpo.rollout(vf, p, c, u, k, shape=lat, gc=gc),
-                 in_shardings=(p_shard, c_shard, None if uncond is None else c_shard, rep),
+                 in_shardings=(p_shard, c_shard, u_shard, rep),
                  out_shardings=(sharding.batch_sharding(mesh, len(lat) + 1, axis=1),
                                 sharding.batch_sharding(mesh, 2, axis=1)))
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
-    put = dryrun.with_shardings
-    return dryrun.compile_into(result, lambda: fn.lower(put(params, p_shard), put(cond, c_shard),
-                                                        None if uncond is None else put(uncond, c_shard), key))
+    put = program.with_shardings
+    return program.compile_into(result, lambda: fn.lower(put(params, p_shard), put(cond, c_shard),
+                                                         None if uncond is None else put(uncond, u_shard), key))
+
+
+def abstract_update_state(module, tx, use_lora: bool):
+  """(boxed trained params, boxed reference params, abstract reference params, abstract train
+  state): the adapters and the frozen base with LoRA, else the whole model twice."""
+  boxed = program.abstract_params(module)
+  boxed_ref, boxed_train = lora.split(boxed) if use_lora else (boxed, boxed)
+  train_abs, ref_abs = nn.unbox(boxed_train), nn.unbox(boxed_ref)  # (outside the mesh context)
+  state_abs = jax.eval_shape(lambda p: train_state.init_state(p, tx, jax.random.key(0), ema=False), train_abs)
+  return boxed_train, boxed_ref, ref_abs, state_abs
+
+
+def abstract_minibatch(gc, lat: tuple, cond: dict, cfg: bool) -> dict:
+  """A minibatch of stored trajectories as `grpo.make_update_step` takes it."""
+  return dict(xs=jax.ShapeDtypeStruct((gc.num_steps + 1,) + lat, jnp.float32),
+              log_probs=jax.ShapeDtypeStruct((gc.num_steps, lat[0]), jnp.float32),
+              advantages=jax.ShapeDtypeStruct((lat[0],), jnp.float32),
+              cond=cond, uncond=cond if cfg else None)
+
+
+def minibatch_shardings(mesh, mb: dict) -> dict:
+  """Trajectories split on their batch axis (after the step axis) over ('data', 'fsdp')."""
+  c_shard = train_state.batch_shardings(mb["cond"], mesh)
+  return dict(xs=sharding.batch_sharding(mesh, mb["xs"].ndim, axis=1),
+              log_probs=sharding.batch_sharding(mesh, 2, axis=1), advantages=sharding.batch_sharding(mesh, 1),
+              cond=c_shard, uncond=None if mb["uncond"] is None else c_shard)
 
 
 def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, target="", variant="",
@@ -126,45 +156,29 @@ def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, 
   """Compiles one `grpo.make_update_step` on a minibatch of `minibatch` stored trajectories, over
   the steps `grpo.trained_steps` picks (LoRA when `model.lora_rank > 0`). `resident` as in
   `compile_rollout`."""
-  gc = grpo.GRPOConfig.from_config(config.grpo)
-  mesh, mcfg, module, result = dryrun.setup_program(config, shape, devices, batch=minibatch, program="grpo_update",
-                                                    chip=chip, target=target, variant=variant, batch_name="minibatch")
-  tx = trainer.make_optimizer(config.train)
-  boxed = jax.eval_shape(module.init, jax.random.key(0), *idcrafter.dummy_inputs(mcfg))["params"]
+  gc, cfg_mult, lat, mesh, mcfg, module, result = _setup(
+      config, shape, devices, batch=minibatch, program_name="grpo_update", batch_name="minibatch",
+      resident=resident, chip=chip, target=target, variant=variant)
+  tx = train_state.make_optimizer(config.train)
   use_lora = bool(mcfg.wan.lora_rank)
-  if use_lora:
-    boxed_ref, boxed_train = lora.split(boxed)
-  else:
-    boxed_ref = boxed_train = boxed
-  train_abs, ref_abs = nn.unbox(boxed_train), nn.unbox(boxed_ref)  # (outside the mesh context)
-  state_abs = jax.eval_shape(lambda p: trainer.init_state(p, tx, jax.random.key(0), ema=False), train_abs)
-  result.params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(train_abs)))
+  boxed_train, boxed_ref, ref_abs, state_abs = abstract_update_state(module, tx, use_lora)
+  result.params = program.count_params(state_abs.params)
   ks = grpo.trained_steps(gc, np.random.default_rng(0))
-  cfg_mult = 2 if gc.guidance_scale != 1.0 else 1
-  lat = (minibatch,) + shape.latent_shape[1:]
-  fwd = idcrafter.forward_flops(mcfg, lat, shape.text_len, shape.num_subjects, shape.subject_tokens())
+  fwd = program.model_flops(mcfg, shape, minibatch)
   result.analytic_flops = len(ks) * cfg_mult * fwd * (3 + (1 if gc.beta > 0 else 0))
-  result.resident_bytes = sum(resident_bytes(config, mesh).values()) if resident is None else resident
-  cond = abstract_conditions(shape, mcfg.wan.text_dim, minibatch)
-  mb = dict(xs=jax.ShapeDtypeStruct((gc.num_steps + 1,) + lat, jnp.float32),
-            log_probs=jax.ShapeDtypeStruct((gc.num_steps, minibatch), jnp.float32),
-            advantages=jax.ShapeDtypeStruct((minibatch,), jnp.float32),
-            cond=cond, uncond=cond if cfg_mult == 2 else None)
-  step = grpo.make_update_step(_velocity_fn(module), tx, gc, adapters=use_lora)
-  with trainer.with_mesh_rules(mesh):
-    s_shard = trainer.state_shardings(state_abs, boxed_train, mesh)
+  mb = abstract_minibatch(gc, lat, abstract_conditions(shape, mcfg.wan.text_dim, minibatch), cfg_mult == 2)
+  step = grpo.make_update_step(conditioning.velocity_fn(module), tx, gc, adapters=use_lora)
+  with sharding.with_mesh_rules(mesh):
+    s_shard = train_state.state_shardings(state_abs, boxed_train, mesh)
     r_shard = sharding.param_shardings(boxed_ref, mesh)
+    mb_shard = minibatch_shardings(mesh, mb)
     rep = sharding.replicated(mesh)
-    c_shard = trainer.batch_shardings(cond, mesh)
-    mb_shard = dict(xs=sharding.batch_sharding(mesh, len(lat) + 1, axis=1),
-                    log_probs=sharding.batch_sharding(mesh, 2, axis=1), advantages=sharding.batch_sharding(mesh, 1),
-                    cond=c_shard, uncond=c_shard if cfg_mult == 2 else None)
     fn = jax.jit(step, in_shardings=(s_shard, r_shard, mb_shard, rep), out_shardings=(s_shard, rep),
                  donate_argnums=(0,))
     ks_abs = jax.ShapeDtypeStruct((len(ks),), jnp.int32, sharding=rep)
-    put = dryrun.with_shardings
-    return dryrun.compile_into(result, lambda: fn.lower(put(state_abs, s_shard), put(ref_abs, r_shard),
-                                                        put(mb, mb_shard), ks_abs))
+    put = program.with_shardings
+    return program.compile_into(result, lambda: fn.lower(put(state_abs, s_shard), put(ref_abs, r_shard),
+                                                         put(mb, mb_shard), ks_abs))
 
 
 def default_batches(config, mesh_dims: dict) -> tuple[int, int]:

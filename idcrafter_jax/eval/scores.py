@@ -40,8 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idcrafter_jax.inference import conditioning
 from idcrafter_jax.models import clip as clip_lib
 from idcrafter_jax.models import face as face_lib
+from idcrafter_jax.models.aesthetic import frame_indices  # the one frame sampler (OpenS2V's rounding)
 
 LEVEL_WORDS = ("excellent", "good", "fair", "poor", "bad")
 LEVEL_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
@@ -49,17 +51,6 @@ GME_TEXT_INSTRUCTION = "Find an image that matches the given text."
 
 
 # ----------------------------------------------------------------------------- input checks
-
-
-def frame_indices(num_total: int, num_frames: int | None) -> np.ndarray:
-  """`num_frames` evenly spaced frame indices in [0, num_total) (all frames if None or more)."""
-  if num_total < 1:
-    raise ValueError(f"the video has {num_total} frames; expected at least one.")
-  if num_frames is None or num_frames >= num_total:
-    return np.arange(num_total, dtype=np.int32)
-  if num_frames < 1:
-    raise ValueError(f"num_frames {num_frames} must be >= 1.")
-  return np.linspace(0, num_total - 1, num_frames).astype(np.int32)  # floor, as np.linspace(dtype=int)
 
 
 def check_inputs(videos, batch: Mapping[str, Any], *, need_subjects: bool = True) -> tuple[int, int]:
@@ -76,6 +67,9 @@ def check_inputs(videos, batch: Mapping[str, Any], *, need_subjects: bool = True
   imgs, mask = batch["subject_images"], batch["subject_mask"]
   if imgs.ndim != 5 or imgs.shape[-1] != 3:
     raise ValueError(f"subject_images shape {tuple(imgs.shape)} must be (B, N, h, w, 3).")
+  if np.dtype(mask.dtype) != np.bool_:  # read as bool below: a soft or 0/255 mask would pass silently
+    raise ValueError(f"subject_mask has dtype {mask.dtype}; expected bool (True for real subjects, "
+                     "False for padding slots).")
   n = imgs.shape[1]
   expect = {"subject_images": (b, n), "subject_mask": (b, n), "subject_boxes": (b, n, 4),
             "subject_face_landmarks": (b, n, 5, 2), "subject_face_found": (b, n),
@@ -248,11 +242,17 @@ def subject_crops(videos, batch, size: int):
 # ------------------------------------------------------------------------ network scores
 
 
-def face_sim(face_model: face_lib.IResNet, face_params, videos, batch, *, num_frames: int | None = 16):
-  """Per-subject FaceSim (B, N) with the iResNet; see `face_similarity` and the module notes."""
+def _subject_score(jitted, model, params, videos, batch, num_frames: int | None):
+  """Checks the inputs, samples `num_frames` frames (`frame_indices`), runs a per-subject score."""
   check_inputs(videos, batch)
   videos, batch = _sampled(videos, batch, num_frames)
-  return _face_sim(face_model, face_params, videos, batch)
+  return jitted(model, params, videos, batch)
+
+
+def face_sim(face_model: face_lib.IResNet, face_params, videos, batch, *, num_frames: int | None = 16):
+  """Per-subject FaceSim (B, N) with the iResNet (OpenS2V `get_facesim.py`); see
+  `face_similarity` and the module notes."""
+  return _subject_score(_face_sim, face_model, face_params, videos, batch, num_frames)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -265,10 +265,9 @@ def _face_sim(face_model, face_params, videos, batch):
 
 
 def nexus_score(clip_model: clip_lib.CLIP, clip_params, videos, batch, *, num_frames: int | None = 8):
-  """Per-subject subject consistency (B, N) with CLIP image embeddings of the subject regions."""
-  check_inputs(videos, batch)
-  videos, batch = _sampled(videos, batch, num_frames)
-  return _nexus(clip_model, clip_params, videos, batch)
+  """Per-subject subject consistency (B, N) with CLIP image embeddings of the subject regions
+  (NexusScore-style, OpenS2V `get_nexusscore.py`; differences in the module notes)."""
+  return _subject_score(_nexus, clip_model, clip_params, videos, batch, num_frames)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -323,42 +322,25 @@ def level_token_ids(tokenizer, words: Sequence[str] = LEVEL_WORDS) -> list[int]:
   return ids
 
 
-@functools.partial(jax.jit, static_argnames=("vlm", "grid"))
-def _vlm_hidden(params, input_ids, attention_mask, pixel_values, *, vlm, grid):
-  h = vlm.apply({"params": params}, input_ids, attention_mask, pixel_values,
-                None if grid is None else np.asarray(grid))
-  last = input_ids.shape[1] - 1 - jnp.argmax(attention_mask[:, ::-1], axis=1)  # last real token
-  return h[jnp.arange(h.shape[0]), last].astype(jnp.float32)
-
-
 class VLMScorer:
   """GmeScore-style alignment and Q-Align-style quality with this package's Qwen2.5-VL.
 
   vlm, params: `convert.load_qwen2_5_vl`; processor: `processor.QwenVLProcessor`.
   level_rows: (5, D) rows of the LM head for the level words (`read_level_rows`), for Q-Align.
-  Each sequence is padded to a bucket length so repeated calls reuse one compilation.
+  Sequences go through the condition encoder's bucketed call (`conditioning.bucketed_inputs` +
+  `vlm_hidden`), so repeated calls reuse one compilation per bucket and image grid.
   """
 
   def __init__(self, vlm, params, processor, *, level_rows=None,
-               buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048)):
+               buckets: Sequence[int] = conditioning.DEFAULT_BUCKETS):
     self.vlm, self.params, self.processor = vlm, params, processor
     self.level_rows = None if level_rows is None else jnp.asarray(level_rows, jnp.float32)
     self.buckets = tuple(sorted(buckets))
 
   def _last_hidden(self, texts: list[str], images: list[np.ndarray]):
-    from idcrafter_jax import conditioning
-    from idcrafter_jax.models import qwen2_5_vl as qv
-    out = self.processor(text=texts, images=images or None, return_tensors="np", padding=True)
-    ids = np.asarray(out["input_ids"], np.int32)
-    mask = np.asarray(out["attention_mask"], np.int32)
-    length = conditioning.bucket_length(ids.shape[1], self.buckets)
-    pad = self.processor.tokenizer.pad_token_id or 0
-    ids = np.pad(ids, ((0, 0), (0, length - ids.shape[1])), constant_values=pad)
-    mask = np.pad(mask, ((0, 0), (0, length - mask.shape[1])))
-    pixels = np.asarray(out["pixel_values"], np.float32) if images else None
-    grid = qv.check_inputs(self.vlm.cfg, ids, mask, pixels, out.get("image_grid_thw") if images else None)
-    grid_key = None if grid is None else tuple(map(tuple, np.asarray(grid).tolist()))
-    return _vlm_hidden(self.params, jnp.asarray(ids), jnp.asarray(mask), pixels, vlm=self.vlm, grid=grid_key)
+    """(len(texts), D) float32 hidden state of each sequence's last real token."""
+    inputs = conditioning.bucketed_inputs(self.processor, texts, images, self.buckets)
+    return conditioning.vlm_hidden(self.vlm, self.params, inputs, last_token=True)
 
   def _render(self, content: list[dict], system: str | None, generation_prefix: str | None = None) -> str:
     messages = [{"role": "user", "content": content}]

@@ -1,0 +1,1 @@
+"""Inference: load the parts (DiT, VAE, VLM), condition on a prompt and subjects, generate a video."""

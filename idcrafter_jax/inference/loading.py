@@ -1,0 +1,102 @@
+"""The parts of a pipeline from their checkpoint folders, or random-initialised where the config allows.
+
+Each loader takes a local folder (diffusers / transformers layout, read by `convert.load_*`) or,
+with no folder and `config.random_init` True, builds the part from the architecture the config
+names under `random_arch` (the tiny demo configs) with random weights. No folder and no
+`random_init` is an error that names the flag to pass.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from idcrafter_jax import convert
+from idcrafter_jax.models import qwen2_5_vl, qwen2_5_vl_processor as processor_lib, wan_dit, wan_vae
+
+# WanDiT settings that come from the run config, not from the checkpoint's config.json.
+RUN_OVERRIDES = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+
+
+def require_random_init(config, what: str, flag: str) -> None:
+  if not config.random_init:
+    raise ValueError(f"no {what} given: pass {flag} (a local folder), or use a config with random_init=True.")
+
+
+def random_arch(config, part: str) -> dict:
+  """The architecture fields `config.random_arch[part]` gives for a random-initialised part."""
+  arch = dict(config.random_arch.get(part) or {})
+  if not arch:
+    raise ValueError(f"random_init needs config.random_arch.{part} (the {part} architecture to initialise); "
+                     "the tiny configs set it, full-size configs load checkpoint folders instead.")
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()}
+
+
+def random_vae_config(config) -> wan_vae.WanVAEConfig:
+  return wan_vae.WanVAEConfig(**random_arch(config, "vae"))
+
+
+def random_vlm_config(config, token_ids: dict[str, int]) -> qwen2_5_vl.Qwen2_5_VLConfig:
+  """`random_arch.vlm_vision` / `vlm_text` with the token ids of the processor written for it."""
+  vision = qwen2_5_vl.VisionConfig(**random_arch(config, "vlm_vision"))
+  text = qwen2_5_vl.TextConfig(vocab_size=token_ids["vocab_size"], **random_arch(config, "vlm_text"))
+  return qwen2_5_vl.Qwen2_5_VLConfig(vision=vision, text=text, image_token_id=token_ids["<|image_pad|>"],
+                                     video_token_id=token_ids["<|video_pad|>"],
+                                     vision_start_token_id=token_ids["<|vision_start|>"])
+
+
+def load_wan(config, wan_cfg: wan_dit.WanConfig, folder: str | None, key):
+  """(WanDiT, params): a diffusers / original Wan folder with the run's dtype and remat settings,
+  or `wan_cfg` random-initialised."""
+  if folder:
+    return convert.load_wan_dit(folder, **{k: getattr(wan_cfg, k) for k in RUN_OVERRIDES})
+  require_random_init(config, "Wan DiT", "--wan_dit")
+  module = wan_dit.WanDiT(wan_cfg)
+  dummy = [jnp.zeros(a.shape, a.dtype) for a in convert.wan_dummy_inputs(wan_cfg)]
+  return module, nn.unbox(jax.jit(module.init)(key, *dummy)["params"])
+
+
+def load_vae(config, folder: str | None, key):
+  """The frozen Wan VAE from a diffusers folder, or random-initialised (random_init)."""
+  kw = dict(tile_sample_min_size=config.vae.tile_sample_min_size,
+            tile_sample_stride=tuple(config.vae.tile_sample_stride))
+  if kw["tile_sample_min_size"] is not None:
+    kw["tile_sample_min_size"] = tuple(kw["tile_sample_min_size"])
+  if folder:
+    return convert.load_wan_vae(folder, **kw)
+  require_random_init(config, "Wan VAE", "--wan_vae")
+  vae = wan_vae.WanVAE(random_vae_config(config), **kw)
+  f = vae.config.spatial_factor
+  init = jax.jit(lambda k: vae.init(k, jnp.zeros((1, 5, f, f, 3)), jnp.zeros((1, 2, 1, 1, vae.config.z_dim)),
+                                    method=wan_vae.WanVAE.init_all))
+  return vae, nn.unbox(init(key)["params"])
+
+
+def load_vlm(config, folder: str | None, processor_folder: str | None, key, workdir: str | None = None):
+  """(Qwen2.5-VL module, params, processor) from a transformers folder, or random-initialised with
+  a byte-level processor written under `workdir` (random_init)."""
+  if folder:
+    vlm, params = convert.load_qwen2_5_vl(folder)
+    return vlm, params, processor_lib.QwenVLProcessor.from_pretrained(processor_folder or folder)
+  require_random_init(config, "Qwen2.5-VL encoder", "--vlm")
+  proc_dir = os.path.join(workdir or os.path.join(os.path.expanduser("~"), ".cache", "idcrafter_jax"),
+                          "tiny_processor")
+  ids = processor_lib.write_tiny_processor(proc_dir)
+  vlm = qwen2_5_vl.Qwen2_5_VL(random_vlm_config(config, ids))
+  return vlm, init_vlm(vlm, key), processor_lib.QwenVLProcessor.from_pretrained(proc_dir)
+
+
+def init_vlm(vlm: qwen2_5_vl.Qwen2_5_VL, key):
+  """Random-initialised params of `vlm` (demo configs only; real ones load from a folder)."""
+  v, cfg = vlm.cfg.vision, vlm.cfg
+  side = 2 * v.spatial_merge_size
+  grid = np.array([[1, side, side]])
+  n = side * side
+  ids = np.full((1, n // v.spatial_merge_size ** 2 + 2), 1, np.int32)
+  ids[0, 1:-1] = cfg.image_token_id
+  pixels = jnp.zeros((n, v.patch_dim), jnp.float32)
+  variables = jax.jit(lambda k: vlm.init(k, jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids)), pixels, grid))(key)
+  return nn.unbox(variables["params"])

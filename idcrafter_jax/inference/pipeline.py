@@ -1,0 +1,147 @@
+"""ID-Crafter inference pipeline: prompt + subject images -> video. It only wires the parts.
+
+  prompt + subject images --Qwen2.5-VL--> f_txt                       (conditioning.encode_condition)
+  subject images --Wan VAE (T=1), normalised--> subject latents        (encode_subjects)
+  noise --ID-Crafter DiT + flow-matching ODE with CFG, one lax.scan--> latents (sampling.generate)
+  latents --Wan VAE decoder--> video frames in [-1, 1]
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idcrafter_jax import sampling, video as video_io
+from idcrafter_jax.inference import conditioning, loading
+from idcrafter_jax.models import idcrafter, qwen2_5_vl, wan_vae
+
+
+def latent_shape(config, batch: int) -> tuple[int, ...]:
+  """(B, 1 + (T-1)/4, H/8, W/8, 16) for the config's frames and size; raises on sizes the models reject."""
+  s = config.sampling
+  if s.num_frames < 1 or (s.num_frames - 1) % 4:
+    raise ValueError(f"sampling.num_frames={s.num_frames} must be 1 + 4k (the VAE compresses time 4x "
+                     "after the first frame).")
+  if s.height % 16 or s.width % 16:
+    raise ValueError(f"sampling.height x width = {s.height}x{s.width} must be multiples of 16 "
+                     "(8x VAE, then 2x2 DiT patches).")
+  return (batch, 1 + (s.num_frames - 1) // 4, s.height // 8, s.width // 8, config.model.in_channels)
+
+
+@dataclasses.dataclass
+class Pipeline:
+  config: Any
+  dit: idcrafter.IDCrafter
+  dit_params: Any
+  vae: wan_vae.WanVAE
+  vae_params: Any
+  vlm: qwen2_5_vl.Qwen2_5_VL
+  vlm_params: Any
+  processor: Any
+  _samplers: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @classmethod
+  def from_config(cls, config, *, wan_dit_folder: str | None = None, wan_vae_folder: str | None = None,
+                  vlm_folder: str | None = None, processor_folder: str | None = None,
+                  workdir: str | None = None, key=None) -> "Pipeline":
+    """Loads each part from its folder, or random-initialises it where `config.random_init` allows."""
+    key = jax.random.key(config.seed) if key is None else key
+    k_dit, k_vae, k_vlm, k_new = jax.random.split(key, 4)
+    dit_cfg = idcrafter.IDCrafterConfig.from_config(config)
+    wan_module, wan_params = loading.load_wan(config, dit_cfg.wan, wan_dit_folder, k_dit)
+    dit, dit_params = idcrafter.IDCrafter.from_wan(wan_module, wan_params, dit_cfg, key=k_new)
+    vae, vae_params = loading.load_vae(config, wan_vae_folder, k_vae)
+    vlm, vlm_params, proc = loading.load_vlm(config, vlm_folder, processor_folder, k_vlm, workdir)
+    if vlm.cfg.text.hidden_size != dit_cfg.wan.text_dim:
+      raise ValueError(f"the VLM's hidden size {vlm.cfg.text.hidden_size} != model.text_dim "
+                       f"{dit_cfg.wan.text_dim}; set --config.model.text_dim.")
+    return cls(config, dit, dit_params, vae, vae_params, vlm, vlm_params, proc)
+
+  def with_dit_params(self, dit_params) -> "Pipeline":
+    """The same parts with other DiT params (a training checkpoint: `checkpoint.restore_params`)."""
+    return dataclasses.replace(self, dit_params=dit_params, _samplers={})
+
+  # -- conditioning
+
+  def encode_prompts(self, prompts: Sequence[str], subject_images: Sequence[Sequence[np.ndarray]],
+                     length: int | None = None):
+    """-> f_txt (B, L, D), f_txt_mask (B, L); L is the bucket, or `length` when given."""
+    buckets = (length,) if length else tuple(self.config.vlm.buckets)
+    return conditioning.encode_condition(list(prompts), [list(s) for s in subject_images], self.processor,
+                                         self.vlm, self.vlm_params, buckets=buckets,
+                                         system_prompt=self.config.vlm.system_prompt,
+                                         hidden_layer=self.config.vlm.hidden_layer)
+
+  def encode_subjects(self, subject_images: Sequence[Sequence[np.ndarray]]):
+    """Lists of (h, w, 3) uint8 images -> subject latents (B, N_max, 1, h/8, w/8, 16), mask (B, N_max)."""
+    n_max = self.dit.config.max_subjects
+    h, w = self.config.subjects.height, self.config.subjects.width
+    if h % 16 or w % 16:
+      raise ValueError(f"subjects.height x width = {h}x{w} must be multiples of 16.")
+    batch = np.full((len(subject_images), n_max, 1, h, w, 3), -1.0, np.float32)
+    mask = np.zeros((len(subject_images), n_max), bool)
+    for i, images in enumerate(subject_images):
+      if len(images) > n_max:
+        raise ValueError(f"sample {i} has {len(images)} subjects, more than model.max_subjects={n_max}.")
+      for j, im in enumerate(images):
+        batch[i, j, 0] = video_io.to_model(video_io.fit_image(im, (h, w), mode="pad")[None])[0]
+        mask[i, j] = True
+    return conditioning.subject_latents(self.vae, self.vae_params, batch[:, :, 0]), jnp.asarray(mask)
+
+  # -- sampling
+
+  def velocity_fn(self, params, x, timestep, cond):
+    return conditioning.velocity_fn(self.dit)(params, x, timestep, cond)
+
+  def conditions(self, prompts, subject_images):
+    """(cond, uncond) pytrees for the DiT. uncond masks every subject and, with an empty
+    `sampling.negative_prompt`, every text token (the null condition of training's dropout)."""
+    f_txt, f_mask = self.encode_prompts(prompts, subject_images)
+    subj, subj_mask = self.encode_subjects(subject_images)
+    cond = conditioning.condition(f_txt, f_mask, subj, subj_mask)
+    if self.config.sampling.guidance_scale == 1.0:
+      return cond, None
+    uncond = conditioning.null_condition(cond)  # what training's condition dropout shows
+    if self.config.sampling.negative_prompt:
+      neg = [self.config.sampling.negative_prompt] * len(prompts)
+      u_txt, u_mask = self.encode_prompts(neg, [[]] * len(prompts), length=f_txt.shape[1])
+      uncond.update(context=u_txt, context_mask=u_mask)
+    return cond, uncond
+
+  def sample_latents(self, cond, uncond, key, progress=None):
+    s = self.config.sampling
+    shape = latent_shape(self.config, cond["context"].shape[0])
+    k = (s.num_steps, float(s.shift), float(s.guidance_scale), progress)
+    if k not in self._samplers:  # one compiled trajectory per sampler setting
+      self._samplers[k] = _sampler(self, *k)
+    return self._samplers[k](self.dit_params, cond, uncond, key, shape)
+
+  def decode(self, latents):
+    z = wan_vae.denormalize_latents(latents, self.vae.config)
+    return _vae_decode(self.vae, self.vae_params, z)
+
+  def __call__(self, prompt: str, subject_images: Sequence[np.ndarray], key, progress=None) -> np.ndarray:
+    """One video (T, H, W, 3) uint8 for `prompt` and its subject images."""
+    latent_shape(self.config, 1)  # validate sizes before any compile
+    cond, uncond = self.conditions([prompt], [list(subject_images)])
+    latents = self.sample_latents(cond, uncond, key, progress)
+    return video_io.to_uint8(np.asarray(self.decode(latents))[0])
+
+
+def _sampler(pipe: Pipeline, num_steps, shift, guidance, progress):
+  callback = None if progress is None else (lambda i: progress(int(i)))
+
+  @functools.partial(jax.jit, static_argnames=("shape",))
+  def run(params, cond, uncond, key, shape):
+    return sampling.generate(pipe.velocity_fn, params, cond, uncond, key=key, shape=shape,
+                             num_steps=num_steps, shift=shift, guidance_scale=guidance, step_callback=callback)
+  return run
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vae_decode(vae, params, z):
+  return vae.apply({"params": params}, z, method=vae.decode)

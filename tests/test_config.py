@@ -1,0 +1,50 @@
+"""Every default is written once: the run config's sections equal the dataclasses they configure."""
+import dataclasses
+
+import jax.numpy as jnp
+import pytest
+
+from configs import tiny, wan2_1_14b, wan2_1_1_3b
+from idcrafter_jax import config as config_lib
+from idcrafter_jax.models import idcrafter, wan_dit, wan_vae
+from idcrafter_jax.rl import grpo
+
+
+def _default(cls, name):
+  return {f.name: f.default for f in dataclasses.fields(cls)}[name]
+
+
+def test_model_section_takes_every_wan_default_except_size_and_text_width():
+  c = config_lib.base_config("1.3B", text_dim=3584).model
+  for f in dataclasses.fields(wan_dit.WanConfig):
+    if f.name in config_lib.WAN_VARIANTS["1.3B"] or f.name == "text_dim":
+      continue
+    want = jnp.dtype(f.default).name if f.name.endswith("dtype") else f.default
+    assert c[f.name] == want, f.name
+  assert c.max_subjects == _default(idcrafter.IDCrafterConfig, "max_subjects")
+
+
+def test_base_config_builds_the_dataclasses_it_configures_unchanged():
+  c = config_lib.base_config("14B")
+  mc = idcrafter.IDCrafterConfig.from_config(c)
+  assert mc.wan.remat_policy == _default(wan_dit.WanConfig, "remat_policy")
+  assert mc.hipa_layers == _default(idcrafter.IDCrafterConfig, "hipa_layers")
+  assert mc.stages == _default(idcrafter.IDCrafterConfig, "stages")
+  assert grpo.GRPOConfig.from_config(c.grpo) == grpo.GRPOConfig()
+  assert c.vae.tile_sample_stride == _default(wan_vae.WanVAE, "tile_sample_stride")
+  assert c.vae.tile_sample_min_size == _default(wan_vae.WanVAE, "tile_sample_min_size")
+
+
+@pytest.mark.parametrize("module,arg", [(tiny, None), (tiny, "sft"), (tiny, "grpo"), (wan2_1_1_3b, None),
+                                        (wan2_1_14b, None)])
+def test_every_config_file_builds_its_model_and_grpo_settings(module, arg):
+  c = module.get_config(arg)
+  idcrafter.IDCrafterConfig.from_config(c)
+  grpo.GRPOConfig.from_config(c.grpo)
+
+
+def test_an_unknown_model_key_is_named():
+  c = config_lib.base_config("tiny", text_dim=32)
+  c.model.nonexistent = 1
+  with pytest.raises(ValueError, match="nonexistent"):
+    idcrafter.IDCrafterConfig.from_config(c)
