@@ -87,7 +87,9 @@ class Checkpointer:
 
 
 def save_config(workdir: str, config) -> None:
-  """Writes the run config next to the checkpoints (config.json), as the run starts."""
+  """Writes the run config next to the checkpoints (config.json), as the run starts (process 0)."""
+  if jax.process_index() != 0:
+    return
   path = epath.Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
   (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -5,9 +5,17 @@ r"""Train ID-Crafter: flow-matching SFT or Flow-GRPO post-training, resumable.
 
 A workdir that already holds checkpoints resumes from the newest readable one. The config is
 printed and saved as workdir/config.json; metrics go to workdir/metrics.jsonl and TensorBoard
-(workdir/tb). SIGTERM (TPU preemption) saves a checkpoint and exits.
+(workdir/tb). SIGTERM (TPU preemption) saves a checkpoint and exits with code 143, so that a
+scheduler restarts the job, which resumes.
+
+Several processes (one per host of a pod slice) start the same command; TPU slices and SLURM are
+detected, elsewhere pass --coordinator_address, --num_processes and --process_id (or set
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). Each host reads its slice of every
+global batch; process 0 alone writes logs, metrics and config.json; all save checkpoints.
 """
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -15,22 +23,32 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/tiny.py:sft.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints and logs.")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this many steps in this call.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-process: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: process count (or JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index (or JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
+  from idcrafter_jax.training import hosts, loop
+  hosts.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
-  print(config)
+  if hosts.is_primary():
+    print(config)
   mode = config.train.mode
   if mode == "sft":
-    from idcrafter_jax.training import sft
-    sft.run(config, _WORKDIR.value, max_steps=_MAX_STEPS.value)
+    from idcrafter_jax.training import sft as run_lib
   elif mode == "grpo":
-    from idcrafter_jax.rl import loop
-    loop.run(config, _WORKDIR.value, max_steps=_MAX_STEPS.value)
+    from idcrafter_jax.rl import loop as run_lib
   else:
     raise ValueError(f"train.mode {mode!r} is unknown; expected 'sft' or 'grpo'.")
+  try:
+    run_lib.run(config, _WORKDIR.value, max_steps=_MAX_STEPS.value)
+  except loop.Preempted as e:
+    print(e)
+    sys.exit(loop.Preempted.EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """The Grain input pipeline: records -> decoded, resized, batched samples for the trainer.
 
-  index range --shuffle(seed)--> per-host slice --repeat(num_epochs)--> read + decode (threads)
+  index range --shuffle(seed)--> repeat(num_epochs) --> this host's slice --> read + decode (threads)
     --> skip and count unreadable records --> batch (per-host batch; per resolution bucket when
     there are several) --> [worker processes]
 
-Per-host sharding slices one global shuffled order, so hosts see disjoint records every epoch.
+Hosts share one global stream of records: global batch s is stream positions [s G, (s+1) G)
+(G = `global_batch_size`) and host i reads its contiguous part [s G + i G/P, s G + (i+1) G/P)
+(`HostSlice`), so the records of a global batch, and their order, are the same on any number of
+processes P, and hosts read disjoint records.
 Decoding (`decode`) reads the first `num_frames` frames of the clip, scales and centre-crops
 them to its resolution bucket (`video.resize_video`, 'crop'): (height, width), or with
 `buckets` the size whose aspect ratio is nearest the clip's; composites each subject image on white
@@ -430,6 +433,28 @@ def _shuffle_seed(shuffle_seed: int, seed: int) -> int:
   return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(shuffle_seed) & 0xFFFFFFFF]).generate_state(1)[0])
 
 
+class HostSlice(grain.MapDataset):
+  """Host `index`'s share of a record stream read in global batches of `count * per_host`: its
+  k-th element is the parent's (k // per_host) * G + index * per_host + k % per_host. An
+  incomplete last global batch of a finite stream is dropped on every host alike."""
+
+  def __init__(self, parent: grain.MapDataset, index: int, count: int, per_host: int):
+    super().__init__(parent)
+    self._index, self._count, self._per_host = index, count, per_host
+
+  def __len__(self) -> int:
+    return len(self._parent) // (self._count * self._per_host) * self._per_host
+
+  def __getitem__(self, k):
+    if isinstance(k, slice):
+      return self.slice(k)
+    batch, j = divmod(k, self._per_host)
+    return self._parent[(batch * self._count + self._index) * self._per_host + j]
+
+  def __str__(self) -> str:
+    return f"HostSlice(index={self._index}, count={self._count}, per_host={self._per_host})"
+
+
 def make_dataset(c, *, process_index: int = 0, process_count: int = 1, seed: int = 0,
                  warn_skips: bool = True) -> grain.IterDataset:
   """The Grain dataset of per-host batches for data config `c` (see `default_config`)."""
@@ -446,8 +471,7 @@ def make_dataset(c, *, process_index: int = 0, process_count: int = 1, seed: int
   source = tfds_builder.open_source(c.folder, c.split)
   n = len(source)
   per_host = c.global_batch_size // process_count
-  usable = n - n % process_count
-  if usable // process_count < 1:
+  if n < process_count:
     raise ValueError(f"{c.folder!r} split {c.split!r} has {n} records, fewer than process_count={process_count}.")
   if spec.use_cached and not _probe_cache(source, spec, n):
     print(f"data: {c.folder} has no cached features; batches carry video and subject images only.")
@@ -456,15 +480,15 @@ def make_dataset(c, *, process_index: int = 0, process_count: int = 1, seed: int
   ds = grain.MapDataset.range(n)
   if c.shuffle_seed is not None:
     ds = ds.shuffle(seed=_shuffle_seed(c.shuffle_seed, seed))
-  if process_count > 1:
-    ds = ds[process_index:usable:process_count]
   ds = ds.repeat(c.num_epochs)
+  if process_count > 1:
+    ds = HostSlice(ds, process_index, process_count, per_host)
   bucketed = len(spec.sizes) > 1
   ds = ds.map(_ReadDecode(source, spec, with_index=bucketed))
   threads = per_host if c.prefetch else 0
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=c.prefetch * per_host))
   # repeated forever, an epoch with nothing usable would spin: raise instead
-  epoch = usable // process_count if process_count > 1 else n
+  epoch = max(1, n // process_count)
   ds = SkipCountingIterDataset(ds, warn=warn_skips, max_consecutive=epoch if c.num_epochs is None else None)
   if bucketed:
     ds = BucketBatchIterDataset(ds, per_host, _ReadDecode(source, spec))

@@ -20,7 +20,7 @@ import numpy as np
 from idcrafter_jax import checkpoint as ckpt_lib, sharding, video as video_io
 from idcrafter_jax.inference import conditioning
 from idcrafter_jax.inference.pipeline import latent_shape
-from idcrafter_jax.training import batches, lora, loop, metrics
+from idcrafter_jax.training import batches, hosts, lora, loop, metrics
 from idcrafter_jax.rl import grpo, rewards as rewards_lib
 
 
@@ -194,7 +194,11 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
   """Runs GRPO until `train.steps` iterations (or `max_steps` more). Returns the final state."""
   from idcrafter_jax import data as data_lib
   gc = grpo.GRPOConfig.from_config(config.grpo)
-  loop.maybe_initialize_distributed()
+  hosts.maybe_initialize_distributed()
+  if jax.process_count() > 1:
+    raise NotImplementedError(f"Flow-GRPO on {jax.process_count()} processes is not built yet (rollouts, rewards "
+                              "and group advantages are still host-local); run it in one process, or SFT on "
+                              "several.")
   if data_iterator is None or eval_batches is None:
     loop.prepare_data(config, workdir)
   ckpt_lib.save_config(workdir, config)

@@ -11,6 +11,7 @@ import numpy as np
 
 from idcrafter_jax import video as video_io
 from idcrafter_jax.inference import conditioning
+from idcrafter_jax.training import hosts
 
 # The DiT inputs of a training batch, in the order `flow_matching_loss` reads them.
 MODEL_INPUTS = ("latents", "f_txt", "f_txt_mask", "subject_latents", "subject_mask")
@@ -29,8 +30,19 @@ def condition_batch(pipe, raw: dict) -> dict:
     imgs = np.asarray(video_io.to_uint8(np.asarray(raw["subject_images"])))
     mask = np.asarray(raw["subject_mask"], bool)
     subjects = [[imgs[i, j] for j in range(imgs.shape[1]) if mask[i, j]] for i in range(imgs.shape[0])]
-    out["f_txt"], out["f_txt_mask"] = pipe.encode_prompts([str(c) for c in raw["caption"]], subjects)
+    prompts = [str(c) for c in raw["caption"]]
+    out["f_txt"], out["f_txt_mask"] = pipe.encode_prompts(prompts, subjects, length=_text_length(pipe, prompts,
+                                                                                                   subjects))
   return out
+
+
+def _text_length(pipe, prompts, subjects) -> int:
+  """The text bucket of the global batch: the largest of the hosts' buckets, so every host's
+  features have one length (one process: this batch's bucket)."""
+  c = pipe.config.vlm
+  inputs = conditioning.prepare_inputs(prompts, subjects, pipe.processor, buckets=tuple(c.buckets),
+                                       system_prompt=c.system_prompt)
+  return hosts.agree_max(inputs["input_ids"].shape[1])
 
 
 def model_batch(pipe, raw: dict) -> dict:

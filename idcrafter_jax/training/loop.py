@@ -10,6 +10,7 @@ step (TPU VMs are sent SIGTERM before preemption), so at most `train.ckpt_every`
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from typing import Callable
 
@@ -18,19 +19,7 @@ from tqdm import tqdm
 
 from idcrafter_jax import checkpoint as ckpt_lib, sharding
 from idcrafter_jax.models import idcrafter
-from idcrafter_jax.training import metrics, train_state
-
-
-def maybe_initialize_distributed():
-  """Multi-host: `jax.distributed.initialize()` when the environment names a coordinator (GPU
-  clusters: JAX_COORDINATOR_ADDRESS, ...; TPU pod slices: TPU_WORKER_HOSTNAMES). Must run before
-  any other JAX call, which would start a single-process backend."""
-  if not any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
-                                       "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID")):
-    return
-  if jax.distributed.is_initialized():
-    return
-  jax.distributed.initialize()
+from idcrafter_jax.training import hosts, metrics, train_state
 
 
 def prepare_data(config, workdir: str):
@@ -47,10 +36,18 @@ def prepare_data(config, workdir: str):
   from idcrafter_jax.data import synthetic
   root = os.path.join(os.path.abspath(workdir), "synthetic_data")
   if not os.path.isdir(os.path.join(root, "meta")):
+    # every host writes the same (deterministic) dataset aside and renames it into place: the
+    # first rename wins, whether or not the hosts share the workdir
     d = config.data
-    synthetic.write_dataset(root, num_clips=d.synthetic_clips, test_clips=d.synthetic_test_clips,
+    tmp = f"{root}.tmp{jax.process_index()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    synthetic.write_dataset(tmp, num_clips=d.synthetic_clips, test_clips=d.synthetic_test_clips,
                             num_frames=d.num_frames, height=max(d.height, 16), width=max(d.width, 16),
                             max_subjects=d.max_subjects, seed=config.seed)
+    try:
+      os.rename(tmp, root)
+    except OSError:  # another host's copy is in place
+      shutil.rmtree(tmp, ignore_errors=True)
   with config.unlocked():
     config.data.folder = root
 
@@ -76,7 +73,7 @@ def drive(session: "TrainSession", state, data_iterator, *, end: int, step_fn: C
   """Runs `step_fn(step, state) -> (state, logged_row or None)` from `state.step` to `end`,
   checkpointing through `session` and stopping cleanly on SIGTERM / SIGINT. Returns the state."""
   start = int(state.step)
-  bar = tqdm(total=end, initial=start, desc=desc, unit="step", disable=not progress)
+  bar = tqdm(total=end, initial=start, desc=desc, unit="step", disable=not (progress and hosts.is_primary()))
   with PreemptionGuard() as guard:
     for step in range(start, end):
       state, row = step_fn(step, state)
@@ -87,12 +84,24 @@ def drive(session: "TrainSession", state, data_iterator, *, end: int, step_fn: C
         break
   bar.close()
   session.close()
+  if session.preempted:
+    raise Preempted(int(state.step))
   return state
 
 
 def end_step(config, start: int, max_steps: int | None) -> int:
   """The step this call stops at: `train.steps`, or `max_steps` more than `start`."""
   return config.train.steps if max_steps is None else min(config.train.steps, start + max_steps)
+
+
+class Preempted(Exception):
+  """The run stopped on SIGTERM / SIGINT after saving a checkpoint at `step`; not finished, so a
+  launcher exits with `EXIT_CODE` (non-zero: schedulers restart the job, which then resumes)."""
+  EXIT_CODE = 143  # 128 + SIGTERM, as a process killed by the signal would report
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted: stopped at step {step} with a checkpoint saved; run again to resume.")
+    self.step = step
 
 
 class PreemptionGuard:
@@ -136,6 +145,7 @@ class TrainSession:
                                       save_every=tc.ckpt_every, keep=tc.keep_ckpts, async_save=tc.async_ckpt)
     self.writer = metrics.MetricsWriter(workdir)
     self.workdir = workdir
+    self.preempted = False
 
   def resume(self, state, data_iterator):
     restored = self.ckpt.restore(ckpt_lib.abstract_like(state))
@@ -145,15 +155,21 @@ class TrainSession:
     if data_state:
       data_iterator.set_state(data_state)
     self.writer.truncate_after(step)
-    print(f"resumed {self.mode} from step {step} in {self.workdir}")
+    if hosts.is_primary():
+      print(f"resumed {self.mode} from step {step} in {self.workdir}")
     return state
 
   def after_step(self, done: int, end: int, state, data_iterator, guard: PreemptionGuard) -> bool:
-    if self.ckpt.should_save(done) or guard.requested or done == end:
+    """Saves when due; a signal on any host stops every host after the same step (one all-gather
+    per step on several hosts), each saving that step first."""
+    stop = hosts.agree_any(guard.requested)
+    if self.ckpt.should_save(done) or stop or done == end:
       self.ckpt.save(done, state, data_iterator.get_state(), meta={"mode": self.mode}, force=True)
-    if guard.requested:
-      print(f"stopped at step {done} on request; checkpoint saved.")
-    return guard.requested
+    if stop and done != end:
+      self.preempted = True
+      if hosts.is_primary():
+        print(f"stopped at step {done} on request; checkpoint saved.")
+    return stop
 
   def close(self):
     self.ckpt.close()

@@ -7,6 +7,7 @@ import math
 import os
 from typing import Mapping
 
+import jax
 import numpy as np
 
 
@@ -26,17 +27,24 @@ def fmt(v, digits: int = 4) -> str:
 
 
 class MetricsWriter:
+  """Appends rows to metrics.jsonl and TensorBoard; on several processes only process 0 writes
+  (the others return the row and touch nothing)."""
+
   def __init__(self, workdir: str, *, tensorboard: bool = True):
-    os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
-    if tensorboard:
+    self._primary = jax.process_index() == 0
+    if self._primary:
+      os.makedirs(workdir, exist_ok=True)
+    if tensorboard and self._primary:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, metrics: Mapping[str, object]) -> dict:
     row = {"step": int(step)}
     row.update({k: _scalar(v) for k, v in metrics.items()})
+    if not self._primary:
+      return row
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
@@ -48,7 +56,7 @@ class MetricsWriter:
 
   def truncate_after(self, step: int) -> None:
     """On resume, drops rows logged after the restored step (they will be logged again)."""
-    if not os.path.exists(self.path):
+    if not self._primary or not os.path.exists(self.path):
       return
     with open(self.path) as f:
       rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]

@@ -9,7 +9,8 @@ gradient norm skips the update (params, optimiser and EMA unchanged) and is coun
 `run(config, workdir)` resumes from the newest readable checkpoint in `workdir/checkpoints`
 (params, optimiser, EMA, step, RNG and the data iterator's position), so an interrupted run
 loses at most `train.ckpt_every` steps; SIGTERM saves and exits. Each logged step appends to
-`workdir/metrics.jsonl` and TensorBoard.
+`workdir/metrics.jsonl` and TensorBoard. On several processes each host reads its slice of the
+global batch and the step runs on global arrays (`hosts.global_batch`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from idcrafter_jax import checkpoint as ckpt_lib, flow, sharding
-from idcrafter_jax.training import batches, loop, train_state
+from idcrafter_jax.training import batches, hosts, loop, train_state
 
 
 def sample_t(key, batch: int, tc):
@@ -96,9 +97,10 @@ class _Steps:
   """SFT's step of the shared loop: next batch -> model inputs -> jitted step (one compile per
   batch shape: text buckets) -> a logged row every `log_every` steps."""
 
-  def __init__(self, pipe, mesh, tx, s_shard, config, it, writer, end):
+  def __init__(self, pipe, mesh, tx, s_shard, config, it, writer, end, global_batch_size):
     self.pipe, self.mesh, self.s_shard, self.tc, self.it, self.writer, self.end = (
         pipe, mesh, s_shard, config.train, it, writer, end)
+    self.global_batch_size = global_batch_size
     self.step_fn = make_train_step(pipe.dit.apply, tx, config.train)
     self.jitted = {}
     self.t_last, self.n_since = time.perf_counter(), 0
@@ -112,10 +114,12 @@ class _Steps:
 
   def __call__(self, step: int, state):
     from idcrafter_jax import data as data_lib
+    # the frozen encoders run on this host's share, on its own devices (outside the training mesh)
     batch = batches.model_batch(self.pipe, next(self.it))
     batch = {k: batch[k] for k in batches.MODEL_INPUTS}
-    fn, b_shard = self._compiled(batch)
-    state, metrics = fn(state, jax.device_put(batch, b_shard))
+    with sharding.with_mesh_rules(self.mesh):
+      fn, b_shard = self._compiled(batch)
+      state, metrics = fn(state, hosts.global_batch(batch, b_shard, self.global_batch_size))
     self.n_since += 1
     done = step + 1
     if done % self.tc.log_every and done != self.end:
@@ -131,18 +135,19 @@ class _Steps:
 def run(config, workdir: str, *, data_iterator=None, max_steps: int | None = None, progress: bool = True):
   """Trains until `train.steps` (or `max_steps` more steps in this call). Returns the final state."""
   from idcrafter_jax import data as data_lib
-  loop.maybe_initialize_distributed()
+  hosts.maybe_initialize_distributed()
   if data_iterator is None:
     loop.prepare_data(config, workdir)
   ckpt_lib.save_config(workdir, config)
   pipe, mesh, tx, boxed = loop.build(config, workdir)
   it = data_iterator or data_lib.make_iterator(config.data, process_index=jax.process_index(),
                                                process_count=jax.process_count(), seed=config.seed)
+  global_size = None if data_iterator is not None else config.data.global_batch_size
   with sharding.with_mesh_rules(mesh):
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     state, s_shard = loop.sharded_state(pipe.dit_params, tx, key, boxed, mesh, ema=config.train.ema)
     session = loop.TrainSession(workdir, config.train, "sft")
     state = session.resume(state, it)
     end = loop.end_step(config, int(state.step), max_steps)
-    steps = _Steps(pipe, mesh, tx, s_shard, config, it, session.writer, end)
-    return loop.drive(session, state, it, end=end, step_fn=steps, desc="sft", progress=progress, postfix="loss")
+    steps = _Steps(pipe, mesh, tx, s_shard, config, it, session.writer, end, global_size)
+  return loop.drive(session, state, it, end=end, step_fn=steps, desc="sft", progress=progress, postfix="loss")

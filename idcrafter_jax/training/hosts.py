@@ -1,0 +1,103 @@
+"""Several JAX processes as the hosts of one slice: start-up, agreement, and global batches.
+
+A pod slice above one host runs one process per host. `maybe_initialize_distributed` starts JAX's distributed
+runtime (before any other JAX call); `global_batch` turns each host's share of a batch into one
+global array on the mesh (as MaxText's multihost data loading), so the jitted step never sees a
+host-local array; `agree_any` / `agree_max` are the decisions every host must take alike
+(stop on a preemption signal, the text bucket of a batch). With one process each is the
+identity.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+# Environment of a cluster without auto-detection (and of the tests): all three, or none.
+ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# Environments JAX's `initialize()` detects by itself: TPU pod slices, multislice, SLURM.
+AUTO_DETECTED = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID")
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """Starts multi-process JAX: from the arguments, else from `JAX_COORDINATOR_ADDRESS`,
+  `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`, else where JAX detects a cluster itself; a single
+  process otherwise. Must run before any other JAX call. CPU processes use gloo collectives."""
+  if jax.distributed.is_initialized():
+    return
+  explicit = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+  if all(v is None for v in explicit.values()):
+    env = {k: os.environ.get(k) for k in ENV_VARS}
+    if any(v is not None for v in env.values()):
+      explicit = dict(coordinator_address=env[ENV_VARS[0]], num_processes=_int(env, ENV_VARS[1]),
+                      process_id=_int(env, ENV_VARS[2]))
+    elif not any(k in os.environ for k in AUTO_DETECTED + ("JAX_COORDINATOR_ADDRESS",)):
+      return
+    else:
+      jax.distributed.initialize()
+      return
+  missing = [k for k, v in explicit.items() if v is None]
+  if missing:
+    raise ValueError(f"multi-process start-up needs coordinator_address, num_processes and process_id "
+                     f"(flags or {', '.join(ENV_VARS)}); missing {missing}.")
+  if not 0 <= explicit["process_id"] < explicit["num_processes"]:
+    raise ValueError(f"process_id={explicit['process_id']} must be in [0, num_processes="
+                     f"{explicit['num_processes']}).")
+  if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**explicit)
+
+
+def _int(env: dict, key: str) -> int | None:
+  v = env[key]
+  if v is None:
+    return None
+  try:
+    return int(v)
+  except ValueError:
+    raise ValueError(f"{key}={v!r} is not an integer.") from None
+
+
+def is_primary() -> bool:
+  """Process 0: the one writer of logs, metrics, configs, plots and sample videos."""
+  return jax.process_index() == 0
+
+
+def _gather(value: np.ndarray) -> np.ndarray:
+  """Every host's `value`, stacked (an all-gather over all devices, whatever mesh is current)."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("hosts",))
+  with jax.set_mesh(mesh):
+    return np.asarray(multihost_utils.process_allgather(value))
+
+
+def agree_any(flag: bool) -> bool:
+  """True on every host when it is True on any host (one all-gather; no collective with one process)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(_gather(np.asarray([bool(flag)]))))
+
+
+def agree_max(value: int) -> int:
+  """The largest of the hosts' values, on every host."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(np.max(_gather(np.asarray([int(value)], np.int64))))
+
+
+def global_batch(local: dict, shardings: dict, global_batch_size: int | None = None) -> dict:
+  """Each host's share (per-host batch first: the host's contiguous slice of the global batch,
+  as `data.make_iterator` reads it) -> global arrays placed by `shardings`. The global batch is
+  the per-host batch x the process count, and must equal `global_batch_size` when given."""
+  count = jax.process_count()
+  rows = {k: np.shape(x)[0] for k, x in local.items()}
+  if len(set(rows.values())) != 1:
+    raise ValueError(f"batch keys disagree on the per-host batch: {rows}.")
+  n = next(iter(rows.values())) * count
+  if global_batch_size is not None and n != global_batch_size:
+    raise ValueError(f"{n // count} rows on this host x {count} processes = {n} != data.global_batch_size="
+                     f"{global_batch_size}; each host must hold global_batch_size / process_count.")
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(x), (n,) + np.shape(x)[1:])
+          for k, x in local.items()}

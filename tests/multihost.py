@@ -1,0 +1,131 @@
+"""Runs a training function in N JAX processes on localhost, as the hosts of one slice.
+
+`run_processes(n, devices, spec)` starts `n` copies of this file, each with `devices` CPU devices,
+gloo collectives and `jax.distributed` on a free port (one process: no distributed runtime), and
+kills every one of them when any fails or the timeout passes. Each process runs
+`spec["target"]` (`module:function`) with (spec, process_index) and process 0 writes what it
+returns (a dict of arrays) to `spec["out"]` as .npz.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def start(n: int, devices: int, spec: dict, log_dir: str) -> list[subprocess.Popen]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env.pop("PYTEST_XDIST_WORKER", None)
+  if n > 1:
+    env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}", JAX_NUM_PROCESSES=str(n))
+  procs = []
+  for i in range(n):
+    log = open(os.path.join(log_dir, f"process_{i}.log"), "w")
+    procs.append(subprocess.Popen([sys.executable, __file__, json.dumps(spec)], cwd=ROOT, stdout=log,
+                                  stderr=subprocess.STDOUT, env=dict(env, JAX_PROCESS_ID=str(i)) if n > 1 else env))
+  return procs
+
+
+def wait(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+  """Exit codes; on timeout every process is killed and TimeoutError raised."""
+  end = time.monotonic() + timeout
+  while any(p.poll() is None for p in procs):
+    if time.monotonic() > end:
+      for p in procs:
+        p.kill()
+      raise TimeoutError(f"processes still running after {timeout:.0f} s; killed.")
+    time.sleep(0.2)
+  return [p.returncode for p in procs]
+
+
+def run_processes(n: int, devices: int, spec: dict, log_dir: str, timeout: float = 600) -> list[int]:
+  procs = start(n, devices, spec, log_dir)
+  try:
+    return wait(procs, timeout)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+
+def read_log(log_dir: str, i: int) -> str:
+  with open(os.path.join(log_dir, f"process_{i}.log")) as f:
+    return f.read()
+
+
+def _main(spec: dict) -> None:
+  import jax
+  import numpy as np
+  jax.config.update("jax_default_matmul_precision", "highest")
+  cache = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"idcrafter_jax_test_cache_{os.getuid()}")
+  jax.config.update("jax_compilation_cache_dir", cache)
+  from idcrafter_jax.training import hosts
+  hosts.maybe_initialize_distributed()
+  from idcrafter_jax.training import loop
+  module, fn = spec["target"].split(":")
+  try:
+    out = getattr(importlib.import_module(module), fn)(spec, jax.process_index())
+  except loop.Preempted as e:  # as launch/train.py exits
+    print(e, flush=True)
+    sys.exit(loop.Preempted.EXIT_CODE)
+  if jax.process_index() == 0 and out is not None:
+    np.savez(spec["out"], **out)
+
+
+if __name__ == "__main__":
+  _main(json.loads(sys.argv[1]))
+
+
+# ---------------------------------------------------------------------------- targets
+
+
+def tiny_sft_config(spec: dict):
+  """configs/tiny.py:sft on an 8-way data mesh: global batch 8 of 5 x 32 x 32 clips."""
+  from configs import tiny
+  c = tiny.get_config("sft")
+  c.mesh.update(data=-1, fsdp=1)
+  c.sampling.update(num_frames=5, height=32, width=32)
+  c.data.update(num_frames=5, height=32, width=32, global_batch_size=8, synthetic_clips=16, synthetic_test_clips=0)
+  c.train.update(steps=spec["steps"], log_every=1, ckpt_every=spec.get("ckpt_every", 2), async_ckpt=False)
+  return c
+
+
+def _signal_after(step: int) -> None:
+  """This process sends itself SIGTERM after `step` (a preemption notice mid-run)."""
+  import signal
+  from idcrafter_jax.training import loop
+  after_step = loop.TrainSession.after_step
+
+  def hooked(self, done, *args, **kwargs):
+    if done == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return after_step(self, done, *args, **kwargs)
+  loop.TrainSession.after_step = hooked
+
+
+def sft_params(spec: dict, process_index: int):
+  """SFT on the tiny config; returns the final params gathered to every host, by path.
+  `spec["sigterm"] = [process, step]`: that process is sent SIGTERM after that step."""
+  if spec.get("sigterm") and spec["sigterm"][0] == process_index:
+    _signal_after(spec["sigterm"][1])
+  import jax
+  import numpy as np
+  from flax import traverse_util
+  from jax.experimental import multihost_utils
+  from idcrafter_jax.training import sft
+  state = sft.run(tiny_sft_config(spec), spec["workdir"], max_steps=spec.get("max_steps"), progress=False)
+  params = multihost_utils.process_allgather(state.params, tiled=True)
+  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}
