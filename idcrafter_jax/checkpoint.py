@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from idcrafter_jax.inference import pipeline as pipeline_lib
-from idcrafter_jax.training import lora
+from idcrafter_jax.training import hosts, lora
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +62,25 @@ class Checkpointer:
   def restore(self, abstract_state):
     """The newest readable checkpoint as (step, state, data_state, meta), or None if there is none.
 
-    `abstract_state` gives shapes, dtypes and shardings (a tree of ShapeDtypeStructs).
+    `abstract_state` gives shapes, dtypes and shardings (a tree of ShapeDtypeStructs). On several
+    processes the fallback is taken by all together: a step any host cannot read is skipped by all.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     for step in steps:
+      out, error = None, None
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
-        return step, out.state, out.data, out.meta
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
-        log.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one.",
-                    step, self.directory, type(e).__name__, e)
-        print(f"warning: checkpoint step {step} in {self.directory} is unreadable "
-              f"({type(e).__name__}); falling back to the previous one.")
+        error = f"{type(e).__name__}: {e}"
+      if not hosts.agree_any(error is not None):
+        return step, out.state, out.data, out.meta
+      reason = error or "another process could not read it"
+      log.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous one.",
+                  step, self.directory, reason)
+      print(f"warning: checkpoint step {step} in {self.directory} is unreadable "
+            f"({reason.split(':')[0]}); falling back to the previous one.")
     return None
 
   def wait(self):

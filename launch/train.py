@@ -49,6 +49,9 @@ def main(argv):
   except loop.Preempted as e:
     print(e)
     sys.exit(loop.Preempted.EXIT_CODE)
+  except Exception as e:
+    hosts.exit_on_failure(e)
+    raise
 
 
 if __name__ == "__main__":

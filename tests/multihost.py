@@ -34,7 +34,7 @@ def start(n: int, devices: int, spec: dict, log_dir: str) -> list[subprocess.Pop
   procs = []
   for i in range(n):
     log = open(os.path.join(log_dir, f"process_{i}.log"), "w")
-    procs.append(subprocess.Popen([sys.executable, __file__, json.dumps(spec)], cwd=ROOT, stdout=log,
+    procs.append(subprocess.Popen([sys.executable, "-u", __file__, json.dumps(spec)], cwd=ROOT, stdout=log,
                                   stderr=subprocess.STDOUT, env=dict(env, JAX_PROCESS_ID=str(i)) if n > 1 else env))
   return procs
 
@@ -81,6 +81,9 @@ def _main(spec: dict) -> None:
   except loop.Preempted as e:  # as launch/train.py exits
     print(e, flush=True)
     sys.exit(loop.Preempted.EXIT_CODE)
+  except Exception as e:  # as launch/train.py exits
+    hosts.exit_on_failure(e)
+    raise
   if jax.process_index() == 0 and out is not None:
     np.savez(spec["out"], **out)
 
@@ -103,29 +106,34 @@ def tiny_sft_config(spec: dict):
   return c
 
 
-def _signal_after(step: int) -> None:
-  """This process sends itself SIGTERM after `step` (a preemption notice mid-run)."""
-  import signal
+def _signal_after(step: int, signum: int) -> None:
+  """This process sends itself `signum` after `step` (SIGTERM: a preemption notice mid-run;
+  SIGKILL: a host that dies)."""
   from idcrafter_jax.training import loop
   after_step = loop.TrainSession.after_step
 
   def hooked(self, done, *args, **kwargs):
     if done == step:
-      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signum)
     return after_step(self, done, *args, **kwargs)
   loop.TrainSession.after_step = hooked
 
 
 def sft_params(spec: dict, process_index: int):
   """SFT on the tiny config; returns the final params gathered to every host, by path.
-  `spec["sigterm"] = [process, step]`: that process is sent SIGTERM after that step."""
-  if spec.get("sigterm") and spec["sigterm"][0] == process_index:
-    _signal_after(spec["sigterm"][1])
+  `spec["sigterm"]` / `spec["sigkill"] = [process, step]`: that process is sent the signal after
+  that step."""
+  import signal
+  for name, signum in (("sigterm", signal.SIGTERM), ("sigkill", signal.SIGKILL)):
+    if spec.get(name) and spec[name][0] == process_index:
+      _signal_after(spec[name][1], signum)
   import jax
   import numpy as np
   from flax import traverse_util
   from jax.experimental import multihost_utils
   from idcrafter_jax.training import sft
+  from idcrafter_jax.training import hosts
   state = sft.run(tiny_sft_config(spec), spec["workdir"], max_steps=spec.get("max_steps"), progress=False)
+  hosts.barrier("final_params")
   params = multihost_utils.process_allgather(state.params, tiled=True)
   return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}

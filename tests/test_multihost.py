@@ -1,6 +1,8 @@
 """SFT on 2 JAX processes x 4 CPU devices equals SFT on 1 process x 8 devices (same global batch,
 same data order), through checkpoints and a preemption delivered to one host."""
 import os
+import shutil
+import time
 
 import numpy as np
 import pytest
@@ -45,14 +47,37 @@ def test_sft_on_two_processes_equals_one_process(one_process, tmp_path):
   assert "resumed" not in multihost.read_log(workdir, 1) and os.path.exists(os.path.join(workdir, "config.json"))
 
 
-def test_sigterm_to_one_host_stops_both_at_one_step_and_the_rerun_resumes_exactly(one_process, tmp_path):
+def test_sigterm_to_one_host_stops_both_at_one_step_and_the_run_resumes_on_two_or_one_process(
+    one_process, tmp_path):
   _, ref_out = one_process
   codes, workdir, out = _run(tmp_path, "pre", 2, 4, steps=4, ckpt_every=4, sigterm=[1, 2])
   logs = multihost.read_log(workdir, 0) + multihost.read_log(workdir, 1)
   assert codes == [loop.Preempted.EXIT_CODE] * 2, logs
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"], logs
   assert "stopped at step 2 on request" in multihost.read_log(workdir, 0)
-  codes, workdir, out = _run(tmp_path, "pre", 2, 4, steps=4, ckpt_every=4)
-  assert codes == [0, 0], multihost.read_log(workdir, 0) + multihost.read_log(workdir, 1)
-  assert [r["step"] for r in metrics.read_metrics(workdir)] == [1, 2, 3, 4]
-  _assert_same_params(out, ref_out, atol=1e-6)
+  shutil.copytree(workdir, str(tmp_path / "pre_on_one"))
+  for name, n, devices in (("pre", 2, 4), ("pre_on_one", 1, 8)):  # same topology, then 8 devices in 1 process
+    codes, workdir, out = _run(tmp_path, name, n, devices, steps=4, ckpt_every=4)
+    assert codes == [0] * n, "".join(multihost.read_log(workdir, i) for i in range(n))
+    assert "resumed sft from step 2" in multihost.read_log(workdir, 0)
+    assert [r["step"] for r in metrics.read_metrics(workdir)] == [1, 2, 3, 4]
+    _assert_same_params(out, ref_out, atol=1e-6)
+
+
+def test_a_host_that_dies_makes_the_other_exit_with_an_error_within_two_minutes(tmp_path):
+  workdir = str(tmp_path / "kill")
+  os.makedirs(workdir)
+  spec = dict(target="multihost:sft_params", workdir=workdir, out=os.path.join(workdir, "p.npz"), steps=6,
+              ckpt_every=6, sigkill=[1, 2])
+  procs = multihost.start(2, 4, spec, workdir)
+  try:
+    multihost.wait(procs[1:], timeout=600)
+    died = time.monotonic()
+    code = multihost.wait(procs[:1], timeout=120)[0]
+  finally:
+    for p in procs:
+      p.kill()
+  assert procs[1].returncode == -9 and code != 0
+  assert time.monotonic() - died < 120
+  log = multihost.read_log(workdir, 0)
+  assert "process 0 of 2 failed" in log and code == 1, log[-3000:]

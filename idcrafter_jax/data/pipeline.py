@@ -508,3 +508,29 @@ def make_iterator(c, *, process_index: int = 0, process_count: int = 1, seed: in
   serialisable dict), `it.set_state(state)`; `skipped_count(it)` counts skipped records."""
   return iter(make_dataset(c, process_index=process_index, process_count=process_count, seed=seed,
                            warn_skips=warn_skips))
+
+
+def hosts_state(states: list) -> dict:
+  """The data position of a run on len(states) processes (every host's iterator state), as
+  checkpoints hold it."""
+  return {"process_count": len(states), "hosts": list(states)}
+
+
+def host_state(saved: dict, process_index: int, process_count: int) -> dict:
+  """This host's iterator state from `hosts_state` (or a one-process iterator state). On another
+  process count the hosts' positions are summed and split evenly: exact when no record was
+  skipped (every host then stands at the same global batch); skip counts go to process 0."""
+  if "hosts" not in saved:
+    saved = hosts_state([saved])
+  states = saved["hosts"]
+  if len(states) == process_count:
+    return states[process_index]
+  if any(set(s) != {"parent", STATE_KEY} or set(s["parent"]) != {"next_index"} for s in states):
+    raise ValueError(f"this checkpoint's data position was saved on {len(states)} processes with resolution "
+                     f"buckets (or another iterator); it resumes on {len(states)} processes, not {process_count}.")
+  total = sum(int(s["parent"]["next_index"]) for s in states)
+  counts = {}
+  for s in states:
+    for k, v in s[STATE_KEY].items():
+      counts[k] = counts.get(k, 0) + int(v)
+  return {"parent": {"next_index": total // process_count}, STATE_KEY: counts if process_index == 0 else {}}

@@ -9,7 +9,10 @@ identity.
 """
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -66,8 +69,33 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def exit_on_failure(error: BaseException) -> None:
+  """On several processes, ends this one at once with code 1 and a message naming `error`: a
+  failed collective usually means another host died, and the orderly shutdown would wait for it
+  at a barrier. One process: returns (the caller re-raises)."""
+  if jax.process_count() == 1:
+    return
+  print(f"process {jax.process_index()} of {jax.process_count()} failed ({type(error).__name__}: "
+        f"{str(error)[:500]}); if another host died, see its log. Exiting.", file=sys.stderr, flush=True)
+  os._exit(1)
+
+
+def barrier(name: str, timeout_s: float = 1800) -> None:
+  """Waits until every process is here (the coordination service's barrier, not a collective).
+  Before a collective whose hosts may arrive far apart (a compile one host reads from the cache
+  and another compiles; a slow model load), since CPU collectives give up connecting after 30 s."""
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost as ocp_multihost
+  ocp_multihost.get_barrier_sync_fn()(key=f"idcrafter/{name}/{next(_BARRIERS)}", timeout_ms=int(timeout_s * 1000))
+
+
+_BARRIERS = itertools.count()
+
+
 def _gather(value: np.ndarray) -> np.ndarray:
   """Every host's `value`, stacked (an all-gather over all devices, whatever mesh is current)."""
+  barrier("gather")
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("hosts",))
   with jax.set_mesh(mesh):
     return np.asarray(multihost_utils.process_allgather(value))
@@ -85,6 +113,16 @@ def agree_max(value: int) -> int:
   if jax.process_count() == 1:
     return int(value)
   return int(np.max(_gather(np.asarray([int(value)], np.int64))))
+
+
+def gather_json(obj) -> list:
+  """Every host's JSON-serialisable `obj`, in process order (one process: [obj])."""
+  if jax.process_count() == 1:
+    return [obj]
+  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  padded = np.zeros(agree_max(raw.size), np.uint8)
+  padded[:raw.size] = raw
+  return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in _gather(padded)]
 
 
 def global_batch(local: dict, shardings: dict, global_batch_size: int | None = None) -> dict:

@@ -18,6 +18,7 @@ import jax
 from tqdm import tqdm
 
 from idcrafter_jax import checkpoint as ckpt_lib, sharding
+from idcrafter_jax.data import pipeline as data_pipeline
 from idcrafter_jax.models import idcrafter
 from idcrafter_jax.training import hosts, metrics, train_state
 
@@ -65,6 +66,7 @@ def sharded_state(params, tx, key, boxed_params, mesh, *, ema: bool):
   """A fresh train state placed on `mesh` by the params' logical axes. Returns (state, shardings)."""
   state = train_state.init_state(params, tx, key, ema=ema)
   s_shard = train_state.state_shardings(jax.eval_shape(lambda s: s, state), boxed_params, mesh)
+  hosts.barrier("sharded_state")
   return jax.device_put(state, s_shard), s_shard
 
 
@@ -153,7 +155,7 @@ class TrainSession:
       return state
     step, state, data_state, _ = restored
     if data_state:
-      data_iterator.set_state(data_state)
+      data_iterator.set_state(data_pipeline.host_state(data_state, jax.process_index(), jax.process_count()))
     self.writer.truncate_after(step)
     if hosts.is_primary():
       print(f"resumed {self.mode} from step {step} in {self.workdir}")
@@ -164,7 +166,8 @@ class TrainSession:
     per step on several hosts), each saving that step first."""
     stop = hosts.agree_any(guard.requested)
     if self.ckpt.should_save(done) or stop or done == end:
-      self.ckpt.save(done, state, data_iterator.get_state(), meta={"mode": self.mode}, force=True)
+      data_state = data_pipeline.hosts_state(hosts.gather_json(data_iterator.get_state()))
+      self.ckpt.save(done, state, data_state, meta={"mode": self.mode}, force=True)
     if stop and done != end:
       self.preempted = True
       if hosts.is_primary():

@@ -105,12 +105,23 @@ class _Steps:
     self.jitted = {}
     self.t_last, self.n_since = time.perf_counter(), 0
 
-  def _compiled(self, batch):
+  def _compiled(self, state, batch):
+    """The step compiled for this batch's shapes (ahead of its first run, so that all hosts start
+    it together however long each took to compile), and the batch on the mesh."""
     shapes = tuple((k, tuple(batch[k].shape)) for k in batches.MODEL_INPUTS)
     if shapes not in self.jitted:
       b_shard = train_state.batch_shardings(batch, self.mesh)
-      self.jitted[shapes] = (train_state.jit_train_step(self.step_fn, self.s_shard, b_shard, self.mesh), b_shard)
-    return self.jitted[shapes]
+      abstract = {k: jax.ShapeDtypeStruct((self.global_rows(batch),) + tuple(v.shape[1:]), v.dtype, sharding=b_shard[k])
+                  for k, v in batch.items()}
+      fn = train_state.jit_train_step(self.step_fn, self.s_shard, b_shard, self.mesh)
+      compiled = fn.lower(ckpt_lib.abstract_like(state), abstract).compile()
+      hosts.barrier("compiled_step")
+      self.jitted[shapes] = (compiled, b_shard)
+    fn, b_shard = self.jitted[shapes]
+    return fn, hosts.global_batch(batch, b_shard, self.global_batch_size)
+
+  def global_rows(self, batch) -> int:
+    return next(iter(batch.values())).shape[0] * jax.process_count()
 
   def __call__(self, step: int, state):
     from idcrafter_jax import data as data_lib
@@ -118,8 +129,8 @@ class _Steps:
     batch = batches.model_batch(self.pipe, next(self.it))
     batch = {k: batch[k] for k in batches.MODEL_INPUTS}
     with sharding.with_mesh_rules(self.mesh):
-      fn, b_shard = self._compiled(batch)
-      state, metrics = fn(state, hosts.global_batch(batch, b_shard, self.global_batch_size))
+      fn, global_batch = self._compiled(state, batch)
+      state, metrics = fn(state, global_batch)
     self.n_since += 1
     done = step + 1
     if done % self.tc.log_every and done != self.end:
