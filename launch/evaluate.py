@@ -13,24 +13,36 @@ Reads the prompt set (OpenS2V-Eval JSON: {id: {"prompt": ..., "img_paths": [...]
 and out/results.md (a Markdown table like Table S.2). Resumable: ids that already have a
 per-video JSON are not scored again. A video or reference image that cannot be read is
 recorded with its error and left out of the means; it does not stop the run.
-The evaluation itself is `idcrafter_jax.eval.run`.
+The evaluation itself is `idcrafter_jax.eval.run`. Started on several processes (the same
+flags as launch/train.py, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), each
+scores (and generates) every process_count-th id and process 0 writes the merged outputs.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval_opens2v.py", "Evaluation config.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-process: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: process count (or JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index (or JAX_PROCESS_ID).")
 
 
 def main(argv):
   del argv
+  from idcrafter_jax.training import hosts
+  hosts.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from idcrafter_jax.eval import run as run_lib
   from idcrafter_jax.rl import reward_models
   cfg = _CONFIG.value
+  if not hosts.is_primary():
+    run_lib.run(cfg, reward_models.build_reward_models(cfg.reward_models),
+                generate_fn=run_lib.make_generator(cfg) if cfg.generate else None, progress=False)
+    return
   print(cfg)
   scorers = reward_models.build_reward_models(cfg.reward_models)
   missing = run_lib.unscored(scorers)

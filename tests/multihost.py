@@ -137,3 +137,25 @@ def sft_params(spec: dict, process_index: int):
   hosts.barrier("final_params")
   params = multihost_utils.process_allgather(state.params, tiled=True)
   return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}
+
+
+def evaluation_summary(spec: dict, process_index: int):
+  """The evaluation run (motion scores) over 5 generated videos; returns the summary's numbers."""
+  import numpy as np
+  from configs import eval_opens2v
+  from idcrafter_jax.eval import run as ev
+  prompts = {f"clip_{i}": {"prompt": f"prompt {i}", "img_paths": []} for i in range(5)}
+  os.makedirs(spec["workdir"], exist_ok=True)
+  path = os.path.join(spec["workdir"], f"prompts_{process_index}.json")  # one each: no half-written reads
+  with open(path, "w") as f:
+    json.dump(prompts, f)
+  cfg = eval_opens2v.get_config()
+  cfg.update(prompts=path, image_root=spec["workdir"], videos=os.path.join(spec["workdir"], "videos"),
+             out=os.path.join(spec["workdir"], "out"))
+
+  def generate(prompt, subjects, seed):  # a video that depends on the id's seed only
+    del prompt, subjects
+    return np.random.default_rng(seed).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+
+  summary = ev.run(cfg, {}, generate_fn=generate, progress=False)
+  return {"total": np.asarray(summary["total"]), "videos": np.asarray(summary.get("videos", -1))}

@@ -7,6 +7,10 @@ key names, loaded through face.load: embeddings within 1e-4 (float32). Alignment
 similarity fit recovers a known transform exactly, template landmarks warp to the identity,
 and a shifted face aligns to the same crop.
 """
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,7 +137,10 @@ def test_box_landmarks_place_the_template_in_the_box():
 def test_convert_script_roundtrip_from_pth(tiny_iresnet, tmp_path):
   net, model, params = tiny_iresnet
   torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()}}, tmp_path / "r.pth")
-  face.convert_state_dict(torch.load(tmp_path / "r.pth", weights_only=True), str(tmp_path / "out"), input_size=32)
+  script = os.path.join(os.path.dirname(__file__), "..", "scripts", "convert_face_checkpoint.py")
+  done = subprocess.run([sys.executable, script, "--input", str(tmp_path / "r.pth"), "--output", str(tmp_path / "out"),
+                         "--input_size", "32"], capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert done.returncode == 0, done.stderr
   m2, p2 = face.load(str(tmp_path / "out"), input_size=32)
   assert m2.cfg == model.cfg
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p2, params)

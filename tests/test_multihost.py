@@ -1,5 +1,6 @@
 """SFT on 2 JAX processes x 4 CPU devices equals SFT on 1 process x 8 devices (same global batch,
 same data order), through checkpoints and a preemption delivered to one host."""
+import json
 import os
 import shutil
 import time
@@ -81,3 +82,20 @@ def test_a_host_that_dies_makes_the_other_exit_with_an_error_within_two_minutes(
   assert time.monotonic() - died < 120
   log = multihost.read_log(workdir, 0)
   assert "process 0 of 2 failed" in log and code == 1, log[-3000:]
+
+
+def test_evaluation_splits_the_ids_over_hosts_and_merges_them_on_process_zero(tmp_path):
+  outs = {}
+  for name, n, devices in (("one", 1, 2), ("two", 2, 1)):
+    workdir = str(tmp_path / name)
+    spec = dict(target="multihost:evaluation_summary", workdir=workdir, out=str(tmp_path / f"{name}.npz"))
+    os.makedirs(workdir)
+    codes = multihost.run_processes(n, devices, spec, workdir, timeout=600)
+    assert codes == [0] * n, "".join(multihost.read_log(workdir, i) for i in range(n))
+    outs[name] = np.load(spec["out"])
+    assert sorted(os.listdir(os.path.join(workdir, "out", "per_video"))) == [f"clip_{i}.json" for i in range(5)]
+  assert int(outs["two"]["videos"]) == 5
+  np.testing.assert_allclose(outs["two"]["total"], outs["one"]["total"], atol=1e-6, rtol=0)
+  for i in range(5):  # each id scored once, with its own seed, whichever host had it
+    rows = [json.load(open(tmp_path / name / "out" / "per_video" / f"clip_{i}.json")) for name in ("one", "two")]
+    assert rows[0]["scores"] == pytest.approx(rows[1]["scores"], abs=1e-6)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idcrafter_jax import video as video_io
+from idcrafter_jax.training import hosts
 from idcrafter_jax.eval import scores as scores_lib
 
 COLUMNS = (("aesthetic", "Aesthetics"), ("motion_smoothness", "MotionSmooth."), ("motion_amplitude", "MotionAmp."),
@@ -170,9 +171,11 @@ def run(cfg, scorers: Mapping[str, Callable], *, generate_fn: Callable | None = 
   os.makedirs(cfg.videos, exist_ok=True)
   per_dir = os.path.join(cfg.out, "per_video")
   os.makedirs(per_dir, exist_ok=True)
-  records, failed = [], []
   ids = sorted(prompts)[:cfg.limit or None]
-  for i, vid in enumerate(tqdm(ids, desc="evaluating", unit="video", disable=not progress)):
+  # several processes: each scores every process_count-th id; the records meet on every host
+  mine = list(enumerate(ids))[jax.process_index()::jax.process_count()]
+  local = []
+  for i, vid in tqdm(mine, desc="evaluating", unit="video", disable=not (progress and hosts.is_primary())):
     path = os.path.join(per_dir, f"{vid}.json")
     if os.path.exists(path):  # resumable: already scored
       with open(path) as f:
@@ -180,10 +183,16 @@ def run(cfg, scorers: Mapping[str, Callable], *, generate_fn: Callable | None = 
     else:
       rec = _score_entry(cfg, vid, prompts[vid], cfg.seed + i, scorers, generate_fn)
       _write_json(path, rec)
-    if "error" in rec:
-      failed.append(vid)
-    else:
-      records.append(rec)
+    local.append(rec)
+  gathered = {rec["id"]: rec for part in hosts.gather_json(local) for rec in part}
+  records = [gathered[v] for v in ids if "error" not in gathered[v]]
+  failed = [v for v in ids if "error" in gathered[v]]
+  if not hosts.is_primary():
+    return aggregate(records, {k: tuple(v) for k, v in cfg.ranges.items()}, dict(cfg.weights))
+  for rec in gathered.values():  # the other hosts' records too, where the folder is not shared
+    path = os.path.join(per_dir, f"{rec['id']}.json")
+    if not os.path.exists(path):
+      _write_json(path, rec)
   return _write_summary(cfg, records, failed)
 
 
