@@ -30,19 +30,22 @@ def condition_batch(pipe, raw: dict) -> dict:
     imgs = np.asarray(video_io.to_uint8(np.asarray(raw["subject_images"])))
     mask = np.asarray(raw["subject_mask"], bool)
     subjects = [[imgs[i, j] for j in range(imgs.shape[1]) if mask[i, j]] for i in range(imgs.shape[0])]
-    prompts = [str(c) for c in raw["caption"]]
-    out["f_txt"], out["f_txt_mask"] = pipe.encode_prompts(prompts, subjects, length=_text_length(pipe, prompts,
-                                                                                                   subjects))
+    out["f_txt"], out["f_txt_mask"] = _encode_text(pipe, [str(c) for c in raw["caption"]], subjects)
   return out
 
 
-def _text_length(pipe, prompts, subjects) -> int:
-  """The text bucket of the global batch: the largest of the hosts' buckets, so every host's
-  features have one length (one process: this batch's bucket)."""
+def _encode_text(pipe, prompts, subjects):
+  """f_txt, f_txt_mask at the text bucket of the global batch: the largest of the hosts' buckets,
+  so every host's features have one length. The processor runs once, and again only on a host
+  whose own bucket is shorter than another host's."""
   c = pipe.config.vlm
-  inputs = conditioning.prepare_inputs(prompts, subjects, pipe.processor, buckets=tuple(c.buckets),
-                                       system_prompt=c.system_prompt)
-  return hosts.agree_max(inputs["input_ids"].shape[1])
+  kw = dict(system_prompt=c.system_prompt)
+  inputs = conditioning.prepare_inputs(prompts, subjects, pipe.processor, buckets=tuple(c.buckets), **kw)
+  length = hosts.agree_max(inputs["input_ids"].shape[1])
+  if length != inputs["input_ids"].shape[1]:
+    inputs = conditioning.prepare_inputs(prompts, subjects, pipe.processor, buckets=(length,), **kw)
+  f_txt = conditioning.vlm_hidden(pipe.vlm, pipe.vlm_params, inputs, hidden_layer=c.hidden_layer)
+  return f_txt, jnp.asarray(inputs["attention_mask"], bool)
 
 
 def model_batch(pipe, raw: dict) -> dict:
