@@ -8,5 +8,6 @@ from idcrafter_jax.config import base_config
 def get_config(arg=None):
   c = base_config("1.3B")
   c.model.dtype = "bfloat16"  # compute; the float32 master weights stay (param_dtype)
+  c.sampling.solver = "unipc"  # Wan's generate.py default (diffusers' WanPipeline too)
   c.sampling.shift = 3.0  # Wan's recommendation at 480p
   return c

@@ -76,11 +76,12 @@ def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_c
   # Wan VAE: spatial tiling for decoding large frames (None: off), sizes in pixels.
   vae = dataclass_defaults(wan_vae.WanVAE)
   c.vae = ml_collections.ConfigDict({k: vae[k] for k in ("tile_sample_min_size", "tile_sample_stride")})
-  # Sampling: Wan's flow-matching schedule with shift, Euler steps, classifier-free guidance
-  # (the unconditional branch drops the prompt and every subject).
+  # Sampling: Wan's flow-matching schedule with shift, classifier-free guidance (the
+  # unconditional branch drops the prompt and every subject), and the ODE solver: 'euler' |
+  # 'unipc' | 'dpm++' (`solvers.py`; the Wan configs take 'unipc', as Wan's generate.py).
   c.sampling = ml_collections.ConfigDict(dict(
       num_steps=50, shift=5.0, guidance_scale=5.0, num_frames=81, height=480, width=832,
-      fps=16, negative_prompt=""))
+      fps=16, negative_prompt="", solver="euler"))
   # Components without a checkpoint folder are random-initialised only where this is True, with
   # the architectures `random_arch` gives (fields of WanVAEConfig, and of Qwen2.5-VL's
   # VisionConfig / TextConfig); the tiny configs set both (`inference/loading.py`).

@@ -2,7 +2,9 @@
 
 The sampler knows nothing of the network: it calls `velocity_fn(params, x, timestep, cond)`
 where `cond` is any pytree whose leaves have the batch as their first axis. With guidance,
-the conditional and unconditional branches run as one doubled batch.
+the conditional and unconditional branches run as one doubled batch. `solver` picks Euler
+(`flow.ode_step`) or one of Wan's multistep solvers, UniPC and DPM-Solver++ (`solvers.py`),
+whose history of data predictions rides in the scan carry.
 """
 from __future__ import annotations
 
@@ -11,13 +13,18 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from idcrafter_jax import flow
+from idcrafter_jax import flow, solvers
 
 
 def guided_velocity(velocity_fn: Callable, params, x, t, cond, uncond, guidance_scale: float):
   """v_u + s (v_c - v_u) from one forward on the concatenated batch (s = 1: no guidance)."""
+  return guided_velocity_at(velocity_fn, params, x, t * flow.NUM_TRAIN_TIMESTEPS, cond, uncond, guidance_scale)
+
+
+def guided_velocity_at(velocity_fn: Callable, params, x, timestep, cond, uncond, guidance_scale: float):
+  """`guided_velocity` with the network's timestep (in [0, 1000]) given rather than sigma."""
   b = x.shape[0]
-  timestep = jnp.full((b,), t * flow.NUM_TRAIN_TIMESTEPS, jnp.float32)
+  timestep = jnp.full((b,), timestep, jnp.float32)
   if uncond is None or guidance_scale == 1.0:
     return velocity_fn(params, x, timestep, cond)
   both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
@@ -27,12 +34,17 @@ def guided_velocity(velocity_fn: Callable, params, x, t, cond, uncond, guidance_
 
 
 def sample_ode(velocity_fn: Callable, params, noise, cond, uncond=None, *, num_steps: int,
-               shift: float, guidance_scale: float = 1.0, step_callback: Callable | None = None):
-  """Euler ODE sampling from x_1 = noise to x_0 (latents), as `lax.scan` over the steps.
+               shift: float, guidance_scale: float = 1.0, step_callback: Callable | None = None,
+               solver: str = "euler"):
+  """ODE sampling from x_1 = noise to x_0 (latents), as `lax.scan` over the steps.
 
-  `step_callback(i)`, if given, is called on the host after each step through
-  `jax.debug.callback` (progress bars) without a device round trip of the latents.
+  'euler' steps over `flow.sigma_schedule`; 'unipc' and 'dpm++' over diffusers' schedules for
+  them (`solvers.schedule`). `step_callback(i)`, if given, is called on the host after each step
+  through `jax.debug.callback` (progress bars) without a device round trip of the latents.
   """
+  if solvers.check_solver(solver) != "euler":
+    return _sample_multistep(velocity_fn, params, noise, cond, uncond, num_steps=num_steps, shift=shift,
+                             guidance_scale=guidance_scale, step_callback=step_callback, solver=solver)
   sigmas = jnp.asarray(flow.sigma_schedule(num_steps, shift))
 
   def body(x, i):
@@ -47,9 +59,32 @@ def sample_ode(velocity_fn: Callable, params, noise, cond, uncond=None, *, num_s
   return x
 
 
+def _sample_multistep(velocity_fn, params, noise, cond, uncond, *, num_steps, shift, guidance_scale,
+                      step_callback, solver):
+  """UniPC / DPM-Solver++: carry (x, x_last, m_{i-1}, m_{i-2}); one row of coefficients per step."""
+  sigmas, timesteps = solvers.schedule(solver, num_steps, shift)
+  rows = jnp.asarray(solvers.coefficients(solver, sigmas))
+
+  def body(carry, xs):
+    x, x_last, m1, m2 = carry
+    i, row, t = xs
+    v = guided_velocity_at(velocity_fn, params, x, t, cond, uncond, guidance_scale).astype(jnp.float32)
+    x_next, x_c, m = solvers.step(row, x, v, x_last, m1, m2)
+    if step_callback is not None:
+      jax.debug.callback(step_callback, i, ordered=True)
+    return (x_next, x_c, m, m1), None
+
+  x = noise.astype(jnp.float32)
+  zeros = jnp.zeros_like(x)
+  (x, _, _, _), _ = jax.lax.scan(body, (x, zeros, zeros, zeros),
+                                 (jnp.arange(num_steps), rows, jnp.asarray(timesteps)))
+  return x
+
+
 def generate(velocity_fn: Callable, params, cond, uncond=None, *, key: jax.Array, shape: tuple[int, ...],
-             num_steps: int, shift: float, guidance_scale: float = 1.0, step_callback=None) -> Any:
+             num_steps: int, shift: float, guidance_scale: float = 1.0, step_callback=None,
+             solver: str = "euler") -> Any:
   """Draws x_1 ~ N(0, I) of `shape` from `key` and integrates it to latents x_0 (float32)."""
   noise = jax.random.normal(key, shape, jnp.float32)
   return sample_ode(velocity_fn, params, noise, cond, uncond, num_steps=num_steps, shift=shift,
-                    guidance_scale=guidance_scale, step_callback=step_callback)
+                    guidance_scale=guidance_scale, step_callback=step_callback, solver=solver)

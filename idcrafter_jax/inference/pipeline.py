@@ -2,7 +2,7 @@
 
   prompt + subject images --Qwen2.5-VL--> f_txt                       (conditioning.encode_condition)
   subject images --Wan VAE (T=1), normalised--> subject latents        (encode_subjects)
-  noise --ID-Crafter DiT + flow-matching ODE with CFG, one lax.scan--> latents (sampling.generate)
+  noise --ID-Crafter DiT + flow-matching ODE (sampling.solver) with CFG, one lax.scan--> latents (sampling.generate)
   latents --Wan VAE decoder--> video frames in [-1, 1]
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idcrafter_jax import sampling, video as video_io
+from idcrafter_jax import sampling, solvers, video as video_io
 from idcrafter_jax.inference import conditioning, loading
 from idcrafter_jax.models import idcrafter, qwen2_5_vl, wan_vae
 
@@ -115,7 +115,7 @@ class Pipeline:
   def sample_latents(self, cond, uncond, key, progress=None):
     s = self.config.sampling
     shape = latent_shape(self.config, cond["context"].shape[0])
-    k = (s.num_steps, float(s.shift), float(s.guidance_scale), progress)
+    k = (s.num_steps, float(s.shift), float(s.guidance_scale), solvers.check_solver(s.solver), progress)
     if k not in self._samplers:  # one compiled trajectory per sampler setting
       self._samplers[k] = _sampler(self, *k)
     return self._samplers[k](self.dit_params, cond, uncond, key, shape)
@@ -132,13 +132,14 @@ class Pipeline:
     return video_io.to_uint8(np.asarray(self.decode(latents))[0])
 
 
-def _sampler(pipe: Pipeline, num_steps, shift, guidance, progress):
+def _sampler(pipe: Pipeline, num_steps, shift, guidance, solver, progress):
   callback = None if progress is None else (lambda i: progress(int(i)))
 
   @functools.partial(jax.jit, static_argnames=("shape",))
   def run(params, cond, uncond, key, shape):
     return sampling.generate(pipe.velocity_fn, params, cond, uncond, key=key, shape=shape,
-                             num_steps=num_steps, shift=shift, guidance_scale=guidance, step_callback=callback)
+                             num_steps=num_steps, shift=shift, guidance_scale=guidance, solver=solver,
+                             step_callback=callback)
   return run
 
 
