@@ -16,6 +16,7 @@ OpenS2V; face_sim is scored only for prompts whose id names a face / human categ
 """
 import ml_collections
 
+from idcrafter_jax import config as config_lib
 from idcrafter_jax.rl import reward_models
 
 # OpenS2V-Nexus v1.1 total-score weights (merge_result.py): open and single domain ...
@@ -45,8 +46,7 @@ def get_config(arg=None):
   c.generate = False
   c.model_config = "configs/tiny.py"
   c.seed = 0
-  c.init = ml_collections.ConfigDict(dict(wan_dit=None, wan_vae=None, vlm=None, processor=None,
-                                          idcrafter_ckpt=None))
+  c.init = config_lib.init_config()
   c.face_keywords = ("singlehuman", "singleface", "faceobj", "humanobj", "face", "human")
   c.ranges = ml_collections.ConfigDict(dict(
       aesthetic=(0.0, 1.0), motion_smoothness=(0.0, 1.0), motion_amplitude=(0.0, 1.0), face_sim=(0.0, 1.0),

@@ -10,6 +10,8 @@ turned into a dataclass (`WanConfig.from_dict`).
 from __future__ import annotations
 
 import dataclasses
+import sys
+import typing
 
 import jax.numpy as jnp
 import ml_collections
@@ -35,14 +37,37 @@ WAN_VARIANTS = {
 TEXT_DIM = {"umt5": 4096, "qwen2_5_vl_7b": 3584}
 
 
+def optional(type_: type) -> ml_collections.FieldReference:
+  """An unset (None) config value of `type_` that `--config.<key>=<value>` can set: ml_collections
+  cannot override a plain None from the command line. Code reads it as None until set."""
+  return ml_collections.config_dict.placeholder(type_)
+
+
+def _optional_for(cls, f: dataclasses.Field) -> ml_collections.FieldReference:
+  """`optional(T)` for a dataclass field annotated `T | None` (or `tuple[...] | None`)."""
+  hint = f.type
+  if isinstance(hint, str):
+    hint = eval(hint, vars(sys.modules[cls.__module__]))  # noqa: S307 (the class's own annotation)
+  args = [a for a in typing.get_args(hint) if a is not type(None)]
+  t = (typing.get_origin(args[0]) or args[0]) if len(args) == 1 else None
+  if not isinstance(t, type):
+    raise TypeError(f"{cls.__name__}.{f.name} defaults to None but its annotation {f.type!r} is not "
+                    "'T | None' with one type T; expected one, for the config placeholder.")
+  return optional(t)
+
+
 def dataclass_defaults(cls) -> dict:
-  """{field: default} of a config dataclass; dtypes as their names (ConfigDicts hold strings)."""
+  """{field: default} of a config dataclass; dtypes as their names (ConfigDicts hold strings);
+  None defaults as `optional` placeholders of the annotated type (settable from the command line)."""
   out = {}
   for f in dataclasses.fields(cls):
     if f.default is dataclasses.MISSING:
       continue
     v = f.default
-    out[f.name] = jnp.dtype(v).name if f.name.endswith("dtype") and v is not None else v
+    if v is None:
+      out[f.name] = _optional_for(cls, f)
+    else:
+      out[f.name] = jnp.dtype(v).name if f.name.endswith("dtype") else v
   return out
 
 
@@ -71,8 +96,8 @@ def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_c
   c.subjects = ml_collections.ConfigDict(dict(height=480, width=480))
   # Qwen2.5-VL conditioning: token buckets (a new prompt length within a bucket reuses the
   # compiled encoder), the system prompt, and the hidden layer used (None: the last).
-  c.vlm = ml_collections.ConfigDict(dict(buckets=conditioning.DEFAULT_BUCKETS, system_prompt=None,
-                                         hidden_layer=None))
+  c.vlm = ml_collections.ConfigDict(dict(buckets=conditioning.DEFAULT_BUCKETS, system_prompt=optional(str),
+                                         hidden_layer=optional(int)))
   # Wan VAE: spatial tiling for decoding large frames (None: off), sizes in pixels.
   vae = dataclass_defaults(wan_vae.WanVAE)
   c.vae = ml_collections.ConfigDict({k: vae[k] for k in ("tile_sample_min_size", "tile_sample_stride")})
@@ -88,14 +113,20 @@ def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_c
   c.random_init = False
   c.random_arch = ml_collections.ConfigDict(dict(vae={}, vlm_vision={}, vlm_text={}))
   # Local folders the run starts from (launch/train.py; generate.py takes them as flags).
-  c.init = ml_collections.ConfigDict(dict(wan_dit=None, wan_vae=None, vlm=None, processor=None,
-                                          idcrafter_ckpt=None))
+  c.init = init_config()
   c.data = data_config()
   c.train = train_config()
   c.grpo = grpo_config()
   c.reward = reward_config()
   c.reward_models = reward_models.default_config()  # checkpoint folders of the network rewards
   return c
+
+
+def init_config() -> ml_collections.ConfigDict:
+  """Local folders a run starts from (unset: random init where allowed, or not loaded): the Wan
+  DiT, Wan VAE, Qwen2.5-VL (+ processor) and an ID-Crafter training checkpoint."""
+  return ml_collections.ConfigDict({k: optional(str) for k in
+                                    ("wan_dit", "wan_vae", "vlm", "processor", "idcrafter_ckpt")})
 
 
 def grpo_config() -> ml_collections.ConfigDict:
@@ -135,6 +166,9 @@ def train_config() -> ml_collections.ConfigDict:
       mode="sft",  # 'sft' | 'grpo'
       steps=1000,
       lr=1e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4, max_grad_norm=1.0,
+      # learning-rate factor of the parameters trained from scratch (subject-index embedding,
+      # HIPA stages 1-2, the text projection when the Wan text_dim differs; `IDCrafter.from_wan`)
+      new_param_lr_mult=1.0,
       warmup_steps=0, schedule="constant", grad_accum=1,
       ema=False, ema_decay=0.999,
       timestep_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, shift=3.0,

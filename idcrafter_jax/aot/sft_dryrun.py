@@ -54,7 +54,7 @@ def compile_train_step(config, shape: Shape, devices, *, chip: str | None = None
   `Result.error`, not raised; bad configs raise before compiling."""
   mesh, mcfg, module, result = program.setup_program(config, shape, devices, batch=shape.batch,
                                                      program="sft_step", chip=chip, target=target, variant=variant)
-  tx = train_state.make_optimizer(config.train)
+  tx = train_state.make_optimizer(config.train, train_state.new_param_mask_fn(config))
   boxed, state_abs = abstract_train_state(config, module, tx)
   result.params = program.count_params(state_abs.params)
   result.analytic_flops = 3 * program.model_flops(mcfg, shape, shape.batch)

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from idcrafter_jax import convert
-from idcrafter_jax.models import qwen2_5_vl, qwen2_5_vl_processor as processor_lib, wan_dit, wan_vae
+from idcrafter_jax import convert, weights
+from idcrafter_jax.models import idcrafter, qwen2_5_vl, qwen2_5_vl_processor as processor_lib, wan_dit, wan_vae
 
 # WanDiT settings that come from the run config, not from the checkpoint's config.json.
 RUN_OVERRIDES = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
@@ -48,10 +48,32 @@ def random_vlm_config(config, token_ids: dict[str, int]) -> qwen2_5_vl.Qwen2_5_V
                                      vision_start_token_id=token_ids["<|vision_start|>"])
 
 
+def wan_folder_config(folder: str, wan_cfg: wan_dit.WanConfig) -> wan_dit.WanConfig:
+  """The WanConfig of the checkpoint in `folder` (its config.json) with the run's settings of `wan_cfg`."""
+  return convert.wan_config_from_json(weights.read_config(folder), **{k: getattr(wan_cfg, k) for k in RUN_OVERRIDES})
+
+
+def check_wan_folder(wan_cfg: wan_dit.WanConfig, folder: str) -> bool:
+  """Raises ValueError naming each architecture field (but text_dim) where the run config and the
+  Wan checkpoint in `folder` differ. Returns whether the text projection will be initialised anew."""
+  return idcrafter.check_backbone(wan_cfg, wan_folder_config(folder, wan_cfg),
+                                  where=f" in {os.path.join(folder, 'config.json')}")
+
+
+def text_reinit(config, folder: str | None) -> bool:
+  """Whether a run starting from the Wan DiT in `folder` trains the text projection anew (the
+  checkpoint's text_dim differs from `model.text_dim`); False with no folder (random init)."""
+  if not folder:
+    return False
+  return check_wan_folder(idcrafter.IDCrafterConfig.from_config(config).wan, folder)
+
+
 def load_wan(config, wan_cfg: wan_dit.WanConfig, folder: str | None, key):
   """(WanDiT, params): a diffusers / original Wan folder with the run's dtype and remat settings,
-  or `wan_cfg` random-initialised."""
+  or `wan_cfg` random-initialised. A folder whose architecture differs from `wan_cfg` in more
+  than text_dim is an error raised on reading its config.json."""
   if folder:
+    check_wan_folder(wan_cfg, folder)
     return convert.load_wan_dit(folder, **{k: getattr(wan_cfg, k) for k in RUN_OVERRIDES})
   require_random_init(config, "Wan DiT", "--wan_dit")
   module = wan_dit.WanDiT(wan_cfg)

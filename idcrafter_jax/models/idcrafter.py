@@ -7,6 +7,13 @@
 `IDCrafter.from_wan` builds the model around loaded Wan weights: every Wan parameter keeps its
 value (stage 3 is Wan's cross-attention; the subject patch embedding starts as Wan's patch
 embedding), so with every subject masked out the output equals the backbone's.
+
+Width adapter: a Wan checkpoint's text embedder reads umT5 features (text_dim 4096), ID-Crafter's
+context is Qwen2.5-VL hidden states (3584). When the two differ, the text embedder's input
+projection (`embed/text_embedder/linear_1`) is initialised anew at the config's text_dim; every
+other architecture field must match. `new_param_mask` marks the parameters `from_wan`
+initialises anew (that projection, the subject-index embedding, HIPA stages 1-2), so the
+optimiser can give them their own learning rate (`train.new_param_lr_mult`).
 """
 from __future__ import annotations
 
@@ -115,41 +122,111 @@ class IDCrafter(nn.Module):
 
   @classmethod
   def from_wan(cls, wan_module: wan_dit.WanDiT, wan_params, config: IDCrafterConfig | None = None, *,
-               key: jax.Array | None = None, subject_grid: tuple[int, int] = (4, 4)):
+               key: jax.Array | None = None, subject_grid: tuple[int, int] = (4, 4), verbose: bool = True):
     """(Wan module, Wan params) -> (IDCrafter module, params) with the Wan weights in place.
 
-    New parameters (subject embedding, stages 1-2) are initialised from `key`; the Wan ones are
+    New parameters (subject-index embedding, stages 1-2, and the text projection when the Wan
+    text_dim differs from `config.wan.text_dim`) are initialised from `key`; the Wan ones are
     taken from `wan_params` inside one jit, so XLA drops their random init (no second copy).
-    `config.wan` defaults to the Wan module's config.
+    `config.wan` defaults to the Wan module's config. `verbose` prints the new parameters.
     """
     if config is None:
       config = IDCrafterConfig(wan=wan_module.config)
-    if _arch(config.wan) != _arch(wan_module.config):
-      raise ValueError(f"the ID-Crafter config's backbone {_arch(config.wan)} differs from the loaded Wan "
-                       f"DiT {_arch(wan_module.config)}.")
+    text_reinit = check_backbone(config.wan, wan_module.config)
     module = cls(config, mesh=wan_module.mesh)
     key = jax.random.key(0) if key is None else key
     dummy = dummy_inputs(config, subject_grid)
     wan_blocks = _stacked_blocks(wan_params, wan_module.config)
+    embed = wan_params["embed"]
+    if text_reinit:  # the checkpoint's projection has another width: not passed in at all
+      embed = {**embed, "text_embedder": {k: v for k, v in embed["text_embedder"].items() if k != "linear_1"}}
 
-    def build(key, wan_params, wan_blocks):
+    def build(key, embed, head, wan_blocks):
       p = nn.unbox(module.init(key, *dummy)["params"])
-      p["embed"], p["head"] = wan_params["embed"], wan_params["head"]
+      if text_reinit:
+        embed = {**embed, "text_embedder": {**embed["text_embedder"],
+                                            "linear_1": p["embed"]["text_embedder"]["linear_1"]}}
+      p["embed"], p["head"] = embed, head
       k, n = config.num_hipa_blocks, config.wan.num_layers
       if k:
-        p["subject_embed"]["patch_embedding"] = wan_params["embed"]["patch_embedding"]
+        p["subject_embed"]["patch_embedding"] = embed["patch_embedding"]
         _put_blocks(p, "hipa_blocks", jax.tree_util.tree_map(lambda a: a[:k], wan_blocks), config.wan, k)
       if n > k:
         _put_blocks(p, "blocks", jax.tree_util.tree_map(lambda a: a[k:], wan_blocks), config.wan, n - k)
       return p
-    params = jax.jit(build)(key, {"embed": wan_params["embed"], "head": wan_params["head"]}, wan_blocks)
+    params = jax.jit(build)(key, embed, wan_params["head"], wan_blocks)
+    if verbose and jax.process_index() == 0:
+      print("\n".join(new_param_summary(params, text_reinit=text_reinit)))
     return module, params
 
 
-def _arch(c: WanConfig):
-  return dict(num_heads=c.num_heads, head_dim=c.head_dim, ffn_dim=c.ffn_dim, num_layers=c.num_layers,
-              text_dim=c.text_dim, in_channels=c.in_channels, patch_size=c.patch_size,
-              cross_attn_norm=c.cross_attn_norm)
+# WanConfig fields a checkpoint fixes. All but text_dim must equal the run config's.
+ARCH_FIELDS = ("num_heads", "head_dim", "ffn_dim", "num_layers", "in_channels", "out_channels", "patch_size",
+               "text_dim", "freq_dim", "eps", "cross_attn_norm", "rope_theta", "rope_max_seq_len")
+TEXT_PROJ = ("embed", "text_embedder", "linear_1")
+# The modules `hipa.HIPABlock` adds to a Wan block (stages 1-2).
+HIPA_NEW = ("subject_norm1", "subject_attn1", "subject_norm2", "subject_attn2", "subject_gate")
+
+
+def check_backbone(config: WanConfig, checkpoint: WanConfig, where: str = "") -> bool:
+  """Raises ValueError naming every architecture field but text_dim where the run config and the
+  Wan checkpoint differ. Returns whether text_dim differs (the text projection is then new)."""
+  norm = lambda v: tuple(v) if isinstance(v, list) else v
+  bad = [f"{f}: config {norm(getattr(config, f))!r} vs checkpoint {norm(getattr(checkpoint, f))!r}"
+         for f in ARCH_FIELDS if f != "text_dim" and norm(getattr(config, f)) != norm(getattr(checkpoint, f))]
+  if bad:
+    raise ValueError(f"the ID-Crafter config's backbone differs from the loaded Wan DiT{where}: {'; '.join(bad)}. "
+                     "Only text_dim may differ (the text projection is then trained anew); set the other "
+                     "model.* fields to the checkpoint's.")
+  return config.text_dim != checkpoint.text_dim
+
+
+def _names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def is_new_param(path: tuple[str, ...], *, text_reinit: bool = False) -> bool:
+  """Whether `from_wan` initialises the parameter at `path` anew instead of copying it from Wan:
+  the subject-index embedding, HIPA stages 1-2 and, with `text_reinit`, the text projection.
+  LoRA adapters (`*_lora`: all new, and the only trained leaves when present) are not marked."""
+  if not path or any(p.endswith("_lora") for p in path):
+    return False
+  if path[0] == "subject_embed":
+    return path[1:2] != ("patch_embedding",)
+  if path[0] == "hipa_blocks" or path[0].startswith("hipa_blocks_"):
+    return len(path) > 1 and path[1] in HIPA_NEW
+  return text_reinit and path[:3] == TEXT_PROJ
+
+
+def new_param_mask(params, *, text_reinit: bool = False):
+  """A bool tree like `params` (the DiT tree, or a subtree keyed from its root such as the LoRA
+  adapters): True where `from_wan` initialises the parameter anew (`is_new_param`)."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: is_new_param(_names(p), text_reinit=text_reinit), params)
+
+
+def _group(path: tuple[str, ...]) -> str:
+  if path[:3] == TEXT_PROJ:
+    return "/".join(TEXT_PROJ)
+  return "hipa_blocks (stages 1-2)" if path[0].startswith("hipa_blocks") else path[0]
+
+
+def new_param_summary(params, *, text_reinit: bool = False) -> list[str]:
+  """Lines naming the parameters `from_wan` initialises anew: a header, one line per group (its
+  leaves with shapes, or its modules, and the parameter count), the total."""
+  leaves = [(_names(p), x) for p, x in jax.tree_util.tree_leaves_with_path(params)]
+  groups: dict[str, dict[str, int]] = {}
+  for path, x in leaves:
+    if is_new_param(path, text_reinit=text_reinit):
+      g = _group(path)
+      part = path[1] if g.startswith("hipa") else "/".join(path[len(g.split("/")):]) + f" {tuple(x.shape)}"
+      groups.setdefault(g, {})
+      groups[g][part] = groups[g].get(part, 0) + int(np.prod(x.shape))
+  lines = ["new parameters (trained from scratch, lr x train.new_param_lr_mult):"]
+  lines += [f"  {g}: {', '.join(sorted(parts))} = {sum(parts.values()):,}" for g, parts in groups.items()]
+  n = sum(sum(parts.values()) for parts in groups.values())
+  total = sum(int(np.prod(x.shape)) for _, x in leaves)
+  lines.append(f"  total {n:,} of {total:,} parameters ({100 * n / max(total, 1):.2f}%)")
+  return lines
 
 
 def _stacked_blocks(params, config: WanConfig):

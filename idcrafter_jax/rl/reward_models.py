@@ -44,17 +44,19 @@ NEEDS = {"face_sim": "face", "nexus_score": "clip", "aesthetic": "aesthetic (wit
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """`config.reward_models`: local checkpoint folders (None: not loaded) and scoring options."""
+  """`config.reward_models`: local checkpoint folders (unset: not loaded; placeholders, so that
+  `--config.reward_models.clip=<folder>` sets them) and scoring options."""
+  folder = lambda: ml_collections.config_dict.placeholder(str)
   return ml_collections.ConfigDict(dict(
-      face=None,            # converted iResNet folder (scripts/convert_face_checkpoint.py)
+      face=folder(),        # converted iResNet folder (scripts/convert_face_checkpoint.py)
       face_input_size=112,
       face_num_frames=16,
-      clip=None,            # transformers CLIPModel folder (ViT-L/14 for the LAION head)
-      aesthetic=None,       # LAION aesthetic MLP state dict as safetensors
+      clip=folder(),        # transformers CLIPModel folder (ViT-L/14 for the LAION head)
+      aesthetic=folder(),   # LAION aesthetic MLP state dict as safetensors
       aesthetic_range=(4.0, 7.0),
       clip_num_frames=8,
-      vlm=None,             # Qwen2.5-VL folder (GmeScore / Q-Align)
-      processor=None,       # its processor folder (default: the vlm folder)
+      vlm=folder(),         # Qwen2.5-VL folder (GmeScore / Q-Align)
+      processor=folder(),   # its processor folder (default: the vlm folder)
       vlm_num_frames=4,
       q_align_question="How would you rate the quality of this video?",
       q_align_answer_prefix="The quality of the video is",

@@ -3,7 +3,8 @@ count; its shardings on the mesh, and a step jitted with explicit in/out shardin
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax
 import jax
@@ -12,6 +13,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from idcrafter_jax import sharding
+from idcrafter_jax.inference import loading
+from idcrafter_jax.models import idcrafter
 
 
 @flax.struct.dataclass
@@ -24,9 +27,13 @@ class TrainState:
   skipped: jax.Array  # int32 (): updates skipped for a non-finite loss or gradient
 
 
-def make_optimizer(tc) -> optax.GradientTransformation:
+def make_optimizer(tc, new_params: Callable | None = None) -> optax.GradientTransformation:
   """AdamW (lr, b1 0.9, b2 0.95, eps 1e-8; Table S.3) after clip-by-global-norm, linear warmup
-  then constant or cosine decay; `grad_accum` > 1 averages that many micro-steps per update."""
+  then constant or cosine decay; `grad_accum` > 1 averages that many micro-steps per update.
+
+  `new_params` (params -> bool tree, `new_param_mask_fn`) marks the parameters trained from
+  scratch; their learning rate is scaled by `train.new_param_lr_mult` (1.0: the plain optimiser,
+  `new_params` unused)."""
   if tc.schedule == "constant":
     decay = optax.constant_schedule(tc.lr)
   elif tc.schedule == "cosine":
@@ -35,11 +42,31 @@ def make_optimizer(tc) -> optax.GradientTransformation:
     raise ValueError(f"train.schedule {tc.schedule!r} is unknown; expected 'constant' or 'cosine'.")
   lr = optax.join_schedules([optax.linear_schedule(0.0, tc.lr, tc.warmup_steps), decay], [tc.warmup_steps]) \
       if tc.warmup_steps else decay
-  tx = optax.chain(optax.clip_by_global_norm(tc.max_grad_norm),
-                   optax.adamw(lr, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay))
+  parts = [optax.clip_by_global_norm(tc.max_grad_norm),
+           optax.adamw(lr, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay)]
+  mult = tc.get("new_param_lr_mult", 1.0)
+  if mult < 0:
+    raise ValueError(f"train.new_param_lr_mult={mult} must be >= 0.")
+  if mult != 1.0:
+    if new_params is None:
+      raise ValueError(f"train.new_param_lr_mult={mult} needs the mask of the new parameters: "
+                       "make_optimizer(config.train, train_state.new_param_mask_fn(config)).")
+    # AdamW's update is -lr * (adam + weight_decay * p): scaling it scales both by lr.
+    parts.append(optax.masked(optax.scale(mult), new_params))
+  tx = optax.chain(*parts)
   if tc.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=tc.grad_accum)
   return tx
+
+
+def new_param_mask_fn(config) -> Callable | None:
+  """params -> bool tree of the parameters `IDCrafter.from_wan` initialises anew for this run
+  (starting from `config.init.wan_dit`), for `make_optimizer`; None when
+  `train.new_param_lr_mult` is 1.0 (nothing to scale, no folder read)."""
+  if config.train.get("new_param_lr_mult", 1.0) == 1.0:
+    return None
+  reinit = loading.text_reinit(config, config.init.wan_dit)
+  return functools.partial(idcrafter.new_param_mask, text_reinit=reinit)
 
 
 def init_state(params, tx, key, *, ema: bool) -> TrainState:
