@@ -127,15 +127,46 @@ def sft_params(spec: dict, process_index: int):
   for name, signum in (("sigterm", signal.SIGTERM), ("sigkill", signal.SIGKILL)):
     if spec.get(name) and spec[name][0] == process_index:
       _signal_after(spec[name][1], signum)
+  from idcrafter_jax.training import sft
+  state = sft.run(tiny_sft_config(spec), spec["workdir"], max_steps=spec.get("max_steps"), progress=False)
+  return _gathered(state.params)
+
+
+def tiny_grpo_config(spec: dict):
+  """configs/tiny.py:grpo on an 8-way data mesh: 4 prompts x 8 videos per iteration, 2 minibatches
+  of 16, 8 held-out prompts; `spec["lora"]`: LoRA rank 4 (adapters only)."""
+  from configs import tiny
+  c = tiny.get_config("grpo")
+  c.mesh.update(data=-1, fsdp=1)
+  c.data.update(synthetic_clips=16, synthetic_test_clips=8)
+  c.grpo.update(eval_prompts=8, eval_every=100, sample_videos=1)
+  # the SFT test's learning rate: Adam's step on near-zero gradients turns reduction-order
+  # rounding into lr-sized differences, which must stay below the comparison's 1e-6
+  c.train.update(steps=spec["steps"], lr=1e-4, log_every=1, ckpt_every=spec.get("ckpt_every", 2), async_ckpt=False)
+  if spec.get("lora"):
+    c.model.lora_rank = 4
+  return c
+
+
+def grpo_params(spec: dict, process_index: int):
+  """Flow-GRPO on the tiny config; returns the final trained params (the adapters with LoRA),
+  gathered to every host, by path. `spec["sigterm"] = [process, step]` as `sft_params`."""
+  import signal
+  if spec.get("sigterm") and spec["sigterm"][0] == process_index:
+    _signal_after(spec["sigterm"][1], signal.SIGTERM)
+  from idcrafter_jax.rl import loop as rl_loop
+  state = rl_loop.run(tiny_grpo_config(spec), spec["workdir"], max_steps=spec.get("max_steps"), progress=False)
+  return _gathered(state.params)
+
+
+def _gathered(params) -> dict:
   import jax
   import numpy as np
   from flax import traverse_util
   from jax.experimental import multihost_utils
-  from idcrafter_jax.training import sft
   from idcrafter_jax.training import hosts
-  state = sft.run(tiny_sft_config(spec), spec["workdir"], max_steps=spec.get("max_steps"), progress=False)
   hosts.barrier("final_params")
-  params = multihost_utils.process_allgather(state.params, tiled=True)
+  params = multihost_utils.process_allgather(params, tiled=True)
   return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}
 
 

@@ -1,7 +1,8 @@
 """AOT dry run of the Flow-GRPO programs (`rl/grpo.py`): does online RL fit a TPU slice?
 
-The two jitted programs the GRPO loop runs on the DiT are lowered and compiled for the chips of a
-TPU topology that is not there (as `sft_dryrun.py` does for the SFT step), on `program`'s pieces:
+The two jitted programs the GRPO loop runs on the DiT (`rl/programs.py`: the same functions and
+shardings the loop calls) are lowered and compiled for the chips of a TPU topology that is not
+there (as `sft_dryrun.py` does for the SFT step), on `program`'s pieces:
 
   rollout  `grpo.rollout`: the whole K-step SDE trajectory in one scan, CFG on the doubled batch,
            for `rollout_batch` videos (prompts x group size), the policy's params as trained.
@@ -28,7 +29,7 @@ from idcrafter_jax import sharding
 from idcrafter_jax.aot import program
 from idcrafter_jax.aot.program import Result, Shape
 from idcrafter_jax.inference import conditioning
-from idcrafter_jax.rl import grpo
+from idcrafter_jax.rl import grpo, programs
 from idcrafter_jax.training import lora, train_state
 
 # ------------------------------------------------------------------------ resident networks
@@ -112,17 +113,13 @@ def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=N
   vf = conditioning.velocity_fn(module)
   with sharding.with_mesh_rules(mesh):
     p_shard = sharding.param_shardings(boxed, mesh)
-    c_shard = train_state.batch_shardings(cond, mesh)
-    u_shard = None if uncond is None else c_shard
+    c_shard = programs.condition_shardings(cond, mesh)
     rep = sharding.replicated(mesh)
-    fn = jax.jit(lambda p, c, u, k: grpo.rollout(vf, p, c, u, k, shape=lat, gc=gc),
-                 in_shardings=(p_shard, c_shard, u_shard, rep),
-                 out_shardings=(sharding.batch_sharding(mesh, len(lat) + 1, axis=1),
-                                sharding.batch_sharding(mesh, 2, axis=1)))
+    fn = programs.jit_rollout(vf, gc, mesh, p_shard, c_shard, lat, guided=uncond is not None)
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
     put = program.with_shardings
     return program.compile_into(result, lambda: fn.lower(put(params, p_shard), put(cond, c_shard),
-                                                         None if uncond is None else put(uncond, u_shard), key))
+                                                         None if uncond is None else put(uncond, c_shard), key))
 
 
 def abstract_update_state(module, tx, use_lora: bool):
@@ -143,14 +140,6 @@ def abstract_minibatch(gc, lat: tuple, cond: dict, cfg: bool) -> dict:
               cond=cond, uncond=cond if cfg else None)
 
 
-def minibatch_shardings(mesh, mb: dict) -> dict:
-  """Trajectories split on their batch axis (after the step axis) over ('data', 'fsdp')."""
-  c_shard = train_state.batch_shardings(mb["cond"], mesh)
-  return dict(xs=sharding.batch_sharding(mesh, mb["xs"].ndim, axis=1),
-              log_probs=sharding.batch_sharding(mesh, 2, axis=1), advantages=sharding.batch_sharding(mesh, 1),
-              cond=c_shard, uncond=None if mb["uncond"] is None else c_shard)
-
-
 def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, target="", variant="",
                    resident: int | None = None) -> Result:
   """Compiles one `grpo.make_update_step` on a minibatch of `minibatch` stored trajectories, over
@@ -159,7 +148,7 @@ def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, 
   gc, cfg_mult, lat, mesh, mcfg, module, result = _setup(
       config, shape, devices, batch=minibatch, program_name="grpo_update", batch_name="minibatch",
       resident=resident, chip=chip, target=target, variant=variant)
-  tx = train_state.make_optimizer(config.train)
+  tx = train_state.make_optimizer(config.train, train_state.new_param_mask_fn(config))
   use_lora = bool(mcfg.wan.lora_rank)
   boxed_train, boxed_ref, ref_abs, state_abs = abstract_update_state(module, tx, use_lora)
   result.params = program.count_params(state_abs.params)
@@ -171,10 +160,9 @@ def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, 
   with sharding.with_mesh_rules(mesh):
     s_shard = train_state.state_shardings(state_abs, boxed_train, mesh)
     r_shard = sharding.param_shardings(boxed_ref, mesh)
-    mb_shard = minibatch_shardings(mesh, mb)
+    mb_shard = programs.minibatch_shardings(mesh, mb)
     rep = sharding.replicated(mesh)
-    fn = jax.jit(step, in_shardings=(s_shard, r_shard, mb_shard, rep), out_shardings=(s_shard, rep),
-                 donate_argnums=(0,))
+    fn = programs.jit_update(step, s_shard, r_shard, mb_shard, mesh)
     ks_abs = jax.ShapeDtypeStruct((len(ks),), jnp.int32, sharding=rep)
     put = program.with_shardings
     return program.compile_into(result, lambda: fn.lower(put(state_abs, s_shard), put(ref_abs, r_shard),

@@ -21,18 +21,21 @@ from idcrafter_jax import checkpoint as ckpt_lib, sharding, video as video_io
 from idcrafter_jax.inference import conditioning
 from idcrafter_jax.inference.pipeline import latent_shape
 from idcrafter_jax.training import batches, hosts, lora, loop, metrics
-from idcrafter_jax.rl import grpo, rewards as rewards_lib
+from idcrafter_jax.rl import grpo, programs, rewards as rewards_lib
 
 
 def _reward_batch(raw, group_size: int) -> dict:
-  """The reward functions' view of a data batch, repeated per group member; images in [0, 1]."""
+  """The reward functions' view of a data batch, repeated per group member; images in [0, 1]
+  (host-local numpy, this host's rows)."""
   out = {"subject_images": (np.asarray(raw["subject_images"], np.float32) + 1.0) / 2.0,
          "subject_mask": np.asarray(raw["subject_mask"], bool)}
   if "subject_boxes" in raw:
     out["subject_boxes"] = np.asarray(raw["subject_boxes"], np.float32)
-  out = {k: jnp.repeat(jnp.asarray(v), group_size, axis=0) for k, v in out.items()}
-  out["prompt"] = [str(c) for c in np.asarray(raw["caption"]) for _ in range(group_size)]
-  return out
+  return {k: np.repeat(v, group_size, axis=0) for k, v in out.items()}
+
+
+def _prompts(raw, group_size: int) -> list[str]:
+  return [str(c) for c in np.asarray(raw["caption"]) for _ in range(group_size)]
 
 
 def _conditions(pipe, raw):
@@ -41,37 +44,83 @@ def _conditions(pipe, raw):
   return cond, conditioning.null_condition(cond)
 
 
+def _batch_ways(mesh) -> int:
+  """How many ways a batch is split (`sharding.batch_sharding`: over 'data' x 'fsdp')."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batches(config, mesh) -> None:
+  """The rollout batch (prompts x group size) and the update minibatch split evenly over the mesh's
+  batch shards, and the prompts over the processes."""
+  gc, ways = config.grpo, _batch_ways(mesh)
+  rollout = config.data.global_batch_size * gc.group_size
+  problems = []
+  if config.data.global_batch_size % jax.process_count():
+    problems.append(f"data.global_batch_size={config.data.global_batch_size} prompts do not split over "
+                    f"{jax.process_count()} processes")
+  if rollout % ways:
+    problems.append(f"the rollout batch data.global_batch_size x grpo.group_size = {rollout} is not a multiple "
+                    f"of the {ways} batch shards (mesh data x fsdp)")
+  if gc.minibatch % ways or rollout % gc.minibatch:
+    problems.append(f"grpo.minibatch={gc.minibatch} must be a multiple of the {ways} batch shards and divide "
+                    f"the rollout batch {rollout}")
+  if problems:
+    raise ValueError("; ".join(problems) + ".")
+
+
+def _concat_raw(raws: list) -> dict:
+  return {k: np.concatenate([np.asarray(r[k]) for r in raws]) for k in raws[0]}
+
+
+def _rows(raw: dict, idx: np.ndarray) -> dict:
+  return {k: np.asarray(v)[idx] for k, v in raw.items()}
+
+
 class EvalSet:
   """A fixed held-out prompt set, scored with fixed noise keys. Besides the mean reward and its
   standard error it reports the gain over the first evaluation with its paired standard error
-  (same prompts, same noise), the statistic for "the reward rose"."""
+  (same prompts, same noise), the statistic for "the reward rose".
 
-  def __init__(self, raw_batches, pipe, gc, reward_fn, seed, latent_tail):
-    self.raws = raw_batches
-    self.latent_tail = latent_tail  # the latent shape after the batch axis
-    self.conds = [_conditions(pipe, r) for r in raw_batches]
-    self.key = jax.random.key(seed)
-    self.pipe, self.gc, self.reward_fn = pipe, gc, reward_fn
+  Every host holds the whole set; it is rolled out in chunks of the training rollout's size (the
+  last one padded by repeating its last prompt, whose copies are not scored), split over the
+  mesh, so the noise, and so the scores, do not depend on the number of hosts or devices."""
+
+  def __init__(self, raw_batches, pipe, gc, reward_fn, seed, latent_tail, *, chunk: int, mesh):
+    raw = _concat_raw(raw_batches)
+    self.num_prompts = len(raw["caption"])
+    self.chunks = []
+    for lo in range(0, self.num_prompts, chunk):
+      idx = np.minimum(np.arange(lo, lo + chunk), self.num_prompts - 1)
+      r = _rows(raw, idx)
+      cond, null = (jax.device_get(c) for c in _conditions(pipe, r))
+      put = lambda tree: {k: hosts.from_full(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in tree.items()}
+      rb = {k: hosts.from_full(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in _reward_batch(r, 1).items()}
+      rb["prompt"] = _prompts(r, 1)
+      self.chunks.append((min(chunk, self.num_prompts - lo), put(cond), put(null), rb))
+    self.latent_tail, self.key = latent_tail, jax.random.key(seed)
+    self.gc, self.reward_fn = gc, reward_fn
     self.baseline = None  # per-prompt scores of the first evaluation
 
-  def __call__(self, params, rollout_fn, decode_fn):
+  def __call__(self, params, rollout_fn, decode_fn, num_videos: int):
+    """Scores `params`; returns (stats, up to `num_videos` sample videos in [0, 1] as numpy)."""
     scores, videos = [], None
-    for i, (raw, (cond, null)) in enumerate(zip(self.raws, self.conds)):
+    for i, (n, cond, null, rb) in enumerate(self.chunks):
       shape = (cond["context"].shape[0],) + self.latent_tail
-      xs, _ = rollout_fn(params, cond, null if self.gc.guidance_scale != 1.0 else None,
-                         jax.random.fold_in(self.key, i), shape)
+      xs, _ = rollout_fn(shape, cond)(params, cond, null if self.gc.guidance_scale != 1.0 else None,
+                                     jax.random.fold_in(self.key, i))
       v = decode_fn(xs[-1])
-      comps = self.reward_fn(v, _reward_batch(raw, 1))
-      scores.append(np.asarray(comps["total"]))
+      scores.append(hosts.to_numpy(self.reward_fn(v, rb)["total"])[:n])
       if videos is None:
-        videos = np.asarray(v)
-    s = np.concatenate(scores)
+        videos = hosts.to_numpy(v[:min(num_videos, n)])
+    return self.stats(np.concatenate(scores)), videos
+
+  def stats(self, s: np.ndarray) -> dict:
     if self.baseline is None:
       self.baseline = s
     d = s - self.baseline  # paired with the first evaluation: same prompts, same noise
     se = lambda x: float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
     return {"eval/reward_mean": float(s.mean()), "eval/reward_se": se(s),
-            "eval/gain": float(d.mean()), "eval/gain_se": se(d)}, videos
+            "eval/gain": float(d.mean()), "eval/gain_se": se(d)}
 
 
 def _reward_fn(config, mesh):
@@ -85,7 +134,8 @@ def _reward_fn(config, mesh):
 
 
 def _eval_batches(config) -> list:
-  """The held-out prompts (`data.eval_split`), a fixed set drawn with `grpo.eval_seed`."""
+  """The held-out prompts (`data.eval_split`), a fixed set drawn with `grpo.eval_seed`; every host
+  reads all of them."""
   from idcrafter_jax import data as data_lib
   eval_cfg = config.data.copy_and_resolve_references()
   eval_cfg.split = config.data.eval_split
@@ -102,11 +152,14 @@ class _Policy:
     if self.use_lora:
       self.ref_params, self.trainable = lora.split(pipe.dit_params)
       boxed_base, self.boxed_trainable = lora.split(boxed)
-      print(f"LoRA rank {config.model.lora_rank}: training {lora.count(self.trainable):,} adapter parameters.")
+      if hosts.is_primary():
+        print(f"LoRA rank {config.model.lora_rank}: training {lora.count(self.trainable):,} adapter parameters.")
     else:
       self.ref_params = jax.tree_util.tree_map(jnp.copy, pipe.dit_params)
       self.trainable, boxed_base, self.boxed_trainable = pipe.dit_params, boxed, boxed
-    self.ref_params = jax.device_put(self.ref_params, sharding.param_shardings(boxed_base, mesh))
+    self.p_shard = sharding.param_shardings(boxed, mesh)  # the policy as the rollout takes it
+    self.r_shard = sharding.param_shardings(boxed_base, mesh)
+    self.ref_params = jax.device_put(self.ref_params, self.r_shard)
 
   def params(self, state):
     return lora.merge(self.ref_params, state.params) if self.use_lora else state.params
@@ -114,69 +167,109 @@ class _Policy:
 
 class _Iteration:
   """One Flow-GRPO iteration (rollout -> decode -> reward -> advantages -> clipped updates) and, every
-  `grpo.eval_every` iterations, the held-out evaluation; returns the logged row when one is due."""
+  `grpo.eval_every` iterations, the held-out evaluation; returns the logged row when one is due.
 
-  def __init__(self, config, workdir, pipe, tx, policy, reward_fn, it, evaluator, writer, end):
-    self.config, self.workdir, self.pipe, self.policy = config, workdir, pipe, policy
+  Each host reads its slice of the iteration's prompts and conditions them; from there every
+  array is global (`hosts.global_batch`), so group advantages, reward statistics and minibatches
+  are those of the whole batch, as on one process."""
+
+  def __init__(self, config, workdir, pipe, tx, policy, reward_fn, it, evaluator, writer, end, *, mesh, s_shard):
+    self.config, self.workdir, self.pipe, self.policy, self.mesh = config, workdir, pipe, policy, mesh
     self.gc = grpo.GRPOConfig.from_config(config.grpo)
     self.reward_fn, self.it, self.evaluator, self.writer, self.end = reward_fn, it, evaluator, writer, end
     self.latent_tail = latent_shape(config, 1)[1:]
-    velocity = conditioning.velocity_fn(pipe.dit)
-    self.rollout_fn = jax.jit(lambda p, c, u, k, shape: grpo.rollout(velocity, p, c, u, k, shape=shape, gc=self.gc),
-                              static_argnums=(4,))
+    self.velocity = conditioning.velocity_fn(pipe.dit)
+    self._rollouts, self._programs = {}, None
+    self.step_fn = grpo.make_update_step(self.velocity, tx, self.gc, adapters=policy.use_lora)
+    self.s_shard = s_shard
     self.decode_fn = jax.jit(lambda z: (pipe.decode(z) + 1.0) / 2.0)
-    self.update_fn = jax.jit(grpo.make_update_step(velocity, tx, self.gc, adapters=policy.use_lora),
-                             donate_argnums=(0,))
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    if hosts.is_primary():
+      os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+
+  def rollout_fn(self, shape: tuple, cond: dict):
+    """The rollout program for `shape` (compiled once per shape: training and eval chunks)."""
+    if shape not in self._rollouts:
+      c_shard = programs.condition_shardings(cond, self.mesh)
+      self._rollouts[shape] = programs.jit_rollout(self.velocity, self.gc, self.mesh, self.policy.p_shard, c_shard,
+                                                   shape, guided=self.gc.guidance_scale != 1.0)
+    return self._rollouts[shape]
+
+  def _update_programs(self, rollouts):
+    if self._programs is None:
+      mb_shard = programs.minibatch_shardings(self.mesh, rollouts)
+      self._programs = (programs.jit_take_minibatch(mb_shard, self.mesh),
+                        programs.jit_update(self.step_fn, self.s_shard, self.policy.r_shard, mb_shard, self.mesh))
+    return self._programs
 
   def evaluate(self, step: int, state) -> dict:
-    stats, sample = self.evaluator(self.policy.params(state), self.rollout_fn, self.decode_fn)
-    for j in range(min(self.config.grpo.sample_videos, sample.shape[0])):
-      video_io.write_video(os.path.join(self.workdir, "samples", f"iter{step:05d}_{j}.mp4"),
-                           sample[j] * 2.0 - 1.0, fps=self.config.sampling.fps)
+    with sharding.with_mesh_rules(self.mesh):
+        stats, sample = self.evaluator(self.policy.params(state), self.rollout_fn, self.decode_fn,
+                                     self.config.grpo.sample_videos)
+    if hosts.is_primary():
+      for j in range(sample.shape[0]):
+        video_io.write_video(os.path.join(self.workdir, "samples", f"iter{step:05d}_{j}.mp4"),
+                             sample[j] * 2.0 - 1.0, fps=self.config.sampling.fps)
     return stats
 
-  def _rollout(self, it: int, state, raw):
-    g = self.gc.group_size
-    cond, null = _conditions(self.pipe, raw)
-    cond_g, null_g = grpo.repeat_groups(cond, g), grpo.repeat_groups(null, g)
+  def _global(self, tree: dict) -> dict:
+    """This host's rows -> global arrays split on the batch axis."""
+    local = {k: np.asarray(v) for k, v in tree.items()}
+    return hosts.global_batch(local, {k: sharding.batch_sharding(self.mesh, v.ndim) for k, v in local.items()})
+
+  def _rollout(self, it: int, state, cond: dict, null: dict):
+    """G rollouts per prompt from this host's conditions (its rows, repeated per group member)."""
+    cond_g, null_g = self._global(cond), self._global(null)
     uncond = null_g if self.gc.guidance_scale != 1.0 else None
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), it)
     b = cond_g["context"].shape[0]
-    xs, lps = self.rollout_fn(self.policy.params(state), cond_g, uncond, key, (b,) + self.latent_tail)
-    return xs, lps, cond_g, uncond
+    xs, lps = self.rollout_fn((b,) + self.latent_tail, cond_g)(self.policy.params(state), cond_g, uncond, key)
+    return dict(xs=xs, log_probs=lps, cond=cond_g, uncond=uncond)
 
-  def _update(self, it: int, state, xs, lps, adv, cond_g, uncond):
+  def _update(self, it: int, state, rollouts):
     """`inner_epochs` passes over the rollouts in shuffled minibatches. Returns (state, mean metrics)."""
-    gc, b = self.gc, xs.shape[1]
+    gc, b = self.gc, rollouts["xs"].shape[1]
+    take, update = self._update_programs(rollouts)
     rng = np.random.default_rng([self.config.seed, it])
-    ks = jnp.asarray(grpo.trained_steps(gc, rng))
+    rep = sharding.replicated(self.mesh)
+    ks = hosts.from_full(np.asarray(grpo.trained_steps(gc, rng), np.int32), rep)
     mets = []
     for _ in range(gc.inner_epochs):
       perm = rng.permutation(b)
       for lo in range(0, b, gc.minibatch):
-        idx = jnp.asarray(perm[lo:lo + gc.minibatch])
-        take = lambda tree: None if tree is None else jax.tree_util.tree_map(lambda x: x[idx], tree)
-        mb = dict(xs=xs[:, idx], log_probs=lps[:, idx], advantages=adv[idx], cond=take(cond_g), uncond=take(uncond))
-        state, um = self.update_fn(state, self.policy.ref_params, mb, ks)
+        mb = take(rollouts, hosts.from_full(perm[lo:lo + gc.minibatch].astype(np.int32), rep))
+        state, um = update(state, self.policy.ref_params, mb, ks)
         mets.append(jax.device_get(um))
     return state, {k: float(np.mean([x[k] for x in mets])) for k in mets[0]}
+
+  def _rewards(self, xs, raw) -> dict:
+    """Reward components (eq. S.5) of the decoded rollouts, on every host as numpy."""
+    g = self.gc.group_size
+    rb = self._global(_reward_batch(raw, g))
+    rb["prompt"] = [p for host in hosts.gather_json(_prompts(raw, g)) for p in host]
+    comps = self.reward_fn(self.decode_fn(xs[-1]), rb)
+    return {k: hosts.to_numpy(v) for k, v in comps.items()}
 
   def __call__(self, it: int, state):
     t0 = time.perf_counter()
     raw = next(self.it)
-    xs, lps, cond_g, uncond = self._rollout(it, state, raw)
-    comps = self.reward_fn(self.decode_fn(xs[-1]), _reward_batch(raw, self.gc.group_size))
-    r = np.asarray(comps["total"])
-    m = {f"reward/{k}": float(np.mean(np.asarray(v))) for k, v in comps.items()}
+    g = self.gc.group_size
+    cond, null = (jax.device_get(grpo.repeat_groups(c, g)) for c in _conditions(self.pipe, raw))
+    with sharding.with_mesh_rules(self.mesh):
+      rollouts = self._rollout(it, state, cond, null)
+      comps = self._rewards(rollouts["xs"], raw)
+    r = comps["total"]
+    m = {f"reward/{k}": float(np.mean(v)) for k, v in comps.items()}
     m["reward/std"] = float(r.std())
     if not grpo.rewards_ok(r):
       m["reward_nonfinite"] = 1.0
-      print(f"iteration {it + 1}: non-finite reward; update skipped.")
+      if hosts.is_primary():
+        print(f"iteration {it + 1}: non-finite reward; update skipped.")
     else:
-      adv = grpo.group_advantages(r, self.gc.group_size, clip=self.gc.adv_clip)
-      m.update({"adv/mean": float(adv.mean()), "adv/std": float(adv.std()), "adv/abs_max": float(jnp.abs(adv).max())})
-      state, um = self._update(it, state, xs, lps, adv, cond_g, uncond)
+      adv = np.asarray(grpo.group_advantages(r, self.gc.group_size, clip=self.gc.adv_clip))
+      m.update({"adv/mean": float(adv.mean()), "adv/std": float(adv.std()), "adv/abs_max": float(np.abs(adv).max())})
+      rollouts["advantages"] = hosts.from_full(adv, sharding.batch_sharding(self.mesh, 1))
+      with sharding.with_mesh_rules(self.mesh):
+        state, um = self._update(it, state, rollouts)
       m.update(um)
     state = state.replace(step=state.step + 1)
     done = it + 1
@@ -191,38 +284,40 @@ class _Iteration:
 
 def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_steps: int | None = None,
         progress: bool = True):
-  """Runs GRPO until `train.steps` iterations (or `max_steps` more). Returns the final state."""
+  """Runs GRPO until `train.steps` iterations (or `max_steps` more). Returns the final state.
+  On several processes each host reads its slice of every iteration's prompts
+  (`data.global_batch_size / process_count`); the numbers equal a one-process run's."""
   from idcrafter_jax import data as data_lib
   gc = grpo.GRPOConfig.from_config(config.grpo)
   hosts.maybe_initialize_distributed()
-  if jax.process_count() > 1:
-    raise NotImplementedError(f"Flow-GRPO on {jax.process_count()} processes is not built yet (rollouts, rewards "
-                              "and group advantages are still host-local); run it in one process, or SFT on "
-                              "several.")
   if data_iterator is None or eval_batches is None:
     loop.prepare_data(config, workdir)
   ckpt_lib.save_config(workdir, config)
   pipe, mesh, tx, boxed = loop.build(config, workdir)
+  check_batches(config, mesh)
   reward_fn = _reward_fn(config, mesh)
   if data_iterator is None:
     data_iterator = data_lib.make_iterator(config.data, process_index=jax.process_index(),
                                            process_count=jax.process_count(), seed=config.seed)
   eval_batches = _eval_batches(config) if eval_batches is None else eval_batches
+  # the frozen encoders condition each host's rows outside the mesh; the programs run on it
+  evaluator = EvalSet(eval_batches, pipe, gc, reward_fn, config.grpo.eval_seed, latent_shape(config, 1)[1:],
+                      chunk=config.data.global_batch_size * gc.group_size, mesh=mesh)
   with sharding.with_mesh_rules(mesh):
     policy = _Policy(config, pipe, boxed, mesh)
     key = jax.random.fold_in(jax.random.key(config.seed), 2)
-    state, _ = loop.sharded_state(policy.trainable, tx, key, policy.boxed_trainable, mesh, ema=False)
-    session = loop.TrainSession(workdir, config.train, "grpo")
-    state = session.resume(state, data_iterator)
-    end = loop.end_step(config, int(state.step), max_steps)
-    evaluator = EvalSet(eval_batches, pipe, gc, reward_fn, config.grpo.eval_seed, latent_shape(config, 1)[1:])
-    iteration = _Iteration(config, workdir, pipe, tx, policy, reward_fn, data_iterator, evaluator,
-                           session.writer, end)
-    if int(state.step) == 0:  # the baseline the eval curve starts from
-      session.writer.write(0, iteration.evaluate(0, state))
-    state = loop.drive(session, state, data_iterator, end=end, step_fn=iteration, desc="grpo",
-                       progress=progress, postfix="reward/total")
-  plot_rewards(workdir)
+    state, s_shard = loop.sharded_state(policy.trainable, tx, key, policy.boxed_trainable, mesh, ema=False)
+  session = loop.TrainSession(workdir, config.train, "grpo")
+  state = session.resume(state, data_iterator)
+  end = loop.end_step(config, int(state.step), max_steps)
+  iteration = _Iteration(config, workdir, pipe, tx, policy, reward_fn, data_iterator, evaluator,
+                         session.writer, end, mesh=mesh, s_shard=s_shard)
+  if int(state.step) == 0:  # the baseline the eval curve starts from
+    session.writer.write(0, iteration.evaluate(0, state))
+  state = loop.drive(session, state, data_iterator, end=end, step_fn=iteration, desc="grpo",
+                     progress=progress, postfix="reward/total")
+  if hosts.is_primary():
+    plot_rewards(workdir)
   return state
 
 

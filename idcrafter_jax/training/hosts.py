@@ -75,6 +75,8 @@ def exit_on_failure(error: BaseException) -> None:
   at a barrier. One process: returns (the caller re-raises)."""
   if jax.process_count() == 1:
     return
+  import traceback
+  traceback.print_exception(error, file=sys.stderr)
   print(f"process {jax.process_index()} of {jax.process_count()} failed ({type(error).__name__}: "
         f"{str(error)[:500]}); if another host died, see its log. Exiting.", file=sys.stderr, flush=True)
   os._exit(1)
@@ -139,3 +141,19 @@ def global_batch(local: dict, shardings: dict, global_batch_size: int | None = N
                      f"{global_batch_size}; each host must hold global_batch_size / process_count.")
   return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(x), (n,) + np.shape(x)[1:])
           for k, x in local.items()}
+
+
+def from_full(x, sharding) -> jax.Array:
+  """A global array placed by `sharding` from `x`, which every host holds whole (a fixed eval
+  set, rewards every host computed alike): each device takes its slice."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_numpy(x) -> np.ndarray:
+  """The whole of a (possibly global) array on every host: an all-gather when its shards live
+  on several hosts. For small results (rewards, metrics, a few sample videos)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  barrier("to_numpy")
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

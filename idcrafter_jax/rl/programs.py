@@ -1,0 +1,63 @@
+"""The jitted Flow-GRPO programs with explicit in/out shardings, as the loop runs them and the dry
+run compiles them (`aot/grpo_dryrun.py` lowers these same functions for a TPU topology).
+
+  rollout    `grpo.rollout` for one latent shape: params, condition, unconditional condition and
+             key in; trajectories (K+1, B, ...) and log-probs (K, B) out, split on B
+  update     `grpo.make_update_step`: train state (donated), frozen reference, minibatch, the
+             trained steps; the state keeps its shardings, metrics are replicated
+  minibatch  rows `idx` of the stored rollouts, gathered on device into the update's shardings
+
+Batches are split on their batch axis over ('data', 'fsdp') (`sharding.batch_sharding`), so on
+several hosts every array is one global array and the programs are the same on 1 or N processes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+
+from idcrafter_jax import sharding
+from idcrafter_jax.rl import grpo
+
+
+def condition_shardings(cond: dict, mesh) -> dict:
+  """The DiT's condition pytree split on its batch axis."""
+  return {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in cond.items()}
+
+
+def minibatch_shardings(mesh, mb: dict) -> dict:
+  """Stored trajectories split on their batch axis (after the step axis), as `make_update_step` takes them."""
+  c_shard = condition_shardings(mb["cond"], mesh)
+  return dict(xs=sharding.batch_sharding(mesh, len(mb["xs"].shape), axis=1),
+              log_probs=sharding.batch_sharding(mesh, 2, axis=1), advantages=sharding.batch_sharding(mesh, 1),
+              cond=c_shard, uncond=None if mb["uncond"] is None else c_shard)
+
+
+def trajectory_shardings(mesh, latent_ndim: int):
+  """(xs, log_probs) of a rollout: split on the batch axis, which follows the step axis."""
+  return sharding.batch_sharding(mesh, latent_ndim + 1, axis=1), sharding.batch_sharding(mesh, 2, axis=1)
+
+
+def jit_rollout(velocity_fn: Callable, gc: grpo.GRPOConfig, mesh, p_shard, c_shard: dict, latent: tuple, *,
+                guided: bool):
+  """(params, cond, uncond, key) -> (xs, log_probs) for `latent`-shaped samples (batch first)."""
+  rep = sharding.replicated(mesh)
+  return jax.jit(lambda p, c, u, k: grpo.rollout(velocity_fn, p, c, u, k, shape=latent, gc=gc),
+                 in_shardings=(p_shard, c_shard, c_shard if guided else None, rep),
+                 out_shardings=trajectory_shardings(mesh, len(latent)))
+
+
+def jit_update(step: Callable, s_shard, r_shard, mb_shard: dict, mesh):
+  """`make_update_step`'s step with its shardings; the train state is donated."""
+  rep = sharding.replicated(mesh)
+  return jax.jit(step, in_shardings=(s_shard, r_shard, mb_shard, rep), out_shardings=(s_shard, rep),
+                 donate_argnums=(0,))
+
+
+def jit_take_minibatch(mb_shard: dict, mesh):
+  """(rollouts, idx) -> the minibatch of rows `idx` (`rollouts` as `minibatch_shardings` describes)."""
+  def take(rollouts, idx):
+    rows = lambda tree: None if tree is None else jax.tree_util.tree_map(lambda x: x[idx], tree)
+    return dict(xs=rollouts["xs"][:, idx], log_probs=rollouts["log_probs"][:, idx],
+                advantages=rollouts["advantages"][idx], cond=rows(rollouts["cond"]), uncond=rows(rollouts["uncond"]))
+  return jax.jit(take, out_shardings=mb_shard)
