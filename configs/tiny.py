@@ -37,16 +37,15 @@ def get_config(arg=None):
   c.random_init = True
   c.random_arch.update(vae=TINY_VAE, vlm_vision=TINY_VLM_VISION, vlm_text=TINY_VLM_TEXT)
   c.train.update(steps=200, lr=1e-4, log_every=10, ckpt_every=50, shift=1.0)
-  # A synthetic dataset (textured shapes moving over backgrounds) written into the workdir.
-  c.data.update(num_frames=9, height=64, width=64, subject_height=32, subject_width=32, max_subjects=3,
-                global_batch_size=2, synthetic_clips=24, synthetic_test_clips=8, prefetch=0)
+  # A synthetic dataset (textured shapes moving over backgrounds) written into the workdir, at the
+  # sampling and subject sizes above.
+  c.data.update(global_batch_size=2, synthetic_clips=24, synthetic_test_clips=8, prefetch=0)
   if arg == "grpo":
     # GRPO from the random-init tiny model: small videos, no guidance, a learning rate that
     # moves a 2-layer model within a few minutes on a CPU.
     c.train.update(mode="grpo", steps=150, lr=3e-3, log_every=1, ckpt_every=50)
     c.sampling.update(num_frames=5, height=32, width=32)
-    c.data.update(num_frames=5, height=32, width=32, global_batch_size=4, synthetic_clips=48,
-                  synthetic_test_clips=16)
+    c.data.update(global_batch_size=4, synthetic_clips=48, synthetic_test_clips=16)
     c.grpo.update(group_size=8, num_steps=6, shift=1.0, guidance_scale=1.0,
                   clip_range=0.2, beta=0.0, minibatch=16, eval_every=25, eval_prompts=16, sample_videos=2)
   elif arg not in (None, "sft"):

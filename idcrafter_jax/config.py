@@ -36,6 +36,12 @@ WAN_VARIANTS = {
 # Text-context width: umT5-XXL for plain Wan, Qwen2.5-VL 7B hidden states for ID-Crafter.
 TEXT_DIM = {"umt5": 4096, "qwen2_5_vl_7b": 3584}
 
+# Table S.3 of the seed: AdamW, policy learning rate 1e-5, betas (0.9, 0.95), eps 1e-8, max
+# gradient norm 1.0 (the `train` section's keys), and a batch of 32 videos per GRPO iteration
+# (`data.global_batch_size` prompts x `grpo.group_size` rollouts each). Weight decay is not given.
+TABLE_S3_OPTIMIZER = dict(lr=1e-5, b1=0.9, b2=0.95, eps=1e-8, max_grad_norm=1.0)
+TABLE_S3_BATCH = 32
+
 
 def optional(type_: type) -> ml_collections.FieldReference:
   """An unset (None) config value of `type_` that `--config.<key>=<value>` can set: ml_collections
@@ -92,7 +98,8 @@ def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_c
   c.model.max_subjects = hipa["max_subjects"]
   c.hipa = ml_collections.ConfigDict(dict(num_layers=min(hipa["hipa_layers"], c.model.num_layers),
                                           stages=tuple(hipa["stages"])))
-  # Subject reference images are fitted (padded on white) to this size before the VAE.
+  # Subject reference images are fitted (padded on white) to this size before the VAE, in
+  # generation and in the training data alike (`data.SIZE_KEYS`).
   c.subjects = ml_collections.ConfigDict(dict(height=480, width=480))
   # Qwen2.5-VL conditioning: token buckets (a new prompt length within a bucket reuses the
   # compiled encoder), the system prompt, and the hidden layer used (None: the last).
@@ -104,6 +111,8 @@ def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_c
   # Sampling: Wan's flow-matching schedule with shift, classifier-free guidance (the
   # unconditional branch drops the prompt and every subject), and the ODE solver: 'euler' |
   # 'unipc' | 'dpm++' (`solvers.py`; the Wan configs take 'unipc', as Wan's generate.py).
+  # num_frames (1 + 4k) x height x width (multiples of 16) is the one video size of a run: the
+  # training clips are decoded to it too (`data.SIZE_KEYS`), and the dry run compiles for it.
   c.sampling = ml_collections.ConfigDict(dict(
       num_steps=50, shift=5.0, guidance_scale=5.0, num_frames=81, height=480, width=832,
       fps=16, negative_prompt="", solver="euler"))
@@ -119,6 +128,23 @@ def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_c
   c.grpo = grpo_config()
   c.reward = reward_config()
   c.reward_models = reward_models.default_config()  # checkpoint folders of the network rewards
+  return c
+
+
+def paper_run(c: ml_collections.ConfigDict, arg: str | None, name: str) -> ml_collections.ConfigDict:
+  """`c` with the paper's training settings: Table S.3's optimiser, and for `arg` 'grpo' Flow-GRPO
+  on 32 videos an iteration (4 prompts x group size 8). The supplement gives no SFT batch; 'sft'
+  (or no `arg`) takes 32 clips a step. `name` is the config file, for the error."""
+  if arg not in (None, "", "sft", "grpo"):
+    raise ValueError(f"{name} takes '', 'sft' or 'grpo'; got {arg!r}.")
+  c.train.update(**TABLE_S3_OPTIMIZER)
+  if arg == "grpo":
+    c.train.mode = "grpo"
+    c.grpo.group_size = 8
+    c.data.global_batch_size = TABLE_S3_BATCH // c.grpo.group_size
+  else:
+    c.train.mode = "sft"
+    c.data.global_batch_size = TABLE_S3_BATCH
   return c
 
 
@@ -152,7 +178,8 @@ def reward_config() -> ml_collections.ConfigDict:
 def data_config() -> ml_collections.ConfigDict:
   """`idcrafter_jax.data.default_config()` plus what the loops need around it: the held-out split
   GRPO evaluates on, and a synthetic dataset written into the workdir when `folder` is empty
-  (`synthetic_clips` > 0; the tiny configs)."""
+  (`synthetic_clips` > 0; the tiny configs). Sizes are not here: `sampling.num_frames / height /
+  width`, `subjects.height / width` and `model.max_subjects` (`data.SIZE_KEYS`)."""
   c = data.default_config()
   c.eval_split = "test"
   c.synthetic_clips = 0
@@ -165,7 +192,7 @@ def train_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       mode="sft",  # 'sft' | 'grpo'
       steps=1000,
-      lr=1e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4, max_grad_norm=1.0,
+      **TABLE_S3_OPTIMIZER, weight_decay=1e-4,
       # learning-rate factor of the parameters trained from scratch (subject-index embedding,
       # HIPA stages 1-2, the text projection when the Wan text_dim differs; `IDCrafter.from_wan`)
       new_param_lr_mult=1.0,

@@ -107,10 +107,14 @@ def main(argv):
   import jax
   if _CPU_DEVICES.value is not None:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # before any backend starts
+  from idcrafter_jax import validation
   from idcrafter_jax.aot import program
 
   config = _CONFIG.value
   devices, chip, target = program.target_devices(_TOPOLOGY.value, _CPU_DEVICES.value)
+  # the model, sizes, sampling and mesh first (no folders are read and the batch is the flags':
+  # nothing is loaded)
+  validation.validate(config, mode="generate", devices=len(devices), check_paths=False)
   kw = dict(chip=chip, target=target, variant=program.variant_name(config))
   run = _sft if _PROGRAM.value == "sft" else _grpo
   results = run(config, _shape_fn(config, devices), devices, **kw)

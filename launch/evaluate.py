@@ -34,11 +34,17 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this proc
 
 def main(argv):
   del argv
+  from idcrafter_jax import validation
+  cfg = _CONFIG.value
+  try:  # the evaluation config and, with generate, its model config, before any network is loaded
+    validation.validate(cfg, mode="evaluate")
+  except validation.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
   from idcrafter_jax.training import hosts
   hosts.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from idcrafter_jax.eval import run as run_lib
   from idcrafter_jax.rl import reward_models
-  cfg = _CONFIG.value
   if not hosts.is_primary():
     run_lib.run(cfg, reward_models.build_reward_models(cfg.reward_models),
                 generate_fn=run_lib.make_generator(cfg) if cfg.generate else None, progress=False)

@@ -11,6 +11,7 @@ With a config whose `random_init` is True (configs/tiny.py) missing parts are ra
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import jax
@@ -19,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from idcrafter_jax import checkpoint, video as video_io
+from idcrafter_jax import checkpoint, validation, video as video_io
 from idcrafter_jax.inference import pipeline as pipeline_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config (a configs/*.py file).")
@@ -40,7 +41,16 @@ def main(argv):
   ext = os.path.splitext(_OUT.value)[1].lower()
   if ext not in (".mp4", ".gif"):
     raise ValueError(f"--out {_OUT.value!r} must end in .mp4 or .gif.")
-  # Everything that can be wrong with the input fails here, before any compile.
+  # Everything that can be wrong with the input fails here, before any model is loaded or compiled.
+  init = ml_collections.ConfigDict(dict(wan_dit=_WAN_DIT.value, wan_vae=_WAN_VAE.value, vlm=_VLM.value,
+                                        processor=_PROCESSOR.value, idcrafter_ckpt=_CKPT.value))
+  checked = config.copy_and_resolve_references()
+  checked.init.update(init)  # the folders of the flags are the ones loaded
+  try:
+    validation.validate(checked, mode="generate")
+  except validation.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
   pipeline_lib.latent_shape(config, 1)
   if len(_SUBJECTS.value) > config.model.max_subjects:
     raise ValueError(f"{len(_SUBJECTS.value)} --subject images exceed model.max_subjects="
@@ -48,8 +58,6 @@ def main(argv):
   subjects = [video_io.read_image(p) for p in _SUBJECTS.value]
 
   start = time.perf_counter()
-  init = ml_collections.ConfigDict(dict(wan_dit=_WAN_DIT.value, wan_vae=_WAN_VAE.value, vlm=_VLM.value,
-                                        processor=_PROCESSOR.value, idcrafter_ckpt=_CKPT.value))
   pipe = checkpoint.load_pipeline(config, init)
   logging.info("models ready in %.1f s", time.perf_counter() - start)
   bar = tqdm(total=config.sampling.num_steps, desc="denoising", unit="step")
@@ -61,4 +69,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  if validation.moved_flags(sys.argv):  # the flag parser would only say the key does not exist
+    print("error: " + " ".join(validation.moved_flags(sys.argv)), file=sys.stderr)
+    sys.exit(2)
   app.run(main)

@@ -32,12 +32,15 @@ _PROCESSOR = flags.DEFINE_string("processor", None,
                                  "Processor folder if not the VLM's (default: config.init.processor).")
 _RANDOM_INIT_TINY = flags.DEFINE_bool(
     "random_init_tiny", False, "Use the random-initialised tiny VAE / VLM where no folder is given (tests, demos).")
-_NUM_FRAMES = flags.DEFINE_integer("num_frames", None, "Frames per clip, 1 + 4k (default: the data config's).")
-_HEIGHT = flags.DEFINE_integer("height", None, "Clip height, a multiple of 16.")
-_WIDTH = flags.DEFINE_integer("width", None, "Clip width, a multiple of 16.")
-_SUBJECT_HEIGHT = flags.DEFINE_integer("subject_height", None, "Subject image height, a multiple of 16.")
-_SUBJECT_WIDTH = flags.DEFINE_integer("subject_width", None, "Subject image width, a multiple of 16.")
-_MAX_SUBJECTS = flags.DEFINE_integer("max_subjects", None, "Records with more subjects are skipped.")
+_NUM_FRAMES = flags.DEFINE_integer("num_frames", None, "Frames per clip, 1 + 4k (default: sampling.num_frames).")
+_HEIGHT = flags.DEFINE_integer("height", None, "Clip height, a multiple of 16 (default: sampling.height).")
+_WIDTH = flags.DEFINE_integer("width", None, "Clip width, a multiple of 16 (default: sampling.width).")
+_SUBJECT_HEIGHT = flags.DEFINE_integer("subject_height", None,
+                                       "Subject image height, a multiple of 16 (default: subjects.height).")
+_SUBJECT_WIDTH = flags.DEFINE_integer("subject_width", None,
+                                      "Subject image width, a multiple of 16 (default: subjects.width).")
+_MAX_SUBJECTS = flags.DEFINE_integer("max_subjects", None,
+                                     "Records with more subjects are skipped (default: model.max_subjects).")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Print progress every this many records.")
 flags.mark_flags_as_required(["folder", "out_dir"])
 
@@ -48,18 +51,20 @@ def main(argv):
   from idcrafter_jax.data import precompute
 
   config = _CONFIG.value
-  dc = config.data if "data" in config else data.default_config()
   overrides = dict(num_frames=_NUM_FRAMES.value, height=_HEIGHT.value, width=_WIDTH.value,
                    subject_height=_SUBJECT_HEIGHT.value, subject_width=_SUBJECT_WIDTH.value,
                    max_subjects=_MAX_SUBJECTS.value)
-  dc.update({k: v for k, v in overrides.items() if v is not None})
+  for field, value in overrides.items():  # into the run's size keys (`data.SIZE_KEYS`)
+    if value is not None:
+      section, key = data.SIZE_KEYS[field].split(".")
+      config[section][key] = value
   if _RANDOM_INIT_TINY.value:
     config.random_init = True
   t0 = time.perf_counter()
   enc = precompute.load_encoders(config, wan_vae_folder=_WAN_VAE.value or config.init.wan_vae,
                                  vlm_folder=_VLM.value or config.init.vlm,
                                  processor_folder=_PROCESSOR.value or config.init.processor)
-  version_dir, skipped = precompute.precompute(_FOLDER.value, _OUT.value, dc, enc, splits=_SPLITS.value,
+  version_dir, skipped = precompute.precompute(_FOLDER.value, _OUT.value, config, enc, splits=_SPLITS.value,
                                                log_every=_LOG_EVERY.value)
   print(f"wrote {version_dir} in {time.perf_counter() - t0:.1f}s; skipped: {skipped}")
 

@@ -6,7 +6,9 @@ r"""Train ID-Crafter: flow-matching SFT or Flow-GRPO post-training, resumable.
 A workdir that already holds checkpoints resumes from the newest readable one. The config is
 printed and saved as workdir/config.json; metrics go to workdir/metrics.jsonl and TensorBoard
 (workdir/tb). SIGTERM (TPU preemption) saves a checkpoint and exits with code 143, so that a
-scheduler restarts the job, which resumes.
+scheduler restarts the job, which resumes. The whole config is checked first
+(`idcrafter_jax/validation.py`): an invalid one (or a moved key) lists every problem and exits
+with code 2 before anything is built.
 
 Several processes (one per host of a pod slice) start the same command; TPU slices and SLURM are
 detected, elsewhere pass --coordinator_address, --num_processes and --process_id (or set
@@ -32,9 +34,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  import jax
+  from idcrafter_jax import validation
   from idcrafter_jax.training import hosts, loop
   hosts.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
+  try:  # the whole config, before any model is loaded or compiled
+    validation.validate(config, mode="train", devices=jax.device_count(), process_count=jax.process_count())
+  except validation.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
   if hosts.is_primary():
     print(config)
   mode = config.train.mode
@@ -55,4 +64,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from idcrafter_jax import validation as _validation
+  if _validation.moved_flags(sys.argv):  # the flag parser would only say the key does not exist
+    print("error: " + " ".join(_validation.moved_flags(sys.argv)), file=sys.stderr)
+    sys.exit(2)
   app.run(main)

@@ -3,6 +3,7 @@ determinism, exact resume from the iterator state, per-host sharding, skip-and-c
 import json
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -23,11 +24,35 @@ def dataset(tmp_path_factory):
   return raw, shards, version_dir
 
 
+# The pipeline's sizes by `DecodeSpec` field; a run config holds them in `data.SIZE_KEYS`.
+SIZES = dict(num_frames=17, height=64, width=64, subject_height=32, subject_width=32, max_subjects=3)
+
+
+def _set(c, key, value):
+  """Sets a `DecodeSpec` size field at its run-config key, any other key in `c.data`."""
+  section, name = data.SIZE_KEYS[key].split(".") if key in SIZES else ("data", key)
+  c[section][name] = value
+
+
 def _config(folder, **kw):
-  c = data.default_config()
-  c.folder = folder
-  c.update(kw)
+  """A run config with what the pipeline reads: `data` (folder, kw) and the sizes (SIZES, kw)."""
+  c = ml_collections.ConfigDict(dict(data=data.default_config(), sampling={}, subjects={}, model={}))
+  for key, value in dict(SIZES, folder=folder, **kw).items():
+    _set(c, key, value)
   return c
+
+
+def test_sizes_come_from_the_run_config_and_moved_keys_name_their_place(dataset):
+  _, shards, _ = dataset
+  c = _config(shards, num_frames=9)
+  assert data.sizes_from(c) == dict(SIZES, num_frames=9) and c.sampling.num_frames == 9
+  with pytest.raises(ValueError, match="whole run config"):
+    data.make_iterator(c.data, seed=0)
+  c.data.num_frames = 9
+  c.data.max_subjects = 3
+  with pytest.raises(ValueError, match="data.num_frames moved: set sampling.num_frames.*data.max_subjects moved: "
+                                       "set model.max_subjects"):
+    data.make_iterator(c, seed=0)
 
 
 def _take(it, n):
@@ -118,7 +143,7 @@ def test_same_seed_same_batches_other_seed_other_order(dataset):
     _assert_batches_equal(x, y)
   ids = lambda bs: [i for x in bs for i in x["id"]]  # noqa: E731
   assert ids(_take(data.make_iterator(c, seed=2), 3)) != ids(a)
-  c.shuffle_seed = None
+  c.data.shuffle_seed = None
   assert ids(_take(data.make_iterator(c, seed=1), 3)) == [f"clip_{i:05d}" for i in range(N_CLIPS)]
 
 
@@ -176,7 +201,7 @@ def test_short_clips_and_too_many_subjects_are_skipped(dataset):
   c = _config(raw, num_frames=21, global_batch_size=1, num_epochs=1, max_subjects=3)
   it = data.make_iterator(c, seed=0, warn_skips=False)
   assert list(it) == [] and data.skipped_by_reason(it) == {"too_short": N_CLIPS}
-  c.num_epochs = None  # repeated: a whole epoch skipped is an error, not an endless loop
+  c.data.num_epochs = None  # repeated: a whole epoch skipped is an error, not an endless loop
   with pytest.raises(RuntimeError, match=f"{N_CLIPS} records in a row were skipped"):
     next(data.make_iterator(c, seed=0, warn_skips=False))
   spec = pipeline.DecodeSpec.from_config(_config(raw, max_subjects=1), use_cached=False)
@@ -193,7 +218,7 @@ def test_short_clips_and_too_many_subjects_are_skipped(dataset):
 def test_bad_config_raises_before_reading(dataset, key, value, match):
   _, shards, _ = dataset
   c = _config(shards)
-  c[key] = value
+  _set(c, key, value)
   with pytest.raises((ValueError, FileNotFoundError), match=match):
     data.make_iterator(c, process_count=2 if key == "global_batch_size" else 1, seed=0)
 
@@ -208,7 +233,7 @@ def test_worker_processes_give_the_same_batches(dataset):
   _, shards, _ = dataset
   c = _config(shards, num_epochs=1)
   ref = list(data.make_iterator(c, seed=0))
-  c.worker_count = 1
+  c.data.worker_count = 1
   it = data.make_iterator(c, seed=0)
   got = list(it)
   assert len(got) == len(ref) == N_CLIPS // 2

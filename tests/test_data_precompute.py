@@ -21,16 +21,14 @@ def test_cached_features_equal_online_encoding_and_corrupt_clips_are_left_out(tm
   with open(os.path.join(raw, "clips", "clip_00001.mp4"), "wb") as f:
     f.write(b"garbage" * 50)
   cfg = tiny_config.get_config()
-  dc = data.default_config()
-  dc.update(folder=raw, num_frames=9, height=32, width=32, subject_height=cfg.subjects.height,
-            subject_width=cfg.subjects.width, max_subjects=cfg.model.max_subjects, global_batch_size=2,
-            shuffle_seed=None, num_epochs=1)
+  cfg.sampling.update(num_frames=9, height=32, width=32)  # the clip size of the data, too
+  cfg.data.update(folder=raw, global_batch_size=2, shuffle_seed=None, num_epochs=1)
   enc = precompute.load_encoders(cfg)
-  _, skipped = precompute.precompute(raw, out, dc, enc)
+  _, skipped = precompute.precompute(raw, out, cfg, enc)
   assert skipped == {"train": {"corrupt_video": 1}}
 
-  dc.folder = out
-  it = data.make_iterator(dc, seed=0)
+  cfg.data.folder = out
+  it = data.make_iterator(cfg, seed=0)
   b = next(it)
   assert list(b["id"]) == ["clip_00000", "clip_00002"] and data.skipped_count(it) == 0
   assert b["latents"].shape == (2, 3, 4, 4, 16) and b["subject_latents"].shape == (2, 3, 1, 4, 4, 16)
@@ -47,6 +45,6 @@ def test_cached_features_equal_online_encoding_and_corrupt_clips_are_left_out(tm
   assert not b["f_txt_mask"][:, n:].any() and not online["f_txt_mask"][:, n:].any()
   np.testing.assert_allclose(b["f_txt"][:, :n], online["f_txt"][:, :n], atol=5e-6, rtol=0)
 
-  dc.num_frames = 5  # a cache for other sizes is a configuration error, raised up front
+  cfg.sampling.num_frames = 5  # a cache for other sizes is a configuration error, raised up front
   with pytest.raises(ValueError, match="cached for T9_H32_W32"):
-    data.make_iterator(dc, seed=0)
+    data.make_iterator(cfg, seed=0)

@@ -18,14 +18,14 @@ LAYERS = (
     (1, ("idcrafter_jax.sharding", "idcrafter_jax.weights", "idcrafter_jax.video")),
     (2, ("idcrafter_jax.attention",)),
     (3, ("idcrafter_jax.models", "idcrafter_jax.convert")),
-    (4, ("idcrafter_jax.flow", "idcrafter_jax.sampling")),
+    (4, ("idcrafter_jax.flow", "idcrafter_jax.sampling", "idcrafter_jax.solvers")),
     (5, ("idcrafter_jax.inference",)),
     # the score functions are what the reward networks compute, so they sit below rl; the
     # evaluation run that launch/evaluate.py calls sits above it
     (6, ("idcrafter_jax.data", "idcrafter_jax.eval.scores")),
     (7, ("idcrafter_jax.training", "idcrafter_jax.checkpoint")),
     (8, ("idcrafter_jax.rl",)),
-    (9, ("idcrafter_jax.aot", "idcrafter_jax.eval", "idcrafter_jax.config")),
+    (9, ("idcrafter_jax.aot", "idcrafter_jax.eval", "idcrafter_jax.config", "idcrafter_jax.validation")),
 )
 
 

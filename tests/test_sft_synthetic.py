@@ -11,7 +11,8 @@ from idcrafter_jax.training import loop, metrics, sft
 
 def test_a_corrupt_clip_is_skipped_counted_and_training_goes_on(tmp_path):
   c = tiny_config.get_config("sft")
-  c.data.update(synthetic_clips=5, synthetic_test_clips=0, num_frames=5, shuffle_seed=None)
+  c.data.update(synthetic_clips=5, synthetic_test_clips=0, shuffle_seed=None)
+  c.sampling.num_frames = 5
   c.train.update(steps=4, log_every=1, ckpt_every=4, async_ckpt=False)
   workdir = str(tmp_path)
   loop.prepare_data(c, workdir)

@@ -11,19 +11,23 @@ new shards, equal to what the trainer's frozen encoders compute online). Scripts
 
 Contract for the trainer
 ------------------------
-  it = data.make_iterator(config.data, process_index=0, process_count=1, seed=config.seed)
+  it = data.make_iterator(config, process_index=0, process_count=1, seed=config.seed)  # the whole run config
+  it = data.make_iterator(config, split=config.data.eval_split, seed=...)  # another split
   batch = next(it)            # dict of numpy arrays; B = global_batch_size / process_count
   state = it.get_state()      # a JSON-serialisable dict (save it with the checkpoint)
   it.set_state(state)         # resumes exactly where `state` was taken
   data.skipped_count(it)      # records skipped so far (`skipped_by_reason(it)`: per reason)
 
-  'video'           float32 (B, T, H, W, 3) in [-1, 1]      T = num_frames (1 + 4k), H x W = height x width
+  'video'           float32 (B, T, H, W, 3) in [-1, 1]      T = sampling.num_frames (1 + 4k), H x W =
+                                                           sampling.height x sampling.width
                                                            (or, with `buckets`, one bucket's size a batch)
   'caption'         object  (B,) of python str
   'id'              object  (B,) of python str              the clip ids (for logs and evaluation)
   'subject_images'  float32 (B, N_max, h, w, 3) in [-1, 1]  subjects composited on white and fitted
-                                                           with padding to h x w; padding slots are
-                                                           -1 (black), as `Pipeline.encode_subjects`
+                                                           with padding to h x w (subjects.height x
+                                                           subjects.width); N_max = model.max_subjects;
+                                                           padding slots are -1 (black), as
+                                                           `Pipeline.encode_subjects`
   'subject_mask'    bool    (B, N_max)                      True for real subjects
   'subject_boxes'   float32 (B, N_max, 4)                   normalised (y0, x0, y1, x1) in the first
                                                            (cropped) frame; zeros for padding slots and
@@ -44,6 +48,12 @@ configuration (sizes not multiples of 16, T != 1 + 4k, a batch not divisible by 
 a missing folder, a whole dataset cached for other sizes) raises ValueError / FileNotFoundError
 before any record is read.
 
+Sizes have one place in a run config, read by the samplers, the dry run and this pipeline alike
+(`sizes_from`, `SIZE_KEYS`): frames and resolution in `sampling.num_frames / height / width`, the
+subject image size in `subjects.height / width`, the subject count in `model.max_subjects`. A
+data section that still sets `num_frames`, `height`, `width`, `subject_height`, `subject_width`
+or `max_subjects` is an error naming the new key (`MOVED_KEYS`).
+
 Design choices: clips and images are stored encoded (mp4 / PNG bytes in TFDS `Tensor` features)
 so TensorFlow is never needed; each clip contributes its first T frames, scaled to cover its
 resolution bucket and centre-cropped: (height, width), or with `buckets` = ((H, W), ...) the
@@ -58,26 +68,24 @@ order differs from `worker_count` = 0 (deterministically) and the state holds on
 import ml_collections
 
 from idcrafter_jax.data.pipeline import (collate, decode, DecodeSpec, make_dataset, make_iterator,  # noqa: F401
-                                         skipped_by_reason, skipped_count, Skipped)
+                                         MOVED_KEYS, moved_keys, SIZE_KEYS, sizes_from, skipped_by_reason,
+                                         skipped_count, Skipped)
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The data section of a run config (mounted as `config.data`).
+  """The data section of a run config (mounted as `config.data`); the clip and subject sizes are
+  the run's (`sizes_from`: `sampling.*`, `subjects.*`, `model.max_subjects`).
 
   folder: an OpenS2V-style dataset root (meta/, clips/, subjects/) or a TFDS ArrayRecord directory
   (the `data_dir` given to the builder, or its subject_video/<version> folder). split: 'train'
-  or another split of the metadata. num_frames (1 + 4k), height, width (multiples of 16): the
-  clip size. buckets: None, or more (H, W) sizes; each clip goes to the one of these and
-  (height, width) nearest its aspect ratio, and each batch holds one size. subject_height,
-  subject_width: the subject image size. max_subjects: N_max.
-  global_batch_size: over all hosts. shuffle_seed: None reads in order. num_epochs: None
-  repeats forever. worker_count: Grain worker processes (0: decode in this process).
-  prefetch: batches decoded ahead by threads (0: decode on demand). use_cached: emit cached
-  latents / features when the dataset has them.
+  or another split of the metadata. buckets: None, or more (H, W) sizes besides
+  (sampling.height, sampling.width); each clip goes to the one nearest its aspect ratio, and each
+  batch holds one size. global_batch_size: over all hosts. shuffle_seed: None reads in order.
+  num_epochs: None repeats forever. worker_count: Grain worker processes (0: decode in this
+  process). prefetch: batches decoded ahead by threads (0: decode on demand). use_cached: emit
+  cached latents / features when the dataset has them.
   """
   return ml_collections.ConfigDict(dict(
-      folder="", split="train", num_frames=17, height=64, width=64,
-      buckets=ml_collections.config_dict.placeholder(tuple), subject_height=32, subject_width=32,
-      max_subjects=3, global_batch_size=2, shuffle_seed=0,
-      num_epochs=ml_collections.config_dict.placeholder(int), worker_count=0, prefetch=2,
+      folder="", split="train", buckets=ml_collections.config_dict.placeholder(tuple), global_batch_size=2,
+      shuffle_seed=0, num_epochs=ml_collections.config_dict.placeholder(int), worker_count=0, prefetch=2,
       use_cached=True))

@@ -12,9 +12,9 @@ Decoding (`decode`) reads the first `num_frames` frames of the clip, scales and 
 them to its resolution bucket (`video.resize_video`, 'crop'): (height, width), or with
 `buckets` the size whose aspect ratio is nearest the clip's; composites each subject image on white
 (RGBA alpha, times the subject mask when there is one) and fits it with padding to
-(subject_height, subject_width) (`video.fit_image`, 'pad', as `Pipeline.encode_subjects`
+(subjects.height, subjects.width) (`video.fit_image`, 'pad', as `Pipeline.encode_subjects`
 does at inference), and maps the subject boxes through the same crop. A record that does not
-decode (missing or corrupt clip or image, too few frames, more subjects than `max_subjects`,
+decode (missing or corrupt clip or image, too few frames, more subjects than `model.max_subjects`,
 a cache for other sizes) becomes a `Skipped` marker; `SkipCountingIterDataset` drops markers and
 keeps per-reason counts in its checkpointable state, so a resumed run counts on from where it was.
 """
@@ -38,7 +38,7 @@ STATE_KEY = "skipped_records"  # the per-reason counts inside the iterator state
 
 
 class TooShortError(ValueError):
-  """The clip decodes but holds fewer frames than data.num_frames."""
+  """The clip decodes but holds fewer frames than sampling.num_frames."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +49,42 @@ class Skipped:
   message: str
 
 
+# Where a run config sets each size the pipeline decodes to (`DecodeSpec` field -> config key): the
+# same keys the samplers and the dry run read, so the sizes have one place each.
+SIZE_KEYS = dict(num_frames="sampling.num_frames", height="sampling.height", width="sampling.width",
+                 subject_height="subjects.height", subject_width="subjects.width",
+                 max_subjects="model.max_subjects")
+# Keys the data section held before the sizes moved, and where they are set now.
+MOVED_KEYS = {f"data.{field}": key for field, key in SIZE_KEYS.items()}
+
+
+def moved_keys(config) -> list[str]:
+  """'data.X moved: set Y' for each size key still set in `config.data`."""
+  d = config.get("data") or {}
+  return [f"{old} moved: set {new}" for old, new in MOVED_KEYS.items() if old.split(".")[1] in d]
+
+
+def sizes_from(config) -> dict[str, int]:
+  """{`DecodeSpec` size field: value} of a run config, read from `SIZE_KEYS`. ValueError for a
+  data section given alone or one that still sets a size key."""
+  if "data" not in config:
+    raise ValueError(f"the data pipeline takes the whole run config (sizes are read from "
+                     f"{', '.join(SIZE_KEYS.values())}); got one without a 'data' section "
+                     f"(keys {sorted(config.keys())}).")
+  if moved_keys(config):
+    raise ValueError("; ".join(moved_keys(config)) + ".")
+  out = {}
+  for field, key in SIZE_KEYS.items():
+    section, name = key.split(".")
+    if section not in config or name not in config[section]:
+      raise ValueError(f"{key} is missing from the run config; the data pipeline reads the {field} there.")
+    out[field] = int(config[section][name])
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
-  """What `decode` produces; built from the data config by `DecodeSpec.from_config`."""
+  """What `decode` produces; built from a run config by `DecodeSpec.from_config`."""
   num_frames: int
   height: int
   width: int
@@ -62,29 +95,30 @@ class DecodeSpec:
   buckets: tuple[tuple[int, int], ...] | None = None  # other (H, W) sizes besides (height, width)
 
   @classmethod
-  def from_config(cls, c, use_cached: bool | None = None) -> "DecodeSpec":
+  def from_config(cls, config, use_cached: bool | None = None) -> "DecodeSpec":
+    """From a run config: the sizes of `sizes_from`, `data.buckets` and `data.use_cached`."""
+    sizes, c = sizes_from(config), config.data
     buckets = c.get("buckets")
     if buckets is not None:
       try:
         buckets = tuple((int(h), int(w)) for h, w in buckets)
       except (TypeError, ValueError) as e:
         raise ValueError(f"data.buckets={buckets!r} must be a list of (height, width) pairs.") from e
-    return cls(int(c.num_frames), int(c.height), int(c.width), int(c.subject_height), int(c.subject_width),
-               int(c.max_subjects), bool(c.use_cached if use_cached is None else use_cached), buckets)
+    return cls(**sizes, use_cached=bool(c.use_cached if use_cached is None else use_cached), buckets=buckets)
 
   def __post_init__(self):
     if self.num_frames < 1 or (self.num_frames - 1) % 4:
-      raise ValueError(f"data.num_frames={self.num_frames} must be 1 + 4k (the VAE compresses time 4x "
+      raise ValueError(f"{SIZE_KEYS['num_frames']}={self.num_frames} must be 1 + 4k (the VAE compresses time 4x "
                        "after the first frame).")
     for name in ("height", "width", "subject_height", "subject_width"):
       v = getattr(self, name)
       if v <= 0 or v % 16:
-        raise ValueError(f"data.{name}={v} must be a positive multiple of 16 (8x VAE, then 2x2 DiT patches).")
+        raise ValueError(f"{SIZE_KEYS[name]}={v} must be a positive multiple of 16 (8x VAE, then 2x2 DiT patches).")
     for h, w in self.buckets or ():
       if h <= 0 or w <= 0 or h % 16 or w % 16:
         raise ValueError(f"data.buckets holds {h}x{w}; every size must be positive multiples of 16.")
     if self.max_subjects < 1:
-      raise ValueError(f"data.max_subjects={self.max_subjects} must be >= 1.")
+      raise ValueError(f"{SIZE_KEYS['max_subjects']}={self.max_subjects} must be >= 1.")
 
   @property
   def sizes(self) -> tuple[tuple[int, int], ...]:
@@ -125,7 +159,7 @@ def decode_video_bytes(data: np.ndarray, num_frames: int) -> np.ndarray:
   finally:
     os.remove(path)
   if frames.shape[0] < num_frames:
-    raise TooShortError(f"the clip has {frames.shape[0]} frames; data.num_frames={num_frames} needed.")
+    raise TooShortError(f"the clip has {frames.shape[0]} frames; sampling.num_frames={num_frames} needed.")
   return frames
 
 
@@ -181,7 +215,7 @@ def decode(record: Any, spec: DecodeSpec) -> dict[str, Any] | Skipped:
   rid = rec["id"]
   n = len(rec["subject_images"])
   if n > spec.max_subjects:
-    return Skipped("too_many_subjects", rid, f"{n} subjects > data.max_subjects={spec.max_subjects}.")
+    return Skipped("too_many_subjects", rid, f"{n} subjects > model.max_subjects={spec.max_subjects}.")
   try:
     frames = decode_video_bytes(rec["video"], spec.num_frames)
   except TooShortError as e:
@@ -455,9 +489,13 @@ class HostSlice(grain.MapDataset):
     return f"HostSlice(index={self._index}, count={self._count}, per_host={self._per_host})"
 
 
-def make_dataset(c, *, process_index: int = 0, process_count: int = 1, seed: int = 0,
-                 warn_skips: bool = True) -> grain.IterDataset:
-  """The Grain dataset of per-host batches for data config `c` (see `default_config`)."""
+def make_dataset(config, *, split: str | None = None, process_index: int = 0, process_count: int = 1,
+                 seed: int = 0, warn_skips: bool = True) -> grain.IterDataset:
+  """The Grain dataset of per-host batches of run config `config`: its `data` section (see
+  `default_config`) and the sizes of `sizes_from`; `split` (default `data.split`)."""
+  spec = DecodeSpec.from_config(config)
+  c = config.data
+  split = c.split if split is None else split
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
   if c.global_batch_size < 1 or c.global_batch_size % process_count:
@@ -467,12 +505,11 @@ def make_dataset(c, *, process_index: int = 0, process_count: int = 1, seed: int
     raise ValueError(f"data.num_epochs={c.num_epochs} must be None (repeat) or >= 1.")
   if c.worker_count < 0 or c.prefetch < 0:
     raise ValueError(f"data.worker_count={c.worker_count} and data.prefetch={c.prefetch} must be >= 0.")
-  spec = DecodeSpec.from_config(c)
-  source = tfds_builder.open_source(c.folder, c.split)
+  source = tfds_builder.open_source(c.folder, split)
   n = len(source)
   per_host = c.global_batch_size // process_count
   if n < process_count:
-    raise ValueError(f"{c.folder!r} split {c.split!r} has {n} records, fewer than process_count={process_count}.")
+    raise ValueError(f"{c.folder!r} split {split!r} has {n} records, fewer than process_count={process_count}.")
   if spec.use_cached and not _probe_cache(source, spec, n):
     print(f"data: {c.folder} has no cached features; batches carry video and subject images only.")
     spec = dataclasses.replace(spec, use_cached=False)
@@ -502,12 +539,13 @@ def make_dataset(c, *, process_index: int = 0, process_count: int = 1, seed: int
   return ds
 
 
-def make_iterator(c, *, process_index: int = 0, process_count: int = 1, seed: int = 0,
-                  warn_skips: bool = True) -> grain.DatasetIterator:
-  """A checkpointable iterator of per-host batches: `next(it)`, `it.get_state()` (a JSON-
-  serialisable dict), `it.set_state(state)`; `skipped_count(it)` counts skipped records."""
-  return iter(make_dataset(c, process_index=process_index, process_count=process_count, seed=seed,
-                           warn_skips=warn_skips))
+def make_iterator(config, *, split: str | None = None, process_index: int = 0, process_count: int = 1,
+                  seed: int = 0, warn_skips: bool = True) -> grain.DatasetIterator:
+  """A checkpointable iterator of per-host batches of run config `config` (`make_dataset`):
+  `next(it)`, `it.get_state()` (a JSON-serialisable dict), `it.set_state(state)`;
+  `skipped_count(it)` counts skipped records."""
+  return iter(make_dataset(config, split=split, process_index=process_index, process_count=process_count,
+                           seed=seed, warn_skips=warn_skips))
 
 
 def hosts_state(states: list) -> dict:

@@ -68,11 +68,12 @@ def encode_sample(sample: dict[str, Any], enc: Encoders) -> dict[str, np.ndarray
               f_txt=np.asarray(f_txt[0], np.float32), f_txt_mask=np.asarray(f_mask[0], bool))
 
 
-def precompute(source: str, out_dir: str, data_config, enc: Encoders, splits=("train",),
+def precompute(source: str, out_dir: str, config, enc: Encoders, splits=("train",),
                log_every: int = 0) -> tuple[str, dict[str, dict[str, int]]]:
-  """Reads `source` (a dataset root or ArrayRecord directory), writes shards with cached
-  features to `out_dir`. Returns (version dir, {split: {skip reason: count}})."""
-  spec = pipeline.DecodeSpec.from_config(data_config, use_cached=False)
+  """Reads `source` (a dataset root or ArrayRecord directory), writes shards with cached features
+  to `out_dir` at the sizes of run config `config` (`pipeline.sizes_from`). Returns (version dir,
+  {split: {skip reason: count}})."""
+  spec = pipeline.DecodeSpec.from_config(config, use_cached=False)
   skipped: dict[str, dict[str, int]] = {s: {} for s in splits}
   sources = {s: tfds_builder.open_source(source, s) for s in splits}  # fails early on a bad split
 
