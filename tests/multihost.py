@@ -101,7 +101,7 @@ def tiny_sft_config(spec: dict):
   c = tiny.get_config("sft")
   c.mesh.update(data=-1, fsdp=1)
   c.sampling.update(num_frames=5, height=32, width=32)
-  c.data.update(num_frames=5, height=32, width=32, global_batch_size=8, synthetic_clips=16, synthetic_test_clips=0)
+  c.data.update(global_batch_size=8, synthetic_clips=16, synthetic_test_clips=0)
   c.train.update(steps=spec["steps"], log_every=1, ckpt_every=spec.get("ckpt_every", 2), async_ckpt=False)
   return c
 

@@ -137,9 +137,7 @@ def _eval_batches(config) -> list:
   """The held-out prompts (`data.eval_split`), a fixed set drawn with `grpo.eval_seed`; every host
   reads all of them."""
   from idcrafter_jax import data as data_lib
-  eval_cfg = config.data.copy_and_resolve_references()
-  eval_cfg.split = config.data.eval_split
-  eval_it = data_lib.make_iterator(eval_cfg, seed=config.grpo.eval_seed)
+  eval_it = data_lib.make_iterator(config, split=config.data.eval_split, seed=config.grpo.eval_seed)
   return [next(eval_it) for _ in range(max(1, config.grpo.eval_prompts // config.data.global_batch_size))]
 
 
@@ -297,7 +295,7 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
   check_batches(config, mesh)
   reward_fn = _reward_fn(config, mesh)
   if data_iterator is None:
-    data_iterator = data_lib.make_iterator(config.data, process_index=jax.process_index(),
+    data_iterator = data_lib.make_iterator(config, process_index=jax.process_index(),
                                            process_count=jax.process_count(), seed=config.seed)
   eval_batches = _eval_batches(config) if eval_batches is None else eval_batches
   # the frozen encoders condition each host's rows outside the mesh; the programs run on it
