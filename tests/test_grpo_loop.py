@@ -65,6 +65,9 @@ def test_grpo_logs_components_and_resumes_exactly(tmp_path):
                                                      if "reward/total" in r]
   assert os.path.exists(os.path.join(a, "reward_curve.png"))
   assert any(f.endswith(".mp4") for f in os.listdir(os.path.join(a, "samples")))
+  # the eval baseline travels with the checkpoint: the gain after the resume is the uninterrupted one
+  gains = lambda d: [(r["step"], r["eval/gain"], r["eval/gain_se"]) for r in metrics.read_metrics(d) if "eval/gain" in r]
+  assert gains(b) == gains(a) and [g[0] for g in gains(a)] == [0, 2, 4] and gains(a)[-1][1] != 0.0
 
 
 def test_nan_reward_skips_the_update_and_is_logged(tmp_path):

@@ -114,6 +114,15 @@ class EvalSet:
         videos = hosts.to_numpy(v[:min(num_videos, n)])
     return self.stats(np.concatenate(scores)), videos
 
+  def meta(self) -> dict:
+    """What a checkpoint keeps of the set: the first evaluation's scores, so that `eval/gain`
+    stays paired with the same baseline across preemptions."""
+    return {} if self.baseline is None else {"eval_baseline": [float(x) for x in self.baseline]}
+
+  def restore(self, meta: dict | None) -> None:
+    if meta and meta.get("eval_baseline") is not None:
+      self.baseline = np.asarray(meta["eval_baseline"], np.float32)
+
   def stats(self, s: np.ndarray) -> dict:
     if self.baseline is None:
       self.baseline = s
@@ -305,8 +314,9 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
     policy = _Policy(config, pipe, boxed, mesh)
     key = jax.random.fold_in(jax.random.key(config.seed), 2)
     state, s_shard = loop.sharded_state(policy.trainable, tx, key, policy.boxed_trainable, mesh, ema=False)
-  session = loop.TrainSession(workdir, config.train, "grpo")
+  session = loop.TrainSession(workdir, config.train, "grpo", meta_fn=evaluator.meta)
   state = session.resume(state, data_iterator)
+  evaluator.restore(session.restored_meta)
   end = loop.end_step(config, int(state.step), max_steps)
   iteration = _Iteration(config, workdir, pipe, tx, policy, reward_fn, data_iterator, evaluator,
                          session.writer, end, mesh=mesh, s_shard=s_shard)
