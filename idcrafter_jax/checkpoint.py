@@ -3,14 +3,22 @@ the params-only restore that generation and fine-tuning start from (`restore_par
 
 A checkpoint holds the train state (params, optimiser state, EMA, step, RNG, skip count) and
 the data iterator's state (JSON), so that resuming continues the same data order. The workdir
-may be a local path or a `gs://` bucket (Orbax and `etils.epath` handle both). If the latest
-checkpoint cannot be read (a preemption in the middle of a write, a truncated file), it is
-reported and the one before it is used.
+may be a local path or a `gs://` bucket (Orbax and `etils.epath` handle both).
+
+Checkpoints repair themselves and fail fast:
+  * a newest checkpoint that cannot be read (a preemption in the middle of a write, a truncated
+    file) is reported, the one before it is used, and the unreadable folder is moved aside
+    (`<step>.corrupt-<time>`, kept for inspection) so that the step is saved again;
+  * a failed save (an async write that failed in the background, a folder that cannot be
+    written) is noticed at the next step or save, reported and retried once synchronously; if
+    that fails too, `CheckpointSaveError` names the folder.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -25,8 +33,15 @@ from idcrafter_jax.training import hosts, lora
 log = logging.getLogger(__name__)
 
 
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written, also on a synchronous retry. The newest checkpoint in the
+  folder is the last one saved before; a launcher exits with `EXIT_CODE`."""
+  EXIT_CODE = 4
+
+
 class Checkpointer:
-  """`save(step, state, data_state)`; `restore(abstract_state)` -> (state, data_state) or None."""
+  """`save(step, state, data_state, meta)`; `restore(abstract_state)` -> (step, state, data_state,
+  meta) or None; `failed_save()` -> the error of the last async save, once it has failed."""
 
   def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
     if save_every < 1:
@@ -43,18 +58,81 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return step % self.save_every == 0
 
-  def save(self, step: int, state, data_state: Any = None, meta: dict | None = None, *, force: bool = False):
-    """Saves (asynchronously) at multiples of `save_every`, or always with force=True."""
+  def save(self, step: int, state, data_state: Any = None, meta: dict | None = None, *, force: bool = False,
+           wait: bool = False, after_error: str | None = None) -> bool:
+    """Saves at multiples of `save_every`, or always with force=True: asynchronously, or finished
+    before returning with wait=True. A failed write is reported and retried once synchronously;
+    `after_error` (a previous save's failure, `failed_save`) makes this save that retry. Raises
+    `CheckpointSaveError` when the retry fails too."""
     if not (force or self.should_save(step)):
       return False
     if step in self.manager.all_steps():
       return False
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state if data_state is not None else {}),
-        meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
-    self.manager.save(step, args=args, force=True)
+    args = self._args(step, state, data_state, meta)
+    if after_error is None:
+      try:
+        self._write(step, args, wait=wait)
+        return True
+      except Exception as e:  # noqa: BLE001 - any failed write is retried once
+        after_error = describe(e)
+        self._report(step, after_error)
+    try:
+      self._write(step, args, wait=True)
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointSaveError(
+          f"could not save the checkpoint of step {step} in {self.directory}: {after_error}; the "
+          f"synchronous retry failed too ({describe(e)}). Check that the folder exists, is writable "
+          "and has space; the newest checkpoint there is the last one saved before.") from e
+    print(f"checkpoint step {step} saved in {self.directory} on a synchronous retry.")
     return True
+
+  def _args(self, step: int, state, data_state, meta):
+    data_state = data_state if data_state is not None else {}
+    meta = dict(meta or {}, step=int(step))
+    for name, value in (("data state", data_state), ("meta", meta)):
+      try:
+        json.dumps(value)
+      except (TypeError, ValueError) as e:
+        raise TypeError(f"checkpoint {name} of step {step} is not JSON-serialisable ({e}); expected "
+                        "numbers, strings, booleans, None, lists and dicts with string keys.") from None
+    return ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                              meta=ocp.args.JsonSave(meta))
+
+  def _write(self, step: int, args, *, wait: bool):
+    self._probe()
+    self.manager.save(step, args=args, force=True)
+    if wait:
+      self.manager.wait_until_finished()
+
+  def _probe(self):
+    """Fails here, before Orbax starts its background threads, when the folder cannot be written
+    (a failed step folder creation leaves Orbax's other threads waiting minutes for it)."""
+    probe = self.directory / f".write-probe-{jax.process_index()}-{os.getpid()}"
+    try:
+      self.directory.mkdir(parents=True, exist_ok=True)
+      probe.write_text("ok")
+      probe.unlink()
+    except Exception as e:  # noqa: BLE001
+      raise OSError(f"checkpoint folder {self.directory} is not writable ({describe(e)})") from e
+
+  def _report(self, step: int, error: str):
+    log.warning("checkpoint save of step %d in %s failed: %s", step, self.directory, error)
+    print(f"warning: the checkpoint save of step {step} in {self.directory} failed ({error}); "
+          "retrying synchronously.")
+
+  def failed_save(self) -> str | None:
+    """The error of the last asynchronous save, once it has finished and failed (reported once);
+    None while it is still running or when it succeeded. Does not block."""
+    if self.manager.is_saving_in_progress():
+      return None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      error = describe(e)
+      log.warning("an asynchronous checkpoint save in %s failed: %s", self.directory, error)
+      print(f"warning: an asynchronous checkpoint save in {self.directory} failed ({error}).")
+      return error
+    return None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -64,31 +142,63 @@ class Checkpointer:
 
     `abstract_state` gives shapes, dtypes and shardings (a tree of ShapeDtypeStructs). On several
     processes the fallback is taken by all together: a step any host cannot read is skipped by all.
+    The unreadable steps are then moved aside (`move_aside`), so that they are saved again.
     """
-    steps = sorted(self.manager.all_steps(), reverse=True)
-    for step in steps:
+    unreadable, found = [], None
+    for step in sorted(self.manager.all_steps(), reverse=True):
       out, error = None, None
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
-        error = f"{type(e).__name__}: {e}"
+        error = describe(e)
       if not hosts.agree_any(error is not None):
-        return step, out.state, out.data, out.meta
+        found = step, out.state, out.data, out.meta
+        break
       reason = error or "another process could not read it"
       log.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous one.",
                   step, self.directory, reason)
       print(f"warning: checkpoint step {step} in {self.directory} is unreadable "
             f"({reason.split(':')[0]}); falling back to the previous one.")
-    return None
+      unreadable.append(step)
+    if unreadable:
+      self.move_aside(unreadable)
+    return found
+
+  def move_aside(self, steps) -> None:
+    """Renames the step folders to `<step>.corrupt-<time>` (outside Orbax's step names: kept for
+    inspection, no longer listed, saved again). Process 0 renames; every process then rereads."""
+    if hosts.is_primary():
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      for step in steps:
+        src = self.directory / str(step)
+        if not src.exists():
+          continue
+        dst = self.directory / f"{step}.corrupt-{stamp}"
+        src.rename(dst)
+        print(f"moved the unreadable checkpoint {src} aside to {dst}.")
+    hosts.barrier("checkpoint_move_aside")
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the last save and closes; `CheckpointSaveError` if that save failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointSaveError(f"the last checkpoint save in {self.directory} failed ({describe(e)}); "
+                                "the newest checkpoint there is the one saved before.") from e
+    finally:
+      self.manager.close()
+
+
+def describe(error: BaseException) -> str:
+  """'Type: message' of an exception, on one line and at most 300 characters."""
+  text = " ".join(f"{type(error).__name__}: {error}".split())
+  return text if len(text) <= 300 else text[:297] + "..."
 
 
 def save_config(workdir: str, config) -> None:
@@ -108,15 +218,58 @@ def abstract_like(tree):
 
 def restore_params(path: str, like):
   """ID-Crafter params from a training checkpoint: a step folder (`workdir/checkpoints/N`), its
-  `state` item, or an Orbax checkpoint of the param tree itself. Checked against `like`. A LoRA
-  GRPO checkpoint holds the adapters only; they are put over the base weights of `like`."""
+  `state` item, a checkpoints folder or a workdir (its newest readable step), or an Orbax
+  checkpoint of the param tree itself. Checked against `like`. A LoRA GRPO checkpoint holds the
+  adapters only; they are put over the base weights of `like`."""
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"ID-Crafter checkpoint {path!r} does not exist.")
-  if os.path.isdir(os.path.join(path, "state")):
-    path = os.path.join(path, "state")
+  folders = _param_folders(path)
+  errors = []
+  for folder in folders:
+    try:
+      tree = _read_tree(folder)
+    except Exception as e:  # noqa: BLE001 - an unreadable step falls back to the previous one
+      errors.append(f"{folder}: {describe(e)}")
+      if folder != folders[-1]:
+        print(f"warning: checkpoint {folder} is unreadable ({describe(e)}); trying the previous step.")
+      continue
+    return _params_like(tree, like, folder)
+  raise ValueError(f"no readable ID-Crafter checkpoint in {path}: " + "; ".join(errors) + ". Expected a "
+                   "step folder (workdir/checkpoints/N), its state folder, a checkpoints folder or a workdir.")
+
+
+# Files an Orbax checkpoint of a tree holds (one of them at least, by Orbax version).
+_ORBAX_FILES = ("_METADATA", "manifest.ocdbt", "checkpoint")
+
+
+def _param_folders(path: str) -> list[str]:
+  """The folders `restore_params` tries, newest first: the steps of a workdir or checkpoints
+  folder (their state items), else the state item of a step folder, else the folder itself."""
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  steps = sorted((int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n))),
+                 reverse=True) if os.path.isdir(path) else []
+  if steps:
+    return [_state_folder(os.path.join(path, str(s))) for s in steps]
+  return [_state_folder(path)]
+
+
+def _state_folder(path: str) -> str:
+  return os.path.join(path, "state") if os.path.isdir(os.path.join(path, "state")) else path
+
+
+def _read_tree(folder: str):
+  """The tree of an Orbax checkpoint folder; an error naming what is missing when it is not one."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"{folder} is not a folder")
+  if not any(os.path.exists(os.path.join(folder, f)) for f in _ORBAX_FILES):
+    raise FileNotFoundError(f"{folder} holds no Orbax checkpoint (none of {', '.join(_ORBAX_FILES)})")
   with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(path)
+    return ckptr.restore(folder)
+
+
+def _params_like(tree, like, path: str):
   params = tree.get("params", tree) if isinstance(tree, dict) else tree
   if isinstance(params, dict) and lora.has_adapters(like) and not lora.split(params)[0]:
     params = lora.merge(lora.split(like)[0], params)  # a LoRA run saves its adapters only
@@ -137,3 +290,17 @@ def load_pipeline(config, init, *, workdir: str | None = None) -> pipeline_lib.P
   if init.idcrafter_ckpt:
     pipe = pipe.with_dit_params(restore_params(init.idcrafter_ckpt, pipe.dit_params))
   return pipe
+
+
+def quiet_third_party_logs(verbosity: int | None = None) -> None:
+  """Hides the INFO lines of Orbax, JAX and absl (e.g. "Closing _NonBlockingMetadataStore")
+  unless absl's `--verbosity` asks for them: pass its value when the flag was given, else None
+  (warnings and errors only). Call at the start of a launch script's `main`."""
+  from absl import logging as absl_logging
+  if verbosity is None:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    level = logging.WARNING
+  else:
+    level = absl_logging.converter.absl_to_standard(verbosity)
+  for name in ("absl", "jax", "orbax", "etils", "tensorstore"):
+    logging.getLogger(name).setLevel(level)

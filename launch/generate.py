@@ -5,7 +5,8 @@ r"""Generate a video from a prompt and subject images with ID-Crafter.
 
 Real models load from local folders: --wan_dit (diffusers WanTransformer3DModel or the original
 Wan layout), --wan_vae (diffusers AutoencoderKLWan), --vlm (transformers Qwen2.5-VL, with its
-processor files, or --processor), and --idcrafter_ckpt (params written by launch/train.py).
+processor files, or --processor), and --idcrafter_ckpt (params written by launch/train.py: a step
+folder, or a workdir / checkpoints folder for its newest readable step).
 With a config whose `random_init` is True (configs/tiny.py) missing parts are random-initialised.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ _WAN_DIT = flags.DEFINE_string("wan_dit", None, "Folder of a Wan 2.1 DiT checkpo
 _WAN_VAE = flags.DEFINE_string("wan_vae", None, "Folder of a Wan VAE checkpoint.")
 _VLM = flags.DEFINE_string("vlm", None, "Folder of a Qwen2.5-VL checkpoint.")
 _PROCESSOR = flags.DEFINE_string("processor", None, "Folder of the Qwen2.5-VL processor (default: --vlm).")
-_CKPT = flags.DEFINE_string("idcrafter_ckpt", None, "ID-Crafter params saved by launch/train.py.")
+_CKPT = flags.DEFINE_string("idcrafter_ckpt", None, "ID-Crafter params saved by launch/train.py: a step folder "
+                            "(workdir/checkpoints/N), a checkpoints folder or a workdir (its newest readable step).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the initial noise.")
 
 

@@ -5,10 +5,16 @@ r"""Train ID-Crafter: flow-matching SFT or Flow-GRPO post-training, resumable.
 
 A workdir that already holds checkpoints resumes from the newest readable one. The config is
 printed and saved as workdir/config.json; metrics go to workdir/metrics.jsonl and TensorBoard
-(workdir/tb). SIGTERM (TPU preemption) saves a checkpoint and exits with code 143, so that a
-scheduler restarts the job, which resumes. The whole config is checked first
-(`idcrafter_jax/validation.py`): an invalid one (or a moved key) lists every problem and exits
-with code 2 before anything is built.
+(workdir/tb). One run per workdir: a second one on a workdir in use is refused (workdir/run.lock).
+Orbax's, JAX's and absl's INFO lines are hidden unless --verbosity=0 (or higher) is given.
+
+The whole config is checked first (`idcrafter_jax/validation.py`); every problem is listed and
+nothing is built. Exit codes: 0 finished (train.steps reached, or --max_steps done); 1 an error
+(traceback), or another host failed; 2 the config is invalid (or sets a moved key); 3
+train.max_bad_steps updates in a row were skipped for non-finite values (nothing saved after the
+last good state); 4 a checkpoint could not be saved, also on a synchronous retry; 5 the workdir
+is in use by another run; 143 SIGTERM / SIGINT (TPU preemption): a checkpoint was saved, so that
+a scheduler restarts the job, which resumes.
 
 Several processes (one per host of a pod slice) start the same command; TPU slices and SLURM are
 detected, elsewhere pass --coordinator_address, --num_processes and --process_id (or set
@@ -17,6 +23,7 @@ global batch; process 0 alone writes logs, metrics and config.json; all save che
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
@@ -35,8 +42,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   import jax
-  from idcrafter_jax import validation
+  from idcrafter_jax import checkpoint, validation
   from idcrafter_jax.training import hosts, loop
+  checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
   hosts.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
   try:  # the whole config, before any model is loaded or compiled
@@ -56,8 +64,16 @@ def main(argv):
   try:
     run_lib.run(config, _WORKDIR.value, max_steps=_MAX_STEPS.value)
   except loop.Preempted as e:
-    print(e)
-    sys.exit(loop.Preempted.EXIT_CODE)
+    print(e, flush=True)
+    sys.exit(e.EXIT_CODE)
+  except (loop.TooManyBadSteps, loop.WorkdirLocked) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.EXIT_CODE)
+  except checkpoint.CheckpointSaveError as e:
+    # Orbax may leave threads of the failed save waiting minutes: exit without joining them
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(e.EXIT_CODE)
   except Exception as e:
     hosts.exit_on_failure(e)
     raise

@@ -161,7 +161,8 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
                      adapters: bool = False):
   """(state, ref_params, minibatch, ks) -> (state, metrics): gradients of the mean over the
   trained steps ks (accumulated one step at a time, so memory does not grow with len(ks)),
-  then one optimiser update; a non-finite loss or gradient skips it (counted in state.skipped).
+  then one optimiser update; a non-finite loss, gradient or updated state (params, optimiser)
+  skips it, keeping the previous ones (counted in state.skipped).
   `state.step` counts GRPO iterations and is advanced by the loop, not here.
 
   With `adapters` (LoRA, `idcrafter_jax/lora.py`), `state.params` holds only the adapters and
@@ -170,6 +171,7 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
 
   minibatch: xs (K+1, B, ...), log_probs (K, B), advantages (B,), cond, uncond.
   """
+  from idcrafter_jax.training import metrics as metrics_lib
 
   def step(state, ref_params, mb, ks):
     def loss_k(params, k):
@@ -204,13 +206,11 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
     grads = jax.tree_util.tree_map(lambda g: g / n, g_sum)
     metrics = {k: v / n for k, v in m_sum.items()}
     gnorm = optax.global_norm(grads)
-    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm)
-
-    def apply(_):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      return optax.apply_updates(state.params, updates), opt_state
-
-    params, opt_state = jax.lax.cond(ok, apply, lambda _: (state.params, state.opt_state), None)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = (optax.apply_updates(state.params, updates), opt_state)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm) & metrics_lib.all_finite(new)
+    params, opt_state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new,
+                                               (state.params, state.opt_state))
     state = state.replace(params=params, opt_state=opt_state, skipped=state.skipped + (~ok).astype(jnp.int32))
     metrics.update(grad_norm=gnorm, update_ok=ok.astype(jnp.float32))
     return state, metrics

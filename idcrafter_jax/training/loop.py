@@ -2,19 +2,27 @@
 mesh, optimiser), the sharded train state, checkpoints with exact resume, preemption, and the
 step-driving loop with its progress bar.
 
-`TrainSession.resume` restores the newest readable checkpoint (state and data position) and
-drops metrics logged after it; `TrainSession.after_step` saves at the interval, at the end and
-on a preemption signal. `PreemptionGuard` turns SIGTERM / SIGINT into a flag checked after each
-step (TPU VMs are sent SIGTERM before preemption), so at most `train.ckpt_every` steps are lost.
+`TrainSession` holds the workdir's lock (one run per workdir, `RunLock`); `resume` restores the
+newest readable checkpoint (state and data position) and drops metrics logged after it;
+`after_step` saves at the interval, at the end and on a preemption signal, retries a failed save
+once, and stops after `train.max_bad_steps` skipped updates in a row (`TooManyBadSteps`).
+`PreemptionGuard` turns SIGTERM / SIGINT into a flag checked after each step (TPU VMs are sent
+SIGTERM before preemption), so at most `train.ckpt_every` steps are lost.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
+import threading
+import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+from etils import epath
 from tqdm import tqdm
 
 from idcrafter_jax import checkpoint as ckpt_lib, sharding
@@ -24,11 +32,8 @@ from idcrafter_jax.training import hosts, metrics, train_state
 
 
 def prepare_data(config, workdir: str):
-  """Validates the data section against the model and, for `data.synthetic_clips` > 0 with no
-  folder, writes the synthetic dataset into workdir/synthetic_data once (deterministic)."""
-  if config.data.max_subjects != config.model.max_subjects:
-    raise ValueError(f"data.max_subjects={config.data.max_subjects} != model.max_subjects="
-                     f"{config.model.max_subjects}.")
+  """For `data.synthetic_clips` > 0 with no `data.folder`, writes the synthetic dataset (at the
+  run's sizes, `data.sizes_from`) into workdir/synthetic_data once (deterministic)."""
   if config.data.folder:
     return
   if config.data.synthetic_clips <= 0:
@@ -39,12 +44,12 @@ def prepare_data(config, workdir: str):
   if not os.path.isdir(os.path.join(root, "meta")):
     # every host writes the same (deterministic) dataset aside and renames it into place: the
     # first rename wins, whether or not the hosts share the workdir
-    d = config.data
+    d, sizes = config.data, data_pipeline.sizes_from(config)
     tmp = f"{root}.tmp{jax.process_index()}"
     shutil.rmtree(tmp, ignore_errors=True)
     synthetic.write_dataset(tmp, num_clips=d.synthetic_clips, test_clips=d.synthetic_test_clips,
-                            num_frames=d.num_frames, height=max(d.height, 16), width=max(d.width, 16),
-                            max_subjects=d.max_subjects, seed=config.seed)
+                            num_frames=sizes["num_frames"], height=max(sizes["height"], 16),
+                            width=max(sizes["width"], 16), max_subjects=sizes["max_subjects"], seed=config.seed)
     try:
       os.rename(tmp, root)
     except OSError:  # another host's copy is in place
@@ -73,17 +78,25 @@ def sharded_state(params, tx, key, boxed_params, mesh, *, ema: bool):
 def drive(session: "TrainSession", state, data_iterator, *, end: int, step_fn: Callable, desc: str,
           progress: bool = True, postfix: str | None = None):
   """Runs `step_fn(step, state) -> (state, logged_row or None)` from `state.step` to `end`,
-  checkpointing through `session` and stopping cleanly on SIGTERM / SIGINT. Returns the state."""
+  checkpointing through `session` and stopping cleanly on SIGTERM / SIGINT. Returns the state.
+  Raises `Preempted` after a signal, `TooManyBadSteps` after `train.max_bad_steps` skipped
+  updates in a row, `checkpoint.CheckpointSaveError` when a save fails twice."""
   start = int(state.step)
+  session.begin(state)
   bar = tqdm(total=end, initial=start, desc=desc, unit="step", disable=not (progress and hosts.is_primary()))
-  with PreemptionGuard() as guard:
-    for step in range(start, end):
-      state, row = step_fn(step, state)
-      if row is not None and postfix in row:
-        bar.set_postfix({postfix: metrics.fmt(row[postfix])})
-      bar.update(1)
-      if session.after_step(step + 1, end, state, data_iterator, guard):
-        break
+  try:
+    with PreemptionGuard() as guard:
+      for step in range(start, end):
+        state, row = step_fn(step, state)
+        if row is not None and postfix in row:
+          bar.set_postfix({postfix: metrics.fmt(row[postfix])})
+        bar.update(1)
+        if session.after_step(step + 1, end, state, data_iterator, guard):
+          break
+  except BaseException as e:
+    bar.close()
+    session.abort(e)
+    raise
   bar.close()
   session.close()
   if session.preempted:
@@ -104,6 +117,46 @@ class Preempted(Exception):
   def __init__(self, step: int):
     super().__init__(f"preempted: stopped at step {step} with a checkpoint saved; run again to resume.")
     self.step = step
+
+
+class TooManyBadSteps(Exception):
+  """`train.max_bad_steps` updates in a row were skipped (a non-finite loss, gradient or updated
+  state; `TrainState.skipped`): the run stopped without saving those steps, so the newest
+  checkpoint holds the last good state. A launcher exits with `EXIT_CODE`."""
+  EXIT_CODE = 3
+
+  def __init__(self, step: int, count: int, directory: str):
+    super().__init__(
+        f"{count} updates in a row up to step {step} were skipped for a non-finite loss, gradient or "
+        f"update (train.max_bad_steps={count}); stopped without saving them, the newest checkpoint in "
+        f"{directory} holds the last good state. Check train.lr and the data, then run again.")
+    self.step, self.count = step, count
+
+
+class BadSteps:
+  """Counts updates skipped in a row from `TrainState.skipped`, one step behind: the count of a
+  step is read while the next one runs, so the host does not wait for each step. `settle` reads
+  up to the newest step (before a save). Raises `TooManyBadSteps` at `limit` (0: never)."""
+
+  def __init__(self, limit: int, directory: str):
+    self.limit, self.directory = limit, directory
+    self.streak, self.last, self.pending = 0, None, []
+
+  def observe(self, skipped, step: int):
+    self.pending.append((step, jnp.copy(skipped)))  # a copy outlives the donated state
+    while len(self.pending) > 1:
+      self._read(*self.pending.pop(0))
+
+  def settle(self):
+    while self.pending:
+      self._read(*self.pending.pop(0))
+
+  def _read(self, step: int, skipped):
+    n = int(jax.device_get(skipped))
+    self.streak = self.streak + 1 if self.last is not None and n > self.last else 0
+    self.last = n
+    if self.limit and self.streak >= self.limit:
+      raise TooManyBadSteps(step, self.streak, self.directory)
 
 
 class PreemptionGuard:
@@ -133,41 +186,203 @@ class PreemptionGuard:
     return False
 
 
-class TrainSession:
-  """Checkpoints and metrics of one training run, shared by the SFT and GRPO loops.
+class WorkdirLocked(RuntimeError):
+  """Another run holds the workdir (`RunLock`); a launcher exits with `EXIT_CODE`."""
+  EXIT_CODE = 5
 
+
+class RunLock:
+  """`workdir/run.lock`, JSON {host, pid, start, heartbeat}: one run per workdir (local or
+  `gs://`). `acquire` refuses while the holder is alive and takes a stale lock over with a
+  warning: its pid is gone (same host; this process's own pid when no session of it holds the
+  lock now), or (another host) its heartbeat, refreshed every `heartbeat_s` by a thread, is older
+  than `stale_after_s`."""
+
+  NAME = "run.lock"
+
+  def __init__(self, workdir: str, *, heartbeat_s: float = 60.0, stale_after_s: float = 900.0):
+    self._local = "://" not in workdir
+    self.path = epath.Path(os.path.abspath(workdir) if self._local else workdir) / self.NAME
+    self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+    self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time()}
+    self._stop = threading.Event()
+    self._thread = None
+
+  def acquire(self):
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    holder = self.holder()
+    if holder is None:
+      try:
+        self._create()
+      except FileExistsError:
+        holder = self.holder() or {}
+    if holder is not None:
+      why = self._stale(holder)
+      if why is None:
+        raise WorkdirLocked(f"workdir {self.path.parent} is in use by {_who(holder)} (lock file {self.path}); "
+                            "wait for that run to end or stop it. If it is no longer running, delete the lock file.")
+      print(f"warning: taking over the lock {self.path} of {_who(holder)}: {why}.")
+      self._write()
+    if not self._mine(self.holder()):
+      raise WorkdirLocked(f"another run took the lock {self.path} at the same time: {_who(self.holder() or {})}.")
+    _HELD.add(str(self.path))
+    self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+    self._thread.start()
+
+  def release(self):
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join(timeout=5)
+      self._thread = None
+    _HELD.discard(str(self.path))
+    if self._mine(self.holder()):
+      self.path.unlink()
+
+  def _mine(self, holder: dict | None) -> bool:
+    return holder is not None and all(holder.get(k) == v for k, v in self.me.items())
+
+  def holder(self) -> dict | None:
+    """The lock's JSON, {} when it cannot be parsed, None when there is no lock."""
+    if not self.path.exists():
+      return None
+    try:
+      holder = json.loads(self.path.read_text())
+    except FileNotFoundError:
+      return None
+    except ValueError:
+      return {}
+    return holder if isinstance(holder, dict) else {}
+
+  def _stale(self, h: dict) -> str | None:
+    """Why the lock `h` is stale, or None when its run may be alive."""
+    if not h:
+      return "it cannot be read"
+    if h.get("host") == self.me["host"]:
+      if h.get("pid") == self.me["pid"]:
+        return None if str(self.path) in _HELD else "it was left by an earlier run of this process"
+      if not _pid_alive(h.get("pid")):
+        return f"process {h.get('pid')} is not running"
+      return None
+    age = time.time() - float(h.get("heartbeat") or h.get("start") or 0)
+    return f"no heartbeat for {age:.0f} s" if age > self.stale_after_s else None
+
+  def _text(self) -> str:
+    return json.dumps(dict(self.me, heartbeat=time.time()))
+
+  def _create(self):
+    """Creates the lock; locally exclusive (of two runs starting together, one creates it)."""
+    if not self._local:
+      self._write()
+      return
+    with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+      f.write(self._text())
+
+  def _write(self):
+    if not self._local:  # an object write replaces the object whole
+      self.path.write_text(self._text())
+      return
+    tmp = f"{self.path}.{self.me['pid']}.tmp"
+    with open(tmp, "w") as f:
+      f.write(self._text())
+    os.replace(tmp, self.path)
+
+  def _beat(self):
+    while not self._stop.wait(self.heartbeat_s):
+      try:
+        if not self._mine(self.holder()):  # taken over: never overwrite another run's lock
+          print(f"warning: the lock {self.path} is no longer this run's: {_who(self.holder() or {})}.")
+          return
+        self._write()
+      except OSError as e:
+        print(f"warning: could not refresh the lock {self.path} ({e}).")
+
+
+_HELD: set[str] = set()  # the lock files this process holds
+
+
+def _who(holder: dict) -> str:
+  start = holder.get("start")
+  since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)) if isinstance(start, (int, float)) else "?"
+  return f"the run of pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (started {since})"
+
+
+def _pid_alive(pid) -> bool:
+  if not isinstance(pid, int) or pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
+
+
+class TrainSession:
+  """Checkpoints, metrics and the workdir lock of one training run, shared by the SFT and GRPO loops.
+
+  Construction takes the workdir's `RunLock` (process 0; all processes fail when it is held).
   `resume(state, data_iterator)` restores the newest readable checkpoint (state and data
-  position) and drops metrics logged after it; `after_step(done, end, state, data_iterator,
-  guard)` saves at the interval, at the end and on a preemption signal, and says whether to stop.
+  position; its meta in `restored_meta`, None when nothing was restored) and drops the metrics
+  rows the run will log again; `after_step(done, end, state, data_iterator, guard)` saves at the
+  interval, at the end and on a preemption signal, and says whether to stop. `meta_fn()` (JSON
+  values) is merged into the checkpoint meta at every save. Updates skipped in a row are counted
+  (`BadSteps`) and stop the run at `tc.max_bad_steps`. `close()` (or `abort(error)`) ends it.
   """
 
-  def __init__(self, workdir: str, tc, mode: str):
-    self.mode = mode
-    self.ckpt = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                      save_every=tc.ckpt_every, keep=tc.keep_ckpts, async_save=tc.async_ckpt)
+  def __init__(self, workdir: str, tc, mode: str, meta_fn: Callable[[], dict] | None = None):
+    self.mode, self.workdir, self.meta_fn = mode, workdir, meta_fn
+    self.lock = RunLock(workdir) if hosts.is_primary() else None
+    error = None
+    if self.lock is not None:
+      try:
+        self.lock.acquire()
+      except WorkdirLocked as e:
+        error = e
+    if hosts.agree_any(error is not None):
+      raise error or WorkdirLocked(f"process 0 could not take the lock of workdir {workdir}; see its log.")
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.ckpt = ckpt_lib.Checkpointer(directory, save_every=tc.ckpt_every, keep=tc.keep_ckpts,
+                                      async_save=tc.async_ckpt)
     self.writer = metrics.MetricsWriter(workdir)
-    self.workdir = workdir
+    self.bad = BadSteps(int(tc.get("max_bad_steps", 0) or 0), directory)
     self.preempted = False
+    self.restored_meta = None
 
   def resume(self, state, data_iterator):
     restored = self.ckpt.restore(ckpt_lib.abstract_like(state))
     if restored is None:
+      self.writer.start_at(0)
       return state
-    step, state, data_state, _ = restored
+    step, state, data_state, self.restored_meta = restored
     if data_state:
       data_iterator.set_state(data_pipeline.host_state(data_state, jax.process_index(), jax.process_count()))
-    self.writer.truncate_after(step)
+    self.writer.start_at(step)
     if hosts.is_primary():
       print(f"resumed {self.mode} from step {step} in {self.workdir}")
     return state
 
+  def begin(self, state):
+    """The skip count the run starts from (`drive`)."""
+    self.bad.last = int(jax.device_get(state.skipped))
+
+  def meta(self) -> dict:
+    return dict({"mode": self.mode}, **(self.meta_fn() if self.meta_fn is not None else {}))
+
   def after_step(self, done: int, end: int, state, data_iterator, guard: PreemptionGuard) -> bool:
-    """Saves when due; a signal on any host stops every host after the same step (one all-gather
-    per step on several hosts), each saving that step first."""
-    stop = hosts.agree_any(guard.requested)
-    if self.ckpt.should_save(done) or stop or done == end:
+    """Saves when due; a signal on any host stops every host after the same step, each saving that
+    step first; a failed async save on any host is retried at once by all (one all-gather per step
+    on several hosts). Raises `TooManyBadSteps` before saving a step that ends a bad streak."""
+    self.bad.observe(state.skipped, done)
+    failed = self.ckpt.failed_save()
+    agreed = hosts.agree_max(2 * (failed is not None) + int(guard.requested))
+    stop, failed_any = agreed % 2 == 1, agreed >= 2
+    if failed_any or self.ckpt.should_save(done) or stop or done == end:
+      self.bad.settle()
       data_state = data_pipeline.hosts_state(hosts.gather_json(data_iterator.get_state()))
-      self.ckpt.save(done, state, data_state, meta={"mode": self.mode}, force=True)
+      after_error = (failed or "another process's save failed") if failed_any else None
+      self.ckpt.save(done, state, data_state, meta=self.meta(), force=True, wait=stop or done == end,
+                     after_error=after_error)
     if stop and done != end:
       self.preempted = True
       if hosts.is_primary():
@@ -175,5 +390,25 @@ class TrainSession:
     return stop
 
   def close(self):
-    self.ckpt.close()
-    self.writer.close()
+    try:
+      self.ckpt.close()
+    finally:
+      self.writer.close()
+      self._release()
+
+  def abort(self, error: BaseException):
+    """Ends the session after `error`: waits for an in-flight save (one process, and not after a
+    failed save, whose leftover Orbax threads may wait minutes), releases the lock, never raises."""
+    try:
+      if jax.process_count() == 1 and not isinstance(error, ckpt_lib.CheckpointSaveError):
+        self.ckpt.close()
+    except Exception as e:  # noqa: BLE001 - the original error is the one to report
+      print(f"warning: closing the checkpoints after {type(error).__name__} failed too ({ckpt_lib.describe(e)}).")
+    finally:
+      self.writer.close()
+      self._release()
+
+  def _release(self):
+    if self.lock is not None:
+      self.lock.release()
+      self.lock = None

@@ -1,5 +1,6 @@
 """Training metrics: one JSON object per logged step in `workdir/metrics.jsonl` (always with
-`step`), mirrored to TensorBoard (`workdir/tb`)."""
+`step`), mirrored to TensorBoard (`workdir/tb`); `all_finite`, the check a train step runs on
+its updated state before keeping it."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import os
 from typing import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -55,17 +57,46 @@ class MetricsWriter:
     return row
 
   def truncate_after(self, step: int) -> None:
-    """On resume, drops rows logged after the restored step (they will be logged again)."""
+    """Drops rows logged after `step` (they will be logged again). Lines a crash cut short are
+    dropped too; the file is replaced in one rename."""
     if not self._primary or not os.path.exists(self.path):
       return
     with open(self.path) as f:
-      rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(self.path, "w") as f:
-      f.writelines(rows)
+      lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+    if len(keep) == len(lines):
+      return
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(line if line.endswith("\n") else line + "\n" for line in keep)
+    os.replace(tmp, self.path)
+    print(f"{self.path}: dropped {len(lines) - len(keep)} rows after step {step} (logged again from there).")
+
+  def start_at(self, step: int) -> None:
+    """A run starting at `step` drops the rows it will log again: after `step`, and for a run from
+    scratch (step 0; its checkpoints were deleted or unreadable) every row, step 0's included."""
+    self.truncate_after(step if step > 0 else -1)
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def _row_step(line: str) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+def all_finite(tree) -> jax.Array:
+  """True (a traced bool) when every floating-point leaf of `tree` is finite: the check that an
+  updated train state may be kept. One reduction per leaf, then one over the leaves."""
+  leaves = [x for x in jax.tree_util.tree_leaves(tree)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.asarray(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -2,9 +2,10 @@
 
 The loss is Wan's rectified-flow objective: t ~ p(t) (uniform or logit-normal, then Wan's shift),
 x_t = (1 - t) x_0 + t eps, and the model regresses v = eps - x_0 (`flow.py`). With probability
-`cond_dropout` a sample's text and subjects are dropped (all masked). A non-finite loss or
-gradient norm skips the update (params, optimiser and EMA unchanged) and is counted in
-`TrainState.skipped`.
+`cond_dropout` a sample's text and subjects are dropped (all masked). A non-finite loss,
+gradient norm or updated state skips the update (params, optimiser and EMA unchanged) and is
+counted in `TrainState.skipped`; `train.max_bad_steps` in a row stop the run
+(`loop.TooManyBadSteps`) without saving them.
 
 `run(config, workdir)` resumes from the newest readable checkpoint in `workdir/checkpoints`
 (params, optimiser, EMA, step, RNG and the data iterator's position), so an interrupted run
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from idcrafter_jax import checkpoint as ckpt_lib, flow, sharding
-from idcrafter_jax.training import batches, hosts, loop, train_state
+from idcrafter_jax.training import batches, hosts, loop, metrics as metrics_lib, train_state
 
 
 def sample_t(key, batch: int, tc):
@@ -64,33 +65,36 @@ def flow_matching_loss(apply_fn: Callable, params, batch: dict, key, tc):
 
 
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, tc) -> Callable:
-  """(state, batch) -> (state, metrics); pure, to be jitted with shardings (`jit_train_step`)."""
+  """(state, batch) -> (state, metrics); pure, to be jitted with shardings (`jit_train_step`).
+
+  The update is kept only when the loss, the gradient norm and every leaf of the updated params,
+  optimiser state and EMA are finite (a NaN learning rate poisons the update with finite
+  gradients); otherwise the previous ones stay and `skipped` counts the step."""
 
   def step(state: train_state.TrainState, batch: dict):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     (loss, t), grads = jax.value_and_grad(
         lambda p: flow_matching_loss(apply_fn, p, batch, key, tc), has_aux=True)(state.params)
     gnorm = optax.global_norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-
-    def apply(_):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      ema = state.ema_params
-      if ema is not None:
-        ema = jax.tree_util.tree_map(lambda e, p: tc.ema_decay * e + (1 - tc.ema_decay) * p, ema, params)
-      return params, opt_state, ema
-
-    def skip(_):
-      return state.params, state.opt_state, state.ema_params
-
-    params, opt_state, ema = jax.lax.cond(ok, apply, skip, None)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      ema = jax.tree_util.tree_map(lambda e, p: tc.ema_decay * e + (1 - tc.ema_decay) * p, ema, params)
+    new = (params, opt_state, ema)
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & metrics_lib.all_finite(new)
+    params, opt_state, ema = keep_if(ok, new, (state.params, state.opt_state, state.ema_params))
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
                         skipped=state.skipped + (~ok).astype(jnp.int32))
     metrics = dict(loss=loss, grad_norm=gnorm, t_mean=jnp.mean(t), skipped=new.skipped,
                    update_ok=ok.astype(jnp.float32))
     return new, metrics
   return step
+
+
+def keep_if(ok, new, old):
+  """`new` where the traced bool `ok` holds, else `old` (trees of one structure), leaf by leaf."""
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 class _Steps:
@@ -144,21 +148,26 @@ class _Steps:
 
 
 def run(config, workdir: str, *, data_iterator=None, max_steps: int | None = None, progress: bool = True):
-  """Trains until `train.steps` (or `max_steps` more steps in this call). Returns the final state."""
+  """Trains until `train.steps` (or `max_steps` more steps in this call). Returns the final state.
+  The workdir is locked first (`loop.RunLock`), so a second run on it changes nothing there."""
   from idcrafter_jax import data as data_lib
   hosts.maybe_initialize_distributed()
-  if data_iterator is None:
-    loop.prepare_data(config, workdir)
-  ckpt_lib.save_config(workdir, config)
-  pipe, mesh, tx, boxed = loop.build(config, workdir)
-  it = data_iterator or data_lib.make_iterator(config.data, process_index=jax.process_index(),
-                                               process_count=jax.process_count(), seed=config.seed)
-  global_size = None if data_iterator is not None else config.data.global_batch_size
-  with sharding.with_mesh_rules(mesh):
-    key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    state, s_shard = loop.sharded_state(pipe.dit_params, tx, key, boxed, mesh, ema=config.train.ema)
-    session = loop.TrainSession(workdir, config.train, "sft")
-    state = session.resume(state, it)
-    end = loop.end_step(config, int(state.step), max_steps)
-    steps = _Steps(pipe, mesh, tx, s_shard, config, it, session.writer, end, global_size)
+  session = loop.TrainSession(workdir, config.train, "sft")
+  try:
+    if data_iterator is None:
+      loop.prepare_data(config, workdir)
+    ckpt_lib.save_config(workdir, config)
+    pipe, mesh, tx, boxed = loop.build(config, workdir)
+    it = data_iterator or data_lib.make_iterator(config, process_index=jax.process_index(),
+                                                 process_count=jax.process_count(), seed=config.seed)
+    global_size = None if data_iterator is not None else config.data.global_batch_size
+    with sharding.with_mesh_rules(mesh):
+      key = jax.random.fold_in(jax.random.key(config.seed), 1)
+      state, s_shard = loop.sharded_state(pipe.dit_params, tx, key, boxed, mesh, ema=config.train.ema)
+      state = session.resume(state, it)
+      end = loop.end_step(config, int(state.step), max_steps)
+      steps = _Steps(pipe, mesh, tx, s_shard, config, it, session.writer, end, global_size)
+  except BaseException as e:
+    session.abort(e)
+    raise
   return loop.drive(session, state, it, end=end, step_fn=steps, desc="sft", progress=progress, postfix="loss")
