@@ -47,7 +47,9 @@ def get_config(arg=None):
     c.sampling.update(num_frames=5, height=32, width=32)
     c.data.update(global_batch_size=4, synthetic_clips=48, synthetic_test_clips=16)
     c.grpo.update(group_size=8, num_steps=6, shift=1.0, guidance_scale=1.0,
-                  clip_range=0.2, beta=0.0, minibatch=16, eval_every=25, eval_prompts=16, sample_videos=2)
+                  clip_range=0.2, beta=0.0, minibatch=16, eval_every=25, eval_prompts=16, sample_videos=2,
+                  # float32: the rollout's log-probs equal the update's to ~1e-7, no second pass needed
+                  recompute_log_probs=False)
   elif arg not in (None, "sft"):
     raise ValueError(f"configs/tiny.py takes '', 'sft' or 'grpo'; got {arg!r}.")
   return c

@@ -34,6 +34,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this proc
 
 def main(argv):
   del argv
+  from idcrafter_jax import checkpoint
+  checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
   from idcrafter_jax import validation
   cfg = _CONFIG.value
   try:  # the evaluation config and, with generate, its model config, before any network is loaded

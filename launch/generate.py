@@ -17,7 +17,7 @@ import time
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -39,6 +39,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the initial noise.")
 
 def main(argv):
   del argv
+  checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
   config = _CONFIG.value
   ext = os.path.splitext(_OUT.value)[1].lower()
   if ext not in (".mp4", ".gif"):
@@ -61,7 +62,7 @@ def main(argv):
 
   start = time.perf_counter()
   pipe = checkpoint.load_pipeline(config, init)
-  logging.info("models ready in %.1f s", time.perf_counter() - start)
+  print(f"models ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
   bar = tqdm(total=config.sampling.num_steps, desc="denoising", unit="step")
   frames = pipe(_PROMPT.value, subjects, jax.random.key(_SEED.value), progress=lambda i: bar.update(1))
   bar.close()

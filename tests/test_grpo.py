@@ -146,6 +146,35 @@ def test_update_step_moves_the_policy_towards_higher_advantage():
   assert ratios[:, 0].mean() > 1.0 > ratios[:, 1].mean()
 
 
+def test_update_step_with_apply_off_records_the_log_probs_and_changes_nothing():
+  """`apply=False` (the old log-probs pass): params, optimiser and skip count unchanged, and the
+  returned log-probs are the rollout's (same policy) to float32 rounding; fed back as the old
+  log-probs, the same program's ratio is 1 to float32 rounding (XLA may fuse the log-prob into
+  the ratio and the output differently: an ulp)."""
+  import optax
+  from idcrafter_jax.training import train_state
+  vf, params = _toy_policy()
+  gc = grpo.GRPOConfig(group_size=2, num_steps=4, beta=0.0, clip_range=1e-6)
+  cond = grpo.repeat_groups({"shift": jnp.array([0.2])}, 2)
+  xs, lps = grpo.rollout(vf, params, cond, None, jax.random.key(2), shape=(2, 6), gc=gc)
+  tx = optax.adam(0.05)
+  state = train_state.init_state(params, tx, jax.random.key(0), ema=False)
+  step = jax.jit(grpo.make_update_step(vf, tx, gc))
+  mb = dict(xs=xs, log_probs=lps, advantages=jnp.array([1.0, -1.0]), cond=cond, uncond=None)
+  ks = jnp.asarray([3, 0, 2])
+  same, m = step(state, params, mb, ks, False)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                         (same.params, same.opt_state), (state.params, state.opt_state))
+  assert int(same.skipped) == 0 and float(m["update_ok"]) == 0.0
+  np.testing.assert_allclose(np.asarray(m["log_probs"]), np.asarray(lps)[np.asarray(ks)], atol=1e-5)
+  recorded = np.asarray(lps).copy()
+  recorded[np.asarray(ks)] = np.asarray(m["log_probs"])
+  new, m2 = step(state, params, dict(mb, log_probs=jnp.asarray(recorded)), ks, True)
+  assert float(m2["ratio_max_dev"]) < 2e-7 and float(m2["clip_frac"]) == 0.0 and float(m2["update_ok"]) == 1.0
+  assert not np.allclose(np.asarray(jax.tree_util.tree_leaves(new.params)[0]),
+                         np.asarray(jax.tree_util.tree_leaves(params)[0]))
+
+
 def test_nan_reward_is_detected():
   assert grpo.rewards_ok([0.1, 0.2]) and not grpo.rewards_ok([0.1, float("nan")])
 

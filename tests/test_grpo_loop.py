@@ -113,3 +113,15 @@ def test_lora_grpo_trains_only_adapters_and_resumes_exactly(tmp_path):
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), ad, s_full.params)
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                          base, lora.split(init)[0])
+
+
+def test_bf16_first_update_is_on_policy_when_the_update_program_records_the_old_log_probs(tmp_path):
+  """One minibatch per iteration, so the first update is exactly on policy: with the old log-probs
+  recorded by the update's own program (`grpo.recompute_log_probs`) the ratio is 1 in bf16
+  compute and nothing is clipped at clip_range 1e-5."""
+  c = _config(1)
+  c.model.dtype = "bfloat16"
+  c.grpo.update(minibatch=4, clip_range=1e-5, recompute_log_probs=True, eval_every=100)
+  _run(c, str(tmp_path / "run"))
+  row = [r for r in metrics.read_metrics(str(tmp_path / "run")) if "ratio_max_dev" in r][0]
+  assert row["ratio_max_dev"] < 1e-6 and row["clip_frac"] == 0.0 and row["update_ok"] == 1.0, row

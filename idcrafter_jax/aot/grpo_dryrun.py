@@ -164,9 +164,10 @@ def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, 
     rep = sharding.replicated(mesh)
     fn = programs.jit_update(step, s_shard, r_shard, mb_shard, mesh)
     ks_abs = jax.ShapeDtypeStruct((len(ks),), jnp.int32, sharding=rep)
+    apply = jax.ShapeDtypeStruct((), jnp.bool_, sharding=rep)
     put = program.with_shardings
     return program.compile_into(result, lambda: fn.lower(put(state_abs, s_shard), put(ref_abs, r_shard),
-                                                         put(mb, mb_shard), ks_abs))
+                                                         put(mb, mb_shard), ks_abs, apply))
 
 
 def default_batches(config, mesh_dims: dict) -> tuple[int, int]:

@@ -45,6 +45,10 @@ class GRPOConfig:
   beta: float = 0.004  # KL weight
   inner_epochs: int = 1
   minibatch: int = 8  # samples per update step
+  # the old log-probs the ratio compares against are recomputed by the update's own program
+  # (params unchanged), so on policy the ratio is exactly 1 whatever the compute dtype; off, the
+  # rollout's are used, and bf16 rounding differences between the programs reach ~3e-4
+  recompute_log_probs: bool = True
 
   def __post_init__(self):
     if self.group_size < 2:
@@ -138,8 +142,10 @@ def rewards_ok(rewards) -> bool:
   return bool(np.all(np.isfinite(np.asarray(rewards))))
 
 
-def step_terms(velocity_fn, params, ref_params, x, x_next, old_lp, adv, k, cond, uncond, gc: GRPOConfig):
-  """Per-sample policy loss, KL and ratio at step k, for a batch of stored transitions."""
+def step_terms(velocity_fn, params, ref_params, x, x_next, old_lp, adv, k, cond, uncond, gc: GRPOConfig,
+               with_log_prob: bool = False):
+  """Per-sample policy loss, KL, ratio and clip indicator at step k, for a batch of stored
+  transitions (and the per-sample log-prob, with `with_log_prob`)."""
   sigmas = jnp.asarray(flow.sigma_schedule(gc.num_steps, gc.shift))
   s, s_next, s_max = sigmas[k], sigmas[k + 1], sigmas[1]
   v = sampling.guided_velocity(velocity_fn, params, x, s, cond, uncond, gc.guidance_scale)
@@ -154,16 +160,21 @@ def step_terms(velocity_fn, params, ref_params, x, x_next, old_lp, adv, k, cond,
   else:
     kl = jnp.zeros_like(policy)
   clip_frac = (jnp.abs(ratio - 1.0) > gc.clip_range).astype(jnp.float32)
-  return policy, kl, ratio, clip_frac
+  return (policy, kl, ratio, clip_frac, lp) if with_log_prob else (policy, kl, ratio, clip_frac)
 
 
 def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc: GRPOConfig, *,
                      adapters: bool = False):
-  """(state, ref_params, minibatch, ks) -> (state, metrics): gradients of the mean over the
-  trained steps ks (accumulated one step at a time, so memory does not grow with len(ks)),
-  then one optimiser update; a non-finite loss, gradient or updated state (params, optimiser)
-  skips it, keeping the previous ones (counted in state.skipped).
+  """(state, ref_params, minibatch, ks, apply=True) -> (state, metrics): gradients of the mean
+  over the trained steps ks (accumulated one step at a time, so memory does not grow with
+  len(ks)), then one optimiser update; a non-finite loss, gradient or updated state (params,
+  optimiser) skips it, keeping the previous ones (counted in state.skipped).
   `state.step` counts GRPO iterations and is advanced by the loop, not here.
+
+  `metrics['log_probs']` (len(ks), B) are the policy's log-probs of the stored transitions as
+  this program computes them; with `apply` False (a runtime flag: the same compiled program)
+  nothing is updated, which is how the loop records the old log-probs
+  (`GRPOConfig.recompute_log_probs`).
 
   With `adapters` (LoRA, `idcrafter_jax/lora.py`), `state.params` holds only the adapters and
   `ref_params` is the frozen base: the policy is base + adapters, the reference the base with
@@ -173,7 +184,7 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
   """
   from idcrafter_jax.training import metrics as metrics_lib
 
-  def step(state, ref_params, mb, ks):
+  def step(state, ref_params, mb, ks, apply=True):
     def loss_k(params, k):
       x = jnp.take(mb["xs"], k, axis=0)
       x_next = jnp.take(mb["xs"], k + 1, axis=0)
@@ -182,37 +193,39 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
       if adapters:
         policy = lora.merge(ref_params, params)
         ref = lora.merge(ref_params, lora.disabled(jax.lax.stop_gradient(params)))
-      pol, kl, ratio, cf = step_terms(velocity_fn, policy, ref, x, x_next, old, mb["advantages"], k,
-                                      mb["cond"], mb["uncond"], gc)
+      pol, kl, ratio, cf, lp = step_terms(velocity_fn, policy, ref, x, x_next, old, mb["advantages"], k,
+                                          mb["cond"], mb["uncond"], gc, with_log_prob=True)
       loss = jnp.mean(pol) + gc.beta * jnp.mean(kl)
-      return loss, dict(policy_loss=jnp.mean(pol), kl=jnp.mean(kl), ratio=jnp.mean(ratio),
-                        ratio_max_dev=jnp.max(jnp.abs(ratio - 1.0)), clip_frac=jnp.mean(cf))
+      return loss, (dict(policy_loss=jnp.mean(pol), kl=jnp.mean(kl), ratio=jnp.mean(ratio),
+                         ratio_max_dev=jnp.max(jnp.abs(ratio - 1.0)), clip_frac=jnp.mean(cf)), lp)
 
     grad_fn = jax.value_and_grad(loss_k, has_aux=True)
 
     def acc(carry, k):
       g_sum, m_sum = carry
-      (loss, aux), g = grad_fn(state.params, k)
+      (loss, (aux, lp)), g = grad_fn(state.params, k)
       aux["loss"] = loss
       g_sum = jax.tree_util.tree_map(jnp.add, g_sum, g)
       m_sum = jax.tree_util.tree_map(jnp.add, m_sum, aux)
-      return (g_sum, m_sum), None
+      return (g_sum, m_sum), jax.lax.stop_gradient(lp)
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     m0 = dict(policy_loss=0.0, kl=0.0, ratio=0.0, ratio_max_dev=0.0, clip_frac=0.0, loss=0.0)
     m0 = jax.tree_util.tree_map(lambda v: jnp.zeros((), jnp.float32), m0)
-    (g_sum, m_sum), _ = jax.lax.scan(acc, (zeros, m0), ks)
+    (g_sum, m_sum), log_probs = jax.lax.scan(acc, (zeros, m0), ks)
     n = ks.shape[0]
     grads = jax.tree_util.tree_map(lambda g: g / n, g_sum)
     metrics = {k: v / n for k, v in m_sum.items()}
     gnorm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = (optax.apply_updates(state.params, updates), opt_state)
-    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm) & metrics_lib.all_finite(new)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm) & metrics_lib.all_finite(new)
+    ok = finite & apply
     params, opt_state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new,
                                                (state.params, state.opt_state))
-    state = state.replace(params=params, opt_state=opt_state, skipped=state.skipped + (~ok).astype(jnp.int32))
-    metrics.update(grad_norm=gnorm, update_ok=ok.astype(jnp.float32))
+    bad = (apply & ~finite).astype(jnp.int32)
+    state = state.replace(params=params, opt_state=opt_state, skipped=state.skipped + bad)
+    metrics.update(grad_norm=gnorm, update_ok=ok.astype(jnp.float32), log_probs=log_probs)
     return state, metrics
   return step
 

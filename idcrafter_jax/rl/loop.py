@@ -238,15 +238,32 @@ class _Iteration:
     take, update = self._update_programs(rollouts)
     rng = np.random.default_rng([self.config.seed, it])
     rep = sharding.replicated(self.mesh)
-    ks = hosts.from_full(np.asarray(grpo.trained_steps(gc, rng), np.int32), rep)
+    ks_host = np.asarray(grpo.trained_steps(gc, rng), np.int32)
+    ks = hosts.from_full(ks_host, rep)
+    perms = [rng.permutation(b) for _ in range(gc.inner_epochs)]
+    minibatches = lambda perm: [hosts.from_full(perm[lo:lo + gc.minibatch].astype(np.int32), rep)
+                                for lo in range(0, b, gc.minibatch)]
+    if gc.recompute_log_probs:
+      state, rollouts = self._recompute_log_probs(state, rollouts, ks, ks_host, minibatches(perms[0]))
     mets = []
-    for _ in range(gc.inner_epochs):
-      perm = rng.permutation(b)
-      for lo in range(0, b, gc.minibatch):
-        mb = take(rollouts, hosts.from_full(perm[lo:lo + gc.minibatch].astype(np.int32), rep))
-        state, um = update(state, self.policy.ref_params, mb, ks)
-        mets.append(jax.device_get(um))
+    for perm in perms:
+      for idx in minibatches(perm):
+        state, um = update(state, self.policy.ref_params, take(rollouts, idx), ks, True)
+        um = jax.device_get(um)
+        um.pop("log_probs")
+        mets.append(um)
     return state, {k: float(np.mean([x[k] for x in mets])) for k in mets[0]}
+
+  def _recompute_log_probs(self, state, rollouts, ks, ks_host, minibatches):
+    """The old log-probs of the trained steps as the update program computes them with the
+    rollout's params (the same program, `apply` off, over the first epoch's minibatches): on
+    policy the ratio is then exactly 1, in any compute dtype."""
+    take, update = self._update_programs(rollouts)
+    lps = hosts.to_numpy(rollouts["log_probs"]).copy()
+    for idx in minibatches:
+      state, um = update(state, self.policy.ref_params, take(rollouts, idx), ks, False)
+      lps[np.ix_(ks_host, hosts.to_numpy(idx))] = np.asarray(jax.device_get(um["log_probs"]))
+    return state, dict(rollouts, log_probs=hosts.from_full(lps, sharding.batch_sharding(self.mesh, 2, axis=1)))
 
   def _rewards(self, xs, raw) -> dict:
     """Reward components (eq. S.5) of the decoded rollouts, on every host as numpy."""
@@ -289,14 +306,9 @@ class _Iteration:
     return state, None
 
 
-def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_steps: int | None = None,
-        progress: bool = True):
-  """Runs GRPO until `train.steps` iterations (or `max_steps` more). Returns the final state.
-  On several processes each host reads its slice of every iteration's prompts
-  (`data.global_batch_size / process_count`); the numbers equal a one-process run's."""
+def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps):
+  """Data, models, mesh, rewards, eval set, sharded state (resumed) -> (state, `_Iteration`)."""
   from idcrafter_jax import data as data_lib
-  gc = grpo.GRPOConfig.from_config(config.grpo)
-  hosts.maybe_initialize_distributed()
   if data_iterator is None or eval_batches is None:
     loop.prepare_data(config, workdir)
   ckpt_lib.save_config(workdir, config)
@@ -314,7 +326,7 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
     policy = _Policy(config, pipe, boxed, mesh)
     key = jax.random.fold_in(jax.random.key(config.seed), 2)
     state, s_shard = loop.sharded_state(policy.trainable, tx, key, policy.boxed_trainable, mesh, ema=False)
-  session = loop.TrainSession(workdir, config.train, "grpo", meta_fn=evaluator.meta)
+  session.meta_fn = evaluator.meta  # checkpoints keep the eval baseline
   state = session.resume(state, data_iterator)
   evaluator.restore(session.restored_meta)
   end = loop.end_step(config, int(state.step), max_steps)
@@ -322,7 +334,24 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
                          session.writer, end, mesh=mesh, s_shard=s_shard)
   if int(state.step) == 0:  # the baseline the eval curve starts from
     session.writer.write(0, iteration.evaluate(0, state))
-  state = loop.drive(session, state, data_iterator, end=end, step_fn=iteration, desc="grpo",
+  return state, iteration
+
+
+def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_steps: int | None = None,
+        progress: bool = True):
+  """Runs GRPO until `train.steps` iterations (or `max_steps` more). Returns the final state.
+  On several processes each host reads its slice of every iteration's prompts
+  (`data.global_batch_size / process_count`); the numbers equal a one-process run's. The workdir
+  is locked first (`loop.RunLock`), so a second run on it changes nothing there."""
+  gc = grpo.GRPOConfig.from_config(config.grpo)
+  hosts.maybe_initialize_distributed()
+  session = loop.TrainSession(workdir, config.train, "grpo")  # the workdir's lock first
+  try:
+    state, iteration = _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
+  except BaseException as e:
+    session.abort(e)
+    raise
+  state = loop.drive(session, state, iteration.it, end=iteration.end, step_fn=iteration, desc="grpo",
                      progress=progress, postfix="reward/total")
   if hosts.is_primary():
     plot_rewards(workdir)

@@ -4,7 +4,8 @@ run compiles them (`aot/grpo_dryrun.py` lowers these same functions for a TPU to
   rollout    `grpo.rollout` for one latent shape: params, condition, unconditional condition and
              key in; trajectories (K+1, B, ...) and log-probs (K, B) out, split on B
   update     `grpo.make_update_step`: train state (donated), frozen reference, minibatch, the
-             trained steps; the state keeps its shardings, metrics are replicated
+             trained steps, whether to apply; the state keeps its shardings, metrics (and the
+             minibatch's log-probs) are replicated
   minibatch  rows `idx` of the stored rollouts, gathered on device into the update's shardings
 
 Batches are split on their batch axis over ('data', 'fsdp') (`sharding.batch_sharding`), so on
@@ -48,9 +49,10 @@ def jit_rollout(velocity_fn: Callable, gc: grpo.GRPOConfig, mesh, p_shard, c_sha
 
 
 def jit_update(step: Callable, s_shard, r_shard, mb_shard: dict, mesh):
-  """`make_update_step`'s step with its shardings; the train state is donated."""
+  """`make_update_step`'s step (state, ref_params, minibatch, ks, apply) with its shardings; the
+  train state is donated."""
   rep = sharding.replicated(mesh)
-  return jax.jit(step, in_shardings=(s_shard, r_shard, mb_shard, rep), out_shardings=(s_shard, rep),
+  return jax.jit(step, in_shardings=(s_shard, r_shard, mb_shard, rep, rep), out_shardings=(s_shard, rep),
                  donate_argnums=(0,))
 
 

@@ -3,13 +3,20 @@
 SFT feeds `model_batch` to its train step; Flow-GRPO conditions its rollouts on
 `condition_batch`. Latents and VLM features that `data.precompute` cached are used as they are;
 otherwise the pipeline's VAE and Qwen2.5-VL compute them (the same functions, so both agree).
+
+With a `mesh`, every output is one global array split on the batch axis: each host's rows are
+placed first (`hosts.global_batch`) and the VAE encodes the global batch on the whole mesh (its
+params replicated there), so every chip of every host takes part; Qwen2.5-VL, whose processor
+works on host-side images and strings, encodes each host's rows on that host and its features
+are placed alike.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idcrafter_jax import video as video_io
+from idcrafter_jax import sharding, video as video_io
 from idcrafter_jax.inference import conditioning
 from idcrafter_jax.training import hosts
 
@@ -17,21 +24,50 @@ from idcrafter_jax.training import hosts
 MODEL_INPUTS = ("latents", "f_txt", "f_txt_mask", "subject_latents", "subject_mask")
 
 
-def condition_batch(pipe, raw: dict) -> dict:
-  """f_txt, f_txt_mask, subject_latents, subject_mask of a data batch."""
-  out = {"subject_mask": jnp.asarray(raw["subject_mask"], bool)}
+def condition_batch(pipe, raw: dict, mesh=None, global_batch_size: int | None = None) -> dict:
+  """f_txt, f_txt_mask, subject_latents, subject_mask of a data batch (global arrays with `mesh`)."""
+  place = _placer(mesh, global_batch_size)
+  out = place({"subject_mask": np.asarray(raw["subject_mask"], bool)})
   if "subject_latents" in raw:
-    out["subject_latents"] = jnp.asarray(raw["subject_latents"])
+    out.update(place({"subject_latents": raw["subject_latents"]}))
   else:
-    out["subject_latents"] = conditioning.subject_latents(pipe.vae, pipe.vae_params, raw["subject_images"])
+    images = place({"subject_images": np.asarray(raw["subject_images"], np.float32)})["subject_images"]
+    out["subject_latents"] = conditioning.subject_latents(pipe.vae, _vae_params(pipe, mesh), images)
   if "f_txt" in raw:
-    out["f_txt"], out["f_txt_mask"] = jnp.asarray(raw["f_txt"]), jnp.asarray(raw["f_txt_mask"], bool)
+    out.update(place({"f_txt": raw["f_txt"], "f_txt_mask": np.asarray(raw["f_txt_mask"], bool)}))
   else:
     imgs = np.asarray(video_io.to_uint8(np.asarray(raw["subject_images"])))
     mask = np.asarray(raw["subject_mask"], bool)
     subjects = [[imgs[i, j] for j in range(imgs.shape[1]) if mask[i, j]] for i in range(imgs.shape[0])]
-    out["f_txt"], out["f_txt_mask"] = _encode_text(pipe, [str(c) for c in raw["caption"]], subjects)
+    f_txt, f_txt_mask = _encode_text(pipe, [str(c) for c in raw["caption"]], subjects)
+    out.update(place({"f_txt": f_txt, "f_txt_mask": f_txt_mask}))
   return out
+
+
+def _placer(mesh, global_batch_size):
+  """Host rows -> global arrays split on the batch axis of `mesh`; without a mesh, device arrays."""
+  if mesh is None:
+    return lambda tree: {k: jnp.asarray(v) for k, v in tree.items()}
+
+  def place(tree):
+    local = {k: np.asarray(v) for k, v in tree.items()}
+    shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in local.items()}
+    return hosts.global_batch(local, shardings, global_batch_size)
+  return place
+
+
+_REPLICATED_VAE: dict = {}
+
+
+def _vae_params(pipe, mesh):
+  """The VAE's params, replicated on `mesh` once (None: as loaded)."""
+  if mesh is None:
+    return pipe.vae_params
+  key = (id(pipe.vae_params), id(mesh))
+  if key not in _REPLICATED_VAE:
+    _REPLICATED_VAE.clear()
+    _REPLICATED_VAE[key] = jax.device_put(pipe.vae_params, sharding.replicated(mesh))
+  return _REPLICATED_VAE[key]
 
 
 def _encode_text(pipe, prompts, subjects):
@@ -48,13 +84,15 @@ def _encode_text(pipe, prompts, subjects):
   return f_txt, jnp.asarray(inputs["attention_mask"], bool)
 
 
-def model_batch(pipe, raw: dict) -> dict:
-  """`condition_batch` plus the clip's latents: every key of `MODEL_INPUTS`."""
-  out = condition_batch(pipe, raw)
+def model_batch(pipe, raw: dict, mesh=None, global_batch_size: int | None = None) -> dict:
+  """`condition_batch` plus the clip's latents: every key of `MODEL_INPUTS` (global arrays with `mesh`)."""
+  out = condition_batch(pipe, raw, mesh, global_batch_size)
+  place = _placer(mesh, global_batch_size)
   if "latents" in raw:
-    out["latents"] = jnp.asarray(raw["latents"])
+    out.update(place({"latents": raw["latents"]}))
   else:
-    out["latents"] = conditioning.vae_latents(pipe.vae, pipe.vae_params, jnp.asarray(raw["video"], jnp.float32))
+    video = place({"video": np.asarray(raw["video"], np.float32)})["video"]
+    out["latents"] = conditioning.vae_latents(pipe.vae, _vae_params(pipe, mesh), video)
   return out
 
 

@@ -62,7 +62,7 @@ def build(config, workdir: str):
   """Pipeline (models), mesh, optimiser, abstract state and its shardings."""
   pipe = ckpt_lib.load_pipeline(config, config.init, workdir=workdir)
   mesh = sharding.make_mesh(dict(config.mesh))
-  tx = train_state.make_optimizer(config.train)
+  tx = train_state.make_optimizer(config.train, train_state.new_param_mask_fn(config))
   boxed = jax.eval_shape(pipe.dit.init, jax.random.key(0), *idcrafter.dummy_inputs(pipe.dit.config))["params"]
   return pipe, mesh, tx, boxed
 

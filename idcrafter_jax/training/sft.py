@@ -110,31 +110,24 @@ class _Steps:
     self.t_last, self.n_since = time.perf_counter(), 0
 
   def _compiled(self, state, batch):
-    """The step compiled for this batch's shapes (ahead of its first run, so that all hosts start
-    it together however long each took to compile), and the batch on the mesh."""
+    """The step compiled for this global batch's shapes, ahead of its first run, so that all
+    hosts start it together however long each took to compile."""
     shapes = tuple((k, tuple(batch[k].shape)) for k in batches.MODEL_INPUTS)
     if shapes not in self.jitted:
       b_shard = train_state.batch_shardings(batch, self.mesh)
-      abstract = {k: jax.ShapeDtypeStruct((self.global_rows(batch),) + tuple(v.shape[1:]), v.dtype, sharding=b_shard[k])
-                  for k, v in batch.items()}
+      abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shard[k]) for k, v in batch.items()}
       fn = train_state.jit_train_step(self.step_fn, self.s_shard, b_shard, self.mesh)
-      compiled = fn.lower(ckpt_lib.abstract_like(state), abstract).compile()
+      self.jitted[shapes] = fn.lower(ckpt_lib.abstract_like(state), abstract).compile()
       hosts.barrier("compiled_step")
-      self.jitted[shapes] = (compiled, b_shard)
-    fn, b_shard = self.jitted[shapes]
-    return fn, hosts.global_batch(batch, b_shard, self.global_batch_size)
-
-  def global_rows(self, batch) -> int:
-    return next(iter(batch.values())).shape[0] * jax.process_count()
+    return self.jitted[shapes]
 
   def __call__(self, step: int, state):
     from idcrafter_jax import data as data_lib
-    # the frozen encoders run on this host's share, on its own devices (outside the training mesh)
-    batch = batches.model_batch(self.pipe, next(self.it))
+    # each host's rows become one global batch; the VAE encodes it on the whole mesh
+    batch = batches.model_batch(self.pipe, next(self.it), self.mesh, self.global_batch_size)
     batch = {k: batch[k] for k in batches.MODEL_INPUTS}
     with sharding.with_mesh_rules(self.mesh):
-      fn, global_batch = self._compiled(state, batch)
-      state, metrics = fn(state, global_batch)
+      state, metrics = self._compiled(state, batch)(state, batch)
     self.n_since += 1
     done = step + 1
     if done % self.tc.log_every and done != self.end:
