@@ -281,12 +281,13 @@ def _params_like(tree, like, path: str):
   return jax.tree_util.tree_map(lambda x, l: jnp.asarray(x, l.dtype), params, like)
 
 
-def load_pipeline(config, init, *, workdir: str | None = None) -> pipeline_lib.Pipeline:
+def load_pipeline(config, init, *, workdir: str | None = None, load_vlm: bool = True) -> pipeline_lib.Pipeline:
   """The pipeline of the folders in `init` (`wan_dit`, `wan_vae`, `vlm`, `processor`: the run
   config's `init` section or the same names from flags), with the DiT params of the training
-  checkpoint `init.idcrafter_ckpt` when one is given."""
+  checkpoint `init.idcrafter_ckpt` when one is given; without Qwen2.5-VL when `load_vlm` is False."""
   pipe = pipeline_lib.Pipeline.from_config(config, wan_dit_folder=init.wan_dit, wan_vae_folder=init.wan_vae,
-                                           vlm_folder=init.vlm, processor_folder=init.processor, workdir=workdir)
+                                           vlm_folder=init.vlm, processor_folder=init.processor, workdir=workdir,
+                                           load_vlm=load_vlm)
   if init.idcrafter_ckpt:
     pipe = pipe.with_dit_params(restore_params(init.idcrafter_ckpt, pipe.dit_params))
   return pipe

@@ -145,7 +145,17 @@ def tiny_grpo_config(spec: dict):
   c.train.update(steps=spec["steps"], lr=1e-4, log_every=1, ckpt_every=spec.get("ckpt_every", 2), async_ckpt=False)
   if spec.get("lora"):
     c.model.lora_rank = 4
+  # a host-side scorer (numpy, like the Qwen2.5-VL rewards) beside the on-device ones
+  c.reward.quality = {"temporal_consistency": 0.4, "contrast": 0.4, "host_brightness": 0.2}
   return c
+
+
+def _register_host_side_reward():
+  import numpy as np
+  from idcrafter_jax.rl import rewards
+  from idcrafter_jax.training import hosts
+  if "host_brightness" not in rewards.REGISTRY:
+    rewards.register("host_brightness")(hosts.host_side(lambda videos, batch: np.mean(videos, axis=(1, 2, 3, 4))))
 
 
 def grpo_params(spec: dict, process_index: int):
@@ -155,6 +165,7 @@ def grpo_params(spec: dict, process_index: int):
   if spec.get("sigterm") and spec["sigterm"][0] == process_index:
     _signal_after(spec["sigterm"][1], signal.SIGTERM)
   from idcrafter_jax.rl import loop as rl_loop
+  _register_host_side_reward()
   state = rl_loop.run(tiny_grpo_config(spec), spec["workdir"], max_steps=spec.get("max_steps"), progress=False)
   return _gathered(state.params)
 

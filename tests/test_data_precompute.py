@@ -45,6 +45,20 @@ def test_cached_features_equal_online_encoding_and_corrupt_clips_are_left_out(tm
   assert not b["f_txt_mask"][:, n:].any() and not online["f_txt_mask"][:, n:].any()
   np.testing.assert_allclose(b["f_txt"][:, :n], online["f_txt"][:, :n], atol=5e-6, rtol=0)
 
+  # cached features everywhere: the trainer leaves Qwen2.5-VL out, and a batch without them says so
+  cfg.data.use_cached = True
+  from idcrafter_jax.training import loop
+  assert data.has_cached_features(cfg) and not loop.needs_vlm(cfg, [None])
+  lean = pipeline_lib.Pipeline.from_config(cfg, workdir=str(tmp_path / "work"), load_vlm=False)
+  assert lean.vlm is None and lean.vlm_params is None
+  cached = {k: np.asarray(v) for k, v in batches.model_batch(lean, b).items()}
+  np.testing.assert_array_equal(cached["f_txt"], b["f_txt"])
+  with pytest.raises(ValueError, match="Qwen2.5-VL was not loaded"):
+    batches.model_batch(lean, {k: b[k] for k in ONLINE_KEYS})
+  cfg.data.folder = raw
+  assert not data.has_cached_features(cfg) and loop.needs_vlm(cfg, [None])
+
+  cfg.data.folder = out
   cfg.sampling.num_frames = 5  # a cache for other sizes is a configuration error, raised up front
   with pytest.raises(ValueError, match="cached for T9_H32_W32"):
     data.make_iterator(cfg, seed=0)

@@ -71,7 +71,8 @@ def test_cpu_update_arguments_are_the_state_reference_and_minibatch_shards(lora_
   cond = grpo_dryrun.abstract_conditions(_shape(c), mcfg.wan.text_dim, 4)
   cond_bytes = _shard_bytes(cond, jax.tree_util.tree_map(lambda x: NamedSharding(mesh, P(("data", "fsdp"))), cond))
   expected = (_shard_bytes(state, s_shard) + _shard_bytes(ref, sharding.param_shardings(ref_boxed, mesh))
-              + per_sample * 4 // 4 + 2 * cond_bytes + 4 * len(grpo.trained_steps(gc, np.random.default_rng(0))))
+              + per_sample * 4 // 4 + 2 * cond_bytes + 4 * len(grpo.trained_steps(gc, np.random.default_rng(0)))
+              + 1)  # the apply flag (bool)
   assert r.argument_bytes == expected
   assert r.params == sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(train))
   fwd = idcrafter.forward_flops(mcfg, lat, 8, 3, _shape(c).subject_tokens())

@@ -101,7 +101,8 @@ def test_evaluation_splits_the_ids_over_hosts_and_merges_them_on_process_zero(tm
     assert rows[0]["scores"] == pytest.approx(rows[1]["scores"], abs=1e-6)
 
 
-GRPO_LOGGED = ("reward/total", "reward/std", "adv/std", "adv/abs_max", "loss", "ratio", "clip_frac", "grad_norm")
+GRPO_LOGGED = ("reward/total", "reward/qual/host_brightness", "reward/std", "adv/std", "adv/abs_max", "loss",
+               "ratio", "clip_frac", "grad_norm")
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

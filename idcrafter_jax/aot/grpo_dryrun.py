@@ -37,8 +37,10 @@ from idcrafter_jax.training import lora, train_state
 
 def resident_networks(config) -> dict[str, tuple]:
   """{name: (abstract params, their logical PartitionSpecs)} of the networks a GRPO run keeps in
-  HBM besides the DiT, at their released sizes: Wan 2.1 VAE, Qwen2.5-VL 7B (bf16), CLIP
-  ViT-L/14 + aesthetic head and iResNet-100 (in `reward_models.param_dtype`)."""
+  HBM besides the DiT, at their released sizes: Wan 2.1 VAE, Qwen2.5-VL 7B (bf16; left out, as
+  the loop leaves it out, when `data.folder` carries cached features for the train and eval
+  splits and no reward scores with it), CLIP ViT-L/14 + aesthetic head and iResNet-100 (in
+  `reward_models.param_dtype`)."""
   from idcrafter_jax import convert
   from idcrafter_jax.models import aesthetic, clip, face, qwen2_5_vl as qv, wan_vae
   rdt = jnp.dtype(config.reward_models.param_dtype)
@@ -54,9 +56,19 @@ def resident_networks(config) -> dict[str, tuple]:
       "aesthetic_head": convert.abstract_params(aesthetic.AestheticHead(768, param_dtype=rdt), jnp.zeros((1, 768))),
       "iresnet100": face.abstract_params(face.IResNet(face.IResNetConfig(), param_dtype=rdt)),
   }
+  if not _loads_vlm(config):
+    del boxed["qwen2_5_vl_7b"]
   out = {"wan_vae": (wan_vae.abstract_params(vae), wan_vae.logical_axes(vae))}
   out.update({k: (nn.unbox(b), nn.get_partition_spec(b)) for k, b in boxed.items()})
   return out
+
+
+def _loads_vlm(config) -> bool:
+  """Whether the GRPO run loads Qwen2.5-VL: for uncached conditions, or for a reward that reads with it."""
+  from idcrafter_jax import data as data_lib
+  if {"gme_score", "q_align"} & (set(config.reward.fidelity) | set(config.reward.quality)):
+    return True
+  return not all(data_lib.has_cached_features(config, s) for s in (None, config.data.eval_split))
 
 
 def per_chip_bytes(abstract, logical, mesh) -> int:

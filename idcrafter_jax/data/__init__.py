@@ -67,8 +67,8 @@ order differs from `worker_count` = 0 (deterministically) and the state holds on
 """
 import ml_collections
 
-from idcrafter_jax.data.pipeline import (collate, decode, DecodeSpec, make_dataset, make_iterator,  # noqa: F401
-                                         MOVED_KEYS, moved_keys, SIZE_KEYS, sizes_from, skipped_by_reason,
+from idcrafter_jax.data.pipeline import (collate, decode, DecodeSpec, has_cached_features,  # noqa: F401
+                                         make_dataset, make_iterator, MOVED_KEYS, moved_keys, SIZE_KEYS, sizes_from, skipped_by_reason,
                                          skipped_count, Skipped)
 
 

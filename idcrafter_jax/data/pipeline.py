@@ -463,6 +463,17 @@ def _probe_cache(source, spec: DecodeSpec, n: int, probe: int = 8) -> bool:
   return False
 
 
+def has_cached_features(config, split: str | None = None) -> bool:
+  """Whether every batch of `split` will carry cached latents and VLM features
+  (`data.use_cached` on a dataset that `data.precompute` cached at the run's sizes): the frozen
+  encoders are then not needed for it. False without a folder."""
+  c = config.data
+  if not (c.use_cached and c.folder):
+    return False
+  source = tfds_builder.open_source(c.folder, split or c.split)
+  return _probe_cache(source, DecodeSpec.from_config(config), len(source))
+
+
 def _shuffle_seed(shuffle_seed: int, seed: int) -> int:
   return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(shuffle_seed) & 0xFFFFFFFF]).generate_state(1)[0])
 

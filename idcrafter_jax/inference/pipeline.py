@@ -47,19 +47,29 @@ class Pipeline:
   @classmethod
   def from_config(cls, config, *, wan_dit_folder: str | None = None, wan_vae_folder: str | None = None,
                   vlm_folder: str | None = None, processor_folder: str | None = None,
-                  workdir: str | None = None, key=None) -> "Pipeline":
-    """Loads each part from its folder, or random-initialises it where `config.random_init` allows."""
+                  workdir: str | None = None, key=None, load_vlm: bool = True) -> "Pipeline":
+    """Loads each part from its folder, or random-initialises it where `config.random_init` allows.
+    `load_vlm` False (a run whose data carries cached VLM features) leaves Qwen2.5-VL out: ~15 GiB
+    of 7B weights a host not read; calls that would need it say so."""
     key = jax.random.key(config.seed) if key is None else key
     k_dit, k_vae, k_vlm, k_new = jax.random.split(key, 4)
     dit_cfg = idcrafter.IDCrafterConfig.from_config(config)
     wan_module, wan_params = loading.load_wan(config, dit_cfg.wan, wan_dit_folder, k_dit)
     dit, dit_params = idcrafter.IDCrafter.from_wan(wan_module, wan_params, dit_cfg, key=k_new)
     vae, vae_params = loading.load_vae(config, wan_vae_folder, k_vae)
+    if not load_vlm:
+      return cls(config, dit, dit_params, vae, vae_params, None, None, None)
     vlm, vlm_params, proc = loading.load_vlm(config, vlm_folder, processor_folder, k_vlm, workdir)
     if vlm.cfg.text.hidden_size != dit_cfg.wan.text_dim:
       raise ValueError(f"the VLM's hidden size {vlm.cfg.text.hidden_size} != model.text_dim "
                        f"{dit_cfg.wan.text_dim}; set --config.model.text_dim.")
     return cls(config, dit, dit_params, vae, vae_params, vlm, vlm_params, proc)
+
+  def require_vlm(self) -> None:
+    if self.vlm is None:
+      raise ValueError("Qwen2.5-VL was not loaded (the run's data carries cached VLM features, data.use_cached), "
+                       "but a batch without cached features needs it: rerun launch/precompute.py on the "
+                       "data, or set data.use_cached=False.")
 
   def with_dit_params(self, dit_params) -> "Pipeline":
     """The same parts with other DiT params (a training checkpoint: `checkpoint.restore_params`)."""
@@ -70,6 +80,7 @@ class Pipeline:
   def encode_prompts(self, prompts: Sequence[str], subject_images: Sequence[Sequence[np.ndarray]],
                      length: int | None = None):
     """-> f_txt (B, L, D), f_txt_mask (B, L); L is the bucket, or `length` when given."""
+    self.require_vlm()
     buckets = (length,) if length else tuple(self.config.vlm.buckets)
     return conditioning.encode_condition(list(prompts), [list(s) for s in subject_images], self.processor,
                                          self.vlm, self.vlm_params, buckets=buckets,

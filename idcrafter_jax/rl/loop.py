@@ -312,7 +312,8 @@ def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
   if data_iterator is None or eval_batches is None:
     loop.prepare_data(config, workdir)
   ckpt_lib.save_config(workdir, config)
-  pipe, mesh, tx, boxed = loop.build(config, workdir)
+  load_vlm = loop.needs_vlm(config, [None, config.data.eval_split], data_iterator or eval_batches)
+  pipe, mesh, tx, boxed = loop.build(config, workdir, load_vlm=load_vlm)
   check_batches(config, mesh)
   reward_fn = _reward_fn(config, mesh)
   if data_iterator is None:

@@ -29,10 +29,10 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from idcrafter_jax.eval import scores
 from idcrafter_jax.rl.rewards import register
+from idcrafter_jax.training import hosts
 
 Scorer = Callable[[jax.Array, Mapping[str, Any]], jax.Array]
 
@@ -160,11 +160,13 @@ def vlm_scorers(scorer: scores.VLMScorer, *, num_frames: int, question: str, ans
     if "prompt" not in batch:
       raise ValueError("gme_score needs batch['prompt'] (one prompt string per video); the reward batch has "
                        f"only {sorted(batch)}.")
-    return scorer.gme_score(np.asarray(videos), list(batch["prompt"]), num_frames=num_frames)
+    return scorer.gme_score(videos, list(batch["prompt"]), num_frames=num_frames)
 
   def qa(videos, batch):
     del batch
-    return scorer.q_align(np.asarray(videos), num_frames=num_frames, question=question, answer_prefix=answer_prefix)
+    return scorer.q_align(videos, num_frames=num_frames, question=question, answer_prefix=answer_prefix)
+  # the processor works on host memory: on several hosts each scores its own rows
+  gme, qa = hosts.host_side(gme), hosts.host_side(qa)
   return {"gme_score": gme, "q_align": qa}
 
 

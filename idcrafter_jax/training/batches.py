@@ -74,6 +74,7 @@ def _encode_text(pipe, prompts, subjects):
   """f_txt, f_txt_mask at the text bucket of the global batch: the largest of the hosts' buckets,
   so every host's features have one length. The processor runs once, and again only on a host
   whose own bucket is shorter than another host's."""
+  pipe.require_vlm()
   c = pipe.config.vlm
   kw = dict(system_prompt=c.system_prompt)
   inputs = conditioning.prepare_inputs(prompts, subjects, pipe.processor, buckets=tuple(c.buckets), **kw)

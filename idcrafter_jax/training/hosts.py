@@ -157,3 +157,35 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x)
   barrier("to_numpy")
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def host_rows(x: jax.Array) -> tuple[np.ndarray, int]:
+  """This host's rows of `x` split on its leading axis (a contiguous slice of the global batch,
+  as `global_batch` places them) and the first row's global index. One process: (x, 0)."""
+  if x.is_fully_addressable:
+    return np.asarray(x), 0
+  pieces = {}
+  for shard in x.addressable_shards:
+    rows = shard.index[0]
+    pieces.setdefault((rows.start or 0, rows.stop), shard)
+  spans = sorted(pieces)
+  if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+    raise ValueError(f"this host's rows of the global batch are not contiguous ({spans}); the mesh must "
+                     "put each host's devices together on the batch axis.")
+  return np.concatenate([np.asarray(pieces[s].data) for s in spans]), spans[0][0]
+
+
+def host_side(fn):
+  """`fn(videos_numpy, batch) -> (B,) numpy`, a scorer that works on host memory (a processor, a
+  Python loop), made to take global arrays: each host scores its own rows, and the scores come
+  back as one global array split like the batch. One process: fn on the whole batch."""
+  def wrapped(videos, batch):
+    if not isinstance(videos, jax.Array) or videos.is_fully_addressable:
+      return fn(np.asarray(videos), batch)
+    local, lo = host_rows(videos)
+    mine = {k: (v[lo:lo + len(local)] if isinstance(v, (list, tuple)) else v) for k, v in batch.items()}
+    scores = np.asarray(fn(local, mine), np.float32)
+    spec = jax.sharding.PartitionSpec(videos.sharding.spec[0] if len(videos.sharding.spec) else None)
+    out = jax.sharding.NamedSharding(videos.sharding.mesh, spec)
+    return global_batch({"s": scores}, {"s": out})["s"]
+  return wrapped

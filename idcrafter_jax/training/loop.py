@@ -58,13 +58,25 @@ def prepare_data(config, workdir: str):
     config.data.folder = root
 
 
-def build(config, workdir: str):
-  """Pipeline (models), mesh, optimiser, abstract state and its shardings."""
-  pipe = ckpt_lib.load_pipeline(config, config.init, workdir=workdir)
+def build(config, workdir: str, *, load_vlm: bool = True):
+  """Pipeline (models; Qwen2.5-VL only with `load_vlm`), mesh, optimiser, abstract state and its shardings."""
+  pipe = ckpt_lib.load_pipeline(config, config.init, workdir=workdir, load_vlm=load_vlm)
   mesh = sharding.make_mesh(dict(config.mesh))
   tx = train_state.make_optimizer(config.train, train_state.new_param_mask_fn(config))
   boxed = jax.eval_shape(pipe.dit.init, jax.random.key(0), *idcrafter.dummy_inputs(pipe.dit.config))["params"]
   return pipe, mesh, tx, boxed
+
+
+def needs_vlm(config, splits, data_iterator=None) -> bool:
+  """Whether some batch of the run will need Qwen2.5-VL: not when every split it reads carries
+  cached features (`data.has_cached_features`). A caller's own iterator: assumed to need it."""
+  from idcrafter_jax import data as data_lib
+  if data_iterator is not None:
+    return True
+  cached = all(data_lib.has_cached_features(config, split) for split in splits)
+  if cached and hosts.is_primary():
+    print("data: every batch carries cached VLM features; Qwen2.5-VL is not loaded.")
+  return not cached
 
 
 def sharded_state(params, tx, key, boxed_params, mesh, *, ema: bool):

@@ -150,7 +150,7 @@ def run(config, workdir: str, *, data_iterator=None, max_steps: int | None = Non
     if data_iterator is None:
       loop.prepare_data(config, workdir)
     ckpt_lib.save_config(workdir, config)
-    pipe, mesh, tx, boxed = loop.build(config, workdir)
+    pipe, mesh, tx, boxed = loop.build(config, workdir, load_vlm=loop.needs_vlm(config, [None], data_iterator))
     it = data_iterator or data_lib.make_iterator(config, process_index=jax.process_index(),
                                                  process_count=jax.process_count(), seed=config.seed)
     global_size = None if data_iterator is not None else config.data.global_batch_size
