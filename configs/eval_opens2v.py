@@ -40,6 +40,7 @@ def get_config(arg=None):
   c.out = "eval_out"    # per_video/<id>.json, summary.json, results.md
   c.model_name = "ID-Crafter (JAX)"
   c.limit = 0           # score only the first `limit` ids (0: all)
+  c.skip_failed = False  # rerun in the same `out`: True keeps earlier failures instead of scoring them again
   c.video_frames = 0    # read at most this many frames per video (0: all)
   c.subject_size = 224  # reference images are fitted (padded) to this square size
   # generate mode: videos missing from `videos` are generated with this model config and folders

@@ -96,9 +96,15 @@ def wan_dit_rule(scan_layers: bool):
   return rule
 
 
+# Fields a diffusers WanTransformer3DModel config.json must give (save_pretrained writes them all).
+_DIFFUSERS_WAN_FIELDS = ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "in_channels",
+                         "out_channels", "patch_size", "text_dim", "freq_dim", "eps", "cross_attn_norm")
+
+
 def wan_config_from_json(cfg: dict, **overrides) -> wan_dit.WanConfig:
   """A diffusers `WanTransformer3DModel` or original Wan `config.json` -> WanConfig."""
   if "num_attention_heads" in cfg:  # diffusers
+    weights.require_fields(cfg, _DIFFUSERS_WAN_FIELDS, "diffusers WanTransformer3DModel")
     if cfg.get("image_dim") is not None or cfg.get("added_kv_proj_dim") is not None:
       raise NotImplementedError("image-to-video Wan checkpoints (image_dim / added_kv_proj_dim set) are "
                                 "not supported; ID-Crafter builds on the text-to-video DiT.")
@@ -112,6 +118,7 @@ def wan_config_from_json(cfg: dict, **overrides) -> wan_dit.WanConfig:
               text_dim=cfg["text_dim"], freq_dim=cfg["freq_dim"], eps=cfg["eps"],
               cross_attn_norm=cfg["cross_attn_norm"], rope_max_seq_len=cfg.get("rope_max_seq_len", 1024))
   elif "num_heads" in cfg and "dim" in cfg:  # original Wan release
+    weights.require_fields(cfg, ("dim", "num_heads", "ffn_dim", "num_layers"), "original Wan")
     if cfg.get("model_type", "t2v") != "t2v":
       raise NotImplementedError(f"Wan model_type {cfg['model_type']!r} is not supported; expected 't2v'.")
     if not cfg.get("qk_norm", True):
@@ -123,8 +130,9 @@ def wan_config_from_json(cfg: dict, **overrides) -> wan_dit.WanConfig:
               eps=cfg.get("eps", 1e-6), cross_attn_norm=cfg.get("cross_attn_norm", True))
   else:
     raise weights.CheckpointError(
-        "config.json is neither a diffusers WanTransformer3DModel config (num_attention_heads, "
-        f"attention_head_dim, ...) nor an original Wan config (dim, num_heads, ...); keys: {sorted(cfg)}.")
+        f"{getattr(cfg, 'path', 'config.json')} is neither a diffusers WanTransformer3DModel config "
+        "(num_attention_heads, attention_head_dim, ...) nor an original Wan config (dim, num_heads, ...); "
+        f"keys: {sorted(cfg)}.")
   kw.update(overrides)
   return wan_dit.WanConfig(**kw)
 
@@ -149,8 +157,9 @@ def load_wan_dit(folder: str, *, mesh=None, **config_overrides):
   with `mesh`, each lands directly in its sharding.
   """
   cfg_json = weights.read_config(folder)
-  config = wan_config_from_json(cfg_json, **config_overrides)
-  config.validate()
+  with weights.config_context(cfg_json):
+    config = wan_config_from_json(cfg_json, **config_overrides)
+    config.validate()
   module = wan_dit.WanDiT(config, mesh=mesh)
   reader = weights.SafetensorsFolder(folder, prefer=("diffusion_pytorch_model", "model"))
   boxed = abstract_params(module, *wan_dummy_inputs(config))

@@ -11,8 +11,10 @@ Reads the prompt set (OpenS2V-Eval JSON: {id: {"prompt": ..., "img_paths": [...]
 --config.model_config (folders in --config.init.*), computes every score whose network is loaded
 (scores without one are listed as not scored), and writes out/per_video/<id>.json, out/summary.json
 and out/results.md (a Markdown table like Table S.2). Resumable: ids that already have a
-per-video JSON are not scored again. A video or reference image that cannot be read is
-recorded with its error and left out of the means; it does not stop the run.
+per-video JSON are not scored again, except those that failed before (a missing video or image),
+which a rerun scores again unless --config.skip_failed=True; the last line says how many were
+retried. A video or reference image that cannot be read is recorded with its error and left out
+of the means; it does not stop the run.
 The evaluation itself is `idcrafter_jax.eval.run`. Started on several processes (the same
 flags as launch/train.py, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), each
 scores (and generates) every process_count-th id and process 0 writes the merged outputs.
@@ -59,7 +61,8 @@ def main(argv):
   summary = run_lib.run(cfg, scorers, generate_fn=run_lib.make_generator(cfg) if cfg.generate else None)
   with open(os.path.join(cfg.out, "results.md")) as f:
     print(f.read())
-  print(f"total {100 * summary['total']:.2f}% over {summary['videos']} videos; outputs in {os.path.abspath(cfg.out)}")
+  print(f"total {100 * summary['total']:.2f}% over {summary['videos']} videos; {len(summary['failed'])} failed; "
+        f"retried {summary['retried']}; outputs in {os.path.abspath(cfg.out)}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ Reference: OpenS2V-Nexus `eval/` (the prompt sets `*-Domain_Eval.json`, the per-
 computes every score whose scorer is given (`rl.reward_models.build_reward_models`; the others
 are listed as not scored), and writes out/per_video/<id>.json, out/summary.json and
 out/results.md (a Markdown table like Table S.2). Resumable: ids that already have a per-video
-JSON are not scored again. A video or reference image that cannot be read is recorded with its
-error and left out of the means; it does not stop the run.
+JSON are not scored again, except those recorded as failed, which a rerun scores again (counted
+as `retried` in the summary) unless `skip_failed` is set. A video or reference image that cannot
+be read is recorded with its error and left out of the means; it does not stop the run.
 """
 from __future__ import annotations
 
@@ -129,6 +130,8 @@ def markdown_table(summary: dict, model_name: str, domain: str) -> str:
                  + ", ".join(summary["missing"]))
   if summary.get("failed"):
     notes.append(f"{len(summary['failed'])} videos failed: " + ", ".join(summary["failed"]))
+  if summary.get("retried"):
+    notes.append(f"{summary['retried']} videos that had failed before were scored again")
   return "\n".join([head, sep, row, ""] + [f"- {n}" for n in notes]) + "\n"
 
 
@@ -149,10 +152,11 @@ def _score_entry(cfg, vid: str, entry: dict, seed: int, scorers, generate_fn) ->
     return {"id": vid, "prompt": entry["prompt"], "error": str(e), "scores": {}}
 
 
-def _write_summary(cfg, records: list[dict], failed: list[str]) -> dict:
+def _write_summary(cfg, records: list[dict], failed: list[str], retried: list[str]) -> dict:
   """summary.json and results.md from the scored records."""
   summary = aggregate(records, {k: tuple(v) for k, v in cfg.ranges.items()}, dict(cfg.weights))
-  summary.update(videos=len(records), failed=failed, domain=cfg.domain, model=cfg.model_name)
+  summary.update(videos=len(records), failed=failed, retried=len(retried), retried_ids=retried,
+                 domain=cfg.domain, model=cfg.model_name)
   _write_json(os.path.join(cfg.out, "summary.json"), summary)
   with open(os.path.join(cfg.out, "results.md"), "w") as f:
     f.write(markdown_table(summary, cfg.model_name, cfg.domain))
@@ -174,26 +178,42 @@ def run(cfg, scorers: Mapping[str, Callable], *, generate_fn: Callable | None = 
   ids = sorted(prompts)[:cfg.limit or None]
   # several processes: each scores every process_count-th id; the records meet on every host
   mine = list(enumerate(ids))[jax.process_index()::jax.process_count()]
-  local = []
+  skip_failed = bool(cfg.get("skip_failed", False))
+  local, retried_here = [], []
   for i, vid in tqdm(mine, desc="evaluating", unit="video", disable=not (progress and hosts.is_primary())):
     path = os.path.join(per_dir, f"{vid}.json")
-    if os.path.exists(path):  # resumable: already scored
-      with open(path) as f:
-        rec = json.load(f)
-    else:
+    rec = _cached(path)
+    if rec is not None and "error" in rec and not skip_failed:  # failed before: score again
+      retried_here.append(vid)
+      rec = None
+    if rec is None:
       rec = _score_entry(cfg, vid, prompts[vid], cfg.seed + i, scorers, generate_fn)
       _write_json(path, rec)
     local.append(rec)
-  gathered = {rec["id"]: rec for part in hosts.gather_json(local) for rec in part}
+  parts = hosts.gather_json({"records": local, "retried": retried_here})
+  gathered = {rec["id"]: rec for part in parts for rec in part["records"]}
+  retried = [v for v in ids if any(v in part["retried"] for part in parts)]
   records = [gathered[v] for v in ids if "error" not in gathered[v]]
   failed = [v for v in ids if "error" in gathered[v]]
   if not hosts.is_primary():
     return aggregate(records, {k: tuple(v) for k, v in cfg.ranges.items()}, dict(cfg.weights))
   for rec in gathered.values():  # the other hosts' records too, where the folder is not shared
     path = os.path.join(per_dir, f"{rec['id']}.json")
-    if not os.path.exists(path):
+    if rec["id"] in retried or not os.path.exists(path):
       _write_json(path, rec)
-  return _write_summary(cfg, records, failed)
+  return _write_summary(cfg, records, failed, retried)
+
+
+def _cached(path: str) -> dict | None:
+  """The per-video record at `path`, or None where there is none (or it cannot be read: scored again)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      rec = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return rec if isinstance(rec, dict) and "id" in rec else None
 
 
 def make_generator(cfg) -> Callable:

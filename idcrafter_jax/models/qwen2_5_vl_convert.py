@@ -135,7 +135,8 @@ def _sources(reader: weights.SafetensorsFolder, rule, flat_expected: dict, ignor
 
 def _views(reader: weights.SafetensorsFolder, sources: dict, flat_expected: dict) -> dict:
   """{path: zero-copy view, or one per layer}; raises `weights.CheckpointError` listing every
-  missing layer and shape mismatch."""
+  missing layer, non-float tensor and shape mismatch (naming file and tensor) before any read."""
+  weights.check_tensors(reader, sources, flat_expected)
   problems = []
   views: dict[tuple[str, ...], list[np.ndarray] | np.ndarray] = {}
   for path, leaf in flat_expected.items():
@@ -191,6 +192,26 @@ def stream_params(reader: weights.SafetensorsFolder, rule, expected: dict, shard
   return weights.unflatten_paths(out)
 
 
+# Architecture fields a Qwen2.5-VL config.json must give (the others have the release defaults).
+VISION_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size")
+TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def check_config_fields(cfg: weights.ConfigDict) -> None:
+  """Raises `weights.MissingConfigField` naming the file and the absent architecture field
+  (`vision_config.*`, and `text_config.*` or the flat 4.x text fields)."""
+  path = getattr(cfg, "path", "config.json")
+  weights.require_fields(cfg, ("vision_config",), "Qwen2.5-VL", path)
+  vision = cfg["vision_config"]
+  if not isinstance(vision, dict):
+    raise weights.CheckpointError(f"{path}: field 'vision_config' is {type(vision).__name__}; expected an object.")
+  weights.require_fields({f"vision_config.{k}": v for k, v in vision.items()},
+                         [f"vision_config.{f}" for f in VISION_FIELDS], "Qwen2.5-VL", path)
+  text, prefix = (cfg["text_config"], "text_config.") if isinstance(cfg.get("text_config"), dict) else (cfg, "")
+  weights.require_fields({f"{prefix}{k}": v for k, v in text.items()}, [prefix + f for f in TEXT_FIELDS],
+                         "Qwen2.5-VL", path)
+
+
 fit_shardings = shd.fit_shardings  # the loader's placement rule, shared with the dry runs
 
 
@@ -204,7 +225,10 @@ def load(folder: str, *, dtype=jnp.float32, compute_dtype=None, mesh: Mesh | Non
     (`sharding.param_shardings`, less the mesh axes a dimension does not divide, see
     `fit_shardings`); None puts them on the first device.
   """
-  cfg = config_from_hf(weights.read_config(folder))
+  raw = weights.read_config(folder)
+  check_config_fields(raw)
+  with weights.config_context(raw):
+    cfg = config_from_hf(raw)
   dtype = jnp.dtype(dtype)
   module = Qwen2_5_VL(cfg, dtype=jnp.dtype(compute_dtype or dtype), param_dtype=dtype, attn_impl=attn_impl)
   boxed = abstract_params(module)

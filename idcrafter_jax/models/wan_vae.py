@@ -99,6 +99,10 @@ _IGNORED_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "dropout"
                  "patch_size", "clip_output"}
 
 
+# Fields a diffusers AutoencoderKLWan config.json must give (every release writes them).
+REQUIRED_FIELDS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
+
+
 def config_from_diffusers(cfg: dict) -> WanVAEConfig:
   """A diffusers `AutoencoderKLWan` config dict -> WanVAEConfig; rejects Wan 2.2 variants."""
   if cfg.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
@@ -751,7 +755,9 @@ def load(folder: str, *, param_dtype=jnp.float32, dtype=jnp.float32, place=None,
   module_kwargs set the other WanVAE fields (clip_output, tile_sample_min_size, ...). Missing,
   unexpected and mis-shaped tensors raise `weights.CheckpointError` listing them all.
   """
-  cfg = config_from_diffusers(weights.read_config(folder))
+  raw = weights.read_config(folder, required=REQUIRED_FIELDS, what="diffusers AutoencoderKLWan")
+  with weights.config_context(raw):
+    cfg = config_from_diffusers(raw)
   module = WanVAE(cfg, dtype=dtype, param_dtype=param_dtype, **module_kwargs)
   reader = weights.SafetensorsFolder(folder, prefer=("diffusion_pytorch_model",))
   expected = abstract_params(module)
