@@ -44,7 +44,9 @@ def test_sft_on_two_processes_equals_one_process(one_process, tmp_path):
   ref_rows, rows = metrics.read_metrics(ref_dir), metrics.read_metrics(workdir)
   assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one writer: each step once
   np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref_rows], atol=1e-6, rtol=0)
-  _assert_same_params(out, ref_out, atol=1e-6)
+  # gloo sums the gradient shards in another order than one process; Adam lifts that rounding
+  # to ~1e-6 on a few elements after 4 steps (1.07e-6 measured; the losses agree to 4e-7)
+  _assert_same_params(out, ref_out, atol=2e-6)
   assert "resumed" not in multihost.read_log(workdir, 1) and os.path.exists(os.path.join(workdir, "config.json"))
 
 
@@ -62,7 +64,7 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_the_run_resumes_on_two_o
     assert codes == [0] * n, "".join(multihost.read_log(workdir, i) for i in range(n))
     assert "resumed sft from step 2" in multihost.read_log(workdir, 0)
     assert [r["step"] for r in metrics.read_metrics(workdir)] == [1, 2, 3, 4]
-    _assert_same_params(out, ref_out, atol=1e-6)
+    _assert_same_params(out, ref_out, atol=2e-6)
 
 
 def test_a_host_that_dies_makes_the_other_exit_with_an_error_within_two_minutes(tmp_path):
