@@ -124,7 +124,9 @@ def test_grpo_on_two_processes_equals_one_process(tmp_path, lora):
   assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == [0, 1, 2]
   for key in GRPO_LOGGED + ("eval/reward_mean",):
     got, want = [r.get(key) for r in rows], [r.get(key) for r in ref_rows]
-    np.testing.assert_allclose(np.asarray(got, float), np.asarray(want, float), atol=2e-6, rtol=0, err_msg=key)
+    # advantages divide by the group's reward std (~0.02): 1e-8 of reward rounding becomes ~2e-6
+    atol = 1e-5 if key.startswith("adv/") else 2e-6
+    np.testing.assert_allclose(np.asarray(got, float), np.asarray(want, float), atol=atol, rtol=0, err_msg=key)
   assert rows[1]["adv/std"] > 0.9 and rows[1]["grad_norm"] > 0  # a real update ran
   # gloo's all-reduce sums the gradient shards in another order than one process does; Adam's
   # normalisation lifts that rounding to a few 1e-6 on a handful of elements (2.4e-6 measured)
