@@ -191,18 +191,21 @@ class JaxGRPO:
 
   def iteration(self, key) -> dict:
     """One timed iteration; returns seconds per phase."""
-    t = {}
-    t0 = time.perf_counter()
-    xs, lps = self.rollout(key)
-    t1 = time.perf_counter()
-    videos = self.decode(xs[-1])
-    t2 = time.perf_counter()
-    adv = advantages(self.reward(videos), self.st.gc)
-    t3 = time.perf_counter()
-    self.update(xs, lps, adv)
-    t4 = time.perf_counter()
-    t.update(rollout=t1 - t0, decode=t2 - t1, reward=t3 - t2, update=t4 - t3, iteration=t4 - t0)
-    return t
+    return timed_phases(self, key)
+
+
+def timed_phases(side, *rollout_args) -> dict:
+  """Seconds per phase of one iteration of either side: rollout, decode, reward + advantages, update."""
+  t0 = time.perf_counter()
+  xs, lps = side.rollout(*rollout_args)
+  t1 = time.perf_counter()
+  videos = side.decode(xs[-1])
+  t2 = time.perf_counter()
+  adv = advantages(side.reward(videos), side.st.gc)
+  t3 = time.perf_counter()
+  side.update(xs, lps, adv)
+  t4 = time.perf_counter()
+  return dict(rollout=t1 - t0, decode=t2 - t1, reward=t3 - t2, update=t4 - t3, iteration=t4 - t0)
 
 
 def _sharded_state(params, tx, boxed, mesh):
@@ -326,18 +329,7 @@ class TorchGRPO:
     return total, float(gnorm), torch.stack(new_lps)
 
   def iteration(self) -> dict:
-    t = {}
-    t0 = time.perf_counter()
-    xs, lps = self.rollout()
-    t1 = time.perf_counter()
-    videos = self.decode(xs[-1])
-    t2 = time.perf_counter()
-    adv = advantages(self.reward(videos), self.st.gc)
-    t3 = time.perf_counter()
-    self.update(xs, lps, adv)
-    t4 = time.perf_counter()
-    t.update(rollout=t1 - t0, decode=t2 - t1, reward=t3 - t2, update=t4 - t3, iteration=t4 - t0)
-    return t
+    return timed_phases(self)
 
 
 # ---------------------------------------------------------------------------------- equivalence
