@@ -89,12 +89,12 @@ class EvalSet:
     raw = _concat_raw(raw_batches)
     self.num_prompts = len(raw["caption"])
     self.chunks = []
+    put = lambda tree: {k: hosts.from_full(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in tree.items()}
     for lo in range(0, self.num_prompts, chunk):
       idx = np.minimum(np.arange(lo, lo + chunk), self.num_prompts - 1)
       r = _rows(raw, idx)
       cond, null = (jax.device_get(c) for c in _conditions(pipe, r))
-      put = lambda tree: {k: hosts.from_full(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in tree.items()}
-      rb = {k: hosts.from_full(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in _reward_batch(r, 1).items()}
+      rb = put(_reward_batch(r, 1))
       rb["prompt"] = _prompts(r, 1)
       self.chunks.append((min(chunk, self.num_prompts - lo), put(cond), put(null), rb))
     self.latent_tail, self.key = latent_tail, jax.random.key(seed)
@@ -189,6 +189,7 @@ class _Iteration:
     self._rollouts, self._programs = {}, None
     self.step_fn = grpo.make_update_step(self.velocity, tx, self.gc, adapters=policy.use_lora)
     self.s_shard = s_shard
+    self.place = batches.placer(mesh)  # this host's rows -> global arrays split on the batch axis
     self.decode_fn = jax.jit(lambda z: (pipe.decode(z) + 1.0) / 2.0)
     if hosts.is_primary():
       os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
@@ -218,14 +219,9 @@ class _Iteration:
                              sample[j] * 2.0 - 1.0, fps=self.config.sampling.fps)
     return stats
 
-  def _global(self, tree: dict) -> dict:
-    """This host's rows -> global arrays split on the batch axis."""
-    local = {k: np.asarray(v) for k, v in tree.items()}
-    return hosts.global_batch(local, {k: sharding.batch_sharding(self.mesh, v.ndim) for k, v in local.items()})
-
   def _rollout(self, it: int, state, cond: dict, null: dict):
     """G rollouts per prompt from this host's conditions (its rows, repeated per group member)."""
-    cond_g, null_g = self._global(cond), self._global(null)
+    cond_g, null_g = self.place(cond), self.place(null)
     uncond = null_g if self.gc.guidance_scale != 1.0 else None
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), it)
     b = cond_g["context"].shape[0]
@@ -268,7 +264,7 @@ class _Iteration:
   def _rewards(self, xs, raw) -> dict:
     """Reward components (eq. S.5) of the decoded rollouts, on every host as numpy."""
     g = self.gc.group_size
-    rb = self._global(_reward_batch(raw, g))
+    rb = self.place(_reward_batch(raw, g))
     rb["prompt"] = [p for host in hosts.gather_json(_prompts(raw, g)) for p in host]
     comps = self.reward_fn(self.decode_fn(xs[-1]), rb)
     return {k: hosts.to_numpy(v) for k, v in comps.items()}

@@ -26,7 +26,7 @@ MODEL_INPUTS = ("latents", "f_txt", "f_txt_mask", "subject_latents", "subject_ma
 
 def condition_batch(pipe, raw: dict, mesh=None, global_batch_size: int | None = None) -> dict:
   """f_txt, f_txt_mask, subject_latents, subject_mask of a data batch (global arrays with `mesh`)."""
-  place = _placer(mesh, global_batch_size)
+  place = placer(mesh, global_batch_size)
   out = place({"subject_mask": np.asarray(raw["subject_mask"], bool)})
   if "subject_latents" in raw:
     out.update(place({"subject_latents": raw["subject_latents"]}))
@@ -44,7 +44,7 @@ def condition_batch(pipe, raw: dict, mesh=None, global_batch_size: int | None = 
   return out
 
 
-def _placer(mesh, global_batch_size):
+def placer(mesh, global_batch_size: int | None = None):
   """Host rows -> global arrays split on the batch axis of `mesh`; without a mesh, device arrays."""
   if mesh is None:
     return lambda tree: {k: jnp.asarray(v) for k, v in tree.items()}
@@ -88,7 +88,7 @@ def _encode_text(pipe, prompts, subjects):
 def model_batch(pipe, raw: dict, mesh=None, global_batch_size: int | None = None) -> dict:
   """`condition_batch` plus the clip's latents: every key of `MODEL_INPUTS` (global arrays with `mesh`)."""
   out = condition_batch(pipe, raw, mesh, global_batch_size)
-  place = _placer(mesh, global_batch_size)
+  place = placer(mesh, global_batch_size)
   if "latents" in raw:
     out.update(place({"latents": raw["latents"]}))
   else:
