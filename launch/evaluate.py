@@ -32,6 +32,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-process: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: process count (or JAX_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index (or JAX_PROCESS_ID).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", None,
+                                  "Multi-process: seconds before a silent host is declared dead and the "
+                                  "others exit (or IDCRAFTER_HEARTBEAT_TIMEOUT_S; JAX's default 100).")
 
 
 def main(argv):
@@ -46,7 +49,8 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
   from idcrafter_jax.training import hosts
-  hosts.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  hosts.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                   _HEARTBEAT.value)
   from idcrafter_jax.eval import run as run_lib
   from idcrafter_jax.rl import reward_models
   if not hosts.is_primary():

@@ -36,6 +36,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-process: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: process count (or JAX_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index (or JAX_PROCESS_ID).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", None,
+                                  "Multi-process: seconds before a silent host is declared dead and the "
+                                  "others exit (or IDCRAFTER_HEARTBEAT_TIMEOUT_S; JAX's default 100).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,7 +48,8 @@ def main(argv):
   from idcrafter_jax import checkpoint, validation
   from idcrafter_jax.training import hosts, loop
   checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
-  hosts.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  hosts.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                   _HEARTBEAT.value)
   config = _CONFIG.value
   try:  # the whole config, before any model is loaded or compiled
     validation.validate(config, mode="train", devices=jax.device_count(), process_count=jax.process_count())

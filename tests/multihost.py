@@ -25,9 +25,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(n: int, devices: int, spec: dict, log_dir: str) -> list[subprocess.Popen]:
+def start(n: int, devices: int, spec: dict, log_dir: str, env: dict | None = None) -> list[subprocess.Popen]:
+  """Starts the processes (`env`: extra environment variables) and returns them at once."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
   env.pop("PYTEST_XDIST_WORKER", None)
   if n > 1:
     env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}", JAX_NUM_PROCESSES=str(n))
@@ -72,6 +73,8 @@ def _main(spec: dict) -> None:
   jax.config.update("jax_default_matmul_precision", "highest")
   cache = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"idcrafter_jax_test_cache_{os.getuid()}")
   jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  _share_cpu_compilation_cache()
   from idcrafter_jax.training import hosts
   hosts.maybe_initialize_distributed()
   from idcrafter_jax.training import loop
@@ -86,6 +89,25 @@ def _main(spec: dict) -> None:
     raise
   if jax.process_index() == 0 and out is not None:
     np.savez(spec["out"], **out)
+
+
+def _share_cpu_compilation_cache() -> None:
+  """Lets every test process read the compilation cache that process 0 writes.
+
+  JAX keys an entry by the topology of the devices it runs on; on CPU that is each process's own
+  (local) topology, so the keys of processes 1.. differ from process 0's, the only writer, and
+  they compile every program afresh in every run (2 minutes of each 2-process test). Keyed by
+  the device kinds instead (JAX's own fallback for backends without a topology description),
+  the keys agree; the global (device id, process) layout is hashed too, so that a program
+  compiled for 1 process x 8 devices is never loaded by 2 x 4. TPU and GPU keys agree across
+  hosts already; this is for the CPU harness only.
+  """
+  from jax._src import cache_key
+
+  def hash_devices(hash_obj, devices) -> None:
+    cache_key._hash_devices(hash_obj, devices)
+    cache_key._hash_string(hash_obj, repr([(d.id, d.process_index) for d in devices.flat]))
+  cache_key._hash_accelerator_config = hash_devices
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import multihost
-from idcrafter_jax.training import loop, metrics
+from idcrafter_jax.training import hosts, loop, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -37,42 +37,42 @@ def one_process(tmp_path_factory):
   return workdir, out
 
 
-def test_sft_on_two_processes_equals_one_process(one_process, tmp_path):
-  ref_dir, ref_out = one_process
-  codes, workdir, out = _run(tmp_path, "two", 2, 4, steps=4)
-  assert codes == [0, 0], multihost.read_log(workdir, 0) + multihost.read_log(workdir, 1)
-  ref_rows, rows = metrics.read_metrics(ref_dir), metrics.read_metrics(workdir)
-  assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one writer: each step once
-  np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref_rows], atol=1e-6, rtol=0)
-  # gloo sums the gradient shards in another order than one process; Adam lifts that rounding
-  # to ~1e-6 on a few elements after 4 steps (1.07e-6 measured; the losses agree to 4e-7)
-  _assert_same_params(out, ref_out, atol=2e-6)
-  assert "resumed" not in multihost.read_log(workdir, 1) and os.path.exists(os.path.join(workdir, "config.json"))
-
-
-def test_sigterm_to_one_host_stops_both_at_one_step_and_the_run_resumes_on_two_or_one_process(
+def test_sft_on_two_processes_equals_one_process_through_a_preemption_and_resumes_on_two_or_one(
     one_process, tmp_path):
-  _, ref_out = one_process
+  """SIGTERM to one host after step 2 of 4: both stop at step 2 (exit 143) with one checkpoint;
+  the run resumed on 2 processes, and a copy resumed on 1 x 8, end where the uninterrupted
+  one-process run does: every step's loss and the final params."""
+  ref_dir, ref_out = one_process
+  ref_losses = [r["loss"] for r in metrics.read_metrics(ref_dir)]
   codes, workdir, out = _run(tmp_path, "pre", 2, 4, steps=4, ckpt_every=4, sigterm=[1, 2])
   logs = multihost.read_log(workdir, 0) + multihost.read_log(workdir, 1)
   assert codes == [loop.Preempted.EXIT_CODE] * 2, logs
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"], logs
   assert "stopped at step 2 on request" in multihost.read_log(workdir, 0)
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  rows = metrics.read_metrics(workdir)
+  assert [r["step"] for r in rows] == [1, 2]  # one writer: each step once
+  np.testing.assert_allclose([r["loss"] for r in rows], ref_losses[:2], atol=1e-6, rtol=0)
   shutil.copytree(workdir, str(tmp_path / "pre_on_one"))
   for name, n, devices in (("pre", 2, 4), ("pre_on_one", 1, 8)):  # same topology, then 8 devices in 1 process
     codes, workdir, out = _run(tmp_path, name, n, devices, steps=4, ckpt_every=4)
     assert codes == [0] * n, "".join(multihost.read_log(workdir, i) for i in range(n))
     assert "resumed sft from step 2" in multihost.read_log(workdir, 0)
-    assert [r["step"] for r in metrics.read_metrics(workdir)] == [1, 2, 3, 4]
+    rows = metrics.read_metrics(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # gloo sums the gradient shards in another order than one process; Adam lifts that rounding
+    # to ~1e-6 on a few elements after 4 steps (1.07e-6 measured; the losses agree to 4e-7)
+    np.testing.assert_allclose([r["loss"] for r in rows], ref_losses, atol=1e-6, rtol=0)
     _assert_same_params(out, ref_out, atol=2e-6)
 
 
-def test_a_host_that_dies_makes_the_other_exit_with_an_error_within_two_minutes(tmp_path):
+def test_a_host_that_dies_makes_the_other_exit_with_an_error_within_the_heartbeat_timeout(tmp_path):
   workdir = str(tmp_path / "kill")
   os.makedirs(workdir)
   spec = dict(target="multihost:sft_params", workdir=workdir, out=os.path.join(workdir, "p.npz"), steps=6,
               ckpt_every=6, sigkill=[1, 2])
-  procs = multihost.start(2, 4, spec, workdir)
+  # the coordinator declares a host dead after 20 s without a heartbeat (JAX's default is 100)
+  procs = multihost.start(2, 4, spec, workdir, env={hosts.HEARTBEAT_ENV: "20"})
   try:
     multihost.wait(procs[1:], timeout=600)
     died = time.monotonic()
@@ -81,7 +81,7 @@ def test_a_host_that_dies_makes_the_other_exit_with_an_error_within_two_minutes(
     for p in procs:
       p.kill()
   assert procs[1].returncode == -9 and code != 0
-  assert time.monotonic() - died < 120
+  assert time.monotonic() - died < 60
   log = multihost.read_log(workdir, 0)
   assert "process 0 of 2 failed" in log and code == 1, log[-3000:]
 

@@ -221,8 +221,7 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
     new = (optax.apply_updates(state.params, updates), opt_state)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm) & metrics_lib.all_finite(new)
     ok = finite & apply
-    params, opt_state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new,
-                                               (state.params, state.opt_state))
+    params, opt_state = metrics_lib.keep_if(ok, new, (state.params, state.opt_state))
     bad = (apply & ~finite).astype(jnp.int32)
     state = state.replace(params=params, opt_state=opt_state, skipped=state.skipped + bad)
     metrics.update(grad_norm=gnorm, update_ok=ok.astype(jnp.float32), log_probs=log_probs)

@@ -24,13 +24,22 @@ ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 AUTO_DETECTED = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID")
 
 
+# Seconds without a heartbeat after which the coordinator declares a host dead and every other
+# host's next collective fails (they then exit with code 1); JAX's default is 100.
+HEARTBEAT_ENV = "IDCRAFTER_HEARTBEAT_TIMEOUT_S"
+
+
 def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, heartbeat_timeout_s: int | None = None) -> None:
   """Starts multi-process JAX: from the arguments, else from `JAX_COORDINATOR_ADDRESS`,
   `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`, else where JAX detects a cluster itself; a single
-  process otherwise. Must run before any other JAX call. CPU processes use gloo collectives."""
+  process otherwise. Must run before any other JAX call. CPU processes use gloo collectives.
+
+  `heartbeat_timeout_s` (or `IDCRAFTER_HEARTBEAT_TIMEOUT_S`): how long a dead host goes unnoticed
+  (JAX's default, 100 s, when unset)."""
   if jax.distributed.is_initialized():
     return
+  timing = _heartbeat(heartbeat_timeout_s)
   explicit = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
   if all(v is None for v in explicit.values()):
     env = {k: os.environ.get(k) for k in ENV_VARS}
@@ -40,7 +49,7 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
     elif not any(k in os.environ for k in AUTO_DETECTED + ("JAX_COORDINATOR_ADDRESS",)):
       return
     else:
-      jax.distributed.initialize()
+      jax.distributed.initialize(**timing)
       return
   missing = [k for k, v in explicit.items() if v is None]
   if missing:
@@ -51,7 +60,17 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
                      f"{explicit['num_processes']}).")
   if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**explicit)
+  jax.distributed.initialize(**explicit, **timing)
+
+
+def _heartbeat(seconds: int | None) -> dict:
+  if seconds is None:
+    if os.environ.get(HEARTBEAT_ENV) is None:
+      return {}
+    seconds = _int({HEARTBEAT_ENV: os.environ[HEARTBEAT_ENV]}, HEARTBEAT_ENV)
+  if seconds <= 0:
+    raise ValueError(f"heartbeat timeout {seconds!r} s must be a positive number of seconds.")
+  return dict(heartbeat_timeout_seconds=int(seconds))
 
 
 def _int(env: dict, key: str) -> int | None:

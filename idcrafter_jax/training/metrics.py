@@ -99,6 +99,17 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def keep_if(ok, new, old):
+  """`new` if the traced bool `ok` holds, else `old` (trees of one structure): how a step keeps
+  or drops its update.
+
+  One `lax.cond` rather than a select per leaf: with selects, XLA fuses each new leaf's
+  computation (the optimiser's arithmetic) into both the finiteness check and the select, and the
+  duplicated fusions make the program ~10x larger (the tiny model's SFT step: 212k optimised HLO
+  lines, 157 s to compile on CPU; with the cond 34k lines)."""
+  return jax.lax.cond(ok, lambda: new, lambda: old)
+
+
 def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):

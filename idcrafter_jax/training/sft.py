@@ -83,18 +83,13 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, tc) ->
       ema = jax.tree_util.tree_map(lambda e, p: tc.ema_decay * e + (1 - tc.ema_decay) * p, ema, params)
     new = (params, opt_state, ema)
     ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & metrics_lib.all_finite(new)
-    params, opt_state, ema = keep_if(ok, new, (state.params, state.opt_state, state.ema_params))
+    params, opt_state, ema = metrics_lib.keep_if(ok, new, (state.params, state.opt_state, state.ema_params))
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
                         skipped=state.skipped + (~ok).astype(jnp.int32))
     metrics = dict(loss=loss, grad_norm=gnorm, t_mean=jnp.mean(t), skipped=new.skipped,
                    update_ok=ok.astype(jnp.float32))
     return new, metrics
   return step
-
-
-def keep_if(ok, new, old):
-  """`new` where the traced bool `ok` holds, else `old` (trees of one structure), leaf by leaf."""
-  return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 class _Steps:

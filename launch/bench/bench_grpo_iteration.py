@@ -48,7 +48,7 @@ import optax  # noqa: E402
 
 from idcrafter_jax import convert, flow, sharding  # noqa: E402
 from idcrafter_jax.config import WAN_VARIANTS  # noqa: E402
-from idcrafter_jax.models import wan_vae  # noqa: E402
+from idcrafter_jax.models import wan_dit, wan_vae  # noqa: E402
 from idcrafter_jax.rl import grpo, programs, rewards  # noqa: E402
 from idcrafter_jax.training import train_state  # noqa: E402
 
@@ -372,6 +372,46 @@ def check_equivalence(jx: JaxGRPO, tx: TorchGRPO, *, step: int | None = None, ke
   return out
 
 
+# ------------------------------------------------------------------------------------ FLOP rates
+
+
+def dit_flops(st: Setup) -> dict:
+  """Analytic DiT matmul FLOPs per phase (`wan_dit.forward_flops`): the rollout runs K forwards
+  of the CFG-doubled batch; the update K policy forwards + backwards (a backward ~ 2 forwards)
+  and K reference forwards. The decode (VAE) and reward are not counted."""
+  gc = st.gc
+  b = st.shape[0] * (2 if gc.guidance_scale != 1.0 else 1)
+  fwd = wan_dit.forward_flops(st.dit.config, (b, *st.shape[1:]), st.ctx.shape[1])
+  return dict(rollout=gc.num_steps * fwd, update=gc.num_steps * 4 * fwd)
+
+
+MATMUL_N = 2048
+
+
+def matmul_rates(repeats: int = 5) -> dict:
+  """GFLOP/s of one float32 2048^3 matmul in each framework (XLA:CPU's and torch's BLAS), timed
+  interleaved: the ceiling each side's DiT work runs against."""
+  import torch
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from timing import median_times
+  a = np.random.default_rng(0).standard_normal((MATMUL_N, MATMUL_N)).astype(np.float32)
+  aj, at = jnp.asarray(a), torch.from_numpy(a)
+  f = jax.jit(lambda x: x @ x)
+  t_j, t_t = median_times([lambda: f(aj).block_until_ready(), lambda: at @ at], repeats)
+  flops = 2 * MATMUL_N ** 3
+  return dict(jax=flops / t_j / 1e9, torch=flops / t_t / 1e9)
+
+
+def rate_lines(summary: dict, flops: dict, mm: dict) -> list[str]:
+  """Per DiT phase: GFLOP, each side's GFLOP/s and its share of that side's matmul rate."""
+  lines = []
+  for phase, n in flops.items():
+    j, t = n / summary[phase]["jax"] / 1e9, n / summary[phase]["torch"] / 1e9
+    lines.append(f"{phase}: {n / 1e9:.0f} GFLOP (DiT, analytic); JAX {j:.0f} GFLOP/s ({100 * j / mm['jax']:.0f}% "
+                 f"of its matmul), torch {t:.0f} GFLOP/s ({100 * t / mm['torch']:.0f}% of its matmul)")
+  return lines
+
+
 # ---------------------------------------------------------------------------------------- timing
 
 
@@ -435,12 +475,17 @@ def main(argv):
   tj, tt = time_rounds(jx, tx, f.repeats)
   summary = summarise(tj, tt)
   print(table(summary))
+  flops, mm = dit_flops(st), matmul_rates()
+  print(f"f32 2048^3 matmul: JAX {mm['jax']:.0f} GFLOP/s, torch {mm['torch']:.0f} GFLOP/s")
+  for line in rate_lines(summary, flops, mm):
+    print(line)
   print(f"iteration: torch / JAX = {summary['iteration']['ratio']:.2f}x (target >= 3x); "
         f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
   if f.json_out:
     with open(f.json_out, "w") as fh:
       json.dump(dict(size=f.size, steps=f.steps, group=f.group, prompts=f.prompts, guidance=f.guidance,
-                     repeats=f.repeats, compile_s=compile_s, equivalence=eq, summary=summary, rounds_jax=tj,
+                     repeats=f.repeats, compile_s=compile_s, equivalence=eq, summary=summary, dit_flops=flops,
+                     matmul_gflops=mm, rounds_jax=tj,
                      rounds_torch=tt, load_before=load, load_after=os.getloadavg()[0], cpus=os.cpu_count()),
                 fh, indent=1)
   sys.stdout.flush()
