@@ -150,3 +150,13 @@ def test_sft_resumed_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, mon
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), p, s_full.params)
   with pytest.raises(ValueError, match="another architecture"):
     checkpoint.restore_params(os.path.join(a, "checkpoints", "6"), {"w": jnp.zeros(3)})
+
+
+def test_keep_if_returns_the_new_tree_only_when_ok():
+  new = dict(w=jnp.ones((2, 3)), opt=(jnp.full((3,), 2.0), None), step=jnp.asarray(5))
+  old = dict(w=jnp.zeros((2, 3)), opt=(jnp.full((3,), -1.0), None), step=jnp.asarray(4))
+  pick = jax.jit(lambda ok: metrics.keep_if(ok, new, old))
+  for ok, want in ((True, new), (False, old)):
+    got = pick(jnp.asarray(ok))
+    assert got["opt"][1] is None
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
