@@ -99,8 +99,7 @@ def _share_cpu_compilation_cache() -> None:
   they compile every program afresh in every run (2 minutes of each 2-process test). Keyed by
   the device kinds instead (JAX's own fallback for backends without a topology description),
   the keys agree; the global (device id, process) layout is hashed too, so that a program
-  compiled for 1 process x 8 devices is never loaded by 2 x 4. TPU and GPU keys agree across
-  hosts already; this is for the CPU harness only.
+  compiled for 1 process x 8 devices is never loaded by 2 x 4. For this CPU harness only.
   """
   from jax._src import cache_key
 
