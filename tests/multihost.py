@@ -75,6 +75,9 @@ def _main(spec: dict) -> None:
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   _share_cpu_compilation_cache()
+  # a program none of the processes has cached is compiled by process 0 and sent to the others
+  # (on 2 cores, two processes compiling the same program take twice as long)
+  jax.config.update("jax_share_binary_between_hosts", True)
   from idcrafter_jax.training import hosts
   hosts.maybe_initialize_distributed()
   from idcrafter_jax.training import loop
