@@ -385,19 +385,14 @@ def dit_flops(st: Setup) -> dict:
   return dict(rollout=gc.num_steps * fwd, update=gc.num_steps * 4 * fwd)
 
 
-MATMUL_N = 2048
-
-
 def matmul_rates(repeats: int = 5) -> dict:
   """GFLOP/s of one float32 2048^3 matmul in each framework (XLA:CPU's and torch's BLAS), timed
   interleaved: the ceiling each side's DiT work runs against."""
   import torch
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from timing import median_times
-  a = np.random.default_rng(0).standard_normal((MATMUL_N, MATMUL_N)).astype(np.float32)
-  aj, at = jnp.asarray(a), torch.from_numpy(a)
-  f = jax.jit(lambda x: x @ x)
-  t_j, t_t = median_times([lambda: f(aj).block_until_ready(), lambda: at @ at], repeats)
+  from timing import MATMUL_N, matmul_fn, median_times
+  a = torch.from_numpy(np.random.default_rng(0).standard_normal((MATMUL_N, MATMUL_N)).astype(np.float32))
+  t_j, t_t = median_times([matmul_fn(), lambda: a @ a], repeats)
   flops = 2 * MATMUL_N ** 3
   return dict(jax=flops / t_j / 1e9, torch=flops / t_t / 1e9)
 

@@ -38,7 +38,7 @@ import optax  # noqa: E402
 
 from idcrafter_jax import convert, sharding  # noqa: E402
 from idcrafter_jax.aot import report, tpu  # noqa: E402
-from timing import median_times  # noqa: E402  (launch/bench/timing.py)
+from timing import MATMUL_N, matmul_fn, median_times  # noqa: E402  (launch/bench/timing.py)
 from idcrafter_jax.config import WAN_VARIANTS  # noqa: E402
 from idcrafter_jax.models import wan_dit  # noqa: E402
 
@@ -76,16 +76,6 @@ def inputs():
   ctx = r.standard_normal((SHAPE[0], CTX_LEN, BENCH["text_dim"])).astype(np.float32)
   target = r.standard_normal(lat.shape).astype(np.float32)
   return lat, t, ctx, target
-
-
-MATMUL_N = 2048
-
-
-def matmul_fn():
-  """A float32 2048^3 matmul (jit), the rate the forward is measured against."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((MATMUL_N, MATMUL_N)), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  return lambda: f(a).block_until_ready()
 
 
 def bench_forward(ref, module, params, repeats):

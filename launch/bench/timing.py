@@ -23,3 +23,16 @@ def median_times(fns, repeats: int) -> list[float]:
 
 def median_time(fn, repeats: int) -> float:
   return median_times([fn], repeats)[0]
+
+
+MATMUL_N = 2048
+
+
+def matmul_fn():
+  """A float32 2048^3 matmul (jit), the rate a benchmark's forward is measured against; returns a
+  callable that runs it once and waits. FLOPs: 2 * MATMUL_N ** 3."""
+  import jax
+  import jax.numpy as jnp
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((MATMUL_N, MATMUL_N)), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  return lambda: f(a).block_until_ready()
