@@ -3,6 +3,7 @@ same data order), through checkpoints and a preemption delivered to one host."""
 import json
 import os
 import shutil
+import signal
 import time
 
 import numpy as np
@@ -80,10 +81,16 @@ def test_a_host_that_dies_makes_the_other_exit_with_an_error_within_the_heartbea
   finally:
     for p in procs:
       p.kill()
-  assert procs[1].returncode == -9 and code != 0
+  assert procs[1].returncode == -9
   assert time.monotonic() - died < 60
   log = multihost.read_log(workdir, 0)
-  assert "process 0 of 2 failed" in log and code == 1, log[-3000:]
+  # whichever notices first ends process 0: a failed collective (our handler: code 1) or, while no
+  # collective can fail yet (gloo retries a connection to a dead peer for 30 s), the coordinator's
+  # missed heartbeat, on which JAX aborts the process itself (SIGABRT)
+  if code == 1:
+    assert "process 0 of 2 failed" in log, log[-3000:]
+  else:
+    assert code == -signal.SIGABRT and "JAX distributed service detected fatal errors" in log, (code, log[-3000:])
 
 
 def test_evaluation_splits_the_ids_over_hosts_and_merges_them_on_process_zero(tmp_path):
