@@ -70,8 +70,8 @@ def test_sft_on_two_processes_equals_one_process_through_a_preemption_and_resume
 def test_a_host_that_dies_makes_the_other_exit_with_an_error_within_the_heartbeat_timeout(tmp_path):
   workdir = str(tmp_path / "kill")
   os.makedirs(workdir)
-  spec = dict(target="multihost:sft_params", workdir=workdir, out=os.path.join(workdir, "p.npz"), steps=6,
-              ckpt_every=6, sigkill=[1, 2])
+  spec = dict(target="multihost:sft_params", workdir=workdir, out=os.path.join(workdir, "p.npz"), steps=4,
+              ckpt_every=4, sigkill=[1, 1])  # the preemption test's programs: read from the cache
   # the coordinator declares a host dead after 20 s without a heartbeat (JAX's default is 100)
   procs = multihost.start(2, 4, spec, workdir, env={hosts.HEARTBEAT_ENV: "20"})
   try:
