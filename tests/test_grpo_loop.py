@@ -7,7 +7,7 @@ import pytest
 
 from configs import tiny as tiny_config
 from idcrafter_jax import checkpoint as ckpt_lib
-from idcrafter_jax.training import metrics
+from idcrafter_jax.training import loop, metrics
 from idcrafter_jax.rl import rewards
 from idcrafter_jax.rl import loop as grpo_loop
 
@@ -75,15 +75,20 @@ def test_nan_reward_skips_the_update_and_is_logged(tmp_path):
     rewards.register("_nan")(lambda v, b: np.full(v.shape[0], np.nan, np.float32))
   c = _config(2)
   c.reward.quality = {"_nan": 1.0}
-  state = _run(c, str(tmp_path))
-  rows = [r for r in metrics.read_metrics(str(tmp_path)) if "reward/total" in r]
+  state = _run(c, str(tmp_path / "run"))
+  rows = [r for r in metrics.read_metrics(str(tmp_path / "run")) if "reward/total" in r]
   assert all(r.get("reward_nonfinite") == 1.0 for r in rows)
+  assert [r["skipped"] for r in rows] == [1, 2] and int(state.skipped) == 2
   first = grpo_loop_initial_params(c, tmp_path)
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), state.params, first)
+  # skipped iterations count toward train.max_bad_steps as skipped SFT steps do
+  c.train.update(steps=4, max_bad_steps=2)
+  with pytest.raises(loop.TooManyBadSteps, match="max_bad_steps=2"):
+    _run(c, str(tmp_path / "stops"))
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path / "stops")) if "reward/total" in r] == [1, 2]
 
 
 def grpo_loop_initial_params(c, tmp_path):
-  from idcrafter_jax.training import loop
   pipe, *_ = loop.build(c, str(tmp_path / "init"))
   return pipe.dit_params
 

@@ -282,6 +282,7 @@ class _Iteration:
     m["reward/std"] = float(r.std())
     if not grpo.rewards_ok(r):
       m["reward_nonfinite"] = 1.0
+      state = state.replace(skipped=state.skipped + 1)  # counts toward train.max_bad_steps
       if hosts.is_primary():
         print(f"iteration {it + 1}: non-finite reward; update skipped.")
     else:
