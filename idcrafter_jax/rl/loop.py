@@ -10,6 +10,7 @@ curve is also drawn to `reward_curve.png` and sample videos go to `samples/`.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -20,6 +21,7 @@ import numpy as np
 from idcrafter_jax import checkpoint as ckpt_lib, sharding, video as video_io
 from idcrafter_jax.inference import conditioning
 from idcrafter_jax.inference.pipeline import latent_shape
+from idcrafter_jax.models import wan_vae
 from idcrafter_jax.training import batches, hosts, lora, loop, metrics
 from idcrafter_jax.rl import grpo, programs, rewards as rewards_lib
 
@@ -190,7 +192,7 @@ class _Iteration:
     self.step_fn = grpo.make_update_step(self.velocity, tx, self.gc, adapters=policy.use_lora)
     self.s_shard = s_shard
     self.place = batches.placer(mesh)  # this host's rows -> global arrays split on the batch axis
-    self.decode_fn = jax.jit(lambda z: (pipe.decode(z) + 1.0) / 2.0)
+    self.decode_fn = functools.partial(_decode_unit, pipe.vae, batches.replicated_vae_params(pipe, mesh))
     if hosts.is_primary():
       os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
 
@@ -301,6 +303,14 @@ class _Iteration:
     if done % self.config.train.log_every == 0 or "eval/reward_mean" in m or done == self.end:
       return state, self.writer.write(done, m)
     return state, None
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_unit(vae, params, latents):
+  """Latents -> videos in [0, 1] for the rewards. The VAE params are an argument of the program:
+  closed over, they became constants that XLA folds convolutions through while compiling."""
+  z = wan_vae.denormalize_latents(latents, vae.config)
+  return (vae.apply({"params": params}, z, method=vae.decode) + 1.0) / 2.0
 
 
 def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps):

@@ -32,7 +32,7 @@ def condition_batch(pipe, raw: dict, mesh=None, global_batch_size: int | None = 
     out.update(place({"subject_latents": raw["subject_latents"]}))
   else:
     images = place({"subject_images": np.asarray(raw["subject_images"], np.float32)})["subject_images"]
-    out["subject_latents"] = conditioning.subject_latents(pipe.vae, _vae_params(pipe, mesh), images)
+    out["subject_latents"] = conditioning.subject_latents(pipe.vae, replicated_vae_params(pipe, mesh), images)
   if "f_txt" in raw:
     out.update(place({"f_txt": raw["f_txt"], "f_txt_mask": np.asarray(raw["f_txt_mask"], bool)}))
   else:
@@ -59,7 +59,7 @@ def placer(mesh, global_batch_size: int | None = None):
 _REPLICATED_VAE: dict = {}
 
 
-def _vae_params(pipe, mesh):
+def replicated_vae_params(pipe, mesh):
   """The VAE's params, replicated on `mesh` once (None: as loaded)."""
   if mesh is None:
     return pipe.vae_params
@@ -93,7 +93,7 @@ def model_batch(pipe, raw: dict, mesh=None, global_batch_size: int | None = None
     out.update(place({"latents": raw["latents"]}))
   else:
     video = place({"video": np.asarray(raw["video"], np.float32)})["video"]
-    out["latents"] = conditioning.vae_latents(pipe.vae, _vae_params(pipe, mesh), video)
+    out["latents"] = conditioning.vae_latents(pipe.vae, replicated_vae_params(pipe, mesh), video)
   return out
 
 
