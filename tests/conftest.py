@@ -4,7 +4,13 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+  _flags += " --xla_force_host_platform_device_count=8"
+# The suite's programs are tiny and compiled once or twice: LLVM at -O0 halves the CPU compile
+# time (the tiny SFT step: 21.6 s -> 12.5 s; a step then runs in 76 ms instead of 53, same loss
+# to the last digit). TPU AOT compiles are unchanged (same program size and memory on v5p).
+if "xla_backend_optimization_level" not in _flags:
+  _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

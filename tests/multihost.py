@@ -27,8 +27,9 @@ def free_port() -> int:
 
 def start(n: int, devices: int, spec: dict, log_dir: str, env: dict | None = None) -> list[subprocess.Popen]:
   """Starts the processes (`env`: extra environment variables) and returns them at once."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+             XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]), **(env or {}))
   env.pop("PYTEST_XDIST_WORKER", None)
   if n > 1:
     env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}", JAX_NUM_PROCESSES=str(n))
