@@ -132,8 +132,7 @@ class Pipeline:
     return self._samplers[k](self.dit_params, cond, uncond, key, shape)
 
   def decode(self, latents):
-    z = wan_vae.denormalize_latents(latents, self.vae.config)
-    return _vae_decode(self.vae, self.vae_params, z)
+    return decode_latents(self.vae, self.vae_params, latents)
 
   def __call__(self, prompt: str, subject_images: Sequence[np.ndarray], key, progress=None) -> np.ndarray:
     """One video (T, H, W, 3) uint8 for `prompt` and its subject images."""
@@ -155,5 +154,8 @@ def _sampler(pipe: Pipeline, num_steps, shift, guidance, solver, progress):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _vae_decode(vae, params, z):
+def decode_latents(vae, params, latents):
+  """DiT latents -> videos in [-1, 1]; the VAE params are an argument of the program (closed
+  over, they would become constants that XLA folds convolutions through while compiling)."""
+  z = wan_vae.denormalize_latents(latents, vae.config)
   return vae.apply({"params": params}, z, method=vae.decode)

@@ -20,8 +20,7 @@ import numpy as np
 
 from idcrafter_jax import checkpoint as ckpt_lib, sharding, video as video_io
 from idcrafter_jax.inference import conditioning
-from idcrafter_jax.inference.pipeline import latent_shape
-from idcrafter_jax.models import wan_vae
+from idcrafter_jax.inference.pipeline import decode_latents, latent_shape
 from idcrafter_jax.training import batches, hosts, lora, loop, metrics
 from idcrafter_jax.rl import grpo, programs, rewards as rewards_lib
 
@@ -307,10 +306,8 @@ class _Iteration:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode_unit(vae, params, latents):
-  """Latents -> videos in [0, 1] for the rewards. The VAE params are an argument of the program:
-  closed over, they became constants that XLA folds convolutions through while compiling."""
-  z = wan_vae.denormalize_latents(latents, vae.config)
-  return (vae.apply({"params": params}, z, method=vae.decode) + 1.0) / 2.0
+  """Latents -> videos in [0, 1] for the rewards (the VAE params an argument, not constants)."""
+  return (decode_latents(vae, params, latents) + 1.0) / 2.0
 
 
 def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps):
