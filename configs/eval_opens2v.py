@@ -7,7 +7,7 @@
 Normalisation follows OpenS2V-Nexus v1.1 (`eval/merge_result.py`): each per-video score is
 clipped to its [low, high] range, averaged over the videos that have it, mapped to [0, 1] by
 (mean - low) / (high - low), and the total is the weighted sum below. Where this package's score
-differs from OpenS2V's model the range is this package's (see idcrafter_jax/eval/scores.py):
+differs from OpenS2V's model the range is this package's (see idcrafter_jax/rl/scores.py):
   aesthetic      the reward scorer already maps LAION's [4, 7] to [0, 1] (reward_models.aesthetic_range)
   nexus_score    CLIP cosine of subject regions in [0, 1] (OpenS2V's GME retrieval score uses [0, 0.05])
   natural_score  Q-Align-style plausibility in [0, 1] (OpenS2V's GPT rating uses [1, 5])

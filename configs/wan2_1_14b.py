@@ -3,7 +3,7 @@
   python launch/train.py --config configs/wan2_1_14b.py:sft ...     # flow-matching SFT
   python launch/train.py --config configs/wan2_1_14b.py:grpo ...    # Flow-GRPO (Table S.3)
 
-DiT (Table S.1): 40 layers, 40 heads x 128, FFN 13824 (`config.WAN_VARIANTS['14B']`); HIPA in
+DiT (Table S.1): 40 layers, 40 heads x 128, FFN 13824 (`models.wan_dit.WAN_VARIANTS['14B']`); HIPA in
 the first 20 blocks (seed A.1). Optimiser: Table S.3 (AdamW, lr 1e-5, betas (0.9, 0.95), eps
 1e-8, max gradient norm 1.0). GRPO: Table S.3's batch of 32 videos an iteration = 4 prompts x
 group size 8.

@@ -5,7 +5,7 @@
   python launch/train.py --config configs/wan2_1_1_3b.py:sft ...     # flow-matching SFT
   python launch/train.py --config configs/wan2_1_1_3b.py:grpo ...    # Flow-GRPO (Table S.3)
 
-DiT (Table S.1): 30 layers, 12 heads x 128, FFN 8960 (`config.WAN_VARIANTS['1.3B']`); HIPA in
+DiT (Table S.1): 30 layers, 12 heads x 128, FFN 8960 (`models.wan_dit.WAN_VARIANTS['1.3B']`); HIPA in
 the first 20 blocks (seed A.1). model.text_dim is the Qwen2.5-VL width (3584); the Wan
 checkpoint's umT5 text projection (4096 wide) is initialised anew at that width
 (`IDCrafter.from_wan`), every other weight is Wan's. Optimiser: Table S.3 (AdamW, lr 1e-5, betas

@@ -1,7 +1,7 @@
 """Run configuration: one `ml_collections.ConfigDict` per run, built by `configs/*.py:get_config`.
 
-Model sizes come from one table, `WAN_VARIANTS`, copied from Table S.1 of the seed and the Wan
-2.1 release. Every default is written once: the sections that a dataclass reads (`model` ->
+Model sizes come from one table, `models.wan_dit.WAN_VARIANTS`, copied from Table S.1 of the seed
+and the Wan 2.1 release. Every default is written once: the sections that a dataclass reads (`model` ->
 `WanConfig` / `IDCrafterConfig`, `grpo` -> `GRPOConfig`, `data`, `reward_models`) take their
 defaults from that dataclass or module, and this file adds only what is a run's choice. Every
 key here is read by some part of the package; unknown keys are an error where a section is
@@ -20,21 +20,6 @@ from idcrafter_jax import data
 from idcrafter_jax.inference import conditioning
 from idcrafter_jax.models import idcrafter, wan_dit, wan_vae
 from idcrafter_jax.rl import grpo, reward_models
-
-# DiT sizes (Table S.1 and Wan 2.1): heads x 128, FFN width, depth. Shared by all variants:
-# patch (1, 2, 2), 16 latent channels, freq_dim 256, eps 1e-6, q/k RMSNorm across heads,
-# normed cross-attention, RoPE theta 10000.
-WAN_VARIANTS = {
-    "1.3B": dict(num_heads=12, head_dim=128, ffn_dim=8960, num_layers=30),
-    "14B": dict(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40),
-    # ~19M params: the bench config of launch/bench_dit.py.
-    "bench": dict(num_heads=8, head_dim=64, ffn_dim=2048, num_layers=4),
-    # Runs on a CPU in seconds.
-    "tiny": dict(num_heads=2, head_dim=16, ffn_dim=64, num_layers=2),
-}
-
-# Text-context width: umT5-XXL for plain Wan, Qwen2.5-VL 7B hidden states for ID-Crafter.
-TEXT_DIM = {"umt5": 4096, "qwen2_5_vl_7b": 3584}
 
 # Table S.3 of the seed: AdamW, policy learning rate 1e-5, betas (0.9, 0.95), eps 1e-8, max
 # gradient norm 1.0 (the `train` section's keys), and a batch of 32 videos per GRPO iteration
@@ -79,13 +64,12 @@ def dataclass_defaults(cls) -> dict:
 
 def model_config(variant: str, text_dim: int) -> ml_collections.ConfigDict:
   """`WanConfig`'s defaults at the variant's size and `text_dim`."""
-  if variant not in WAN_VARIANTS:
-    raise ValueError(f"Wan variant {variant!r} is unknown; expected one of {sorted(WAN_VARIANTS)}.")
-  return ml_collections.ConfigDict(dict(dataclass_defaults(wan_dit.WanConfig), **WAN_VARIANTS[variant],
-                                       text_dim=text_dim))
+  wan_dit.variant_config(variant)  # an unknown variant raises, naming the known ones
+  return ml_collections.ConfigDict(dict(dataclass_defaults(wan_dit.WanConfig), **wan_dit.WAN_VARIANTS[variant],
+                                        text_dim=text_dim))
 
 
-def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_collections.ConfigDict:
+def base_config(variant: str, text_dim: int = wan_dit.TEXT_DIM["qwen2_5_vl_7b"]) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = model_config(variant, text_dim)
@@ -110,7 +94,7 @@ def base_config(variant: str, text_dim: int = TEXT_DIM["qwen2_5_vl_7b"]) -> ml_c
   c.vae = ml_collections.ConfigDict({k: vae[k] for k in ("tile_sample_min_size", "tile_sample_stride")})
   # Sampling: Wan's flow-matching schedule with shift, classifier-free guidance (the
   # unconditional branch drops the prompt and every subject), and the ODE solver: 'euler' |
-  # 'unipc' | 'dpm++' (`solvers.py`; the Wan configs take 'unipc', as Wan's generate.py).
+  # 'unipc' | 'dpm++' (`sampling/solvers.py`; the Wan configs take 'unipc', as Wan's generate.py).
   # num_frames (1 + 4k) x height x width (multiples of 16) is the one video size of a run: the
   # training clips are decoded to it too (`data.SIZE_KEYS`), and the dry run compiles for it.
   c.sampling = ml_collections.ConfigDict(dict(

@@ -256,7 +256,8 @@ def _mesh(chk: _Check, devices: int | None) -> None:
 
 def _run_sections(chk: _Check, devices: int | None) -> None:
   """What every use of a run config needs: model, HIPA, sizes, sampling, mesh."""
-  from idcrafter_jax import attention, solvers
+  from idcrafter_jax import attention
+  from idcrafter_jax.sampling import solvers
   from idcrafter_jax.models import layers
   chk.rules(RUN_RULES)
   chk.rules({"sampling.solver": one_of(solvers.SOLVERS), "model.attention_impl": one_of(attention.IMPLS)})

@@ -41,7 +41,7 @@ flags.mark_flags_as_required(["workdir", "output"])
 
 def main(argv):
   del argv
-  from idcrafter_jax import checkpoint
+  from idcrafter_jax.training import checkpoint
   checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
   from idcrafter_jax.data.curation import runner, stats
 

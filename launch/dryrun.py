@@ -107,7 +107,7 @@ def main(argv):
   import jax
   if _CPU_DEVICES.value is not None:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # before any backend starts
-  from idcrafter_jax import checkpoint
+  from idcrafter_jax.training import checkpoint
   checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
   from idcrafter_jax import validation
   from idcrafter_jax.aot import program

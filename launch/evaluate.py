@@ -39,7 +39,7 @@ _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", None,
 
 def main(argv):
   del argv
-  from idcrafter_jax import checkpoint
+  from idcrafter_jax.training import checkpoint
   checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
   from idcrafter_jax import validation
   cfg = _CONFIG.value
@@ -48,12 +48,12 @@ def main(argv):
   except validation.ConfigError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
-  from idcrafter_jax.training import hosts
-  hosts.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+  from idcrafter_jax import distributed
+  distributed.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                    _HEARTBEAT.value)
   from idcrafter_jax.eval import run as run_lib
   from idcrafter_jax.rl import reward_models
-  if not hosts.is_primary():
+  if not distributed.is_primary():
     run_lib.run(cfg, reward_models.build_reward_models(cfg.reward_models),
                 generate_fn=run_lib.make_generator(cfg) if cfg.generate else None, progress=False)
     return

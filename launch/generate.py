@@ -21,7 +21,9 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from idcrafter_jax import checkpoint, validation, video as video_io
+from idcrafter_jax import validation, video as video_io
+from idcrafter_jax.inference import loading
+from idcrafter_jax.training import checkpoint
 from idcrafter_jax.inference import pipeline as pipeline_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config (a configs/*.py file).")
@@ -61,7 +63,7 @@ def main(argv):
   subjects = [video_io.read_image(p) for p in _SUBJECTS.value]
 
   start = time.perf_counter()
-  pipe = checkpoint.load_pipeline(config, init)
+  pipe = loading.load_pipeline(config, init)
   print(f"models ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
   bar = tqdm(total=config.sampling.num_steps, desc="denoising", unit="step")
   frames = pipe(_PROMPT.value, subjects, jax.random.key(_SEED.value), progress=lambda i: bar.update(1))

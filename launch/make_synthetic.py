@@ -25,7 +25,7 @@ flags.mark_flags_as_required(["out"])
 
 def main(argv):
   del argv
-  from idcrafter_jax import checkpoint
+  from idcrafter_jax.training import checkpoint
   checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
   from idcrafter_jax.data import synthetic, tfds_builder
   paths = synthetic.write_dataset(_OUT.value, num_clips=_NUM_CLIPS.value, num_frames=_NUM_FRAMES.value,

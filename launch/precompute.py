@@ -47,7 +47,7 @@ flags.mark_flags_as_required(["folder", "out_dir"])
 
 def main(argv):
   del argv
-  from idcrafter_jax import checkpoint
+  from idcrafter_jax.training import checkpoint
   checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
   from idcrafter_jax import data
   from idcrafter_jax.data import precompute

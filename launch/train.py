@@ -45,10 +45,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   import jax
-  from idcrafter_jax import checkpoint, validation
-  from idcrafter_jax.training import hosts, loop
+  from idcrafter_jax import validation
+  from idcrafter_jax.training import checkpoint
+  from idcrafter_jax import distributed
+  from idcrafter_jax.training import loop
   checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
-  hosts.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+  distributed.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                    _HEARTBEAT.value)
   config = _CONFIG.value
   try:  # the whole config, before any model is loaded or compiled
@@ -56,7 +58,7 @@ def main(argv):
   except validation.ConfigError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
-  if hosts.is_primary():
+  if distributed.is_primary():
     print(config)
   mode = config.train.mode
   if mode == "sft":
@@ -79,7 +81,7 @@ def main(argv):
     sys.stdout.flush()
     os._exit(e.EXIT_CODE)
   except Exception as e:
-    hosts.exit_on_failure(e)
+    distributed.exit_on_failure(e)
     raise
 
 

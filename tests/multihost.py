@@ -79,8 +79,8 @@ def _main(spec: dict) -> None:
   # a program none of the processes has cached is compiled by process 0 and sent to the others
   # (on 2 cores, two processes compiling the same program take twice as long)
   jax.config.update("jax_share_binary_between_hosts", True)
-  from idcrafter_jax.training import hosts
-  hosts.maybe_initialize_distributed()
+  from idcrafter_jax import distributed
+  distributed.maybe_initialize_distributed()
   from idcrafter_jax.training import loop
   module, fn = spec["target"].split(":")
   try:
@@ -89,7 +89,7 @@ def _main(spec: dict) -> None:
     print(e, flush=True)
     sys.exit(loop.Preempted.EXIT_CODE)
   except Exception as e:  # as launch/train.py exits
-    hosts.exit_on_failure(e)
+    distributed.exit_on_failure(e)
     raise
   if jax.process_index() == 0 and out is not None:
     np.savez(spec["out"], **out)
@@ -178,9 +178,9 @@ def tiny_grpo_config(spec: dict):
 def _register_host_side_reward():
   import numpy as np
   from idcrafter_jax.rl import rewards
-  from idcrafter_jax.training import hosts
+  from idcrafter_jax import distributed
   if "host_brightness" not in rewards.REGISTRY:
-    rewards.register("host_brightness")(hosts.host_side(lambda videos, batch: np.mean(videos, axis=(1, 2, 3, 4))))
+    rewards.register("host_brightness")(distributed.host_side(lambda videos, batch: np.mean(videos, axis=(1, 2, 3, 4))))
 
 
 def grpo_params(spec: dict, process_index: int):
@@ -200,8 +200,8 @@ def _gathered(params) -> dict:
   import numpy as np
   from flax import traverse_util
   from jax.experimental import multihost_utils
-  from idcrafter_jax.training import hosts
-  hosts.barrier("final_params")
+  from idcrafter_jax import distributed
+  distributed.barrier("final_params")
   params = multihost_utils.process_allgather(params, tiled=True)
   return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}
 

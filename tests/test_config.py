@@ -21,7 +21,7 @@ def _default(cls, name):
 def test_model_section_takes_every_wan_default_except_size_and_text_width():
   c = config_lib.base_config("1.3B", text_dim=3584).model
   for f in dataclasses.fields(wan_dit.WanConfig):
-    if f.name in config_lib.WAN_VARIANTS["1.3B"] or f.name == "text_dim":
+    if f.name in wan_dit.WAN_VARIANTS["1.3B"] or f.name == "text_dim":
       continue
     want = jnp.dtype(f.default).name if f.name.endswith("dtype") else f.default
     assert c[f.name] == want, f.name

@@ -8,7 +8,7 @@ import pytest
 
 from configs import tiny as tiny_config
 from idcrafter_jax import data
-from idcrafter_jax.inference import pipeline as pipeline_lib
+from idcrafter_jax.inference import loading
 from idcrafter_jax.data import precompute, synthetic
 from idcrafter_jax.training import batches
 
@@ -35,7 +35,7 @@ def test_cached_features_equal_online_encoding_and_corrupt_clips_are_left_out(tm
   assert b["f_txt"].shape[0] == 2 and b["f_txt"].shape[2] == 32 and b["f_txt_mask"].dtype == np.bool_
   assert (b["subject_latents"][~b["subject_mask"]] == 0).all()
 
-  pipe = pipeline_lib.Pipeline.from_config(cfg, workdir=str(tmp_path / "work"))
+  pipe = loading.load_pipeline(cfg, cfg.init, workdir=str(tmp_path / "work"))
   online = {k: np.asarray(v) for k, v in batches.model_batch(pipe, {k: b[k] for k in ONLINE_KEYS}).items()}
   np.testing.assert_allclose(b["latents"], online["latents"], atol=5e-6, rtol=0)
   m = b["subject_mask"]
@@ -49,7 +49,7 @@ def test_cached_features_equal_online_encoding_and_corrupt_clips_are_left_out(tm
   cfg.data.use_cached = True
   from idcrafter_jax.training import loop
   assert data.has_cached_features(cfg) and not loop.needs_vlm(cfg, [None])
-  lean = pipeline_lib.Pipeline.from_config(cfg, workdir=str(tmp_path / "work"), load_vlm=False)
+  lean = loading.load_pipeline(cfg, cfg.init, workdir=str(tmp_path / "work"), load_vlm=False)
   assert lean.vlm is None and lean.vlm_params is None
   cached = {k: np.asarray(v) for k, v in batches.model_batch(lean, b).items()}
   np.testing.assert_array_equal(cached["f_txt"], b["f_txt"])

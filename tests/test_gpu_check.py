@@ -31,8 +31,8 @@ def gpu_check():
 
 def test_sizes_and_settings_follow_the_config(gpu_check):
   from idcrafter_jax import config
-  assert gpu_check.WAN_1_3B == config.WAN_VARIANTS["1.3B"]
-  assert gpu_check.WAN_TINY == config.WAN_VARIANTS["tiny"]
+  assert gpu_check.WAN_1_3B == wan_dit.WAN_VARIANTS["1.3B"]
+  assert gpu_check.WAN_TINY == wan_dit.WAN_VARIANTS["tiny"]
   tc = config.train_config()
   assert {k: tc[k] for k in gpu_check.TRAIN} == gpu_check.TRAIN
   assert tc.timestep_sampling == "logit_normal" and tc.schedule == "constant" and not tc.warmup_steps

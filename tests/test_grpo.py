@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from idcrafter_jax import flow
+from idcrafter_jax.sampling import flow
 from idcrafter_jax.rl import grpo, rewards
 
 
@@ -31,7 +31,7 @@ def test_sde_log_prob_matches_flow_grpo_and_the_gaussian_density(k):
   r = np.random.default_rng(k)
   sig = flow.sigma_schedule(10, 3.0)
   x, v = r.standard_normal((2, 3, 4, 5)).astype(np.float32), r.standard_normal((2, 3, 4, 5)).astype(np.float32)
-  x_next, lp, mean, std = flow.sde_step(jnp.asarray(x), jnp.asarray(v), sig[k], sig[k + 1], sig[1],
+  x_next, lp, mean, std = sde.sde_step(jnp.asarray(x), jnp.asarray(v), sig[k], sig[k + 1], sig[1],
                                         jax.random.key(k), noise_level=0.7)
   ref_lp, ref_mean, ref_std = _flow_grpo_step(torch.from_numpy(v), torch.from_numpy(x), torch.from_numpy(sig),
                                               k, 0.7, torch.from_numpy(np.array(x_next)))
@@ -44,7 +44,7 @@ def test_sde_log_prob_matches_flow_grpo_and_the_gaussian_density(k):
 
 def test_first_step_std_is_finite_and_uses_the_first_sigma_below_one():
   sig = flow.sigma_schedule(10, 3.0)
-  std = float(flow.sde_std(sig[0], sig[1], sig[1], 1.0))
+  std = float(sde.sde_std(sig[0], sig[1], sig[1], 1.0))
   expect = math.sqrt(1.0 / (1.0 - sig[1])) * math.sqrt(sig[0] - sig[1])
   assert math.isfinite(std) and abs(std - expect) < 1e-6
 
@@ -52,7 +52,7 @@ def test_first_step_std_is_finite_and_uses_the_first_sigma_below_one():
 def test_sde_step_keeps_the_ode_marginal_drift():
   """With zero noise level the SDE mean is the Euler ODE step."""
   x, v = jnp.ones((1, 4)), jnp.full((1, 4), 0.5)
-  m = flow.sde_mean(x, v, 0.6, 0.5, 0.9, 0.0)
+  m = sde.sde_mean(x, v, 0.6, 0.5, 0.9, 0.0)
   np.testing.assert_allclose(np.asarray(m), np.asarray(flow.ode_step(x, v, 0.6, 0.5)), atol=1e-7)
 
 
@@ -60,12 +60,12 @@ def test_cps_step_is_a_gaussian_with_the_cps_coefficients():
   r = np.random.default_rng(0)
   x, v = jnp.asarray(r.standard_normal((2, 8)), jnp.float32), jnp.asarray(r.standard_normal((2, 8)), jnp.float32)
   s, s_next = 0.7, 0.5
-  xn, lp, mean, std = flow.sde_step(x, v, s, s_next, 0.9, jax.random.key(0), noise_level=0.5, sde_type="cps")
+  xn, lp, mean, std = sde.sde_step(x, v, s, s_next, 0.9, jax.random.key(0), noise_level=0.5, sde_type="cps")
   std_ref = s_next * math.sin(0.5 * math.pi / 2)
   mean_ref = (x - s * v) * (1 - s_next) + (x + (1 - s) * v) * math.sqrt(s_next ** 2 - std_ref ** 2)
   np.testing.assert_allclose(float(std), std_ref, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(mean), np.asarray(mean_ref), rtol=1e-5, atol=1e-6)
-  _, lp0, _, _ = flow.sde_step(x, v, s, 0.0, 0.9, jax.random.key(0), noise_level=0.5, sde_type="cps")
+  _, lp0, _, _ = sde.sde_step(x, v, s, 0.0, 0.9, jax.random.key(0), noise_level=0.5, sde_type="cps")
   assert np.all(np.asarray(lp0) == 0.0)  # deterministic last step: no density, log-prob 0
 
 

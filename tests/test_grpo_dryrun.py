@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from configs import tiny as tiny_config  # noqa: E402
 from idcrafter_jax import sharding  # noqa: E402
 from idcrafter_jax.aot import program, tpu  # noqa: E402
-from idcrafter_jax.training import lora
+from idcrafter_jax.models import lora
 from idcrafter_jax.training import train_state
 from idcrafter_jax.models import idcrafter  # noqa: E402
 from idcrafter_jax.rl import grpo  # noqa: E402

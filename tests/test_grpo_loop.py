@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import tiny as tiny_config
-from idcrafter_jax import checkpoint as ckpt_lib
+from idcrafter_jax.training import checkpoint as ckpt_lib
 from idcrafter_jax.training import loop, metrics
 from idcrafter_jax.rl import rewards
 from idcrafter_jax.rl import loop as grpo_loop
@@ -94,7 +94,7 @@ def grpo_loop_initial_params(c, tmp_path):
 
 
 def test_lora_grpo_trains_only_adapters_and_resumes_exactly(tmp_path):
-  from idcrafter_jax.training import lora
+  from idcrafter_jax.models import lora
   c = _config(2)
   c.model.lora_rank = 4
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -111,7 +111,7 @@ def test_lora_grpo_trains_only_adapters_and_resumes_exactly(tmp_path):
   rows = [r for r in metrics.read_metrics(a) if "reward/total" in r]
   assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["kl"]) for r in rows)
   # generate.py's --checkpoint path: the adapters-only checkpoint goes over the base weights.
-  from idcrafter_jax.checkpoint import restore_params
+  from idcrafter_jax.inference.loading import restore_params
   init = grpo_loop_initial_params(c, tmp_path)
   restored = restore_params(os.path.join(a, "checkpoints", "2"), init)
   base, ad = lora.split(restored)

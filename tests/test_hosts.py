@@ -1,13 +1,13 @@
 """Multi-process start-up refuses incomplete or invalid settings before contacting anyone."""
 import pytest
 
-from idcrafter_jax.training import hosts
+from idcrafter_jax import distributed
 
 
 def test_one_process_without_a_cluster_starts_nothing(monkeypatch):
-  for k in hosts.ENV_VARS + hosts.AUTO_DETECTED:
+  for k in distributed.ENV_VARS + distributed.AUTO_DETECTED:
     monkeypatch.delenv(k, raising=False)
-  hosts.maybe_initialize_distributed()
+  distributed.maybe_initialize_distributed()
   import jax
   assert jax.process_count() == 1
 
@@ -20,13 +20,13 @@ def test_one_process_without_a_cluster_starts_nothing(monkeypatch):
 ])
 def test_bad_start_up_settings_name_the_value(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    hosts.maybe_initialize_distributed(**kwargs)
+    distributed.maybe_initialize_distributed(**kwargs)
 
 
 @pytest.mark.parametrize("value, match", [("ten", "IDCRAFTER_HEARTBEAT_TIMEOUT_S='ten' is not an integer"),
                                           ("-5", "heartbeat timeout -5 s")])
 def test_heartbeat_from_the_environment_is_checked(monkeypatch, value, match):
-  monkeypatch.setenv(hosts.HEARTBEAT_ENV, value)
+  monkeypatch.setenv(distributed.HEARTBEAT_ENV, value)
   with pytest.raises(ValueError, match=match):
-    hosts.maybe_initialize_distributed(coordinator_address="localhost:1", num_processes=2, process_id=0)
-  assert hosts._heartbeat(7) == {"heartbeat_timeout_seconds": 7}
+    distributed.maybe_initialize_distributed(coordinator_address="localhost:1", num_processes=2, process_id=0)
+  assert distributed._heartbeat(7) == {"heartbeat_timeout_seconds": 7}

@@ -1,6 +1,7 @@
 """The package's imports point one way (DESIGN.md, "One direction of dependency") and form no cycle.
 
-kernels <- attention <- models <- flow/sampling <- inference <- training <- rl <- aot, eval <- launch.
+kernels <- (sharding, distributed, weights, video) <- attention <- models <- sampling <- inference
+<- data <- training <- rl <- (aot, eval, config / validation) <- launch.
 Each library module is given its layer below; a module may import its own layer or lower ones,
 never a higher one, and nothing in the library imports `configs/` or `launch/`. Imports inside
 functions count too: a lazy import is still a dependency.
@@ -15,15 +16,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # (layer, module prefixes), lowest first. A module belongs to the longest prefix that matches it.
 LAYERS = (
     (0, ("kernels",)),
-    (1, ("idcrafter_jax.sharding", "idcrafter_jax.weights", "idcrafter_jax.video")),
+    (1, ("idcrafter_jax.sharding", "idcrafter_jax.distributed", "idcrafter_jax.weights", "idcrafter_jax.video")),
     (2, ("idcrafter_jax.attention",)),
     (3, ("idcrafter_jax.models", "idcrafter_jax.convert")),
-    (4, ("idcrafter_jax.flow", "idcrafter_jax.sampling", "idcrafter_jax.solvers")),
+    (4, ("idcrafter_jax.sampling",)),
     (5, ("idcrafter_jax.inference",)),
-    # the score functions are what the reward networks compute, so they sit below rl; the
-    # evaluation run that launch/evaluate.py calls sits above it
-    (6, ("idcrafter_jax.data", "idcrafter_jax.eval.scores")),
-    (7, ("idcrafter_jax.training", "idcrafter_jax.checkpoint")),
+    (6, ("idcrafter_jax.data",)),
+    (7, ("idcrafter_jax.training",)),
     (8, ("idcrafter_jax.rl",)),
     (9, ("idcrafter_jax.aot", "idcrafter_jax.eval", "idcrafter_jax.config", "idcrafter_jax.validation")),
 )

@@ -12,7 +12,7 @@ from flax import linen as nn
 
 from configs import tiny as tiny_config
 from idcrafter_jax import sharding
-from idcrafter_jax.training import lora
+from idcrafter_jax.models import lora
 from idcrafter_jax.training import train_state
 from idcrafter_jax.models import idcrafter, layers
 from idcrafter_jax.rl import grpo

@@ -14,7 +14,7 @@ import pytest
 from configs import tiny as tiny_config
 from flax import linen as nn
 
-from idcrafter_jax.eval import scores
+from idcrafter_jax.rl import scores
 from idcrafter_jax.models import qwen2_5_vl_processor as processor_lib
 from idcrafter_jax.models import clip as clip_lib
 from idcrafter_jax.models import face as face_lib

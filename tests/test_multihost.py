@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import multihost
-from idcrafter_jax.training import hosts, loop, metrics
+from idcrafter_jax import distributed
+from idcrafter_jax.training import loop, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +74,7 @@ def test_a_host_that_dies_makes_the_other_exit_with_an_error_within_the_heartbea
   spec = dict(target="multihost:sft_params", workdir=workdir, out=os.path.join(workdir, "p.npz"), steps=4,
               ckpt_every=4, sigkill=[1, 1])  # the preemption test's programs: read from the cache
   # the coordinator declares a host dead after 20 s without a heartbeat (JAX's default is 100)
-  procs = multihost.start(2, 4, spec, workdir, env={hosts.HEARTBEAT_ENV: "20"})
+  procs = multihost.start(2, 4, spec, workdir, env={distributed.HEARTBEAT_ENV: "20"})
   try:
     multihost.wait(procs[1:], timeout=600)
     died = time.monotonic()

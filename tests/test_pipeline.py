@@ -4,7 +4,7 @@ import pytest
 import jax
 
 from idcrafter_jax import video as video_io
-from idcrafter_jax.inference import pipeline as pipeline_lib
+from idcrafter_jax.inference import loading, pipeline as pipeline_lib
 from idcrafter_jax.models import qwen2_5_vl_processor as processor_lib
 from idcrafter_jax.inference import conditioning
 from configs import tiny as tiny_config
@@ -54,7 +54,7 @@ def test_processor_rejects_image_count_mismatch(tiny_processor_dir):
 def tiny_pipe(tmp_path_factory):
   c = tiny_config.get_config()
   c.sampling.update(num_steps=2, num_frames=5, height=32, width=32)
-  return pipeline_lib.Pipeline.from_config(c, workdir=str(tmp_path_factory.mktemp("w")))
+  return loading.load_pipeline(c, c.init, workdir=str(tmp_path_factory.mktemp("w")))
 
 
 def test_tiny_pipeline_writes_a_reproducible_video(tiny_pipe, tmp_path):
@@ -104,4 +104,4 @@ def test_missing_parts_without_random_init_are_named():
   c = tiny_config.get_config()
   c.random_init = False
   with pytest.raises(ValueError, match="no Wan DiT given: pass --wan_dit"):
-    pipeline_lib.Pipeline.from_config(c)
+    loading.load_pipeline(c, c.init)

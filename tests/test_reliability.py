@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny as tiny_config
-from idcrafter_jax import checkpoint as ckpt_lib
+from idcrafter_jax.inference import loading
+from idcrafter_jax.training import checkpoint as ckpt_lib
 from idcrafter_jax.rl import grpo
 from idcrafter_jax.training import loop, metrics, sft, train_state
 
@@ -155,14 +156,14 @@ def test_restore_params_takes_a_workdir_and_names_what_is_missing(tmp_path):
   ck.save(2, {"params": {"w": jnp.arange(4.0) * 2}})
   ck.close()
   for path in (str(tmp_path), d, os.path.join(d, "2")):
-    assert np.asarray(ckpt_lib.restore_params(path, like["params"])["w"]).tolist() == [0.0, 2.0, 4.0, 6.0]
+    assert np.asarray(loading.restore_params(path, like["params"])["w"]).tolist() == [0.0, 2.0, 4.0, 6.0]
   _corrupt(os.path.join(d, "2", "state"))
-  assert np.asarray(ckpt_lib.restore_params(str(tmp_path), like["params"])["w"]).tolist() == [0.0, 1.0, 2.0, 3.0]
+  assert np.asarray(loading.restore_params(str(tmp_path), like["params"])["w"]).tolist() == [0.0, 1.0, 2.0, 3.0]
   with pytest.raises(ValueError, match=r"no readable ID-Crafter checkpoint.*2/state"):
-    ckpt_lib.restore_params(os.path.join(d, "2"), like["params"])
+    loading.restore_params(os.path.join(d, "2"), like["params"])
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="holds no Orbax checkpoint .*_METADATA"):
-    ckpt_lib.restore_params(str(tmp_path / "empty"), like["params"])
+    loading.restore_params(str(tmp_path / "empty"), like["params"])
 
 
 def _failing_json_writes(monkeypatch):
@@ -362,7 +363,7 @@ def test_quiet_third_party_logs():
 
 _FAKE_RUN = """
 import runpy, sys
-from idcrafter_jax import checkpoint
+from idcrafter_jax.training import checkpoint
 from idcrafter_jax.training import loop, sft
 
 def run(config, workdir, **kw):

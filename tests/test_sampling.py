@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idcrafter_jax import flow, sampling
+from idcrafter_jax.sampling import flow, sampler, sde
 
 
 def test_schedule_runs_from_one_to_zero_with_wan_shift():
@@ -42,7 +42,7 @@ def test_euler_with_the_exact_field_lands_on_the_data_point():
     t = (timestep / flow.NUM_TRAIN_TIMESTEPS)[:, None]
     return (x - cond) / t
 
-  out = sampling.generate(velocity, None, x0, key=jax.random.key(0), shape=(2, 5), num_steps=7, shift=3.0)
+  out = sampler.generate(velocity, None, x0, key=jax.random.key(0), shape=(2, 5), num_steps=7, shift=3.0)
   np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=1e-5)
 
 
@@ -50,16 +50,16 @@ def test_guidance_combines_conditional_and_unconditional_velocities():
   x = jnp.ones((2, 3))
   vel = lambda p, x, t, c: x * c[:, None] + t[:, None] / 1000.0
   cond, uncond = jnp.array([2.0, 3.0]), jnp.array([0.5, 0.5])
-  out = sampling.guided_velocity(vel, None, x, 0.5, cond, uncond, 4.0)
+  out = sampler.guided_velocity(vel, None, x, 0.5, cond, uncond, 4.0)
   v_c, v_u = vel(None, x, jnp.full((2,), 500.0), cond), vel(None, x, jnp.full((2,), 500.0), uncond)
   np.testing.assert_allclose(np.asarray(out), np.asarray(v_u + 4.0 * (v_c - v_u)), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(sampling.guided_velocity(vel, None, x, 0.5, cond, uncond, 1.0)),
+  np.testing.assert_allclose(np.asarray(sampler.guided_velocity(vel, None, x, 0.5, cond, uncond, 1.0)),
                              np.asarray(v_c), rtol=1e-6)
 
 
 def test_generate_is_deterministic_per_key():
   vel = lambda p, x, t, c: 0.5 * x
-  run = jax.jit(lambda k: sampling.generate(vel, None, jnp.zeros((1,)), key=k, shape=(1, 4), num_steps=3, shift=1.0))
+  run = jax.jit(lambda k: sampler.generate(vel, None, jnp.zeros((1,)), key=k, shape=(1, 4), num_steps=3, shift=1.0))
   a, b, c = run(jax.random.key(0)), run(jax.random.key(0)), run(jax.random.key(1))
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.allclose(np.asarray(a), np.asarray(c))
@@ -68,7 +68,7 @@ def test_generate_is_deterministic_per_key():
 def test_progress_callback_sees_every_step():
   seen = []
   vel = lambda p, x, t, c: x
-  out = sampling.generate(vel, None, jnp.zeros((1,)), key=jax.random.key(0), shape=(1, 2), num_steps=5, shift=1.0,
+  out = sampler.generate(vel, None, jnp.zeros((1,)), key=jax.random.key(0), shape=(1, 2), num_steps=5, shift=1.0,
                           step_callback=lambda i: seen.append(int(i)))
   jax.block_until_ready(out)
   jax.effects_barrier()

@@ -8,7 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from idcrafter_jax import convert, flow, sampling, solvers  # noqa: E402
+from idcrafter_jax import convert  # noqa: E402
+from idcrafter_jax.sampling import flow, sampler, solvers  # noqa: E402
 from idcrafter_jax.inference import conditioning, pipeline as pipeline_lib  # noqa: E402
 from idcrafter_jax.models import idcrafter  # noqa: E402
 from configs import tiny as tiny_config  # noqa: E402
@@ -63,7 +64,7 @@ def test_steps_match_diffusers_schedulers(solver, n, shift):
     assert err <= TOL_STEPS, f"{solver} n={n} shift={shift} step {i}: max abs error {err:.3g}"
 
   vel = lambda p, x, t, c: _field(x, t[:, None, None], jnp)
-  out = sampling.sample_ode(vel, None, jnp.asarray(x0), None, num_steps=n, shift=shift, solver=solver)
+  out = sampler.sample_ode(vel, None, jnp.asarray(x0), None, num_steps=n, shift=shift, solver=solver)
   err = np.max(np.abs(np.asarray(out) - ref[-1]))
   assert err <= TOL_STEPS, f"{solver} n={n} shift={shift} scan: max abs error {err:.3g}"
 
@@ -80,7 +81,7 @@ def test_exact_field_of_one_data_point_is_solved_exactly(solver):
     return (x - cond) / sigma
 
   assert len(set(timesteps.tolist())) == 7
-  out = sampling.generate(velocity, None, x0, key=jax.random.key(0), shape=(2, 5), num_steps=7, shift=3.0,
+  out = sampler.generate(velocity, None, x0, key=jax.random.key(0), shape=(2, 5), num_steps=7, shift=3.0,
                           solver=solver)
   np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=1e-5)
 
@@ -94,8 +95,8 @@ def test_euler_is_unchanged_and_the_default():
   x = noise
   for i in range(6):  # the Euler loop written out
     x = flow.ode_step(x, vel(None, x, jnp.full((2,), sigmas[i] * 1000.0), None), sigmas[i], sigmas[i + 1])
-  default = sampling.sample_ode(vel, None, noise, None, num_steps=6, shift=5.0)
-  euler = sampling.sample_ode(vel, None, noise, None, num_steps=6, shift=5.0, solver="euler")
+  default = sampler.sample_ode(vel, None, noise, None, num_steps=6, shift=5.0)
+  euler = sampler.sample_ode(vel, None, noise, None, num_steps=6, shift=5.0, solver="euler")
   np.testing.assert_array_equal(np.asarray(default), np.asarray(euler))
   np.testing.assert_allclose(np.asarray(euler), np.asarray(x), rtol=0, atol=1e-7)  # jit vs eager rounding
 
@@ -109,7 +110,7 @@ def test_solver_defaults_of_the_configs():
 
 def test_unknown_solver_is_a_clear_error():
   with pytest.raises(ValueError, match=r"'heun'.*'euler', 'unipc', 'dpm\+\+'"):
-    sampling.generate(lambda p, x, t, c: x, None, None, key=jax.random.key(0), shape=(1, 2), num_steps=2,
+    sampler.generate(lambda p, x, t, c: x, None, None, key=jax.random.key(0), shape=(1, 2), num_steps=2,
                       shift=1.0, solver="heun")
   with pytest.raises(ValueError, match="num_steps"):
     solvers.schedule("unipc", 0, 3.0)
@@ -166,7 +167,7 @@ def test_wan_dit_and_vae_match_wan_pipeline(tiny_wan, solver):
   vae, vae_params = convert.load_wan_vae(str(folder / "vae"))
   velocity = lambda p, x, t, c: dit.apply({"params": p}, x, t, c)
   noise = np.asarray(jax.random.normal(jax.random.key(3), (1, 2, SIZE // 8, SIZE // 8, 16)))
-  latents = jax.jit(lambda p, x: sampling.sample_ode(
+  latents = jax.jit(lambda p, x: sampler.sample_ode(
       velocity, p, x, jnp.asarray(pos), jnp.asarray(neg), num_steps=STEPS, shift=SHIFT, guidance_scale=GUIDANCE,
       solver=solver))(dit_params, noise)
   z = vae.denormalize_latents(latents)

@@ -10,7 +10,9 @@ import pytest
 from flax import linen as nn
 
 from configs import tiny as tiny_config
-from idcrafter_jax import checkpoint, checkpoint as ckpt_lib, sharding
+from idcrafter_jax import sharding
+from idcrafter_jax.inference import loading
+from idcrafter_jax.training import checkpoint as ckpt_lib
 from idcrafter_jax.training import metrics
 from idcrafter_jax.training import sft
 from idcrafter_jax.training import train_state
@@ -146,10 +148,10 @@ def test_sft_resumed_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, mon
   assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
   assert json.loads((tmp_path / "straight" / "config.json").read_text())["train"]["steps"] == 6
   # generate.py --idcrafter_ckpt reads the params of a step folder
-  p = checkpoint.restore_params(os.path.join(a, "checkpoints", "6"), s_full.params)
+  p = loading.restore_params(os.path.join(a, "checkpoints", "6"), s_full.params)
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), p, s_full.params)
   with pytest.raises(ValueError, match="another architecture"):
-    checkpoint.restore_params(os.path.join(a, "checkpoints", "6"), {"w": jnp.zeros(3)})
+    loading.restore_params(os.path.join(a, "checkpoints", "6"), {"w": jnp.zeros(3)})
 
 
 def test_keep_if_returns_the_new_tree_only_when_ok():

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from configs import eval_opens2v, tiny, wan2_1_14b, wan2_1_1_3b
-from idcrafter_jax import checkpoint, data, validation
-from idcrafter_jax.inference import pipeline as pipeline_lib
+from idcrafter_jax import data, validation
+from idcrafter_jax.inference import loading, pipeline as pipeline_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,8 +19,7 @@ def nothing_built(monkeypatch):
   """Loading or building a model fails the test: validation must not get that far."""
   def boom(*a, **k):
     raise AssertionError("a model was built during validation")
-  monkeypatch.setattr(checkpoint, "load_pipeline", boom)
-  monkeypatch.setattr(pipeline_lib.Pipeline, "from_config", classmethod(boom))
+  monkeypatch.setattr(loading, "load_pipeline", boom)
 
 
 def _set(c, key, value):

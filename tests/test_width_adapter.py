@@ -10,10 +10,12 @@ import pytest
 from flax import linen as nn, traverse_util
 
 from configs import tiny as tiny_config
-from idcrafter_jax import checkpoint, convert
+from idcrafter_jax import convert
+from idcrafter_jax.inference import loading
 from idcrafter_jax.inference import loading
 from idcrafter_jax.models import idcrafter, wan_dit
-from idcrafter_jax.training import lora, train_state
+from idcrafter_jax.models import lora
+from idcrafter_jax.training import train_state
 from wan_reference import make_diffusers_wan
 
 WAN_TEXT_DIM, VLM_TEXT_DIM = 40, 48
@@ -44,7 +46,7 @@ def adapted(wan_folder, tmp_path_factory):
   c = _config(wan_folder)
   init = ml_collections.ConfigDict(dict(wan_dit=wan_folder, wan_vae=None, vlm=None, processor=None,
                                         idcrafter_ckpt=None))
-  pipe = checkpoint.load_pipeline(c, init, workdir=str(tmp_path_factory.mktemp("w")))
+  pipe = loading.load_pipeline(c, init, workdir=str(tmp_path_factory.mktemp("w")))
   return c, pipe, convert.load_wan_dit(wan_folder)
 
 
@@ -143,7 +145,7 @@ def test_other_architecture_differences_fail_on_reading_the_folder(wan_folder, m
                                         idcrafter_ckpt=None))
   with pytest.raises(ValueError, match=rf"differs from the loaded Wan DiT in .*config.json: "
                                        rf"{field}: config {value} vs checkpoint {ckpt}\."):
-    checkpoint.load_pipeline(c, init)
+    loading.load_pipeline(c, init)
 
 
 def test_from_wan_names_the_differing_field():

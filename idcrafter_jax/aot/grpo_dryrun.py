@@ -30,7 +30,8 @@ from idcrafter_jax.aot import program
 from idcrafter_jax.aot.program import Result, Shape
 from idcrafter_jax.inference import conditioning
 from idcrafter_jax.rl import grpo, programs
-from idcrafter_jax.training import lora, train_state
+from idcrafter_jax.models import lora
+from idcrafter_jax.training import train_state
 
 # ------------------------------------------------------------------------ resident networks
 

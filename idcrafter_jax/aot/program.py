@@ -20,7 +20,7 @@ import numpy as np
 
 from idcrafter_jax import sharding
 from idcrafter_jax.aot import report, tpu
-from idcrafter_jax.config import WAN_VARIANTS
+from idcrafter_jax.models.wan_dit import WAN_VARIANTS
 from idcrafter_jax.models import idcrafter
 
 VAE_TIME_STRIDE, VAE_SPACE_STRIDE = 4, 8  # Wan VAE: 1 + (T-1)/4 latent frames, 8x spatial
@@ -82,7 +82,7 @@ def shape_from_config(config, *, batch: int, frames: int | None = None, height: 
 
 
 def variant_name(config) -> str:
-  """The `config.WAN_VARIANTS` name whose sizes `config.model` has ('14B'), else 'NL/Dd'."""
+  """The `wan_dit.WAN_VARIANTS` name whose sizes `config.model` has ('14B'), else 'NL/Dd'."""
   m = config.model
   for name, v in WAN_VARIANTS.items():
     if all(m[k] == x for k, x in v.items()):

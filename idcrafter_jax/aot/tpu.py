@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from idcrafter_jax import sharding
-from idcrafter_jax.config import WAN_VARIANTS
+from idcrafter_jax.models.wan_dit import WAN_VARIANTS
 
 GiB = 1024 ** 3
 

@@ -44,11 +44,11 @@ def load_encoders(config, *, wan_vae_folder: str | None = None, vlm_folder: str 
                   processor_folder: str | None = None) -> Encoders:
   """The VAE and VLM from their folders (`convert.load_wan_vae`, `convert.load_qwen2_5_vl`,
   `processor.QwenVLProcessor`), or, where `config.random_init` allows and no folder is given,
-  the random-initialised tiny ones drawn from the same keys as `Pipeline.from_config`."""
+  the random-initialised tiny ones drawn from the same keys as `loading.load_pipeline`."""
   from idcrafter_jax.inference import loading
   _, k_vae, k_vlm, _ = jax.random.split(jax.random.key(config.seed), 4)
   vae, vae_params = loading.load_vae(config, wan_vae_folder, k_vae)
-  vlm, vlm_params, proc = loading.load_vlm(config, vlm_folder, processor_folder, k_vlm,
+  vlm, vlm_params, proc = loading.load_vlm_parts(config, vlm_folder, processor_folder, k_vlm,
                                                 tempfile.mkdtemp(prefix="precompute_"))
   return Encoders(vae, vae_params, vlm, vlm_params, proc, tuple(config.vlm.buckets), config.vlm.system_prompt,
                   config.vlm.hidden_layer)

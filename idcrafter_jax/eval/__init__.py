@@ -1,3 +1,2 @@
-"""Evaluation: `scores`, the OpenS2V-style score functions (below rl: the reward networks compute
-them), and `run`, the evaluation run behind launch/evaluate.py (above rl: it scores with
-`rl.reward_models`)."""
+"""Evaluation: `run`, the OpenS2V-style evaluation run behind launch/evaluate.py. It scores with
+the reward networks and score functions of `rl` (`rl.reward_models`, `rl.scores`)."""

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from idcrafter_jax import video as video_io
-from idcrafter_jax.training import hosts
-from idcrafter_jax.eval import scores as scores_lib
+from idcrafter_jax import distributed
+from idcrafter_jax.rl import scores as scores_lib
 
 COLUMNS = (("aesthetic", "Aesthetics"), ("motion_smoothness", "MotionSmooth."), ("motion_amplitude", "MotionAmp."),
            ("face_sim", "FaceSim"), ("gme_score", "GmeScore"), ("nexus_score", "NexusScore"),
@@ -180,7 +180,7 @@ def run(cfg, scorers: Mapping[str, Callable], *, generate_fn: Callable | None = 
   mine = list(enumerate(ids))[jax.process_index()::jax.process_count()]
   skip_failed = bool(cfg.get("skip_failed", False))
   local, retried_here = [], []
-  for i, vid in tqdm(mine, desc="evaluating", unit="video", disable=not (progress and hosts.is_primary())):
+  for i, vid in tqdm(mine, desc="evaluating", unit="video", disable=not (progress and distributed.is_primary())):
     path = os.path.join(per_dir, f"{vid}.json")
     rec = _cached(path)
     if rec is not None and "error" in rec and not skip_failed:  # failed before: score again
@@ -190,12 +190,12 @@ def run(cfg, scorers: Mapping[str, Callable], *, generate_fn: Callable | None = 
       rec = _score_entry(cfg, vid, prompts[vid], cfg.seed + i, scorers, generate_fn)
       _write_json(path, rec)
     local.append(rec)
-  parts = hosts.gather_json({"records": local, "retried": retried_here})
+  parts = distributed.gather_json({"records": local, "retried": retried_here})
   gathered = {rec["id"]: rec for part in parts for rec in part["records"]}
   retried = [v for v in ids if any(v in part["retried"] for part in parts)]
   records = [gathered[v] for v in ids if "error" not in gathered[v]]
   failed = [v for v in ids if "error" in gathered[v]]
-  if not hosts.is_primary():
+  if not distributed.is_primary():
     return aggregate(records, {k: tuple(v) for k, v in cfg.ranges.items()}, dict(cfg.weights))
   for rec in gathered.values():  # the other hosts' records too, where the folder is not shared
     path = os.path.join(per_dir, f"{rec['id']}.json")
@@ -220,14 +220,14 @@ def make_generator(cfg) -> Callable:
   """generate_fn for `run` from the model config file `cfg.model_config` and the folders in cfg.init."""
   import importlib.util
 
-  from idcrafter_jax import checkpoint  # only generation needs the DiT pipeline
+  from idcrafter_jax.inference import loading  # only generation needs the DiT pipeline
   spec = importlib.util.spec_from_file_location("model_config", cfg.model_config)
   if spec is None or not os.path.isfile(cfg.model_config):
     raise ValueError(f"model_config {cfg.model_config!r} is not a config file.")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   model_config = mod.get_config()
-  pipe = checkpoint.load_pipeline(model_config, cfg.init)
+  pipe = loading.load_pipeline(model_config, cfg.init)
   max_subjects = model_config.model.max_subjects
   size = (model_config.subjects.height, model_config.subjects.width)
 

@@ -6,7 +6,7 @@ chat-format input with the processor (`processor.QwenVLProcessor`, or transforme
 `AutoProcessor.from_pretrained(folder)`) and runs `vlm_hidden`.
 
 `bucketed_inputs` + `vlm_hidden` are the package's one bucketed Qwen2.5-VL call, also behind
-the GmeScore / Q-Align scorer (`eval/scores.py`): tokens are padded on the right to a bucket
+the GmeScore / Q-Align scorer (`rl/scores.py`): tokens are padded on the right to a bucket
 length (`DEFAULT_BUCKETS`, the one default; `config.vlm.buckets` takes it) and the jitted
 encoder is keyed by the bucket length and the image grid (which fixes the vision tower's
 shapes), so subject images of one resolution and prompts within one bucket share a single

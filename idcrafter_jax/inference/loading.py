@@ -3,7 +3,8 @@
 Each loader takes a local folder (diffusers / transformers layout, read by `convert.load_*`) or,
 with no folder and `config.random_init` True, builds the part from the architecture the config
 names under `random_arch` (the tiny demo configs) with random weights. No folder and no
-`random_init` is an error that names the flag to pass.
+`random_init` is an error that names the flag to pass. `load_pipeline` assembles them, with the
+DiT params of a training checkpoint read by `restore_params` (params only, no optimiser state).
 """
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from idcrafter_jax import convert, weights
-from idcrafter_jax.models import idcrafter, qwen2_5_vl, qwen2_5_vl_processor as processor_lib, wan_dit, wan_vae
+from idcrafter_jax.inference import pipeline as pipeline_lib
+from idcrafter_jax.models import (idcrafter, lora, qwen2_5_vl, qwen2_5_vl_processor as processor_lib, wan_dit,
+                                  wan_vae)
 
 # WanDiT settings that come from the run config, not from the checkpoint's config.json.
 RUN_OVERRIDES = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
@@ -97,7 +101,7 @@ def load_vae(config, folder: str | None, key):
   return vae, nn.unbox(init(key)["params"])
 
 
-def load_vlm(config, folder: str | None, processor_folder: str | None, key, workdir: str | None = None):
+def load_vlm_parts(config, folder: str | None, processor_folder: str | None, key, workdir: str | None = None):
   """(Qwen2.5-VL module, params, processor) from a transformers folder, or random-initialised with
   a byte-level processor written under `workdir` (random_init)."""
   if folder:
@@ -122,3 +126,100 @@ def init_vlm(vlm: qwen2_5_vl.Qwen2_5_VL, key):
   pixels = jnp.zeros((n, v.patch_dim), jnp.float32)
   variables = jax.jit(lambda k: vlm.init(k, jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids)), pixels, grid))(key)
   return nn.unbox(variables["params"])
+
+
+def describe(error: BaseException) -> str:
+  """'Type: message' of an exception, on one line and at most 300 characters."""
+  text = " ".join(f"{type(error).__name__}: {error}".split())
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
+def restore_params(path: str, like):
+  """ID-Crafter params from a training checkpoint: a step folder (`workdir/checkpoints/N`), its
+  `state` item, a checkpoints folder or a workdir (its newest readable step), or an Orbax
+  checkpoint of the param tree itself. Checked against `like`. A LoRA GRPO checkpoint holds the
+  adapters only; they are put over the base weights of `like`."""
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"ID-Crafter checkpoint {path!r} does not exist.")
+  folders = _param_folders(path)
+  errors = []
+  for folder in folders:
+    try:
+      tree = _read_tree(folder)
+    except Exception as e:  # noqa: BLE001 - an unreadable step falls back to the previous one
+      errors.append(f"{folder}: {describe(e)}")
+      if folder != folders[-1]:
+        print(f"warning: checkpoint {folder} is unreadable ({describe(e)}); trying the previous step.")
+      continue
+    return _params_like(tree, like, folder)
+  raise ValueError(f"no readable ID-Crafter checkpoint in {path}: " + "; ".join(errors) + ". Expected a "
+                   "step folder (workdir/checkpoints/N), its state folder, a checkpoints folder or a workdir.")
+
+
+# Files an Orbax checkpoint of a tree holds (one of them at least, by Orbax version).
+_ORBAX_FILES = ("_METADATA", "manifest.ocdbt", "checkpoint")
+
+
+def _param_folders(path: str) -> list[str]:
+  """The folders `restore_params` tries, newest first: the steps of a workdir or checkpoints
+  folder (their state items), else the state item of a step folder, else the folder itself."""
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  steps = sorted((int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n))),
+                 reverse=True) if os.path.isdir(path) else []
+  if steps:
+    return [_state_folder(os.path.join(path, str(s))) for s in steps]
+  return [_state_folder(path)]
+
+
+def _state_folder(path: str) -> str:
+  return os.path.join(path, "state") if os.path.isdir(os.path.join(path, "state")) else path
+
+
+def _read_tree(folder: str):
+  """The tree of an Orbax checkpoint folder; an error naming what is missing when it is not one."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"{folder} is not a folder")
+  if not any(os.path.exists(os.path.join(folder, f)) for f in _ORBAX_FILES):
+    raise FileNotFoundError(f"{folder} holds no Orbax checkpoint (none of {', '.join(_ORBAX_FILES)})")
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(folder)
+
+
+def _params_like(tree, like, path: str):
+  params = tree.get("params", tree) if isinstance(tree, dict) else tree
+  if isinstance(params, dict) and lora.has_adapters(like) and not lora.split(params)[0]:
+    params = lora.merge(lora.split(like)[0], params)  # a LoRA run saves its adapters only
+  want = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), like)
+  got = jax.tree_util.tree_map(lambda x: (tuple(np.shape(x)), str(np.asarray(x).dtype)), params)
+  if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or want != got:
+    raise ValueError(f"checkpoint {path} holds params of another architecture than the configured model "
+                     "(different names or shapes); check model.*, hipa.* and max_subjects.")
+  return jax.tree_util.tree_map(lambda x, l: jnp.asarray(x, l.dtype), params, like)
+
+
+def load_pipeline(config, init, *, workdir: str | None = None, load_vlm: bool = True,
+                  key=None) -> pipeline_lib.Pipeline:
+  """The pipeline of the folders in `init` (`wan_dit`, `wan_vae`, `vlm`, `processor`: the run
+  config's `init` section or the same names from flags), each random-initialised where
+  `config.random_init` allows, with the DiT params of the training checkpoint
+  `init.idcrafter_ckpt` when one is given. `load_vlm` False (a run whose data carries cached VLM
+  features) leaves Qwen2.5-VL out: ~15 GiB of 7B weights a host not read; calls that would need
+  it say so."""
+  key = jax.random.key(config.seed) if key is None else key
+  k_dit, k_vae, k_vlm, k_new = jax.random.split(key, 4)
+  dit_cfg = idcrafter.IDCrafterConfig.from_config(config)
+  wan_module, wan_params = load_wan(config, dit_cfg.wan, init.wan_dit, k_dit)
+  dit, dit_params = idcrafter.IDCrafter.from_wan(wan_module, wan_params, dit_cfg, key=k_new)
+  vae, vae_params = load_vae(config, init.wan_vae, k_vae)
+  vlm = vlm_params = proc = None
+  if load_vlm:
+    vlm, vlm_params, proc = load_vlm_parts(config, init.vlm, init.processor, k_vlm, workdir)
+    if vlm.cfg.text.hidden_size != dit_cfg.wan.text_dim:
+      raise ValueError(f"the VLM's hidden size {vlm.cfg.text.hidden_size} != model.text_dim "
+                       f"{dit_cfg.wan.text_dim}; set --config.model.text_dim.")
+  pipe = pipeline_lib.Pipeline(config, dit, dit_params, vae, vae_params, vlm, vlm_params, proc)
+  if init.idcrafter_ckpt:
+    pipe = pipe.with_dit_params(restore_params(init.idcrafter_ckpt, pipe.dit_params))
+  return pipe

@@ -2,7 +2,7 @@
 
   prompt + subject images --Qwen2.5-VL--> f_txt                       (conditioning.encode_condition)
   subject images --Wan VAE (T=1), normalised--> subject latents        (encode_subjects)
-  noise --ID-Crafter DiT + flow-matching ODE (sampling.solver) with CFG, one lax.scan--> latents (sampling.generate)
+  noise --ID-Crafter DiT + flow-matching ODE (sampling.solver) with CFG, one lax.scan--> latents (sampler.generate)
   latents --Wan VAE decoder--> video frames in [-1, 1]
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idcrafter_jax import sampling, solvers, video as video_io
-from idcrafter_jax.inference import conditioning, loading
+from idcrafter_jax import video as video_io
+from idcrafter_jax.sampling import sampler, solvers
+from idcrafter_jax.inference import conditioning
 from idcrafter_jax.models import idcrafter, qwen2_5_vl, wan_vae
 
 
@@ -44,27 +45,6 @@ class Pipeline:
   processor: Any
   _samplers: dict = dataclasses.field(default_factory=dict, repr=False)
 
-  @classmethod
-  def from_config(cls, config, *, wan_dit_folder: str | None = None, wan_vae_folder: str | None = None,
-                  vlm_folder: str | None = None, processor_folder: str | None = None,
-                  workdir: str | None = None, key=None, load_vlm: bool = True) -> "Pipeline":
-    """Loads each part from its folder, or random-initialises it where `config.random_init` allows.
-    `load_vlm` False (a run whose data carries cached VLM features) leaves Qwen2.5-VL out: ~15 GiB
-    of 7B weights a host not read; calls that would need it say so."""
-    key = jax.random.key(config.seed) if key is None else key
-    k_dit, k_vae, k_vlm, k_new = jax.random.split(key, 4)
-    dit_cfg = idcrafter.IDCrafterConfig.from_config(config)
-    wan_module, wan_params = loading.load_wan(config, dit_cfg.wan, wan_dit_folder, k_dit)
-    dit, dit_params = idcrafter.IDCrafter.from_wan(wan_module, wan_params, dit_cfg, key=k_new)
-    vae, vae_params = loading.load_vae(config, wan_vae_folder, k_vae)
-    if not load_vlm:
-      return cls(config, dit, dit_params, vae, vae_params, None, None, None)
-    vlm, vlm_params, proc = loading.load_vlm(config, vlm_folder, processor_folder, k_vlm, workdir)
-    if vlm.cfg.text.hidden_size != dit_cfg.wan.text_dim:
-      raise ValueError(f"the VLM's hidden size {vlm.cfg.text.hidden_size} != model.text_dim "
-                       f"{dit_cfg.wan.text_dim}; set --config.model.text_dim.")
-    return cls(config, dit, dit_params, vae, vae_params, vlm, vlm_params, proc)
-
   def require_vlm(self) -> None:
     if self.vlm is None:
       raise ValueError("Qwen2.5-VL was not loaded (the run's data carries cached VLM features, data.use_cached), "
@@ -72,7 +52,7 @@ class Pipeline:
                        "data, or set data.use_cached=False.")
 
   def with_dit_params(self, dit_params) -> "Pipeline":
-    """The same parts with other DiT params (a training checkpoint: `checkpoint.restore_params`)."""
+    """The same parts with other DiT params (a training checkpoint: `loading.restore_params`)."""
     return dataclasses.replace(self, dit_params=dit_params, _samplers={})
 
   # -- conditioning
@@ -147,7 +127,7 @@ def _sampler(pipe: Pipeline, num_steps, shift, guidance, solver, progress):
 
   @functools.partial(jax.jit, static_argnames=("shape",))
   def run(params, cond, uncond, key, shape):
-    return sampling.generate(pipe.velocity_fn, params, cond, uncond, key=key, shape=shape,
+    return sampler.generate(pipe.velocity_fn, params, cond, uncond, key=key, shape=shape,
                              num_steps=num_steps, shift=shift, guidance_scale=guidance, solver=solver,
                              step_callback=callback)
   return run

@@ -18,6 +18,29 @@ from flax import linen as nn
 from idcrafter_jax import attention as attention_lib
 from idcrafter_jax.models import config_utils, layers
 
+# DiT sizes (Table S.1 and Wan 2.1): heads x 128, FFN width, depth. Shared by all variants:
+# patch (1, 2, 2), 16 latent channels, freq_dim 256, eps 1e-6, q/k RMSNorm across heads,
+# normed cross-attention, RoPE theta 10000 (`WanConfig`'s defaults).
+WAN_VARIANTS = {
+    "1.3B": dict(num_heads=12, head_dim=128, ffn_dim=8960, num_layers=30),
+    "14B": dict(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40),
+    # ~19M params: the bench config of launch/bench/dit.py.
+    "bench": dict(num_heads=8, head_dim=64, ffn_dim=2048, num_layers=4),
+    # Runs on a CPU in seconds.
+    "tiny": dict(num_heads=2, head_dim=16, ffn_dim=64, num_layers=2),
+}
+
+# Text-context width: umT5-XXL for plain Wan, Qwen2.5-VL 7B hidden states for ID-Crafter.
+TEXT_DIM = {"umt5": 4096, "qwen2_5_vl_7b": 3584}
+
+
+def variant_config(variant: str, **overrides) -> "WanConfig":
+  """`WanConfig` at the size of `WAN_VARIANTS[variant]`, with `overrides` (e.g. text_dim)."""
+  if variant not in WAN_VARIANTS:
+    raise ValueError(f"Wan variant {variant!r} is unknown; expected one of {sorted(WAN_VARIANTS)}.")
+  return WanConfig(**dict(WAN_VARIANTS[variant], **overrides))
+
+
 BLOCK_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idcrafter_jax import flow, sampling
-from idcrafter_jax.training import lora
+from idcrafter_jax.sampling import flow, sampler, sde
+from idcrafter_jax.models import lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +54,8 @@ class GRPOConfig:
     if self.group_size < 2:
       raise ValueError(f"grpo.group_size must be >= 2 (advantages are normalised inside a group); "
                        f"got {self.group_size}.")
-    if self.sde_type not in flow.SDE_TYPES:
-      raise ValueError(f"grpo.sde_type {self.sde_type!r} is unknown; expected one of {flow.SDE_TYPES}.")
+    if self.sde_type not in sde.SDE_TYPES:
+      raise ValueError(f"grpo.sde_type {self.sde_type!r} is unknown; expected one of {sde.SDE_TYPES}.")
     if self.train_steps not in ("all", "fraction", "window"):
       raise ValueError(f"grpo.train_steps {self.train_steps!r} is unknown; expected 'all', 'fraction' or 'window'.")
     lo, hi = self.window
@@ -86,8 +86,8 @@ def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPO
 
   def body(x, inp):
     k, key = inp
-    v = sampling.guided_velocity(velocity_fn, params, x, sigmas[k], cond, uncond, gc.guidance_scale)
-    x_next, lp, _, _ = flow.sde_step(x, v, sigmas[k], sigmas[k + 1], sigma_max, key,
+    v = sampler.guided_velocity(velocity_fn, params, x, sigmas[k], cond, uncond, gc.guidance_scale)
+    x_next, lp, _, _ = sde.sde_step(x, v, sigmas[k], sigmas[k + 1], sigma_max, key,
                                      noise_level=gc.noise_level, sde_type=gc.sde_type)
     return x_next, (x_next, lp)
 
@@ -148,14 +148,14 @@ def step_terms(velocity_fn, params, ref_params, x, x_next, old_lp, adv, k, cond,
   transitions (and the per-sample log-prob, with `with_log_prob`)."""
   sigmas = jnp.asarray(flow.sigma_schedule(gc.num_steps, gc.shift))
   s, s_next, s_max = sigmas[k], sigmas[k + 1], sigmas[1]
-  v = sampling.guided_velocity(velocity_fn, params, x, s, cond, uncond, gc.guidance_scale)
-  _, lp, mean, std = flow.sde_step(x, v, s, s_next, s_max, None, noise_level=gc.noise_level,
+  v = sampler.guided_velocity(velocity_fn, params, x, s, cond, uncond, gc.guidance_scale)
+  _, lp, mean, std = sde.sde_step(x, v, s, s_next, s_max, None, noise_level=gc.noise_level,
                                    sde_type=gc.sde_type, x_next=x_next)
   policy, ratio = clipped_objective(lp, old_lp, adv, gc.clip_range)
   if gc.beta > 0:
     v_ref = jax.lax.stop_gradient(
-        sampling.guided_velocity(velocity_fn, ref_params, x, s, cond, uncond, gc.guidance_scale))
-    mean_ref = flow.sde_mean(x, v_ref, s, s_next, s_max, gc.noise_level, gc.sde_type)
+        sampler.guided_velocity(velocity_fn, ref_params, x, s, cond, uncond, gc.guidance_scale))
+    mean_ref = sde.sde_mean(x, v_ref, s, s_next, s_max, gc.noise_level, gc.sde_type)
     kl = jnp.mean(jnp.square(mean - mean_ref), axis=tuple(range(1, x.ndim))) / (2.0 * std ** 2)
   else:
     kl = jnp.zeros_like(policy)

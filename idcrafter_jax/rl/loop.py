@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idcrafter_jax import checkpoint as ckpt_lib, sharding, video as video_io
+from idcrafter_jax import distributed, sharding, video as video_io
+from idcrafter_jax.models import lora
 from idcrafter_jax.inference import conditioning
 from idcrafter_jax.inference.pipeline import decode_latents, latent_shape
-from idcrafter_jax.training import batches, hosts, lora, loop, metrics
+from idcrafter_jax.training import batches, checkpoint as ckpt_lib, loop, metrics
 from idcrafter_jax.rl import grpo, programs, rewards as rewards_lib
 
 
@@ -90,7 +91,7 @@ class EvalSet:
     raw = _concat_raw(raw_batches)
     self.num_prompts = len(raw["caption"])
     self.chunks = []
-    put = lambda tree: {k: hosts.from_full(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in tree.items()}
+    put = lambda tree: {k: distributed.from_full(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in tree.items()}
     for lo in range(0, self.num_prompts, chunk):
       idx = np.minimum(np.arange(lo, lo + chunk), self.num_prompts - 1)
       r = _rows(raw, idx)
@@ -110,9 +111,9 @@ class EvalSet:
       xs, _ = rollout_fn(shape, cond)(params, cond, null if self.gc.guidance_scale != 1.0 else None,
                                      jax.random.fold_in(self.key, i))
       v = decode_fn(xs[-1])
-      scores.append(hosts.to_numpy(self.reward_fn(v, rb)["total"])[:n])
+      scores.append(distributed.to_numpy(self.reward_fn(v, rb)["total"])[:n])
       if videos is None:
-        videos = hosts.to_numpy(v[:min(num_videos, n)])
+        videos = distributed.to_numpy(v[:min(num_videos, n)])
     return self.stats(np.concatenate(scores)), videos
 
   def meta(self) -> dict:
@@ -160,7 +161,7 @@ class _Policy:
     if self.use_lora:
       self.ref_params, self.trainable = lora.split(pipe.dit_params)
       boxed_base, self.boxed_trainable = lora.split(boxed)
-      if hosts.is_primary():
+      if distributed.is_primary():
         print(f"LoRA rank {config.model.lora_rank}: training {lora.count(self.trainable):,} adapter parameters.")
     else:
       self.ref_params = jax.tree_util.tree_map(jnp.copy, pipe.dit_params)
@@ -178,7 +179,7 @@ class _Iteration:
   `grpo.eval_every` iterations, the held-out evaluation; returns the logged row when one is due.
 
   Each host reads its slice of the iteration's prompts and conditions them; from there every
-  array is global (`hosts.global_batch`), so group advantages, reward statistics and minibatches
+  array is global (`distributed.global_batch`), so group advantages, reward statistics and minibatches
   are those of the whole batch, as on one process."""
 
   def __init__(self, config, workdir, pipe, tx, policy, reward_fn, it, evaluator, writer, end, *, mesh, s_shard):
@@ -192,7 +193,7 @@ class _Iteration:
     self.s_shard = s_shard
     self.place = batches.placer(mesh)  # this host's rows -> global arrays split on the batch axis
     self.decode_fn = functools.partial(_decode_unit, pipe.vae, batches.replicated_vae_params(pipe, mesh))
-    if hosts.is_primary():
+    if distributed.is_primary():
       os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
 
   def rollout_fn(self, shape: tuple, cond: dict):
@@ -214,7 +215,7 @@ class _Iteration:
     with sharding.with_mesh_rules(self.mesh):
         stats, sample = self.evaluator(self.policy.params(state), self.rollout_fn, self.decode_fn,
                                      self.config.grpo.sample_videos)
-    if hosts.is_primary():
+    if distributed.is_primary():
       for j in range(sample.shape[0]):
         video_io.write_video(os.path.join(self.workdir, "samples", f"iter{step:05d}_{j}.mp4"),
                              sample[j] * 2.0 - 1.0, fps=self.config.sampling.fps)
@@ -236,9 +237,9 @@ class _Iteration:
     rng = np.random.default_rng([self.config.seed, it])
     rep = sharding.replicated(self.mesh)
     ks_host = np.asarray(grpo.trained_steps(gc, rng), np.int32)
-    ks = hosts.from_full(ks_host, rep)
+    ks = distributed.from_full(ks_host, rep)
     perms = [rng.permutation(b) for _ in range(gc.inner_epochs)]
-    minibatches = lambda perm: [hosts.from_full(perm[lo:lo + gc.minibatch].astype(np.int32), rep)
+    minibatches = lambda perm: [distributed.from_full(perm[lo:lo + gc.minibatch].astype(np.int32), rep)
                                 for lo in range(0, b, gc.minibatch)]
     if gc.recompute_log_probs:
       state, rollouts = self._recompute_log_probs(state, rollouts, ks, ks_host, minibatches(perms[0]))
@@ -256,19 +257,19 @@ class _Iteration:
     rollout's params (the same program, `apply` off, over the first epoch's minibatches): on
     policy the ratio is then exactly 1, in any compute dtype."""
     take, update = self._update_programs(rollouts)
-    lps = hosts.to_numpy(rollouts["log_probs"]).copy()
+    lps = distributed.to_numpy(rollouts["log_probs"]).copy()
     for idx in minibatches:
       state, um = update(state, self.policy.ref_params, take(rollouts, idx), ks, False)
-      lps[np.ix_(ks_host, hosts.to_numpy(idx))] = np.asarray(jax.device_get(um["log_probs"]))
-    return state, dict(rollouts, log_probs=hosts.from_full(lps, sharding.batch_sharding(self.mesh, 2, axis=1)))
+      lps[np.ix_(ks_host, distributed.to_numpy(idx))] = np.asarray(jax.device_get(um["log_probs"]))
+    return state, dict(rollouts, log_probs=distributed.from_full(lps, sharding.batch_sharding(self.mesh, 2, axis=1)))
 
   def _rewards(self, xs, raw) -> dict:
     """Reward components (eq. S.5) of the decoded rollouts, on every host as numpy."""
     g = self.gc.group_size
     rb = self.place(_reward_batch(raw, g))
-    rb["prompt"] = [p for host in hosts.gather_json(_prompts(raw, g)) for p in host]
+    rb["prompt"] = [p for host in distributed.gather_json(_prompts(raw, g)) for p in host]
     comps = self.reward_fn(self.decode_fn(xs[-1]), rb)
-    return {k: hosts.to_numpy(v) for k, v in comps.items()}
+    return {k: distributed.to_numpy(v) for k, v in comps.items()}
 
   def __call__(self, it: int, state):
     t0 = time.perf_counter()
@@ -284,12 +285,12 @@ class _Iteration:
     if not grpo.rewards_ok(r):
       m["reward_nonfinite"] = 1.0
       state = state.replace(skipped=state.skipped + 1)  # counts toward train.max_bad_steps
-      if hosts.is_primary():
+      if distributed.is_primary():
         print(f"iteration {it + 1}: non-finite reward; update skipped.")
     else:
       adv = np.asarray(grpo.group_advantages(r, self.gc.group_size, clip=self.gc.adv_clip))
       m.update({"adv/mean": float(adv.mean()), "adv/std": float(adv.std()), "adv/abs_max": float(np.abs(adv).max())})
-      rollouts["advantages"] = hosts.from_full(adv, sharding.batch_sharding(self.mesh, 1))
+      rollouts["advantages"] = distributed.from_full(adv, sharding.batch_sharding(self.mesh, 1))
       with sharding.with_mesh_rules(self.mesh):
         state, um = self._update(it, state, rollouts)
       m.update(um)
@@ -349,7 +350,7 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
   (`data.global_batch_size / process_count`); the numbers equal a one-process run's. The workdir
   is locked first (`loop.RunLock`), so a second run on it changes nothing there."""
   gc = grpo.GRPOConfig.from_config(config.grpo)
-  hosts.maybe_initialize_distributed()
+  distributed.maybe_initialize_distributed()
   session = loop.TrainSession(workdir, config.train, "grpo")  # the workdir's lock first
   try:
     state, iteration = _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
@@ -358,7 +359,7 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
     raise
   state = loop.drive(session, state, iteration.it, end=iteration.end, step_fn=iteration, desc="grpo",
                      progress=progress, postfix="reward/total")
-  if hosts.is_primary():
+  if distributed.is_primary():
     plot_rewards(workdir)
   return state
 

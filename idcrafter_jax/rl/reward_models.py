@@ -19,7 +19,7 @@ scorer and fail with a clear message when its network was not loaded:
 
 Per-subject rewards enter R_fid of eq. S.5 through the registry's gamma blend of mean and min
 over subjects; which scores enter R_fid / R_qual, and their weights, are `config.reward`'s.
-A face / subject detector hook (`detector(videos, batch) -> per-frame keys`, eval/scores.py) may
+A face / subject detector hook (`detector(videos, batch) -> per-frame keys`, rl/scores.py) may
 be passed to `build_reward_models`; without one the sample's boxes (or whole frames) are used.
 """
 from __future__ import annotations
@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from idcrafter_jax.eval import scores
+from idcrafter_jax.rl import scores
 from idcrafter_jax.rl.rewards import register
-from idcrafter_jax.training import hosts
+from idcrafter_jax import distributed
 
 Scorer = Callable[[jax.Array, Mapping[str, Any]], jax.Array]
 
@@ -166,7 +166,7 @@ def vlm_scorers(scorer: scores.VLMScorer, *, num_frames: int, question: str, ans
     del batch
     return scorer.q_align(videos, num_frames=num_frames, question=question, answer_prefix=answer_prefix)
   # the processor works on host memory: on several hosts each scores its own rows
-  gme, qa = hosts.host_side(gme), hosts.host_side(qa)
+  gme, qa = distributed.host_side(gme), distributed.host_side(qa)
   return {"gme_score": gme, "q_align": qa}
 
 
@@ -175,7 +175,7 @@ def vlm_scorers(scorer: scores.VLMScorer, *, num_frames: int, question: str, ans
 
 @register("face_sim", per_subject=True, needs_weights=True)
 def face_sim(videos, batch):
-  """FaceSim per subject (B, N), in [0, 1]; 0 where no face is found (eval/scores.py)."""
+  """FaceSim per subject (B, N), in [0, 1]; 0 where no face is found (rl/scores.py)."""
   return _scorer("face_sim")(videos, batch)
 
 

@@ -1,1 +1,1 @@
-"""Training: train state and optimiser, the loop scaffolding shared by SFT and Flow-GRPO, the SFT step and loop, LoRA."""
+"""Training: train state and optimiser, Orbax checkpoints, the loop scaffolding shared by SFT and Flow-GRPO, the SFT step and loop."""

@@ -5,7 +5,7 @@ SFT feeds `model_batch` to its train step; Flow-GRPO conditions its rollouts on
 otherwise the pipeline's VAE and Qwen2.5-VL compute them (the same functions, so both agree).
 
 With a `mesh`, every output is one global array split on the batch axis: each host's rows are
-placed first (`hosts.global_batch`) and the VAE encodes the global batch on the whole mesh (its
+placed first (`distributed.global_batch`) and the VAE encodes the global batch on the whole mesh (its
 params replicated there), so every chip of every host takes part; Qwen2.5-VL, whose processor
 works on host-side images and strings, encodes each host's rows on that host and its features
 are placed alike.
@@ -18,7 +18,7 @@ import numpy as np
 
 from idcrafter_jax import sharding, video as video_io
 from idcrafter_jax.inference import conditioning
-from idcrafter_jax.training import hosts
+from idcrafter_jax import distributed
 
 # The DiT inputs of a training batch, in the order `flow_matching_loss` reads them.
 MODEL_INPUTS = ("latents", "f_txt", "f_txt_mask", "subject_latents", "subject_mask")
@@ -52,7 +52,7 @@ def placer(mesh, global_batch_size: int | None = None):
   def place(tree):
     local = {k: np.asarray(v) for k, v in tree.items()}
     shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in local.items()}
-    return hosts.global_batch(local, shardings, global_batch_size)
+    return distributed.global_batch(local, shardings, global_batch_size)
   return place
 
 
@@ -78,7 +78,7 @@ def _encode_text(pipe, prompts, subjects):
   c = pipe.config.vlm
   kw = dict(system_prompt=c.system_prompt)
   inputs = conditioning.prepare_inputs(prompts, subjects, pipe.processor, buckets=tuple(c.buckets), **kw)
-  length = hosts.agree_max(inputs["input_ids"].shape[1])
+  length = distributed.agree_max(inputs["input_ids"].shape[1])
   if length != inputs["input_ids"].shape[1]:
     inputs = conditioning.prepare_inputs(prompts, subjects, pipe.processor, buckets=(length,), **kw)
   f_txt = conditioning.vlm_hidden(pipe.vlm, pipe.vlm_params, inputs, hidden_layer=c.hidden_layer)

@@ -25,10 +25,11 @@ import jax.numpy as jnp
 from etils import epath
 from tqdm import tqdm
 
-from idcrafter_jax import checkpoint as ckpt_lib, sharding
+from idcrafter_jax import distributed, sharding
 from idcrafter_jax.data import pipeline as data_pipeline
 from idcrafter_jax.models import idcrafter
-from idcrafter_jax.training import hosts, metrics, train_state
+from idcrafter_jax.inference import loading
+from idcrafter_jax.training import checkpoint as ckpt_lib, metrics, train_state
 
 
 def prepare_data(config, workdir: str):
@@ -60,7 +61,7 @@ def prepare_data(config, workdir: str):
 
 def build(config, workdir: str, *, load_vlm: bool = True):
   """Pipeline (models; Qwen2.5-VL only with `load_vlm`), mesh, optimiser, abstract state and its shardings."""
-  pipe = ckpt_lib.load_pipeline(config, config.init, workdir=workdir, load_vlm=load_vlm)
+  pipe = loading.load_pipeline(config, config.init, workdir=workdir, load_vlm=load_vlm)
   mesh = sharding.make_mesh(dict(config.mesh))
   tx = train_state.make_optimizer(config.train, train_state.new_param_mask_fn(config))
   boxed = jax.eval_shape(pipe.dit.init, jax.random.key(0), *idcrafter.dummy_inputs(pipe.dit.config))["params"]
@@ -74,7 +75,7 @@ def needs_vlm(config, splits, data_iterator=None) -> bool:
   if data_iterator is not None:
     return True
   cached = all(data_lib.has_cached_features(config, split) for split in splits)
-  if cached and hosts.is_primary():
+  if cached and distributed.is_primary():
     print("data: every batch carries cached VLM features; Qwen2.5-VL is not loaded.")
   return not cached
 
@@ -83,7 +84,7 @@ def sharded_state(params, tx, key, boxed_params, mesh, *, ema: bool):
   """A fresh train state placed on `mesh` by the params' logical axes. Returns (state, shardings)."""
   state = train_state.init_state(params, tx, key, ema=ema)
   s_shard = train_state.state_shardings(jax.eval_shape(lambda s: s, state), boxed_params, mesh)
-  hosts.barrier("sharded_state")
+  distributed.barrier("sharded_state")
   return jax.device_put(state, s_shard), s_shard
 
 
@@ -95,7 +96,7 @@ def drive(session: "TrainSession", state, data_iterator, *, end: int, step_fn: C
   updates in a row, `checkpoint.CheckpointSaveError` when a save fails twice."""
   start = int(state.step)
   session.begin(state)
-  bar = tqdm(total=end, initial=start, desc=desc, unit="step", disable=not (progress and hosts.is_primary()))
+  bar = tqdm(total=end, initial=start, desc=desc, unit="step", disable=not (progress and distributed.is_primary()))
   try:
     with PreemptionGuard() as guard:
       for step in range(start, end):
@@ -344,14 +345,14 @@ class TrainSession:
 
   def __init__(self, workdir: str, tc, mode: str, meta_fn: Callable[[], dict] | None = None):
     self.mode, self.workdir, self.meta_fn = mode, workdir, meta_fn
-    self.lock = RunLock(workdir) if hosts.is_primary() else None
+    self.lock = RunLock(workdir) if distributed.is_primary() else None
     error = None
     if self.lock is not None:
       try:
         self.lock.acquire()
       except WorkdirLocked as e:
         error = e
-    if hosts.agree_any(error is not None):
+    if distributed.agree_any(error is not None):
       raise error or WorkdirLocked(f"process 0 could not take the lock of workdir {workdir}; see its log.")
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.ckpt = ckpt_lib.Checkpointer(directory, save_every=tc.ckpt_every, keep=tc.keep_ckpts,
@@ -370,7 +371,7 @@ class TrainSession:
     if data_state:
       data_iterator.set_state(data_pipeline.host_state(data_state, jax.process_index(), jax.process_count()))
     self.writer.start_at(step)
-    if hosts.is_primary():
+    if distributed.is_primary():
       print(f"resumed {self.mode} from step {step} in {self.workdir}")
     return state
 
@@ -387,17 +388,17 @@ class TrainSession:
     on several hosts). Raises `TooManyBadSteps` before saving a step that ends a bad streak."""
     self.bad.observe(state.skipped, done)
     failed = self.ckpt.failed_save()
-    agreed = hosts.agree_max(2 * (failed is not None) + int(guard.requested))
+    agreed = distributed.agree_max(2 * (failed is not None) + int(guard.requested))
     stop, failed_any = agreed % 2 == 1, agreed >= 2
     if failed_any or self.ckpt.should_save(done) or stop or done == end:
       self.bad.settle()
-      data_state = data_pipeline.hosts_state(hosts.gather_json(data_iterator.get_state()))
+      data_state = data_pipeline.hosts_state(distributed.gather_json(data_iterator.get_state()))
       after_error = (failed or "another process's save failed") if failed_any else None
       self.ckpt.save(done, state, data_state, meta=self.meta(), force=True, wait=stop or done == end,
                      after_error=after_error)
     if stop and done != end:
       self.preempted = True
-      if hosts.is_primary():
+      if distributed.is_primary():
         print(f"stopped at step {done} on request; checkpoint saved.")
     return stop
 
@@ -415,7 +416,7 @@ class TrainSession:
       if jax.process_count() == 1 and not isinstance(error, ckpt_lib.CheckpointSaveError):
         self.ckpt.close()
     except Exception as e:  # noqa: BLE001 - the original error is the one to report
-      print(f"warning: closing the checkpoints after {type(error).__name__} failed too ({ckpt_lib.describe(e)}).")
+      print(f"warning: closing the checkpoints after {type(error).__name__} failed too ({loading.describe(e)}).")
     finally:
       self.writer.close()
       self._release()

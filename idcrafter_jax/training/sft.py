@@ -1,7 +1,7 @@
 """Flow-matching SFT: the loss, one train step, and the loop around it.
 
 The loss is Wan's rectified-flow objective: t ~ p(t) (uniform or logit-normal, then Wan's shift),
-x_t = (1 - t) x_0 + t eps, and the model regresses v = eps - x_0 (`flow.py`). With probability
+x_t = (1 - t) x_0 + t eps, and the model regresses v = eps - x_0 (`sampling/flow.py`). With probability
 `cond_dropout` a sample's text and subjects are dropped (all masked). A non-finite loss,
 gradient norm or updated state skips the update (params, optimiser and EMA unchanged) and is
 counted in `TrainState.skipped`; `train.max_bad_steps` in a row stop the run
@@ -11,7 +11,7 @@ counted in `TrainState.skipped`; `train.max_bad_steps` in a row stop the run
 (params, optimiser, EMA, step, RNG and the data iterator's position), so an interrupted run
 loses at most `train.ckpt_every` steps; SIGTERM saves and exits. Each logged step appends to
 `workdir/metrics.jsonl` and TensorBoard. On several processes each host reads its slice of the
-global batch and the step runs on global arrays (`hosts.global_batch`).
+global batch and the step runs on global arrays (`distributed.global_batch`).
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from idcrafter_jax import checkpoint as ckpt_lib, flow, sharding
-from idcrafter_jax.training import batches, hosts, loop, metrics as metrics_lib, train_state
+from idcrafter_jax import distributed, sharding
+from idcrafter_jax.sampling import flow
+from idcrafter_jax.training import batches, checkpoint as ckpt_lib, loop, metrics as metrics_lib, train_state
 
 
 def sample_t(key, batch: int, tc):
@@ -113,7 +114,7 @@ class _Steps:
       abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shard[k]) for k, v in batch.items()}
       fn = train_state.jit_train_step(self.step_fn, self.s_shard, b_shard, self.mesh)
       self.jitted[shapes] = fn.lower(ckpt_lib.abstract_like(state), abstract).compile()
-      hosts.barrier("compiled_step")
+      distributed.barrier("compiled_step")
     return self.jitted[shapes]
 
   def __call__(self, step: int, state):
@@ -139,7 +140,7 @@ def run(config, workdir: str, *, data_iterator=None, max_steps: int | None = Non
   """Trains until `train.steps` (or `max_steps` more steps in this call). Returns the final state.
   The workdir is locked first (`loop.RunLock`), so a second run on it changes nothing there."""
   from idcrafter_jax import data as data_lib
-  hosts.maybe_initialize_distributed()
+  distributed.maybe_initialize_distributed()
   session = loop.TrainSession(workdir, config.train, "sft")
   try:
     if data_iterator is None:

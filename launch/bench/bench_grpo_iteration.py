@@ -46,8 +46,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from idcrafter_jax import convert, flow, sharding  # noqa: E402
-from idcrafter_jax.config import WAN_VARIANTS  # noqa: E402
+from idcrafter_jax import convert, sharding  # noqa: E402
+from idcrafter_jax.sampling import flow  # noqa: E402
+from idcrafter_jax.models.wan_dit import WAN_VARIANTS  # noqa: E402
 from idcrafter_jax.models import wan_dit, wan_vae  # noqa: E402
 from idcrafter_jax.rl import grpo, programs, rewards  # noqa: E402
 from idcrafter_jax.training import train_state  # noqa: E402

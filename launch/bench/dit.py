@@ -39,7 +39,7 @@ import optax  # noqa: E402
 from idcrafter_jax import convert, sharding  # noqa: E402
 from idcrafter_jax.aot import report, tpu  # noqa: E402
 from timing import MATMUL_N, matmul_fn, median_times  # noqa: E402  (launch/bench/timing.py)
-from idcrafter_jax.config import WAN_VARIANTS  # noqa: E402
+from idcrafter_jax.models.wan_dit import WAN_VARIANTS  # noqa: E402
 from idcrafter_jax.models import wan_dit  # noqa: E402
 
 FLAGS = flags.DEFINE_list("sections", ["forward", "train", "compile", "tpu"], "Sections to run.")

@@ -42,9 +42,9 @@ sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]  # timing.py; the 
 
 from timing import median_time, median_times  # noqa: E402  (launch/bench/timing.py)
 
-# `config.WAN_VARIANTS['1.3B']` (config.py imports the data pipeline, which a bare GPU image lacks).
-WAN_1_3B = dict(num_heads=12, head_dim=128, ffn_dim=8960, num_layers=30)
-WAN_TINY = dict(num_heads=2, head_dim=16, ffn_dim=64, num_layers=2)
+from idcrafter_jax.models.wan_dit import WAN_VARIANTS  # noqa: E402  (the size table, Table S.1)
+
+WAN_1_3B, WAN_TINY = WAN_VARIANTS["1.3B"], WAN_VARIANTS["tiny"]
 # `config.train_config()`: Table S.3 optimiser, logit-normal times with Wan's shift.
 TRAIN = dict(lr=1e-5, b1=0.9, b2=0.95, eps=1e-8, max_grad_norm=1.0, weight_decay=1e-4,
              logit_mean=0.0, logit_std=1.0, shift=3.0)
@@ -212,7 +212,7 @@ def flow_matching_loss(apply_fn, params, x0, ctx, key, tc=TRAIN):
   Wan's shift, x_t = (1 - t) x_0 + t eps, MSE against v = eps - x_0."""
   import jax
   import jax.numpy as jnp
-  from idcrafter_jax import flow
+  from idcrafter_jax.sampling import flow
   k_t, k_eps, _ = jax.random.split(key, 3)
   x0 = x0.astype(jnp.float32)
   u = jax.nn.sigmoid(tc["logit_mean"] + tc["logit_std"] * jax.random.normal(k_t, (x0.shape[0],)))

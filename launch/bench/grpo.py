@@ -20,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from idcrafter_jax.config import WAN_VARIANTS  # noqa: E402
+from idcrafter_jax.models.wan_dit import WAN_VARIANTS  # noqa: E402
 from idcrafter_jax.models import idcrafter, wan_dit  # noqa: E402
 from idcrafter_jax.rl import grpo  # noqa: E402
 

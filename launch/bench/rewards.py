@@ -63,7 +63,7 @@ def main():
   videos = jax.random.uniform(key, (b, a.frames, a.height, a.width, 3))
   batch = {"subject_images": jax.random.uniform(key, (b, n, 224, 224, 3)), "subject_mask": jnp.ones((b, n), bool),
            "subject_boxes": jnp.tile(jnp.asarray([0.1, 0.1, 0.9, 0.6]), (b, n, 1))}
-  from idcrafter_jax.eval import scores
+  from idcrafter_jax.rl import scores
   aes = reward_models.aesthetic_scorer(cm, cp, head, hp, num_frames=a.frames)
   scorers = {
       "face_sim": lambda: scores.face_sim(fm, fp, videos, batch, num_frames=a.frames),

@@ -1,5 +1,5 @@
-"""Orbax checkpoints of a training run: async saves every N steps, keep-N, exact resume, and
-the params-only restore that generation and fine-tuning start from (`restore_params`).
+"""Orbax checkpoints of a training run: async saves every N steps, keep-N, exact resume. The
+params-only restore that generation and fine-tuning start from is `inference.loading.restore_params`.
 
 A checkpoint holds the train state (params, optimiser state, EMA, step, RNG, skip count) and
 the data iterator's state (JSON), so that resuming continues the same data order. The workdir
@@ -27,8 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from idcrafter_jax.inference import pipeline as pipeline_lib
-from idcrafter_jax.training import hosts, lora
+from idcrafter_jax import distributed
+from idcrafter_jax.inference.loading import describe
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class Checkpointer:
             meta=ocp.args.JsonRestore()))
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
         error = describe(e)
-      if not hosts.agree_any(error is not None):
+      if not distributed.agree_any(error is not None):
         found = step, out.state, out.data, out.meta
         break
       reason = error or "another process could not read it"
@@ -169,7 +169,7 @@ class Checkpointer:
   def move_aside(self, steps) -> None:
     """Renames the step folders to `<step>.corrupt-<time>` (outside Orbax's step names: kept for
     inspection, no longer listed, saved again). Process 0 renames; every process then rereads."""
-    if hosts.is_primary():
+    if distributed.is_primary():
       stamp = time.strftime("%Y%m%d-%H%M%S")
       for step in steps:
         src = self.directory / str(step)
@@ -178,7 +178,7 @@ class Checkpointer:
         dst = self.directory / f"{step}.corrupt-{stamp}"
         src.rename(dst)
         print(f"moved the unreadable checkpoint {src} aside to {dst}.")
-    hosts.barrier("checkpoint_move_aside")
+    distributed.barrier("checkpoint_move_aside")
     self.manager.reload()
 
   def wait(self):
@@ -195,12 +195,6 @@ class Checkpointer:
       self.manager.close()
 
 
-def describe(error: BaseException) -> str:
-  """'Type: message' of an exception, on one line and at most 300 characters."""
-  text = " ".join(f"{type(error).__name__}: {error}".split())
-  return text if len(text) <= 300 else text[:297] + "..."
-
-
 def save_config(workdir: str, config) -> None:
   """Writes the run config next to the checkpoints (config.json), as the run starts (process 0)."""
   if jax.process_index() != 0:
@@ -214,83 +208,6 @@ def abstract_like(tree):
   """ShapeDtypeStructs (with shardings, where the arrays have them) of a tree of arrays."""
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
-
-
-def restore_params(path: str, like):
-  """ID-Crafter params from a training checkpoint: a step folder (`workdir/checkpoints/N`), its
-  `state` item, a checkpoints folder or a workdir (its newest readable step), or an Orbax
-  checkpoint of the param tree itself. Checked against `like`. A LoRA GRPO checkpoint holds the
-  adapters only; they are put over the base weights of `like`."""
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"ID-Crafter checkpoint {path!r} does not exist.")
-  folders = _param_folders(path)
-  errors = []
-  for folder in folders:
-    try:
-      tree = _read_tree(folder)
-    except Exception as e:  # noqa: BLE001 - an unreadable step falls back to the previous one
-      errors.append(f"{folder}: {describe(e)}")
-      if folder != folders[-1]:
-        print(f"warning: checkpoint {folder} is unreadable ({describe(e)}); trying the previous step.")
-      continue
-    return _params_like(tree, like, folder)
-  raise ValueError(f"no readable ID-Crafter checkpoint in {path}: " + "; ".join(errors) + ". Expected a "
-                   "step folder (workdir/checkpoints/N), its state folder, a checkpoints folder or a workdir.")
-
-
-# Files an Orbax checkpoint of a tree holds (one of them at least, by Orbax version).
-_ORBAX_FILES = ("_METADATA", "manifest.ocdbt", "checkpoint")
-
-
-def _param_folders(path: str) -> list[str]:
-  """The folders `restore_params` tries, newest first: the steps of a workdir or checkpoints
-  folder (their state items), else the state item of a step folder, else the folder itself."""
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  steps = sorted((int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n))),
-                 reverse=True) if os.path.isdir(path) else []
-  if steps:
-    return [_state_folder(os.path.join(path, str(s))) for s in steps]
-  return [_state_folder(path)]
-
-
-def _state_folder(path: str) -> str:
-  return os.path.join(path, "state") if os.path.isdir(os.path.join(path, "state")) else path
-
-
-def _read_tree(folder: str):
-  """The tree of an Orbax checkpoint folder; an error naming what is missing when it is not one."""
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"{folder} is not a folder")
-  if not any(os.path.exists(os.path.join(folder, f)) for f in _ORBAX_FILES):
-    raise FileNotFoundError(f"{folder} holds no Orbax checkpoint (none of {', '.join(_ORBAX_FILES)})")
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(folder)
-
-
-def _params_like(tree, like, path: str):
-  params = tree.get("params", tree) if isinstance(tree, dict) else tree
-  if isinstance(params, dict) and lora.has_adapters(like) and not lora.split(params)[0]:
-    params = lora.merge(lora.split(like)[0], params)  # a LoRA run saves its adapters only
-  want = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), like)
-  got = jax.tree_util.tree_map(lambda x: (tuple(np.shape(x)), str(np.asarray(x).dtype)), params)
-  if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or want != got:
-    raise ValueError(f"checkpoint {path} holds params of another architecture than the configured model "
-                     "(different names or shapes); check model.*, hipa.* and max_subjects.")
-  return jax.tree_util.tree_map(lambda x, l: jnp.asarray(x, l.dtype), params, like)
-
-
-def load_pipeline(config, init, *, workdir: str | None = None, load_vlm: bool = True) -> pipeline_lib.Pipeline:
-  """The pipeline of the folders in `init` (`wan_dit`, `wan_vae`, `vlm`, `processor`: the run
-  config's `init` section or the same names from flags), with the DiT params of the training
-  checkpoint `init.idcrafter_ckpt` when one is given; without Qwen2.5-VL when `load_vlm` is False."""
-  pipe = pipeline_lib.Pipeline.from_config(config, wan_dit_folder=init.wan_dit, wan_vae_folder=init.wan_vae,
-                                           vlm_folder=init.vlm, processor_folder=init.processor, workdir=workdir,
-                                           load_vlm=load_vlm)
-  if init.idcrafter_ckpt:
-    pipe = pipe.with_dit_params(restore_params(init.idcrafter_ckpt, pipe.dit_params))
-  return pipe
 
 
 def quiet_third_party_logs(verbosity: int | None = None) -> None:

@@ -7,7 +7,7 @@ UniPC `solver_type='bh2'`, DPM `algorithm_type='dpmsolver++'`, `solver_type='mid
 
 Both work on the data prediction m = x - sigma v, with alpha = 1 - sigma and
 lambda = log(alpha / sigma). Every coefficient depends on the schedule only, so it is computed
-here once, on the host, as a (num_steps, K) table; the jitted loop (`sampling.sample_ode`)
+here once, on the host, as a (num_steps, K) table; the jitted loop (`sampler.sample_ode`)
 applies `step` with one row per step and carries the history (previous sample, previous two
 data predictions).
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from idcrafter_jax import flow
+from idcrafter_jax.sampling import flow
 
 SOLVERS = ("euler", "unipc", "dpm++")
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from idcrafter_jax import flow, solvers
+from idcrafter_jax.sampling import flow, solvers
 
 
 def guided_velocity(velocity_fn: Callable, params, x, t, cond, uncond, guidance_scale: float):
