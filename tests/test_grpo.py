@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from idcrafter_jax.sampling import flow
+from idcrafter_jax.sampling import flow, sde
 from idcrafter_jax.rl import grpo, rewards
 
 
