@@ -7,7 +7,7 @@
 The demo architectures of the random-initialised VAE and Qwen2.5-VL are written here
 (`random_arch`), so the whole pipeline (prompt + subject images -> VLM -> DiT -> VAE -> mp4)
 runs on a CPU in seconds with nothing downloaded. The VLM's token ids are those
-`qwen2_5_vl_processor.write_tiny_processor` assigns (256 byte tokens, then Qwen's special tokens).
+`qwen2_5_vl/processor.write_tiny_processor` assigns (256 byte tokens, then Qwen's special tokens).
 """
 from idcrafter_jax.config import base_config
 

@@ -178,6 +178,6 @@ def load_wan_vae(folder: str, **kwargs):
 
 def load_qwen2_5_vl(folder: str, **kwargs):
   """transformers `Qwen2_5_VLForConditionalGeneration` folder -> (Qwen2_5_VL module, params); the
-  options (dtype, compute_dtype, mesh, ...) are `qwen2_5_vl_convert.load`'s."""
-  from idcrafter_jax.models import qwen2_5_vl_convert
-  return qwen2_5_vl_convert.load(folder, **kwargs)
+  options (dtype, compute_dtype, mesh, ...) are `models.qwen2_5_vl.convert.load`'s."""
+  from idcrafter_jax.models.qwen2_5_vl import convert as vlm_convert
+  return vlm_convert.load(folder, **kwargs)

@@ -15,7 +15,7 @@ from configs import tiny as tiny_config
 from flax import linen as nn
 
 from idcrafter_jax.rl import scores
-from idcrafter_jax.models import qwen2_5_vl_processor as processor_lib
+from idcrafter_jax.models.qwen2_5_vl import processor as processor_lib
 from idcrafter_jax.models import clip as clip_lib
 from idcrafter_jax.models import face as face_lib
 from idcrafter_jax.models import qwen2_5_vl as qv

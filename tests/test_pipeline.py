@@ -5,7 +5,7 @@ import jax
 
 from idcrafter_jax import video as video_io
 from idcrafter_jax.inference import loading, pipeline as pipeline_lib
-from idcrafter_jax.models import qwen2_5_vl_processor as processor_lib
+from idcrafter_jax.models.qwen2_5_vl import processor as processor_lib
 from idcrafter_jax.inference import conditioning
 from configs import tiny as tiny_config
 

@@ -290,7 +290,7 @@ def test_pallas_attention_impl_matches_xla(ref, rng):
 
 
 def test_sharded_loading_reads_only_each_devices_shard(ref, monkeypatch):
-  from idcrafter_jax.models import qwen2_5_vl_convert
+  from idcrafter_jax.models.qwen2_5_vl import convert as vlm_convert
   real = jax.make_array_from_callback
   reads = []
 
@@ -301,7 +301,7 @@ def test_sharded_loading_reads_only_each_devices_shard(ref, monkeypatch):
       return out
     return real(shape, shard, read)
 
-  monkeypatch.setattr(qwen2_5_vl_convert.jax, "make_array_from_callback", spy)
+  monkeypatch.setattr(vlm_convert.jax, "make_array_from_callback", spy)
   mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
   convert.load_qwen2_5_vl(ref["folder"], mesh=mesh)
   assert reads and all(got == want for got, want, _ in reads)  # a callback returns one shard

@@ -56,6 +56,11 @@ _ACTS = {
 }
 
 
+def _float32_act(name: str, dtype):
+  """The activation `name` computed in float32, cast back to `dtype`."""
+  return lambda y: _ACTS[name](y.astype(jnp.float32)).astype(dtype)
+
+
 def _tower_from_hf(c: dict, vision: bool) -> TowerConfig:
   act = c.get("hidden_act", "quick_gelu")
   if act not in _ACTS:
@@ -107,9 +112,8 @@ class EncoderLayer(nn.Module):
     o = attn_lib.attention(q, k, v, mask=mask).reshape(b, l, d)
     x = x + layers.dense(d, ("heads", "embed"), name="out_proj", **kw)(o)
     y = _layer_norm(c, self.param_dtype, "layer_norm2")(x).astype(self.dtype)
-    y = layers.dense(c.intermediate_size, ("embed", "mlp"), name="fc1", **kw)(y)
-    y = _ACTS[c.hidden_act](y.astype(jnp.float32)).astype(self.dtype)
-    return x + layers.dense(d, ("mlp", "embed"), name="fc2", **kw)(y)
+    return x + layers.mlp(y, c.intermediate_size, d, _float32_act(c.hidden_act, self.dtype), names=("fc1", "fc2"),
+                          **kw)
 
 
 def _embed_param(module, name, shape, names, param_dtype):

@@ -1,11 +1,12 @@
-"""Building blocks shared by the models: dense layers with logical axes, norms, embeddings, RoPE.
+"""Building blocks shared by the models: dense layers with logical axes, norms, MLPs, embeddings, RoPE.
 
-Each matches the diffusers module named in its docstring on the same weights.
+Each matches the diffusers / transformers module named in its docstring on the same weights.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,37 @@ def dense(features: int, axes: tuple[str | None, str | None], *, dtype: Dtype, p
       features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
       kernel_init=nn.with_logical_partitioning(kernel_init, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+
+
+class Projection(nn.Module):
+  """x (..., *in) @ kernel (*in, *out_shape) [+ bias (*out_shape)], in = x's last `in_ndim` axes.
+
+  A DenseGeneral whose kernel is created in its final shape, so its logical axis names
+  (`names`, one per kernel axis) hold under a mesh; flax's DenseGeneral initialises a
+  flattened kernel first, which a rank-4 sharding constraint rejects.
+  """
+  out_shape: tuple[int, ...]
+  names: tuple[str | None, ...]
+  in_ndim: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = tuple(x.shape[-self.in_ndim:])
+    n_in, n_out = len(in_shape), len(self.out_shape)
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+                                            out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.names),
+                        in_shape + tuple(self.out_shape), self.param_dtype)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+    if self.use_bias:
+      bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), self.names[n_in:])
+      bias = self.param("bias", bias_init, tuple(self.out_shape), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 class LoRA(nn.Module):
@@ -158,6 +190,22 @@ class MLPEmbedder(nn.Module):
     return dense(self.out, (None, "embed"), name="linear_2", **kw)(x)
 
 
+def mlp(x, hidden: int, out: int, activation: Callable, *, names: tuple[str, str], dtype: Dtype,
+        param_dtype: Dtype, kernel_init=nn.initializers.xavier_uniform(),
+        hidden_axes: tuple[str, ...] | None = None):
+  """Linear(hidden) -> activation -> Linear(out), kernels ('embed', 'mlp') and ('mlp', 'embed').
+
+  Call it inside a compact method: the two dense layers are created in the calling module's
+  scope under `names`, beside its other params (CLIP's `fc1` / `fc2`, Qwen2.5-VL's merger
+  `mlp.0` / `mlp.2`). hidden_axes: logical axes the hidden activation is constrained to.
+  """
+  kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init)
+  h = dense(hidden, ("embed", "mlp"), name=names[0], **kw)(x)
+  if hidden_axes is not None:
+    h = nn.with_logical_constraint(h, hidden_axes)
+  return dense(out, ("mlp", "embed"), name=names[1], **kw)(activation(h))
+
+
 class FeedForward(nn.Module):
   """diffusers `FeedForward(activation_fn='gelu-approximate')`: Linear -> GELU(tanh) -> Linear."""
   dim: int
@@ -167,11 +215,28 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = dense(self.hidden, ("embed", "mlp"), name="fc_in", **kw)(x)
-    h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-    h = nn.gelu(h, approximate=True)
-    return dense(self.dim, ("mlp", "embed"), name="fc_out", **kw)(h)
+    return mlp(x, self.hidden, self.dim, functools.partial(nn.gelu, approximate=True), names=("fc_in", "fc_out"),
+               dtype=self.dtype, param_dtype=self.param_dtype,
+               hidden_axes=("activation_batch", "activation_length", "activation_mlp"))
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x)) (transformers `Qwen2MLP`, `Qwen2_5_VLMLP`, `LlamaMLP`)."""
+  intermediate_size: int
+  use_bias: bool
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+    gate = dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+    up = dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+    h = jax.nn.silu(gate) * up
+    if h.ndim == 3:
+      h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+    return dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(h)
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -209,3 +274,17 @@ def apply_rope(x, cos, sin):
   c, s = cos[None, :, None, :], sin[None, :, None, :]
   out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
   return out.reshape(*out.shape[:-2], -1).astype(dt)
+
+
+def rotate_half(x):
+  """[x1, x2] -> [-x2, x1] over the last axis's halves (transformers `rotate_half`)."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope_halves(x, cos, sin):
+  """Rotates the pairs (x[i], x[i + D/2]) of x (..., L, H, D) by cos / sin (..., L, D), in float32
+  (transformers `apply_rotary_pos_emb`); `apply_rope` rotates adjacent pairs instead."""
+  x32 = x.astype(jnp.float32)
+  out = x32 * cos[..., None, :] + rotate_half(x32) * sin[..., None, :]
+  return out.astype(x.dtype)
