@@ -1,6 +1,6 @@
 """Convert an insightface arcface_torch iResNet checkpoint (.pth) to safetensors for face.load.
 
-  python scripts/convert_face_checkpoint.py --input glint360k_r100.pth --output /ckpt/arcface_r100
+  python launch/convert_face_checkpoint.py --input glint360k_r100.pth --output /ckpt/arcface_r100
 
 The PyTorch file is read with `torch.load(..., weights_only=True)` (no code from the file runs)
 and its tensors handed to `idcrafter_jax.models.face.convert_state_dict`, which removes a
@@ -16,9 +16,18 @@ excitation modules) are refused: that block is not implemented.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli.py, also when run through runpy
+import cli  # noqa: E402
+
+_INPUT = flags.DEFINE_string("input", None, "the .pth state dict")
+_OUTPUT = flags.DEFINE_string("output", None, "folder to write model.safetensors into")
+_INPUT_SIZE = flags.DEFINE_integer("input_size", 112, "face crop side the network takes")
+flags.mark_flags_as_required(["input", "output"])
 
 
 def _to_numpy(obj):
@@ -29,22 +38,17 @@ def _to_numpy(obj):
   return obj.detach().to(torch.float32).numpy() if torch.is_tensor(obj) else obj
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--input", required=True, help="the .pth state dict")
-  ap.add_argument("--output", required=True, help="folder to write model.safetensors into")
-  ap.add_argument("--input_size", type=int, default=112)
-  args = ap.parse_args(argv)
-  if not os.path.isfile(args.input):
-    raise SystemExit(f"--input {args.input!r} does not exist.")
+def main(argv):
+  del argv
+  if not os.path.isfile(_INPUT.value):
+    cli.fail(f"--input {_INPUT.value!r} does not exist.")
   import torch
   from idcrafter_jax.models import face
-  obj = _to_numpy(torch.load(args.input, map_location="cpu", weights_only=True))
-  model = face.convert_state_dict(obj, args.output, input_size=args.input_size)
-  print(f"wrote {args.output}/model.safetensors: iResNet blocks {model.cfg.blocks}, widths {model.cfg.widths}, "
+  obj = _to_numpy(torch.load(_INPUT.value, map_location="cpu", weights_only=True))
+  model = face.convert_state_dict(obj, _OUTPUT.value, input_size=_INPUT_SIZE.value)
+  print(f"wrote {_OUTPUT.value}/model.safetensors: iResNet blocks {model.cfg.blocks}, widths {model.cfg.widths}, "
         f"{model.cfg.num_features}-d embeddings")
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

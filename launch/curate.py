@@ -21,11 +21,13 @@ from __future__ import annotations
 import collections
 import importlib
 import os
+import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from idcrafter_jax.data import curation
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli.py, also when run through runpy
+import cli  # noqa: E402
+from idcrafter_jax.data import curation  # noqa: E402
 
 _INPUT = flags.DEFINE_string("input", None, "Folder of raw videos (+ <stem>.json annotations).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Per-video stage results and done-markers.")
@@ -35,14 +37,12 @@ _WORKERS = flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 1)), "Worke
 _FORCE = flags.DEFINE_boolean("force", False, "Redo the selected stages even where done.")
 _STATS = flags.DEFINE_boolean("stats", False, "Write the composition table and histograms of --output.")
 _PLUGINS = flags.DEFINE_list("plugins", [], "Modules to import first (they register backends).")
-_CONFIG = config_flags.DEFINE_config_dict("config", curation.default_config(), "Curation settings.")
+_CONFIG = cli.define_config_dict(curation.default_config(), "Curation settings.")
 flags.mark_flags_as_required(["workdir", "output"])
 
 
 def main(argv):
   del argv
-  from idcrafter_jax.training import checkpoint
-  checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
   from idcrafter_jax.data.curation import runner, stats
 
   for m in _PLUGINS.value:
@@ -77,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

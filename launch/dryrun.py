@@ -12,7 +12,9 @@ temporaries) against the chip's capacity, fits / does not fit, model FLOPs per s
 fwd+bwd) next to XLA's count, the compiler's time estimate and the implied MFU. The batch defaults
 to one sample per batch shard (data x fsdp); the video size to the config's `sampling` section.
 `--search` compiles a few (mesh, remat policy, attention impl) combinations and names the best
-that fits. `--json_out F` appends one JSON object per compiled candidate to F.
+that fits. `--json_out F` appends one JSON object per compiled candidate to F. The config is
+checked first (`idcrafter_jax/validation.py`, no folders read; exit 2 listing every problem): as
+generation for `--program sft`, as a Flow-GRPO run for the GRPO programs.
 
 `--program grpo` compiles the two Flow-GRPO programs instead (`idcrafter_jax/aot/grpo_dryrun.py`): the
 rollout of `--rollout_batch` videos (default: Table S.3's 32, rounded up to the batch shards) and
@@ -26,11 +28,15 @@ compiles the LoRA update (adapters trained, the frozen base as the reference):
 from __future__ import annotations
 
 import json
+import os
+import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/wan2_1_14b.py.")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli.py, also when run through runpy
+import cli  # noqa: E402
+
+_CONFIG = cli.define_config(None, "Run config, e.g. configs/wan2_1_14b.py.", required=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology to compile for, e.g. v5p:2x2x1, v6e:2x4.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Compile for this many simulated CPU devices instead.")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: one sample per data x fsdp shard).")
@@ -47,7 +53,6 @@ _PROGRAM = flags.DEFINE_enum("program", "sft", ["sft", "grpo", "grpo_rollout", "
 _ROLLOUT_BATCH = flags.DEFINE_integer("rollout_batch", None, "GRPO: videos per rollout (prompts x group size).")
 _MINIBATCH = flags.DEFINE_integer("minibatch", None, "GRPO: trajectories per update step.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Append one JSON line per compiled candidate to this file.")
-flags.mark_flags_as_required(["config"])
 
 
 def _shape_fn(config, devices):
@@ -107,16 +112,17 @@ def main(argv):
   import jax
   if _CPU_DEVICES.value is not None:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # before any backend starts
-  from idcrafter_jax.training import checkpoint
-  checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
-  from idcrafter_jax import validation
   from idcrafter_jax.aot import program
 
   config = _CONFIG.value
   devices, chip, target = program.target_devices(_TOPOLOGY.value, _CPU_DEVICES.value)
-  # the model, sizes, sampling and mesh first (no folders are read and the batch is the flags':
-  # nothing is loaded)
-  validation.validate(config, mode="generate", devices=len(devices), check_paths=False)
+  # no folders are read and the batch is the flags': nothing is loaded
+  if _PROGRAM.value == "sft":  # the model, sizes, sampling and mesh
+    cli.validate(config, mode="generate", devices=len(devices), check_paths=False)
+  else:  # and the GRPO settings and rewards; --program makes it a GRPO run, whatever train.mode says
+    checked = config.copy_and_resolve_references()
+    checked.train.mode = "grpo"
+    cli.validate(checked, mode="grpo", devices=len(devices), check_paths=False)
   kw = dict(chip=chip, target=target, variant=program.variant_name(config))
   run = _sft if _PROGRAM.value == "sft" else _grpo
   results = run(config, _shape_fn(config, devices), devices, **kw)
@@ -127,4 +133,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

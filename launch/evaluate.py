@@ -24,35 +24,26 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli.py, also when run through runpy
+import cli  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/eval_opens2v.py", "Evaluation config.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "Multi-process: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: process count (or JAX_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index (or JAX_PROCESS_ID).")
-_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", None,
-                                  "Multi-process: seconds before a silent host is declared dead and the "
-                                  "others exit (or IDCRAFTER_HEARTBEAT_TIMEOUT_S; JAX's default 100).")
+_CONFIG = cli.define_config("configs/eval_opens2v.py", "Evaluation config.")
+_HOSTS = cli.define_host_flags()
 
 
 def main(argv):
   del argv
-  from idcrafter_jax.training import checkpoint
-  checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
-  from idcrafter_jax import validation
   cfg = _CONFIG.value
-  try:  # the evaluation config and, with generate, its model config, before any network is loaded
-    validation.validate(cfg, mode="evaluate")
-  except validation.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  # the evaluation config and, with generate, its model config, before any network is loaded
+  cli.validate(cfg, mode="evaluate")
+  _HOSTS.initialize()
   from idcrafter_jax import distributed
-  distributed.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                   _HEARTBEAT.value)
   from idcrafter_jax.eval import run as run_lib
   from idcrafter_jax.rl import reward_models
+  try:  # the prompt set's ids, prompts and image paths (exit 2), before any network is loaded
+    run_lib.read_prompt_set(cfg.prompts, cfg.image_root)
+  except run_lib.PromptSetError as e:
+    cli.fail(e, cli.INVALID_CONFIG)
   if not distributed.is_primary():
     run_lib.run(cfg, reward_models.build_reward_models(cfg.reward_models),
                 generate_fn=run_lib.make_generator(cfg) if cfg.generate else None, progress=False)
@@ -70,5 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout not installed
-  app.run(main)
+  cli.run(main)

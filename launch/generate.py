@@ -17,16 +17,16 @@ import time
 
 import jax
 import ml_collections
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 from tqdm import tqdm
 
-from idcrafter_jax import validation, video as video_io
-from idcrafter_jax.inference import loading
-from idcrafter_jax.training import checkpoint
-from idcrafter_jax.inference import pipeline as pipeline_lib
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli.py, also when run through runpy
+import cli  # noqa: E402
+from idcrafter_jax import video as video_io  # noqa: E402
+from idcrafter_jax.inference import loading  # noqa: E402
+from idcrafter_jax.inference import pipeline as pipeline_lib  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config (a configs/*.py file).")
+_CONFIG = cli.define_config("configs/tiny.py", "Run config (a configs/*.py file).")
 _PROMPT = flags.DEFINE_string("prompt", "two toys play on a table", "Text prompt.")
 _SUBJECTS = flags.DEFINE_multi_string("subject", [], "Subject reference image (repeat for several).")
 _OUT = flags.DEFINE_string("out", "out/video.mp4", "Output video (.mp4 or .gif).")
@@ -41,7 +41,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the initial noise.")
 
 def main(argv):
   del argv
-  checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
   config = _CONFIG.value
   ext = os.path.splitext(_OUT.value)[1].lower()
   if ext not in (".mp4", ".gif"):
@@ -51,11 +50,7 @@ def main(argv):
                                         processor=_PROCESSOR.value, idcrafter_ckpt=_CKPT.value))
   checked = config.copy_and_resolve_references()
   checked.init.update(init)  # the folders of the flags are the ones loaded
-  try:
-    validation.validate(checked, mode="generate")
-  except validation.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  cli.validate(checked, mode="generate")
   pipeline_lib.latent_shape(config, 1)
   if len(_SUBJECTS.value) > config.model.max_subjects:
     raise ValueError(f"{len(_SUBJECTS.value)} --subject images exceed model.max_subjects="
@@ -74,7 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  if validation.moved_flags(sys.argv):  # the flag parser would only say the key does not exist
-    print("error: " + " ".join(validation.moved_flags(sys.argv)), file=sys.stderr)
-    sys.exit(2)
-  app.run(main)
+  cli.run(main)

@@ -8,7 +8,13 @@ subjects/<id>/<k>.png); --shards also builds the TFDS ArrayRecord shards the pip
 """
 from __future__ import annotations
 
-from absl import app, flags
+import os
+import sys
+
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli.py, also when run through runpy
+import cli  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", None, "Dataset root to write.")
 _SHARDS = flags.DEFINE_string("shards", None, "If set, also build ArrayRecord shards in this directory.")
@@ -25,8 +31,6 @@ flags.mark_flags_as_required(["out"])
 
 def main(argv):
   del argv
-  from idcrafter_jax.training import checkpoint
-  checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
   from idcrafter_jax.data import synthetic, tfds_builder
   paths = synthetic.write_dataset(_OUT.value, num_clips=_NUM_CLIPS.value, num_frames=_NUM_FRAMES.value,
                                   height=_HEIGHT.value, width=_WIDTH.value, max_subjects=_MAX_SUBJECTS.value,
@@ -39,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,17 +10,21 @@ r"""Cache normalised Wan VAE latents and Qwen2.5-VL features into subject-video 
 an ArrayRecord directory whose records also carry `latents`, `subject_latents`, `f_txt`,
 `f_txt_mask`, read by the pipeline when `data.use_cached` is True. The VLM settings (buckets,
 system prompt, hidden layer) and the random-init seed come from --config, so the cache equals
-what the trainer would compute online for that config.
+what the trainer would compute online for that config. The config (as for generation, plus
+`data.buckets`) and the folders are checked first: exit 2 listing every problem, nothing loaded.
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py",
-                                          "Run config (VLM settings, seed, random_init).")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli.py, also when run through runpy
+import cli  # noqa: E402
+
+_CONFIG = cli.define_config("configs/tiny.py", "Run config (VLM settings, seed, random_init).")
 _FOLDER = flags.DEFINE_string("folder", None, "Dataset root or ArrayRecord directory to read.")
 _OUT = flags.DEFINE_string("out_dir", None,
                            "Directory for the cached ArrayRecord shards (must not hold a dataset).")
@@ -45,10 +49,29 @@ _LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Print progress every this ma
 flags.mark_flags_as_required(["folder", "out_dir"])
 
 
+def problems(config, folders: dict) -> list[str]:
+  """What the run config must pass for generation (sizes, model, VLM settings; folders aside),
+  what the decoder refuses (`data.buckets`), and the folders read: `folders` {flag: path or None}."""
+  from idcrafter_jax import validation
+  from idcrafter_jax.data import pipeline
+  found = validation.problems(config, mode="generate", check_paths=False)
+  if not found:
+    try:
+      pipeline.DecodeSpec.from_config(config, use_cached=False)
+    except ValueError as e:
+      found.append(str(e))
+  for flag in ("--wan_vae", "--vlm"):
+    if folders[flag] is None and config.get("random_init") is not True:
+      found.append(f"{flag} is not set: random_init is False, so that folder is needed (pass {flag} or "
+                   f"--config.init.{flag[2:]}, or --random_init_tiny).")
+  for flag, path in folders.items():
+    if path and not path.startswith("gs://") and not os.path.isdir(path):
+      found.append(f"{flag}={path!r}: expected an existing folder.")
+  return found
+
+
 def main(argv):
   del argv
-  from idcrafter_jax.training import checkpoint
-  checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
   from idcrafter_jax import data
   from idcrafter_jax.data import precompute
 
@@ -62,14 +85,16 @@ def main(argv):
       config[section][key] = value
   if _RANDOM_INIT_TINY.value:
     config.random_init = True
+  folders = {"--wan_vae": _WAN_VAE.value or config.init.wan_vae, "--vlm": _VLM.value or config.init.vlm,
+             "--processor": _PROCESSOR.value or config.init.processor}
+  cli.exit_on_problems(problems(config, dict(folders, **{"--folder": _FOLDER.value})), "precompute")
   t0 = time.perf_counter()
-  enc = precompute.load_encoders(config, wan_vae_folder=_WAN_VAE.value or config.init.wan_vae,
-                                 vlm_folder=_VLM.value or config.init.vlm,
-                                 processor_folder=_PROCESSOR.value or config.init.processor)
+  enc = precompute.load_encoders(config, wan_vae_folder=folders["--wan_vae"], vlm_folder=folders["--vlm"],
+                                 processor_folder=folders["--processor"])
   version_dir, skipped = precompute.precompute(_FOLDER.value, _OUT.value, config, enc, splits=_SPLITS.value,
                                                log_every=_LOG_EVERY.value)
   print(f"wrote {version_dir} in {time.perf_counter() - t0:.1f}s; skipped: {skipped}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

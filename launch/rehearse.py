@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli.py, also when run through runpy
+import cli  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work folder (checkpoints, stage workdirs, logs); default: "
                                "a new temporary folder.")
@@ -42,7 +44,7 @@ _LOAD_ONLY = flags.DEFINE_bool("load_only", False, "Run the sft stage up to the 
 _KEEP = flags.DEFINE_bool("keep", False, "Keep the checkpoints after a successful run (a failed one keeps "
                           "everything); logs and the video stay either way.")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = cli.ROOT
 CONFIG = "configs/wan2_1_1_3b.py"
 STAGES = ("sft", "grpo", "generate")
 
@@ -75,7 +77,7 @@ def import_torch_stack():
     import torch
     import transformers
   except ImportError as e:
-    sys.exit(f"error: writing the rehearsal checkpoints needs torch, diffusers and transformers "
+    cli.fail(f"writing the rehearsal checkpoints needs torch, diffusers and transformers "
              f"(pip install -e \".[test]\"): {e}")
   torch.manual_seed(0)
   return torch, diffusers, transformers
@@ -99,8 +101,8 @@ def write_vlm(folder: str, processor_folder: str, s: dict) -> None:
   """A random Qwen2_5_VLForConditionalGeneration at the 7B widths, with the vocabulary and special
   token ids of the byte-level processor written to `processor_folder`."""
   _, _, transformers = import_torch_stack()
-  from idcrafter_jax.models import qwen2_5_vl_processor
-  ids = qwen2_5_vl_processor.write_tiny_processor(processor_folder)
+  from idcrafter_jax.models.qwen2_5_vl import processor as processor_lib
+  ids = processor_lib.write_tiny_processor(processor_folder)
   text = dict(s["text"])
   mrope = text.pop("mrope_section")
   width = text["hidden_size"]
@@ -239,9 +241,9 @@ def main(argv):
   del argv
   unknown = [s for s in _STAGES.value if s not in STAGES]
   if unknown or _WAN_LAYERS.value < 1:
-    sys.exit(f"error: --stages {unknown} unknown (expected of {STAGES}) or --wan_layers < 1.")
+    cli.fail(f"--stages {unknown} unknown (expected of {STAGES}) or --wan_layers < 1.")
   if _LOAD_ONLY.value and _STAGES.value != ["sft"]:
-    sys.exit(f"error: --load_only runs the sft stage alone; got --stages={','.join(_STAGES.value)}.")
+    cli.fail(f"--load_only runs the sft stage alone; got --stages={','.join(_STAGES.value)}.")
   work = os.path.abspath(_WORKDIR.value or tempfile.mkdtemp(prefix="idcrafter_rehearsal_"))
   os.makedirs(work, exist_ok=True)
   s = spec(_SCALE.value, _WAN_LAYERS.value)
@@ -254,9 +256,7 @@ def main(argv):
     print("\n".join(f"{name}: {line}" for line in new_param_report(r["log"])), flush=True)
     if r["rc"] != 0:
       print(summary(results))
-      print(f"error: stage {name} failed with exit code {r['rc']}; the end of {r['log']}:\n{tail(r['log'])}",
-            file=sys.stderr)
-      sys.exit(1)
+      cli.fail(f"stage {name} failed with exit code {r['rc']}; the end of {r['log']}:\n{tail(r['log'])}")
   print(summary(results))
   if "generate" in results:
     print(f"video: {work}/video.mp4")
@@ -267,4 +267,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -26,38 +26,27 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/tiny.py:sft.")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli.py, also when run through runpy
+import cli  # noqa: E402
+
+_CONFIG = cli.define_config(required=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints and logs.")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this many steps in this call.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "Multi-process: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: process count (or JAX_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index (or JAX_PROCESS_ID).")
-_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", None,
-                                  "Multi-process: seconds before a silent host is declared dead and the "
-                                  "others exit (or IDCRAFTER_HEARTBEAT_TIMEOUT_S; JAX's default 100).")
-flags.mark_flags_as_required(["config", "workdir"])
+_HOSTS = cli.define_host_flags()
+flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   del argv
   import jax
-  from idcrafter_jax import validation
-  from idcrafter_jax.training import checkpoint
   from idcrafter_jax import distributed
-  from idcrafter_jax.training import loop
-  checkpoint.quiet_third_party_logs(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
-  distributed.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                   _HEARTBEAT.value)
+  from idcrafter_jax.training import checkpoint, loop
+  _HOSTS.initialize()
   config = _CONFIG.value
-  try:  # the whole config, before any model is loaded or compiled
-    validation.validate(config, mode="train", devices=jax.device_count(), process_count=jax.process_count())
-  except validation.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  # the whole config, before any model is loaded or compiled
+  cli.validate(config, mode="train", devices=jax.device_count(), process_count=jax.process_count())
   if distributed.is_primary():
     print(config)
   mode = config.train.mode
@@ -73,8 +62,7 @@ def main(argv):
     print(e, flush=True)
     sys.exit(e.EXIT_CODE)
   except (loop.TooManyBadSteps, loop.WorkdirLocked) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(e.EXIT_CODE)
+    cli.fail(e, e.EXIT_CODE)
   except checkpoint.CheckpointSaveError as e:
     # Orbax may leave threads of the failed save waiting minutes: exit without joining them
     print(f"error: {e}", file=sys.stderr, flush=True)
@@ -86,8 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from idcrafter_jax import validation as _validation
-  if _validation.moved_flags(sys.argv):  # the flag parser would only say the key does not exist
-    print("error: " + " ".join(_validation.moved_flags(sys.argv)), file=sys.stderr)
-    sys.exit(2)
-  app.run(main)
+  cli.run(main)

@@ -18,7 +18,7 @@ import ml_collections
 import pytest
 from absl import flags
 
-from idcrafter_jax.models import idcrafter
+from idcrafter_jax.inference import loading
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -86,14 +86,14 @@ def parse(script: str, argv: list[str]) -> dict:
   {flag name: value} of the flags it defined. They are removed afterwards, so that the next
   script can define them again."""
   before = set(flags.FLAGS)
-  old_argv = sys.argv
+  old_argv, old_path = sys.argv, list(sys.path)
   sys.argv = argv  # config_flags reads the overrides from sys.argv
   try:
     runpy.run_path(str(ROOT / script), run_name="cli_check")
     flags.FLAGS(argv)
     return {name: flags.FLAGS[name].value for name in set(flags.FLAGS) - before}
   finally:
-    sys.argv = old_argv
+    sys.argv, sys.path[:] = old_argv, old_path  # the script puts launch/ first for its cli.py
     for name in set(flags.FLAGS) - before:
       delattr(flags.FLAGS, name)
     flags.FLAGS.unparse_flags()
@@ -135,7 +135,7 @@ def test_doc_command_parses_and_its_overrides_take_effect(script, units, tmp_pat
     elif _is_path(u):  # a plain flag given a temporary path
       assert raw == values[name] or raw in values[name], f"--{name}={raw} gave {values[name]!r}"
   if isinstance(config, ml_collections.ConfigDict) and "model" in config:
-    idcrafter.IDCrafterConfig.from_config(config)  # the run config resolves to a model
+    loading.idcrafter_config(config)  # the run config resolves to a model
 
 
 def test_unset_config_paths_are_settable(tmp_path, monkeypatch):

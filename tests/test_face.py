@@ -137,7 +137,7 @@ def test_box_landmarks_place_the_template_in_the_box():
 def test_convert_script_roundtrip_from_pth(tiny_iresnet, tmp_path):
   net, model, params = tiny_iresnet
   torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()}}, tmp_path / "r.pth")
-  script = os.path.join(os.path.dirname(__file__), "..", "scripts", "convert_face_checkpoint.py")
+  script = os.path.join(os.path.dirname(__file__), "..", "launch", "convert_face_checkpoint.py")
   done = subprocess.run([sys.executable, script, "--input", str(tmp_path / "r.pth"), "--output", str(tmp_path / "out"),
                          "--input_size", "32"], capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert done.returncode == 0, done.stderr

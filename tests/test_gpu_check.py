@@ -31,6 +31,7 @@ def gpu_check():
 
 def test_sizes_and_settings_follow_the_config(gpu_check):
   from idcrafter_jax import config
+  from idcrafter_jax.models import wan_dit
   assert gpu_check.WAN_1_3B == wan_dit.WAN_VARIANTS["1.3B"]
   assert gpu_check.WAN_TINY == wan_dit.WAN_VARIANTS["tiny"]
   tc = config.train_config()

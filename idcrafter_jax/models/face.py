@@ -15,7 +15,7 @@ names, so one loader reads both (the variant is read from the keys).
 Input: aligned faces (B, S, S, 3) RGB in [0, 1] (S = 112 for the public checkpoints); the
 network sees (x - 0.5) / 0.5 as arcface_torch's evaluation does. Output: (B, num_features)
 embeddings (not normalised). Checkpoints: `convert_state_dict` (the library side of
-`scripts/convert_face_checkpoint.py`, which reads the PyTorch file) writes a state dict as
+`launch/convert_face_checkpoint.py`, which reads the PyTorch file) writes a state dict as
 safetensors with the insightface key names.
 
 Alignment (`align_faces`): the similarity transform (rotation, uniform scale, translation)

@@ -208,17 +208,3 @@ def abstract_like(tree):
   """ShapeDtypeStructs (with shardings, where the arrays have them) of a tree of arrays."""
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
-
-
-def quiet_third_party_logs(verbosity: int | None = None) -> None:
-  """Hides the INFO lines of Orbax, JAX and absl (e.g. "Closing _NonBlockingMetadataStore")
-  unless absl's `--verbosity` asks for them: pass its value when the flag was given, else None
-  (warnings and errors only). Call at the start of a launch script's `main`."""
-  from absl import logging as absl_logging
-  if verbosity is None:
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    level = logging.WARNING
-  else:
-    level = absl_logging.converter.absl_to_standard(verbosity)
-  for name in ("absl", "jax", "orbax", "etils", "tensorstore"):
-    logging.getLogger(name).setLevel(level)

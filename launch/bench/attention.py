@@ -21,7 +21,6 @@ covers all queries.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -31,14 +30,21 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # launch/: cli.py
+import cli  # noqa: E402
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from idcrafter_jax.attention import attention  # noqa: E402
 from idcrafter_jax.aot import report, tpu  # noqa: E402
 from kernels import flash_attention as fa  # noqa: E402
+
+flags.DEFINE_list("sections", ["cpu", "tpu", "run"], "Sections to run: cpu, tpu, run.")
+flags.DEFINE_integer("seq", 8192, "Sequence length of the cpu / tpu / run sections.")
+flags.DEFINE_integer("ring_seq", 4096, "global length of the CPU ring section")
+flags.DEFINE_enum("model", "1.3B", sorted(tpu.WAN_HEADS), "Wan size whose heads are used.")
+flags.DEFINE_integer("repeats", 5, "Timed repetitions of the run section.")
 
 MiB = 2 ** 20
 
@@ -146,17 +152,12 @@ def run_section(args):
     print(f"  {impl:<8} fwd+bwd {dt * 1e3:8.2f} ms   {flops / dt / 1e12:7.1f} TFLOP/s")
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--sections", default="cpu,tpu,run")
-  p.add_argument("--seq", type=int, default=8192)
-  p.add_argument("--ring_seq", type=int, default=4096, help="global length of the CPU ring section")
-  p.add_argument("--model", default="1.3B", choices=sorted(tpu.WAN_HEADS))
-  p.add_argument("--repeats", type=int, default=5)
-  args = p.parse_args()
+def main(argv):
+  del argv
+  args = flags.FLAGS
   print(f"jax {jax.__version__}; block_q={fa.DEFAULT_BLOCK_Q} block_k={fa.DEFAULT_BLOCK_K} "
         f"(at L={args.seq}: {fa.choose_blocks(args.seq, args.seq, tpu=True)})")
-  sections = set(args.sections.split(","))
+  sections = set(args.sections)
   if "cpu" in sections:
     cpu_section(args)
   if "tpu" in sections:
@@ -166,4 +167,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

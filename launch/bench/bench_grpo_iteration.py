@@ -501,6 +501,7 @@ def define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # launch/: cli.py
+  import cli
   define_flags()
-  app.run(main)
+  cli.run(main)

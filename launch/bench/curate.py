@@ -23,7 +23,10 @@ import tempfile
 import time
 from concurrent import futures
 
-from absl import app, flags
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # launch/: cli.py
+import cli  # noqa: E402
 
 _VIDEOS = flags.DEFINE_integer("videos", 8, "Synthetic videos.")
 _SCENES = flags.DEFINE_integer("scenes", 4, "Scenes (shots) per video.")
@@ -96,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -24,7 +24,6 @@ a check fails.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -38,8 +37,10 @@ import traceback
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]  # timing.py; the repo's packages
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # timing.py; cli.py (which adds the repo's packages)
 
+import cli  # noqa: E402
+from absl import flags  # noqa: E402
 from timing import median_time, median_times  # noqa: E402  (launch/bench/timing.py)
 
 from idcrafter_jax.models.wan_dit import WAN_VARIANTS  # noqa: E402  (the size table, Table S.1)
@@ -457,25 +458,26 @@ def environment():
               devices=jax.device_count(), python=sys.version.split()[0], cpus=os.cpu_count())
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--size", choices=sorted(SIZES), default="full")
-  p.add_argument("--sections", default="attention,dit", help="comma-separated: attention, dit")
-  p.add_argument("--impls", default="pallas,xla", help="JAX attention impls for the DiT")
-  p.add_argument("--remat_policy", default="dots_no_batch_attention",
-                 help="JAX DiT remat policy (layers.REMAT_POLICIES); diffusers stores everything")
-  p.add_argument("--budget_s", type=float, default=400.0,
-                 help="DiT parts not started after this many seconds are skipped")
-  p.add_argument("--json", default=None, help="summary path (default $OUT/gpu_check.json)")
-  p.add_argument("--torch_side", default=None, help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
+def define_flags():
+  flags.DEFINE_enum("size", "full", sorted(SIZES), "full (a GPU) or tiny (a CPU smoke run).")
+  flags.DEFINE_list("sections", ["attention", "dit"], "comma-separated: attention, dit")
+  flags.DEFINE_list("impls", ["pallas", "xla"], "JAX attention impls for the DiT")
+  flags.DEFINE_string("remat_policy", "dots_no_batch_attention",
+                      "JAX DiT remat policy (layers.REMAT_POLICIES); diffusers stores everything")
+  flags.DEFINE_float("budget_s", 400.0, "DiT parts not started after this many seconds are skipped")
+  flags.DEFINE_string("json", None, "summary path (default $OUT/gpu_check.json)")
+  flags.DEFINE_string("torch_side", None, "Internal: run the diffusers side, writing into this folder.")
+
+
+def main(argv):
+  del argv
+  args = flags.FLAGS
   size = SIZES[args.size]
   if args.torch_side:
     torch_side(size, args.torch_side)
     return 0
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch runs in the same GPU
-  args.impls = [s for s in args.impls.split(",") if s]
-  sections = [s for s in args.sections.split(",") if s]
+  sections = list(args.sections)
   rep = Report()
   rep.data.update(size=args.size, sections=sections)
   status = 1
@@ -488,7 +490,7 @@ def main(argv=None):
       rep.line(f"gpu_check --size {args.size}: jax {env['jax']} on {env['device']} "
                f"({env['backend']}, {env['devices']} devices), python {env['python']}")
       if args.size == "full" and env["backend"] != "gpu":
-        raise SystemExit("--size full needs a GPU; use --size tiny on a CPU.")
+        cli.fail("--size full needs a GPU; use --size tiny on a CPU.")
       for name, fn in (("attention", lambda: check_attention(size, rep)),
                        ("dit", lambda: check_dit(args, size, rep, folder, torch_info))):
         if name not in sections:
@@ -516,4 +518,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  cli.run(main)

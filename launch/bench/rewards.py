@@ -10,20 +10,33 @@ L14 = ViT-L/14 (768-d, the LAION head's); --face_depth one of 18, 34, 50, 100, 2
 """
 from __future__ import annotations
 
-import argparse
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-from flax import linen as nn
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # launch/: cli.py
+import cli  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import flags  # noqa: E402
+from flax import linen as nn  # noqa: E402
 
-from idcrafter_jax.models import aesthetic, clip, face
-from idcrafter_jax.rl import reward_models
+from idcrafter_jax.models import aesthetic, clip, face  # noqa: E402
+from idcrafter_jax.rl import reward_models  # noqa: E402
 
 CLIP_SIZES = {  # (vision width, layers, heads, patch, projection): the OpenAI CLIP checkpoints
     "B32": (768, 12, 12, 32, 512),
     "L14": (1024, 24, 16, 14, 768),
 }
+
+flags.DEFINE_integer("face_depth", 100, "iResNet depth: 18, 34, 50, 100 or 200.")
+flags.DEFINE_enum("clip", "B32", sorted(CLIP_SIZES), "CLIP vision tower size.")
+flags.DEFINE_integer("batch", 1, "Videos per call.")
+flags.DEFINE_integer("frames", 8, "Frames per video.")
+flags.DEFINE_integer("subjects", 2, "Subjects per video.")
+flags.DEFINE_integer("height", 240, "Frame height.")
+flags.DEFINE_integer("width", 416, "Frame width.")
+flags.DEFINE_integer("repeats", 2, "Timed calls after the first.")
 
 
 def _timed(fn, repeats):
@@ -36,17 +49,9 @@ def _timed(fn, repeats):
   return first, (time.perf_counter() - t0) / repeats
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--face_depth", type=int, default=100)
-  ap.add_argument("--clip", choices=sorted(CLIP_SIZES), default="B32")
-  ap.add_argument("--batch", type=int, default=1)
-  ap.add_argument("--frames", type=int, default=8)
-  ap.add_argument("--subjects", type=int, default=2)
-  ap.add_argument("--height", type=int, default=240)
-  ap.add_argument("--width", type=int, default=416)
-  ap.add_argument("--repeats", type=int, default=2)
-  a = ap.parse_args()
+def main(argv):
+  del argv
+  a = flags.FLAGS
 
   key = jax.random.PRNGKey(0)
   fm = face.IResNet(face.IResNetConfig(blocks=tuple(face.depth_blocks(a.face_depth))))
@@ -78,4 +83,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -10,14 +10,16 @@ step), so they are noisy; the window means are what to read.
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # launch/: cli.py
+import cli  # noqa: E402
+from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py:sft", "Run config.")
+_CONFIG = cli.define_config("configs/tiny.py:sft", "Run config.")
 
 _STEPS = flags.DEFINE_integer("steps", 300, "SFT steps.")
 _WINDOW = flags.DEFINE_integer("window", 50, "Steps averaged at each end.")
@@ -30,6 +32,7 @@ def main(argv):
   from idcrafter_jax.training import metrics, sft
   c = _CONFIG.value
   c.train.update(steps=_STEPS.value, lr=_LR.value, log_every=1, ckpt_every=max(50, _STEPS.value // 4))
+  cli.validate(c, mode="sft")
   sft.run(c, _WORKDIR.value)
   loss = np.array([r["loss"] for r in metrics.read_metrics(_WORKDIR.value) if isinstance(r.get("loss"), float)])
   w = min(_WINDOW.value, len(loss) // 2)
@@ -41,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

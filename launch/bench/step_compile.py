@@ -12,11 +12,13 @@ update (checked on one step).
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # launch/: cli.py
+import cli  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -30,10 +32,11 @@ def tiny_step_inputs():
   spec = importlib.util.spec_from_file_location("tiny_config", path)
   tiny = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tiny)
+  from idcrafter_jax.inference import loading
   from idcrafter_jax.models import idcrafter, wan_dit
   from idcrafter_jax.training import train_state
   c = tiny.get_config()
-  cfg = idcrafter.IDCrafterConfig.from_config(c)
+  cfg = loading.idcrafter_config(c)
   wan = wan_dit.WanDiT(cfg.wan)
   wp = nn.unbox(wan.init(jax.random.key(0), jnp.zeros((1, 1, 4, 4, 16)), jnp.zeros((1,)),
                          jnp.zeros((1, 3, cfg.wan.text_dim)))["params"])
@@ -87,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -27,7 +27,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
-from absl import app, flags  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # launch/: cli.py
+import cli  # noqa: E402
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -36,7 +38,7 @@ from flax import linen as nn  # noqa: E402
 from idcrafter_jax import convert, sharding  # noqa: E402
 from idcrafter_jax.aot import report, tpu  # noqa: E402
 from idcrafter_jax.models import qwen2_5_vl as qv  # noqa: E402
-from idcrafter_jax.models import qwen2_5_vl_convert  # noqa: E402
+from idcrafter_jax.models.qwen2_5_vl import convert as vlm_convert  # noqa: E402
 
 SECTIONS = flags.DEFINE_list("sections", ["forward", "memory", "tpu"], "Sections to run.")
 REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median reported).")
@@ -142,7 +144,7 @@ def abstract_7b(mesh):
   module = qv.Qwen2_5_VL(qv.VARIANTS["7B"], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   boxed = qv.abstract_params(module)
   unboxed = nn.unbox(boxed)
-  shards = qwen2_5_vl_convert.fit_shardings(sharding.param_shardings(boxed, mesh), unboxed)
+  shards = vlm_convert.fit_shardings(sharding.param_shardings(boxed, mesh), unboxed)
   params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   unboxed, shards)
   return module, params
@@ -215,4 +217,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
