@@ -10,12 +10,15 @@ are listed as not scored), and writes out/per_video/<id>.json, out/summary.json 
 out/results.md (a Markdown table like Table S.2). Resumable: ids that already have a per-video
 JSON are not scored again, except those recorded as failed, which a rerun scores again (counted
 as `retried` in the summary) unless `skip_failed` is set. A video or reference image that cannot
-be read is recorded with its error and left out of the means; it does not stop the run.
+be read is recorded with its error and left out of the means; it does not stop the run. A bad
+prompt set (an id that is not a plain file name, an image path leaving image_root, a file that is
+not such a JSON) is refused first, every problem in one `PromptSetError` (`read_prompt_set`).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Callable, Mapping
 
 import jax
@@ -34,17 +37,116 @@ SCORER_OF = {"aesthetic": "aesthetic", "face_sim": "face_sim", "gme_score": "gme
              "nexus_score": "nexus_score", "natural_score": "q_align"}
 
 
-def read_prompt_set(path: str) -> dict[str, dict]:
-  """The OpenS2V-Eval JSON, checked: {id: {"prompt": str, "img_paths": [str, ...]}}."""
+EXPECTED = 'an OpenS2V-Eval prompt JSON mapping id -> {"prompt": str, "img_paths": [str, ...]}'
+# An id names files (per_video/<id>.json, <videos>/<id>.mp4), so it must be a plain file name.
+ID_RULE = ("a plain file name: non-empty, at most 200 UTF-8 bytes, not starting with '.', without '/', '\\' "
+           "or control characters (NUL included), and not equal to another id ignoring case")
+_BAD_ID_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+class PromptSetError(ValueError):
+  """A prompt set `read_prompt_set` refuses; `problems` holds one line per problem."""
+
+  def __init__(self, path: str, problems: list[str]):
+    self.path, self.problems = path, list(problems)
+    super().__init__(f"prompt set {path!r}: {len(self.problems)} problem(s); expected {EXPECTED}:\n  "
+                     + "\n  ".join(self.problems))
+
+
+def _id_problem(vid: str) -> str | None:
+  """Why `vid` is not a plain file name (ID_RULE), or None."""
+  if not vid:
+    return "is empty"
+  bad = sorted(set(_BAD_ID_CHARS.findall(vid)))
+  why = (["starts with '.'"] if vid.startswith(".") else []) + (
+      [f"contains {', '.join(repr(c) for c in bad)}"] if bad else []) + (
+      ["is longer than 200 UTF-8 bytes"] if len(vid.encode("utf-8")) > 200 else [])
+  return " and ".join(why) or None
+
+
+def _json_type(x) -> str:
+  return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+      type(x), "a number")
+
+
+def _image_problem(root: str, rel) -> str | None:
+  """Why the image path `rel` does not name a file inside the folder `root` (a realpath), or None."""
+  if not isinstance(rel, str) or not rel:
+    return f"image path {rel!r} is not a non-empty string"
+  if "\x00" in rel:
+    return f"image path {rel!r} contains NUL"
+  if os.path.isabs(rel):
+    return f"image path {rel!r} is absolute; expected a path relative to image_root"
+  target = os.path.realpath(os.path.join(root, rel))
+  if target == root or os.path.commonpath([root, target]) != root:
+    return f"image path {rel!r} resolves to {target!r}, outside image_root {root!r}"
+  return None
+
+
+def read_prompt_set(path: str, image_root: str | None = None) -> dict[str, dict]:
+  """The OpenS2V-Eval JSON, checked before anything is built: {id: {"prompt": str, "img_paths": [str, ...]}}.
+
+  Each id must be a plain file name (ID_RULE); each prompt a non-empty string; `img_paths` (optional) a list of paths
+  relative to `image_root` that resolve (os.path.realpath) inside it, when `image_root` is given
+  ("" is the working directory). A missing image is not refused here (scoring records it).
+  Raises one `PromptSetError` naming every bad id, entry and path."""
   if not os.path.isfile(path):
-    raise ValueError(f"prompt set {path!r} does not exist; expected an OpenS2V-Eval JSON file.")
-  with open(path) as f:
-    data = json.load(f)
-  if not isinstance(data, dict) or not data:
-    raise ValueError(f"{path}: expected a non-empty JSON object {{id: {{prompt, img_paths}}}}.")
-  for k, v in data.items():
-    if not isinstance(v, dict) or not isinstance(v.get("prompt"), str) or not isinstance(v.get("img_paths", []), list):
-      raise ValueError(f"{path}: entry {k!r} must be {{\"prompt\": str, \"img_paths\": [str, ...]}}; got {v!r}.")
+    raise PromptSetError(path, ["the file does not exist"])
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    text = raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise PromptSetError(path, [f"not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at offset {e.start})"]) from None
+  duplicates = []
+
+  def pairs(items):
+    seen = {}
+    for k, v in items:
+      if k in seen:
+        duplicates.append(k)
+      seen[k] = v
+    return seen
+  try:
+    data = json.loads(text, object_pairs_hook=pairs)
+  except ValueError as e:
+    raise PromptSetError(path, [f"not JSON ({e})"]) from None
+  if not isinstance(data, dict):
+    raise PromptSetError(path, [f"the top level is {_json_type(data)}, not an object"])
+  if not data:
+    raise PromptSetError(path, ["no ids (an empty object)"])
+  problems = [f"key {k!r} appears more than once (JSON keeps only the last)" for k in dict.fromkeys(duplicates)]
+  root = None if image_root is None else os.path.realpath(image_root or os.curdir)
+  folded: dict[str, list[str]] = {}
+  bad_ids = False
+  for vid, entry in data.items():
+    why = _id_problem(vid)
+    if why:
+      problems.append(f"id {vid!r} {why}")
+      bad_ids = True
+    folded.setdefault(vid.casefold(), []).append(vid)
+    if not isinstance(entry, dict):
+      problems.append(f"id {vid!r}: the entry is {_json_type(entry)}, not an object {{prompt, img_paths}}")
+      continue
+    prompt = entry.get("prompt")
+    if not isinstance(prompt, str):
+      problems.append(f"id {vid!r}: 'prompt' is {'missing' if 'prompt' not in entry else repr(prompt)}; "
+                      "expected a string")
+    elif not prompt.strip():
+      problems.append(f"id {vid!r}: 'prompt' is empty")
+    img_paths = entry.get("img_paths", [])
+    if not isinstance(img_paths, list):
+      problems.append(f"id {vid!r}: 'img_paths' is {img_paths!r}; expected a list of paths")
+    elif root is not None:
+      problems += [f"id {vid!r}: {why}" for why in (_image_problem(root, p) for p in img_paths) if why]
+  for same in folded.values():
+    if len(same) > 1:
+      problems.append(f"ids {', '.join(map(repr, same))} name the same file on a case-insensitive file system")
+      bad_ids = True
+  if bad_ids:
+    problems.append(f"an id must be {ID_RULE}")
+  if problems:
+    raise PromptSetError(path, problems)
   return data
 
 
@@ -167,7 +269,7 @@ def run(cfg, scorers: Mapping[str, Callable], *, generate_fn: Callable | None = 
   """Scores the prompt set of `cfg` (configs/eval_opens2v.py) and writes the outputs; returns the summary.
   generate_fn(prompt, subjects uint8 list, seed) -> uint8 (T, H, W, 3), used for missing videos."""
   from tqdm import tqdm
-  prompts = read_prompt_set(cfg.prompts)
+  prompts = read_prompt_set(cfg.prompts, cfg.image_root)  # ids and image paths, before any work
   if not cfg.videos:
     raise ValueError("config.videos is empty; expected the folder of <id>.mp4 videos (read or generated).")
   if not os.path.isdir(cfg.videos) and not generate_fn:
@@ -218,15 +320,9 @@ def _cached(path: str) -> dict | None:
 
 def make_generator(cfg) -> Callable:
   """generate_fn for `run` from the model config file `cfg.model_config` and the folders in cfg.init."""
-  import importlib.util
-
+  from idcrafter_jax import config as config_lib
   from idcrafter_jax.inference import loading  # only generation needs the DiT pipeline
-  spec = importlib.util.spec_from_file_location("model_config", cfg.model_config)
-  if spec is None or not os.path.isfile(cfg.model_config):
-    raise ValueError(f"model_config {cfg.model_config!r} is not a config file.")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  model_config = mod.get_config()
+  model_config = config_lib.load_config_file(cfg.model_config)
   pipe = loading.load_pipeline(model_config, cfg.init)
   max_subjects = model_config.model.max_subjects
   size = (model_config.subjects.height, model_config.subjects.width)
