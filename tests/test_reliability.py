@@ -2,7 +2,6 @@
 themselves and fail fast, one run per workdir, metrics never duplicated, checkpoint meta round
 trips, launch/train.py's exit codes and quiet logs."""
 import json
-import logging
 import os
 import re
 import shutil
@@ -23,7 +22,7 @@ from configs import tiny as tiny_config
 from idcrafter_jax.inference import loading
 from idcrafter_jax.training import checkpoint as ckpt_lib
 from idcrafter_jax.rl import grpo
-from idcrafter_jax.training import loop, metrics, sft, train_state
+from idcrafter_jax.training import loop, metrics, run_lock, sft, train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,7 +108,7 @@ def test_nan_lr_run_stops_after_max_bad_steps_and_keeps_the_last_good_checkpoint
     sft.run(c, workdir, data_iterator=_Batches(), progress=False)
   assert e.value.EXIT_CODE not in (0, 1, loop.Preempted.EXIT_CODE)
   assert [r["update_ok"] for r in metrics.read_metrics(workdir)] == [0.0, 0.0, 0.0]
-  assert not os.path.exists(os.path.join(workdir, loop.RunLock.NAME))  # released on the way out
+  assert not os.path.exists(os.path.join(workdir, run_lock.RunLock.NAME))  # released on the way out
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, async_save=False)
   assert ck.manager.all_steps() == [1, 2]  # step 3, the third bad one in a row, was not saved
   meta = ck.manager.restore(2, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -241,10 +240,10 @@ def test_the_session_retries_a_failed_async_save_at_the_next_step(tmp_path, monk
 
 def test_a_second_run_on_a_locked_workdir_is_refused(tmp_path):
   first = loop.TrainSession(str(tmp_path), _tc(), "sft")
-  lock_path = os.path.join(str(tmp_path), loop.RunLock.NAME)
+  lock_path = os.path.join(str(tmp_path), run_lock.RunLock.NAME)
   holder = json.load(open(lock_path))
   assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
-  with pytest.raises(loop.WorkdirLocked, match=f"in use by the run of pid {os.getpid()}.*{re.escape(lock_path)}"):
+  with pytest.raises(run_lock.WorkdirLocked, match=f"in use by the run of pid {os.getpid()}.*{re.escape(lock_path)}"):
     loop.TrainSession(str(tmp_path), _tc(), "sft")
   first.close()
   assert not os.path.exists(lock_path)
@@ -254,7 +253,7 @@ def test_a_second_run_on_a_locked_workdir_is_refused(tmp_path):
   try:
     json.dump({"host": socket.gethostname(), "pid": other.pid, "start": time.time(), "heartbeat": time.time()},
               open(lock_path, "w"))
-    with pytest.raises(loop.WorkdirLocked, match=f"pid {other.pid}"):
+    with pytest.raises(run_lock.WorkdirLocked, match=f"pid {other.pid}"):
       loop.TrainSession(str(tmp_path), _tc(), "sft")
   finally:
     other.kill()
@@ -262,7 +261,7 @@ def test_a_second_run_on_a_locked_workdir_is_refused(tmp_path):
 
 
 def test_a_stale_lock_is_taken_over(tmp_path, capsys):
-  lock_path = os.path.join(str(tmp_path), loop.RunLock.NAME)
+  lock_path = os.path.join(str(tmp_path), run_lock.RunLock.NAME)
   gone = subprocess.Popen([sys.executable, "-c", "pass"])
   gone.wait()
   old = time.time() - 3600
@@ -277,10 +276,10 @@ def test_a_stale_lock_is_taken_over(tmp_path, capsys):
     session.close()
     assert "taking over the lock" in capsys.readouterr().out
   json.dump({"host": "elsewhere", "pid": 1, "start": old, "heartbeat": time.time()}, open(lock_path, "w"))
-  with pytest.raises(loop.WorkdirLocked, match="host elsewhere"):  # alive: a fresh heartbeat
+  with pytest.raises(run_lock.WorkdirLocked, match="host elsewhere"):  # alive: a fresh heartbeat
     loop.TrainSession(str(tmp_path), _tc(), "sft")
   os.remove(lock_path)
-  lock = loop.RunLock(str(tmp_path), heartbeat_s=0.05)
+  lock = run_lock.RunLock(str(tmp_path), heartbeat_s=0.05)
   lock.acquire()
   first = json.load(open(lock_path))["heartbeat"]
   time.sleep(0.5)
@@ -345,20 +344,6 @@ def test_bad_steps_count_only_updates_skipped_in_a_row():
 
 
 # ---------------------------------------------------------------------------- launch/train.py
-
-
-def test_quiet_third_party_logs():
-  from absl import logging as absl_logging
-  before = absl_logging.get_verbosity()
-  try:
-    ckpt_lib.quiet_third_party_logs(None)
-    assert logging.getLogger("orbax").level == logging.WARNING and absl_logging.get_verbosity() == absl_logging.WARNING
-    ckpt_lib.quiet_third_party_logs(1)
-    assert logging.getLogger("absl").level == logging.DEBUG
-  finally:
-    absl_logging.set_verbosity(before)
-    for name in ("absl", "jax", "orbax", "etils", "tensorstore"):
-      logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 _FAKE_RUN = """

@@ -6,7 +6,8 @@ import os
 import numpy as np
 
 from configs import tiny as tiny_config
-from idcrafter_jax.training import loop, metrics, sft
+from idcrafter_jax.data import synthetic
+from idcrafter_jax.training import metrics, sft
 
 
 def test_a_corrupt_clip_is_skipped_counted_and_training_goes_on(tmp_path):
@@ -15,7 +16,7 @@ def test_a_corrupt_clip_is_skipped_counted_and_training_goes_on(tmp_path):
   c.sampling.num_frames = 5
   c.train.update(steps=4, log_every=1, ckpt_every=4, async_ckpt=False)
   workdir = str(tmp_path)
-  loop.prepare_data(c, workdir)
+  synthetic.prepare_data(c, workdir)
   clips = sorted(glob.glob(os.path.join(c.data.folder, "clips", "*.mp4")))
   with open(clips[1], "wb") as f:
     f.write(b"\x00not an mp4")

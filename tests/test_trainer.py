@@ -21,7 +21,7 @@ from idcrafter_jax.models import idcrafter, wan_dit
 
 def _model():
   c = tiny_config.get_config()
-  cfg = idcrafter.IDCrafterConfig.from_config(c)
+  cfg = loading.idcrafter_config(c)
   wan = wan_dit.WanDiT(cfg.wan)
   x = jnp.zeros((1, 1, 4, 4, 16))
   wp = nn.unbox(wan.init(jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1, 3, cfg.wan.text_dim)))["params"])

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
+import jax
 import numpy as np
 from PIL import Image
 
 from idcrafter_jax import video as video_io
+from idcrafter_jax.data import pipeline as data_pipeline
 
 COLORS = {  # name -> RGB
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
@@ -171,3 +174,30 @@ def write_dataset(root: str, *, num_clips: int = 16, num_frames: int = 17, heigh
       json.dump(meta, f, indent=1)
     paths.append(path)
   return paths
+
+
+def prepare_data(config, workdir: str):
+  """For `data.synthetic_clips` > 0 with no `data.folder`, writes the synthetic dataset (at the
+  run's sizes, `data.sizes_from`) into workdir/synthetic_data once (deterministic) and points
+  `data.folder` at it."""
+  if config.data.folder:
+    return
+  if config.data.synthetic_clips <= 0:
+    raise ValueError("data.folder is empty: point it at a dataset (an OpenS2V-style folder or ArrayRecord "
+                     "shards, see idcrafter_jax/data) or set data.synthetic_clips > 0.")
+  root = os.path.join(os.path.abspath(workdir), "synthetic_data")
+  if not os.path.isdir(os.path.join(root, "meta")):
+    # every host writes the same (deterministic) dataset aside and renames it into place: the
+    # first rename wins, whether or not the hosts share the workdir
+    d, sizes = config.data, data_pipeline.sizes_from(config)
+    tmp = f"{root}.tmp{jax.process_index()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_dataset(tmp, num_clips=d.synthetic_clips, test_clips=d.synthetic_test_clips,
+                  num_frames=sizes["num_frames"], height=max(sizes["height"], 16),
+                  width=max(sizes["width"], 16), max_subjects=sizes["max_subjects"], seed=config.seed)
+    try:
+      os.rename(tmp, root)
+    except OSError:  # another host's copy is in place
+      shutil.rmtree(tmp, ignore_errors=True)
+  with config.unlocked():
+    config.data.folder = root

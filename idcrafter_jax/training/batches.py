@@ -1,6 +1,6 @@
 """Data batches (`idcrafter_jax.data`) -> the DiT's inputs, through the frozen encoders unless cached.
 
-SFT feeds `model_batch` to its train step; Flow-GRPO conditions its rollouts on
+SFT feeds `BatchEncoder.model_batch` to its train step; Flow-GRPO conditions its rollouts on
 `condition_batch`. Latents and VLM features that `data.precompute` cached are used as they are;
 otherwise the pipeline's VAE and Qwen2.5-VL compute them (the same functions, so both agree).
 
@@ -11,6 +11,8 @@ works on host-side images and strings, encodes each host's rows on that host and
 are placed alike.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,24 +26,56 @@ from idcrafter_jax import distributed
 MODEL_INPUTS = ("latents", "f_txt", "f_txt_mask", "subject_latents", "subject_mask")
 
 
+class BatchEncoder:
+  """Data batches -> the DiT's inputs for one pipeline on one mesh (global arrays with `mesh`);
+  the VAE's params are replicated on the mesh when first needed and kept for the next batches."""
+
+  def __init__(self, pipe, mesh=None, global_batch_size: int | None = None):
+    self.pipe, self.mesh = pipe, mesh
+    self.place = placer(mesh, global_batch_size)
+
+  @functools.cached_property
+  def vae_params(self):
+    return replicated_vae_params(self.pipe, self.mesh)
+
+  def condition_batch(self, raw: dict) -> dict:
+    """f_txt, f_txt_mask, subject_latents, subject_mask of a data batch."""
+    pipe, place = self.pipe, self.place
+    out = place({"subject_mask": np.asarray(raw["subject_mask"], bool)})
+    if "subject_latents" in raw:
+      out.update(place({"subject_latents": raw["subject_latents"]}))
+    else:
+      images = place({"subject_images": np.asarray(raw["subject_images"], np.float32)})["subject_images"]
+      out["subject_latents"] = conditioning.subject_latents(pipe.vae, self.vae_params, images)
+    if "f_txt" in raw:
+      out.update(place({"f_txt": raw["f_txt"], "f_txt_mask": np.asarray(raw["f_txt_mask"], bool)}))
+    else:
+      imgs = np.asarray(video_io.to_uint8(np.asarray(raw["subject_images"])))
+      mask = np.asarray(raw["subject_mask"], bool)
+      subjects = [[imgs[i, j] for j in range(imgs.shape[1]) if mask[i, j]] for i in range(imgs.shape[0])]
+      f_txt, f_txt_mask = _encode_text(pipe, [str(c) for c in raw["caption"]], subjects)
+      out.update(place({"f_txt": f_txt, "f_txt_mask": f_txt_mask}))
+    return out
+
+  def model_batch(self, raw: dict) -> dict:
+    """`condition_batch` plus the clip's latents: every key of `MODEL_INPUTS`."""
+    out = self.condition_batch(raw)
+    if "latents" in raw:
+      out.update(self.place({"latents": raw["latents"]}))
+    else:
+      video = self.place({"video": np.asarray(raw["video"], np.float32)})["video"]
+      out["latents"] = conditioning.vae_latents(self.pipe.vae, self.vae_params, video)
+    return out
+
+
 def condition_batch(pipe, raw: dict, mesh=None, global_batch_size: int | None = None) -> dict:
-  """f_txt, f_txt_mask, subject_latents, subject_mask of a data batch (global arrays with `mesh`)."""
-  place = placer(mesh, global_batch_size)
-  out = place({"subject_mask": np.asarray(raw["subject_mask"], bool)})
-  if "subject_latents" in raw:
-    out.update(place({"subject_latents": raw["subject_latents"]}))
-  else:
-    images = place({"subject_images": np.asarray(raw["subject_images"], np.float32)})["subject_images"]
-    out["subject_latents"] = conditioning.subject_latents(pipe.vae, replicated_vae_params(pipe, mesh), images)
-  if "f_txt" in raw:
-    out.update(place({"f_txt": raw["f_txt"], "f_txt_mask": np.asarray(raw["f_txt_mask"], bool)}))
-  else:
-    imgs = np.asarray(video_io.to_uint8(np.asarray(raw["subject_images"])))
-    mask = np.asarray(raw["subject_mask"], bool)
-    subjects = [[imgs[i, j] for j in range(imgs.shape[1]) if mask[i, j]] for i in range(imgs.shape[0])]
-    f_txt, f_txt_mask = _encode_text(pipe, [str(c) for c in raw["caption"]], subjects)
-    out.update(place({"f_txt": f_txt, "f_txt_mask": f_txt_mask}))
-  return out
+  """f_txt, f_txt_mask, subject_latents, subject_mask of one data batch (`BatchEncoder`)."""
+  return BatchEncoder(pipe, mesh, global_batch_size).condition_batch(raw)
+
+
+def model_batch(pipe, raw: dict, mesh=None, global_batch_size: int | None = None) -> dict:
+  """Every key of `MODEL_INPUTS` of one data batch (`BatchEncoder`)."""
+  return BatchEncoder(pipe, mesh, global_batch_size).model_batch(raw)
 
 
 def placer(mesh, global_batch_size: int | None = None):
@@ -56,18 +90,11 @@ def placer(mesh, global_batch_size: int | None = None):
   return place
 
 
-_REPLICATED_VAE: dict = {}
-
-
 def replicated_vae_params(pipe, mesh):
-  """The VAE's params, replicated on `mesh` once (None: as loaded)."""
+  """The VAE's params replicated on `mesh` (None: as loaded)."""
   if mesh is None:
     return pipe.vae_params
-  key = (id(pipe.vae_params), id(mesh))
-  if key not in _REPLICATED_VAE:
-    _REPLICATED_VAE.clear()
-    _REPLICATED_VAE[key] = jax.device_put(pipe.vae_params, sharding.replicated(mesh))
-  return _REPLICATED_VAE[key]
+  return jax.device_put(pipe.vae_params, sharding.replicated(mesh))
 
 
 def _encode_text(pipe, prompts, subjects):
@@ -83,18 +110,6 @@ def _encode_text(pipe, prompts, subjects):
     inputs = conditioning.prepare_inputs(prompts, subjects, pipe.processor, buckets=(length,), **kw)
   f_txt = conditioning.vlm_hidden(pipe.vlm, pipe.vlm_params, inputs, hidden_layer=c.hidden_layer)
   return f_txt, jnp.asarray(inputs["attention_mask"], bool)
-
-
-def model_batch(pipe, raw: dict, mesh=None, global_batch_size: int | None = None) -> dict:
-  """`condition_batch` plus the clip's latents: every key of `MODEL_INPUTS` (global arrays with `mesh`)."""
-  out = condition_batch(pipe, raw, mesh, global_batch_size)
-  place = placer(mesh, global_batch_size)
-  if "latents" in raw:
-    out.update(place({"latents": raw["latents"]}))
-  else:
-    video = place({"video": np.asarray(raw["video"], np.float32)})["video"]
-    out["latents"] = conditioning.vae_latents(pipe.vae, replicated_vae_params(pipe, mesh), video)
-  return out
 
 
 def dit_condition(batch: dict) -> dict:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from idcrafter_jax import distributed, sharding
+from idcrafter_jax.data import synthetic
 from idcrafter_jax.sampling import flow
 from idcrafter_jax.training import batches, checkpoint as ckpt_lib, loop, metrics as metrics_lib, train_state
 
@@ -98,9 +99,8 @@ class _Steps:
   batch shape: text buckets) -> a logged row every `log_every` steps."""
 
   def __init__(self, pipe, mesh, tx, s_shard, config, it, writer, end, global_batch_size):
-    self.pipe, self.mesh, self.s_shard, self.tc, self.it, self.writer, self.end = (
-        pipe, mesh, s_shard, config.train, it, writer, end)
-    self.global_batch_size = global_batch_size
+    self.mesh, self.s_shard, self.tc, self.it, self.writer, self.end = mesh, s_shard, config.train, it, writer, end
+    self.encoder = batches.BatchEncoder(pipe, mesh, global_batch_size)  # each host's rows -> one global batch
     self.step_fn = make_train_step(pipe.dit.apply, tx, config.train)
     self.jitted = {}
     self.t_last, self.n_since = time.perf_counter(), 0
@@ -120,7 +120,7 @@ class _Steps:
   def __call__(self, step: int, state):
     from idcrafter_jax import data as data_lib
     # each host's rows become one global batch; the VAE encodes it on the whole mesh
-    batch = batches.model_batch(self.pipe, next(self.it), self.mesh, self.global_batch_size)
+    batch = self.encoder.model_batch(next(self.it))
     batch = {k: batch[k] for k in batches.MODEL_INPUTS}
     with sharding.with_mesh_rules(self.mesh):
       state, metrics = self._compiled(state, batch)(state, batch)
@@ -138,13 +138,13 @@ class _Steps:
 
 def run(config, workdir: str, *, data_iterator=None, max_steps: int | None = None, progress: bool = True):
   """Trains until `train.steps` (or `max_steps` more steps in this call). Returns the final state.
-  The workdir is locked first (`loop.RunLock`), so a second run on it changes nothing there."""
+  The workdir is locked first (`run_lock.RunLock`), so a second run on it changes nothing there."""
   from idcrafter_jax import data as data_lib
   distributed.maybe_initialize_distributed()
   session = loop.TrainSession(workdir, config.train, "sft")
   try:
     if data_iterator is None:
-      loop.prepare_data(config, workdir)
+      synthetic.prepare_data(config, workdir)
     ckpt_lib.save_config(workdir, config)
     pipe, mesh, tx, boxed = loop.build(config, workdir, load_vlm=loop.needs_vlm(config, [None], data_iterator))
     it = data_iterator or data_lib.make_iterator(config, process_index=jax.process_index(),
