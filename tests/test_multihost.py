@@ -115,20 +115,16 @@ GRPO_LOGGED = ("reward/total", "reward/qual/host_brightness", "reward/std", "adv
                "ratio", "clip_frac", "grad_norm")
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_grpo_on_two_processes_equals_one_process(tmp_path, lora):
-  """Groups span both hosts (4 prompts x 8 videos on 8 devices): rewards, advantages, losses and
-  the trained params equal the one-process run's; without LoRA, also after a preemption."""
-  runs = {}
-  for name, n, devices in (("one", 1, 8), ("two", 2, 4)):
-    workdir = str(tmp_path / name)
-    os.makedirs(workdir)
-    spec = dict(target="multihost:grpo_params", workdir=workdir, out=os.path.join(workdir, "params.npz"),
-                steps=2, ckpt_every=2, lora=lora)
-    codes = multihost.run_processes(n, devices, spec, workdir, timeout=900)
-    assert codes == [0] * n, "".join(multihost.read_log(workdir, i) for i in range(n))
-    runs[name] = (metrics.read_metrics(workdir), spec["out"])
-  (ref_rows, ref_out), (rows, out) = runs["one"], runs["two"]
+def _grpo_run(tmp_path, name, n, devices, lora, **extra):
+  workdir = str(tmp_path / name)
+  os.makedirs(workdir, exist_ok=True)
+  spec = dict(target="multihost:grpo_params", workdir=workdir, out=os.path.join(workdir, "params.npz"),
+              steps=2, ckpt_every=2, lora=lora, **extra)
+  codes = multihost.run_processes(n, devices, spec, workdir, timeout=900)
+  return codes, workdir, spec["out"]
+
+
+def _assert_grpo_rows_match(rows, ref_rows):
   assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == [0, 1, 2]
   for key in GRPO_LOGGED + ("eval/reward_mean",):
     got, want = [r.get(key) for r in rows], [r.get(key) for r in ref_rows]
@@ -136,30 +132,27 @@ def test_grpo_on_two_processes_equals_one_process(tmp_path, lora):
     atol = 1e-5 if key.startswith("adv/") else 2e-6
     np.testing.assert_allclose(np.asarray(got, float), np.asarray(want, float), atol=atol, rtol=0, err_msg=key)
   assert rows[1]["adv/std"] > 0.9 and rows[1]["grad_norm"] > 0  # a real update ran
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["through_a_preemption", "lora"])
+def test_grpo_on_two_processes_equals_one_process(tmp_path, lora):
+  """Groups span both hosts (4 prompts x 8 videos on 8 devices): rewards, advantages, losses and
+  the trained params of the 2-process run equal the one-process run's. Without LoRA the 2-process
+  run is preempted: SIGTERM to host 1 after iteration 1 of 2 stops both hosts there with one
+  checkpoint (exit 143), and the rerun resumes from it to the one-process run's end."""
+  codes, ref_dir, ref_out = _grpo_run(tmp_path, "one", 1, 8, lora)
+  assert codes == [0], multihost.read_log(ref_dir, 0)
+  if not lora:
+    codes, workdir, _ = _grpo_run(tmp_path, "two", 2, 4, lora, sigterm=[1, 1])
+    logs = multihost.read_log(workdir, 0) + multihost.read_log(workdir, 1)
+    assert codes == [loop.Preempted.EXIT_CODE] * 2, logs
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"], logs
+  codes, workdir, out = _grpo_run(tmp_path, "two", 2, 4, lora)
+  assert codes == [0, 0], multihost.read_log(workdir, 0) + multihost.read_log(workdir, 1)
+  if not lora:
+    assert "resumed grpo from step 1" in multihost.read_log(workdir, 0)
+  # one writer; a resumed run logs its rows once
+  _assert_grpo_rows_match(metrics.read_metrics(workdir), metrics.read_metrics(ref_dir))
   # gloo's all-reduce sums the gradient shards in another order than one process does; Adam's
   # normalisation lifts that rounding to a few 1e-6 on a handful of elements (2.4e-6 measured)
   _assert_same_params(out, ref_out, atol=5e-6)
-  if not lora:
-    _assert_preempted_grpo_resumes_as_uninterrupted(tmp_path, rows, out)
-
-
-def _assert_preempted_grpo_resumes_as_uninterrupted(tmp_path, rows, out):
-  """SIGTERM to host 1 after iteration 1 of 2: both hosts stop there with one checkpoint (exit
-  143); the rerun resumes from it and ends where the uninterrupted 2-process run does."""
-  workdir = str(tmp_path / "pre")
-  os.makedirs(workdir)
-  spec = dict(target="multihost:grpo_params", workdir=workdir, out=os.path.join(workdir, "params.npz"),
-              steps=2, ckpt_every=2, lora=False)
-  codes = multihost.run_processes(2, 4, dict(spec, sigterm=[1, 1]), workdir, timeout=900)
-  logs = multihost.read_log(workdir, 0) + multihost.read_log(workdir, 1)
-  assert codes == [loop.Preempted.EXIT_CODE] * 2, logs
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"], logs
-  codes = multihost.run_processes(2, 4, spec, workdir, timeout=900)
-  assert codes == [0, 0], multihost.read_log(workdir, 0) + multihost.read_log(workdir, 1)
-  assert "resumed grpo from step 1" in multihost.read_log(workdir, 0)
-  resumed = metrics.read_metrics(workdir)
-  assert [r["step"] for r in resumed] == [0, 1, 2]  # one writer; the resumed run's rows once
-  for key in GRPO_LOGGED + ("eval/reward_mean",):  # same topology: the same reductions
-    np.testing.assert_allclose(np.asarray([r.get(key) for r in resumed], float),
-                               np.asarray([r.get(key) for r in rows], float), atol=1e-6, rtol=0, err_msg=key)
-  _assert_same_params(spec["out"], out, atol=1e-6)
