@@ -5,11 +5,15 @@ and the Wan 2.1 release. Every default is written once: the sections that a data
 `WanConfig` / `IDCrafterConfig`, `grpo` -> `GRPOConfig`, `data`, `reward_models`) take their
 defaults from that dataclass or module, and this file adds only what is a run's choice. Every
 key here is read by some part of the package; unknown keys are an error where a section is
-turned into a dataclass (`WanConfig.from_dict`).
+turned into a dataclass (`WanConfig.from_dict`, `GRPOConfig.from_config`). The rules of each
+section live beside its owner too (`validation.py` gathers them). `load_config_file` reads a
+config file named by another config (an evaluation's `model_config`).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 import sys
 import typing
 
@@ -26,6 +30,17 @@ from idcrafter_jax.rl import grpo, reward_models
 # (`data.global_batch_size` prompts x `grpo.group_size` rollouts each). Weight decay is not given.
 TABLE_S3_OPTIMIZER = dict(lr=1e-5, b1=0.9, b2=0.95, eps=1e-8, max_grad_norm=1.0)
 TABLE_S3_BATCH = 32
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file at `path` (a run config named by another, such as an
+  evaluation config's `model_config`). ValueError when `path` is not a Python config file."""
+  spec = importlib.util.spec_from_file_location("model_config", path)
+  if spec is None or not os.path.isfile(path):
+    raise ValueError(f"model_config {path!r} is not a config file.")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def optional(type_: type) -> ml_collections.FieldReference:

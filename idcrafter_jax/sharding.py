@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -16,6 +16,10 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the axes a batch is split over (`batch_sharding`)
+# An entry of the run config's `mesh` section: the axis size, or -1 for the devices left.
+MESH_DIM = ((lambda v: isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v >= 1)),
+            "an integer >= 1, or -1 (the remaining devices)")
 
 # (logical name, mesh axis or axes). Params are FSDP-sharded on their model dimension over
 # 'fsdp' and 'sequence' (as MaxText does: chips that split a sample's tokens still split the
@@ -45,6 +49,47 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def _problem(key: str, value, expected: str) -> str:
+  # `models.config_utils.problem`'s line (this module sits below models/)
+  return f"{key}={value!r}: expected {expected}."
+
+
+def mesh_problems(shape: Mapping, devices: int | None = None, prefix: str = "mesh.") -> list[str]:
+  """Every problem of a mesh shape ({axis: size}, the run config's `mesh` section; a missing axis
+  is 1), one line each: bad sizes, more than one -1, a shape that does not fit `devices` (when
+  given: a -1 axis must divide them, an explicit shape may use the first of them)."""
+  dims = {a: shape.get(a, 1) for a in MESH_AXES}
+  out = [_problem(f"{prefix}{a}", v, MESH_DIM[1]) for a, v in dims.items() if not MESH_DIM[0](v)]
+  if out:
+    return out
+  section = prefix.rstrip(".") or "mesh"
+  if list(dims.values()).count(-1) > 1:
+    return [_problem(section, dims, "at most one axis -1")]
+  rest = math.prod(d for d in dims.values() if d != -1)
+  if devices is not None and ((-1 in dims.values() and devices % rest) or (-1 not in dims.values() and rest > devices)):
+    return [_problem(section, dims, f"a shape that fits the {devices} devices")]
+  return []
+
+
+def batch_shards(shape: Mapping, devices: int | None) -> int | None:
+  """How many ways a batch is split (the product of `BATCH_AXES`) on the mesh of `shape` over
+  `devices` devices; None when not known (a -1 axis and no device count, or a bad shape)."""
+  if mesh_problems(shape, devices):
+    return None
+  dims = {a: shape.get(a, 1) for a in MESH_AXES}
+  if -1 in dims.values():
+    if devices is None:
+      return None
+    axis = next(a for a, d in dims.items() if d == -1)
+    dims[axis] = devices // math.prod(d for d in dims.values() if d != -1)
+  return math.prod(dims[a] for a in BATCH_AXES)
+
+
+def batch_shards_text(ways: int) -> str:
+  """'the mesh's N batch shards (mesh.data x mesh.fsdp)', for the batch rules' problem lines."""
+  return f"the mesh's {ways} batch shards ({' x '.join(f'mesh.{a}' for a in BATCH_AXES)})"
+
+
 def make_mesh(shape: dict | Sequence[int] | None = None, devices=None) -> Mesh:
   """A mesh over ('data', 'fsdp', 'sequence', 'tensor'); one entry may be -1 (all the rest).
 
@@ -63,19 +108,13 @@ def make_mesh(shape: dict | Sequence[int] | None = None, devices=None) -> Mesh:
     dims = [int(x) for x in shape]
     if len(dims) != len(MESH_AXES):
       raise ValueError(f"mesh shape {dims} must have {len(MESH_AXES)} entries {MESH_AXES}.")
-  requested = list(dims)
-  if dims.count(-1) > 1:
-    raise ValueError(f"mesh shape {dims}: at most one axis may be -1.")
+  problems = mesh_problems(dict(zip(MESH_AXES, dims)), len(devices))
+  if problems:
+    raise ValueError("; ".join(problems))
   if -1 in dims:
-    rest = math.prod(d for d in dims if d != -1)
-    if len(devices) % rest:
-      raise ValueError(f"mesh shape {dims} does not divide {len(devices)} devices.")
-    dims[dims.index(-1)] = len(devices) // rest
-  if -1 not in requested and math.prod(dims) < len(devices):
+    dims[dims.index(-1)] = len(devices) // math.prod(d for d in dims if d != -1)
+  else:
     devices = devices[:math.prod(dims)]  # an explicit smaller mesh uses the first devices
-  if math.prod(dims) != len(devices):
-    raise ValueError(f"mesh shape {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices; "
-                     f"{len(devices)} are available.")
   return Mesh(np.asarray(devices, dtype=object).reshape(dims), MESH_AXES)
 
 
@@ -99,7 +138,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
   """The batch axis (`axis`, default the leading one) over ('data', 'fsdp'), the rest replicated."""
   spec = [None] * ndim
-  spec[axis] = ("data", "fsdp")
+  spec[axis] = BATCH_AXES
   return NamedSharding(mesh, P(*spec))
 
 

@@ -10,6 +10,7 @@ from ml_collections import config_flags
 
 from configs import eval_opens2v, tiny, wan2_1_14b, wan2_1_1_3b
 from idcrafter_jax import config as config_lib
+from idcrafter_jax.inference import loading
 from idcrafter_jax.models import idcrafter, wan_dit, wan_vae
 from idcrafter_jax.rl import grpo
 
@@ -30,7 +31,7 @@ def test_model_section_takes_every_wan_default_except_size_and_text_width():
 
 def test_base_config_builds_the_dataclasses_it_configures_unchanged():
   c = config_lib.base_config("14B")
-  mc = idcrafter.IDCrafterConfig.from_config(c)
+  mc = loading.idcrafter_config(c)
   assert mc.wan.remat_policy == _default(wan_dit.WanConfig, "remat_policy")
   assert mc.hipa_layers == _default(idcrafter.IDCrafterConfig, "hipa_layers")
   assert mc.stages == _default(idcrafter.IDCrafterConfig, "stages")
@@ -43,7 +44,7 @@ def test_base_config_builds_the_dataclasses_it_configures_unchanged():
                                         (wan2_1_14b, None)])
 def test_every_config_file_builds_its_model_and_grpo_settings(module, arg):
   c = module.get_config(arg)
-  idcrafter.IDCrafterConfig.from_config(c)
+  loading.idcrafter_config(c)
   grpo.GRPOConfig.from_config(c.grpo)
 
 
@@ -51,7 +52,7 @@ def test_an_unknown_model_key_is_named():
   c = config_lib.base_config("tiny", text_dim=32)
   c.model.nonexistent = 1
   with pytest.raises(ValueError, match="nonexistent"):
-    idcrafter.IDCrafterConfig.from_config(c)
+    loading.idcrafter_config(c)
 
 
 def _unset(c, prefix=""):

@@ -16,6 +16,7 @@ from idcrafter_jax import sharding  # noqa: E402
 from idcrafter_jax.aot import program, tpu  # noqa: E402
 from idcrafter_jax.aot import sft_dryrun  # noqa: E402
 from idcrafter_jax.training import batches, train_state
+from idcrafter_jax.inference import loading  # noqa: E402
 from idcrafter_jax.models import idcrafter  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def test_abstract_batch_has_the_latent_and_feature_shapes():
 
 def test_abstract_train_state_allocates_nothing_and_matches_the_model():
   c = _config()
-  m = idcrafter.IDCrafter(idcrafter.IDCrafterConfig.from_config(c))
+  m = idcrafter.IDCrafter(loading.idcrafter_config(c))
   boxed, state = sft_dryrun.abstract_train_state(c, m, train_state.make_optimizer(c.train))
   leaves = jax.tree_util.tree_leaves(state)
   assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
@@ -68,7 +69,7 @@ def test_cpu_train_step_compiles_with_argument_memory_equal_to_the_state_and_bat
   assert r.error is None, r.error
   assert r.mesh == dict(data=2, fsdp=2, sequence=1, tensor=2) and r.fits is None  # CPU: no HBM verdict
 
-  mcfg = idcrafter.IDCrafterConfig.from_config(c)
+  mcfg = loading.idcrafter_config(c)
   m = idcrafter.IDCrafter(mcfg)
   boxed, state = sft_dryrun.abstract_train_state(c, m, train_state.make_optimizer(c.train))
   mesh = sharding.make_mesh(dict(c.mesh), devices)

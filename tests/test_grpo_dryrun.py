@@ -18,6 +18,7 @@ from idcrafter_jax import sharding  # noqa: E402
 from idcrafter_jax.aot import program, tpu  # noqa: E402
 from idcrafter_jax.models import lora
 from idcrafter_jax.training import train_state
+from idcrafter_jax.inference import loading  # noqa: E402
 from idcrafter_jax.models import idcrafter  # noqa: E402
 from idcrafter_jax.rl import grpo  # noqa: E402
 from idcrafter_jax.aot import grpo_dryrun
@@ -43,7 +44,7 @@ def _shard_bytes(tree, shardings):
 
 
 def _abstract(c):
-  mcfg = idcrafter.IDCrafterConfig.from_config(c)
+  mcfg = loading.idcrafter_config(c)
   boxed = jax.eval_shape(idcrafter.IDCrafter(mcfg).init, jax.random.key(0), *idcrafter.dummy_inputs(mcfg))["params"]
   return mcfg, boxed
 

@@ -14,6 +14,7 @@ from configs import tiny as tiny_config
 from idcrafter_jax import sharding
 from idcrafter_jax.models import lora
 from idcrafter_jax.training import train_state
+from idcrafter_jax.inference import loading
 from idcrafter_jax.models import idcrafter, layers
 from idcrafter_jax.rl import grpo
 
@@ -22,7 +23,7 @@ def _model(rank):
   c = tiny_config.get_config()
   c.model.lora_rank = rank
   c.model.lora_alpha = 8.0
-  cfg = idcrafter.IDCrafterConfig.from_config(c)
+  cfg = loading.idcrafter_config(c)
   return idcrafter.IDCrafter(cfg), cfg
 
 
@@ -149,4 +150,4 @@ def test_negative_rank_is_rejected():
   c = tiny_config.get_config()
   c.model.lora_rank = -1
   with pytest.raises(ValueError, match="lora_rank -1"):
-    idcrafter.IDCrafterConfig.from_config(c).wan.validate()
+    loading.idcrafter_config(c).wan.validate()

@@ -132,7 +132,6 @@ def _with_folders(c, paths):
 @pytest.mark.parametrize("module,size", [(wan2_1_1_3b, (480, 832)), (wan2_1_14b, (720, 1280))])
 @pytest.mark.parametrize("arg", [None, "sft", "grpo"])
 def test_paper_configs_pass_every_mode(tmp_path, nothing_built, module, size, arg):
-  from idcrafter_jax.models import idcrafter
   from idcrafter_jax.rl import grpo, loop as rl_loop
   from idcrafter_jax import sharding
   from idcrafter_jax.training import train_state
@@ -148,7 +147,7 @@ def test_paper_configs_pass_every_mode(tmp_path, nothing_built, module, size, ar
     rl_loop.check_batches(c, sharding.make_mesh(dict(c.mesh)))
   # what launch/generate.py and the trainers check before loading weights
   pipeline_lib.latent_shape(c, 1)
-  idcrafter.IDCrafterConfig.from_config(c).wan.validate()
+  loading.idcrafter_config(c).wan.validate()
   grpo.GRPOConfig.from_config(c.grpo)
   train_state.make_optimizer(c.train)
   # the evaluation config that generates with this model config

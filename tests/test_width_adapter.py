@@ -181,8 +181,8 @@ def test_new_param_lr_mult_scales_only_the_new_parameters(adapted):
   before, plain_after = traverse_util.flatten_dict(params), traverse_util.flatten_dict(want)
   for mult in (0.0, 0.5):
     c.train.new_param_lr_mult = mult
-    got = traverse_util.flatten_dict(_step(train_state.make_optimizer(c.train, train_state.new_param_mask_fn(c)),
-                                           params, grads))
+    tx = train_state.make_optimizer(c.train, train_state.new_param_mask_fn(c, pipe.text_reinit))
+    got = traverse_util.flatten_dict(_step(tx, params, grads))
     for path, x in got.items():
       if mask[path]:
         delta = np.asarray(plain_after[path]) - np.asarray(before[path])
@@ -207,13 +207,13 @@ def test_new_param_lr_mult_without_a_mask_is_an_error():
 
 def test_lora_adapters_train_with_a_new_param_lr_mult(adapted, wan_folder):
   c, pipe, (wan_m, wan_p) = adapted
-  cfg = idcrafter.IDCrafterConfig.from_config(_config(wan_folder, lora_rank=2))
+  cfg = loading.idcrafter_config(_config(wan_folder, lora_rank=2))
   _, p = idcrafter.IDCrafter.from_wan(wan_m, wan_p, cfg, key=jax.random.key(4), verbose=False)
   _, adapters = lora.split(p)
   assert any(path[1] == "subject_attn1" for path in traverse_util.flatten_dict(adapters))
   c.train.new_param_lr_mult = 0.0
   try:
-    tx = train_state.make_optimizer(c.train, train_state.new_param_mask_fn(c))
+    tx = train_state.make_optimizer(c.train, train_state.new_param_mask_fn(c, pipe.text_reinit))
   finally:
     c.train.new_param_lr_mult = 1.0
   after = _step(tx, adapters, _grads(adapters))  # adapters are never marked new: all move

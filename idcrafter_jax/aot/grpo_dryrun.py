@@ -30,7 +30,7 @@ from idcrafter_jax.aot import program
 from idcrafter_jax.aot.program import Result, Shape
 from idcrafter_jax.inference import conditioning
 from idcrafter_jax.rl import grpo, programs
-from idcrafter_jax.models import lora
+from idcrafter_jax.models import idcrafter, lora
 from idcrafter_jax.training import train_state
 
 # ------------------------------------------------------------------------ resident networks
@@ -117,7 +117,7 @@ def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=N
   gc, cfg_mult, lat, mesh, mcfg, module, result = _setup(
       config, shape, devices, batch=rollout_batch, program_name="grpo_rollout", batch_name="rollout batch",
       resident=resident, chip=chip, target=target, variant=variant)
-  boxed = program.abstract_params(module)
+  boxed = idcrafter.abstract_params(module)
   params = nn.unbox(boxed)
   result.params = program.count_params(params)
   result.analytic_flops = gc.num_steps * cfg_mult * program.model_flops(mcfg, shape, rollout_batch)
@@ -138,10 +138,10 @@ def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=N
 def abstract_update_state(module, tx, use_lora: bool):
   """(boxed trained params, boxed reference params, abstract reference params, abstract train
   state): the adapters and the frozen base with LoRA, else the whole model twice."""
-  boxed = program.abstract_params(module)
+  boxed = idcrafter.abstract_params(module)
   boxed_ref, boxed_train = lora.split(boxed) if use_lora else (boxed, boxed)
   train_abs, ref_abs = nn.unbox(boxed_train), nn.unbox(boxed_ref)  # (outside the mesh context)
-  state_abs = jax.eval_shape(lambda p: train_state.init_state(p, tx, jax.random.key(0), ema=False), train_abs)
+  state_abs = train_state.abstract_state(train_abs, tx, ema=False)
   return boxed_train, boxed_ref, ref_abs, state_abs
 
 
@@ -161,7 +161,8 @@ def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, 
   gc, cfg_mult, lat, mesh, mcfg, module, result = _setup(
       config, shape, devices, batch=minibatch, program_name="grpo_update", batch_name="minibatch",
       resident=resident, chip=chip, target=target, variant=variant)
-  tx = train_state.make_optimizer(config.train, train_state.new_param_mask_fn(config))
+  # nothing is loaded: the new parameters are those of a DiT built at the config's text width
+  tx = train_state.make_optimizer(config.train, train_state.new_param_mask_fn(config, text_reinit=False))
   use_lora = bool(mcfg.wan.lora_rank)
   boxed_train, boxed_ref, ref_abs, state_abs = abstract_update_state(module, tx, use_lora)
   result.params = program.count_params(state_abs.params)

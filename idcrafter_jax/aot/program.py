@@ -20,10 +20,10 @@ import numpy as np
 
 from idcrafter_jax import sharding
 from idcrafter_jax.aot import report, tpu
+from idcrafter_jax.inference import loading
 from idcrafter_jax.models.wan_dit import WAN_VARIANTS
-from idcrafter_jax.models import idcrafter
-
-VAE_TIME_STRIDE, VAE_SPACE_STRIDE = 4, 8  # Wan VAE: 1 + (T-1)/4 latent frames, 8x spatial
+from idcrafter_jax.models import idcrafter, wan_vae
+from idcrafter_jax.sampling import config as sampling_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +41,14 @@ class Shape:
   def __post_init__(self):
     if self.batch < 1:
       raise ValueError(f"batch {self.batch} must be >= 1.")
-    if self.frames < 1 or (self.frames - 1) % VAE_TIME_STRIDE:
-      raise ValueError(f"frames {self.frames} must be 1 + 4k (the Wan VAE's temporal stride).")
+    frames_ok, frames = sampling_config.FRAMES
+    if not frames_ok(self.frames):
+      raise ValueError(f"frames {self.frames} must be {frames}.")
+    pixels_ok, pixels = sampling_config.PIXELS
     for name in ("height", "width", "subject_height", "subject_width"):
       v = getattr(self, name)
-      if v < 16 or v % 16:
-        raise ValueError(f"{name} {v} must be a positive multiple of 16 (VAE 8x, then 2x2 patches).")
+      if not pixels_ok(v):
+        raise ValueError(f"{name} {v} must be {pixels}.")
     if self.text_len < 1:
       raise ValueError(f"text_len {self.text_len} must be >= 1.")
     if self.num_subjects < 1:
@@ -54,12 +56,11 @@ class Shape:
 
   @property
   def latent_shape(self) -> tuple[int, int, int, int, int]:
-    return (self.batch, 1 + (self.frames - 1) // VAE_TIME_STRIDE, self.height // VAE_SPACE_STRIDE,
-            self.width // VAE_SPACE_STRIDE, 16)
+    return sampling_config.latent_shape(self.batch, self.frames, self.height, self.width)
 
   @property
   def subject_grid(self) -> tuple[int, int]:
-    return self.subject_height // VAE_SPACE_STRIDE, self.subject_width // VAE_SPACE_STRIDE
+    return self.subject_height // wan_vae.SPACE_STRIDE, self.subject_width // wan_vae.SPACE_STRIDE
 
   def tokens(self, patch=(1, 2, 2)) -> int:
     """Video tokens per sample after the DiT's patch embedding."""
@@ -206,7 +207,7 @@ def check_split(config, shape: Shape, mesh, *, batch: int, batch_name: str = "ba
   ways = dims["data"] * dims["fsdp"]
   if batch % ways:
     raise ValueError(f"{batch_name} {batch} is not divisible by data x fsdp = {ways} of mesh {dims}.")
-  mcfg = idcrafter.IDCrafterConfig.from_config(config)
+  mcfg = loading.idcrafter_config(config)
   if shape.num_subjects > mcfg.max_subjects:
     raise ValueError(f"num_subjects {shape.num_subjects} exceeds model.max_subjects={mcfg.max_subjects}.")
   if mcfg.wan.num_heads % dims["tensor"]:
@@ -230,11 +231,6 @@ def setup_program(config, shape: Shape, devices, *, batch: int, program: str, ch
       batch=batch, frames=shape.frames, height=shape.height, width=shape.width, tokens=tokens,
       hbm_bytes=None if chip is None else int(tpu.TPU_CHIPS[chip]["hbm"]), program=program)
   return mesh, mcfg, idcrafter.IDCrafter(mcfg, mesh=mesh), result
-
-
-def abstract_params(module: idcrafter.IDCrafter):
-  """The model's params with their logical axes (boxed), as shapes: nothing allocated."""
-  return jax.eval_shape(module.init, jax.random.key(0), *idcrafter.dummy_inputs(module.config))["params"]
 
 
 def count_params(tree) -> int:

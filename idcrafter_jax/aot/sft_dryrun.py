@@ -21,6 +21,7 @@ from flax import linen as nn
 from idcrafter_jax import sharding
 from idcrafter_jax.aot import program
 from idcrafter_jax.aot.program import Result, Shape
+from idcrafter_jax.inference import loading
 from idcrafter_jax.models import idcrafter
 from idcrafter_jax.training import sft, train_state
 
@@ -40,11 +41,8 @@ def abstract_batch(shape: Shape, text_dim: int, dtype=jnp.float32) -> dict:
 
 def abstract_train_state(config, module: idcrafter.IDCrafter, tx):
   """(boxed abstract params with logical axes, abstract TrainState): shapes only, nothing allocated."""
-  boxed = program.abstract_params(module)
-
-  def init(params):
-    return train_state.init_state(params, tx, jax.random.key(config.seed), ema=config.train.ema)
-  return boxed, jax.eval_shape(init, nn.unbox(boxed))
+  boxed = idcrafter.abstract_params(module)
+  return boxed, train_state.abstract_state(nn.unbox(boxed), tx, ema=config.train.ema, seed=config.seed)
 
 
 def compile_train_step(config, shape: Shape, devices, *, chip: str | None = None, target: str = "",
@@ -54,7 +52,8 @@ def compile_train_step(config, shape: Shape, devices, *, chip: str | None = None
   `Result.error`, not raised; bad configs raise before compiling."""
   mesh, mcfg, module, result = program.setup_program(config, shape, devices, batch=shape.batch,
                                                      program="sft_step", chip=chip, target=target, variant=variant)
-  tx = train_state.make_optimizer(config.train, train_state.new_param_mask_fn(config))
+  # nothing is loaded: the new parameters are those of a DiT built at the config's text width
+  tx = train_state.make_optimizer(config.train, train_state.new_param_mask_fn(config, text_reinit=False))
   boxed, state_abs = abstract_train_state(config, module, tx)
   result.params = program.count_params(state_abs.params)
   result.analytic_flops = 3 * program.model_flops(mcfg, shape, shape.batch)
@@ -76,7 +75,7 @@ def search(config, shape_fn, devices, *, chip=None, target="", variant="",
   `shape_fn(mesh_dims) -> Shape` picks the batch for a mesh (e.g. one sample per batch shard).
   Meshes default to `program.candidate_meshes`; attention impls to pallas on TPU, xla on CPU.
   """
-  mcfg = idcrafter.IDCrafterConfig.from_config(config)
+  mcfg = loading.idcrafter_config(config)
   meshes = list(meshes) if meshes is not None else program.candidate_meshes(len(devices), mcfg.wan.num_heads)
   if attention_impls is None:
     attention_impls = ("pallas",) if chip is not None else ("xla",)

@@ -31,8 +31,10 @@ import grain
 import numpy as np
 from PIL import Image
 
-from idcrafter_jax import video as video_io
+from idcrafter_jax import sharding, video as video_io
 from idcrafter_jax.data import records, tfds_builder
+from idcrafter_jax.models import config_utils
+from idcrafter_jax.sampling import config as sampling_config
 
 STATE_KEY = "skipped_records"  # the per-reason counts inside the iterator state
 
@@ -56,6 +58,40 @@ SIZE_KEYS = dict(num_frames="sampling.num_frames", height="sampling.height", wid
                  max_subjects="model.max_subjects")
 # Keys the data section held before the sizes moved, and where they are set now.
 MOVED_KEYS = {f"data.{field}": key for field, key in SIZE_KEYS.items()}
+
+
+# The rules of the run config's `data` section (`default_config`, and the keys the loops add:
+# the held-out split and the synthetic dataset written when `folder` is empty).
+SIZE_BUCKETS = config_utils.optional(
+    ((lambda v: isinstance(v, (tuple, list)) and all(isinstance(s, (tuple, list)) and len(s) == 2
+                                                     and all(sampling_config.PIXELS[0](x) for x in s) for s in v)),
+     f"(height, width) pairs, each {sampling_config.PIXELS[1]}"))
+RULES = {
+    "folder": config_utils.STRING, "split": config_utils.NAME, "buckets": SIZE_BUCKETS,
+    "global_batch_size": config_utils.integer(1), "shuffle_seed": config_utils.optional(config_utils.integer(0)),
+    "num_epochs": config_utils.optional(config_utils.integer(1)), "worker_count": config_utils.integer(0),
+    "prefetch": config_utils.integer(0), "use_cached": config_utils.BOOL,
+    "eval_split": config_utils.NAME, "synthetic_clips": config_utils.integer(0),
+    "synthetic_test_clips": config_utils.integer(0),
+}
+
+
+def problems(section, prefix: str = "data.") -> list[str]:
+  """Every key of the `data` section that breaks its rule (`RULES`), one line each."""
+  return config_utils.rule_problems(section, RULES, prefix)
+
+
+def batch_problems(global_batch_size: int, process_count: int = 1, ways: int | None = None) -> list[str]:
+  """The global batch split evenly over the processes (each reads its rows) and, with `ways`
+  given, over the mesh's batch shards. One line per problem."""
+  out = []
+  if global_batch_size % process_count:
+    out.append(config_utils.problem("data.global_batch_size", global_batch_size,
+                                    f"a multiple of the {process_count} processes"))
+  if ways and global_batch_size % ways:
+    out.append(config_utils.problem("data.global_batch_size", global_batch_size,
+                                    f"a multiple of {sharding.batch_shards_text(ways)}"))
+  return out
 
 
 def moved_keys(config) -> list[str]:
@@ -107,16 +143,16 @@ class DecodeSpec:
     return cls(**sizes, use_cached=bool(c.use_cached if use_cached is None else use_cached), buckets=buckets)
 
   def __post_init__(self):
-    if self.num_frames < 1 or (self.num_frames - 1) % 4:
-      raise ValueError(f"{SIZE_KEYS['num_frames']}={self.num_frames} must be 1 + 4k (the VAE compresses time 4x "
-                       "after the first frame).")
+    frames_ok, frames = sampling_config.FRAMES
+    if not frames_ok(self.num_frames):
+      raise ValueError(f"{SIZE_KEYS['num_frames']}={self.num_frames} must be {frames}.")
+    pixels_ok, pixels = sampling_config.PIXELS
     for name in ("height", "width", "subject_height", "subject_width"):
       v = getattr(self, name)
-      if v <= 0 or v % 16:
-        raise ValueError(f"{SIZE_KEYS[name]}={v} must be a positive multiple of 16 (8x VAE, then 2x2 DiT patches).")
-    for h, w in self.buckets or ():
-      if h <= 0 or w <= 0 or h % 16 or w % 16:
-        raise ValueError(f"data.buckets holds {h}x{w}; every size must be positive multiples of 16.")
+      if not pixels_ok(v):
+        raise ValueError(f"{SIZE_KEYS[name]}={v} must be {pixels}.")
+    if not SIZE_BUCKETS[0](self.buckets):
+      raise ValueError(f"data.buckets={self.buckets!r} must be {SIZE_BUCKETS[1]}.")
     if self.max_subjects < 1:
       raise ValueError(f"{SIZE_KEYS['max_subjects']}={self.max_subjects} must be >= 1.")
 
@@ -136,11 +172,11 @@ class DecodeSpec:
 
   def latent_shape(self, size: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
     h, w = size or (self.height, self.width)
-    return (1 + (self.num_frames - 1) // 4, h // 8, w // 8, records.Z_DIM)
+    return sampling_config.latent_shape(1, self.num_frames, h, w, records.Z_DIM)[1:]
 
   @property
   def subject_latent_shape(self) -> tuple[int, int, int, int]:
-    return (1, self.subject_height // 8, self.subject_width // 8, records.Z_DIM)
+    return sampling_config.latent_shape(1, 1, self.subject_height, self.subject_width, records.Z_DIM)[1:]
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -509,13 +545,9 @@ def make_dataset(config, *, split: str | None = None, process_index: int = 0, pr
   split = c.split if split is None else split
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
-  if c.global_batch_size < 1 or c.global_batch_size % process_count:
-    raise ValueError(f"data.global_batch_size={c.global_batch_size} must be a positive multiple of "
-                     f"process_count={process_count}.")
-  if c.num_epochs is not None and c.num_epochs < 1:
-    raise ValueError(f"data.num_epochs={c.num_epochs} must be None (repeat) or >= 1.")
-  if c.worker_count < 0 or c.prefetch < 0:
-    raise ValueError(f"data.worker_count={c.worker_count} and data.prefetch={c.prefetch} must be >= 0.")
+  read = ("global_batch_size", "num_epochs", "worker_count", "prefetch")
+  config_utils.check(config_utils.rule_problems(c, {k: RULES[k] for k in read}, "data.")
+                     or batch_problems(c.global_batch_size, process_count))
   source = tfds_builder.open_source(c.folder, split)
   n = len(source)
   per_host = c.global_batch_size // process_count

@@ -21,11 +21,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idcrafter_jax.models import qwen2_5_vl as qv, wan_vae
+from idcrafter_jax.models import config_utils, qwen2_5_vl as qv, wan_vae
+from idcrafter_jax.sampling import config as sampling_config
 
 # Token lengths the VLM input is padded to (one compilation per bucket). 4096 holds Q-Align's 4
 # frames at 480x832 (~510 tokens each) with the question.
 DEFAULT_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
+
+# The rules of the run config's `vlm` section (the encoder's input) and `subjects` section (the
+# size subject images are fitted to before the Wan VAE, which the DiT then patches as it does video).
+BUCKETS = ((lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(config_utils.is_int(b) and b > 0 for b in v)
+            and list(v) == sorted(set(v))), "a non-empty increasing tuple of positive token counts")
+VLM_RULES = {"buckets": BUCKETS, "system_prompt": config_utils.optional(config_utils.STRING),
+             "hidden_layer": config_utils.optional(config_utils.integer())}
+SUBJECT_RULES = {"height": sampling_config.PIXELS, "width": sampling_config.PIXELS}
+
+
+def problems(vlm, subjects) -> list[str]:
+  """Every key of the `vlm` and `subjects` sections that breaks its rule, one line each."""
+  return (config_utils.rule_problems(subjects, SUBJECT_RULES, "subjects.")
+          + config_utils.rule_problems(vlm, VLM_RULES, "vlm."))
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:

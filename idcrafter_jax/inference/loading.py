@@ -18,8 +18,8 @@ from flax import linen as nn
 
 from idcrafter_jax import convert, weights
 from idcrafter_jax.inference import pipeline as pipeline_lib
-from idcrafter_jax.models import (idcrafter, lora, qwen2_5_vl, qwen2_5_vl_processor as processor_lib, wan_dit,
-                                  wan_vae)
+from idcrafter_jax.models import idcrafter, lora, qwen2_5_vl, wan_dit, wan_vae
+from idcrafter_jax.models.qwen2_5_vl import processor as processor_lib
 
 # WanDiT settings that come from the run config, not from the checkpoint's config.json.
 RUN_OVERRIDES = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
@@ -64,12 +64,17 @@ def check_wan_folder(wan_cfg: wan_dit.WanConfig, folder: str) -> bool:
                                   where=f" in {os.path.join(folder, 'config.json')}")
 
 
+def idcrafter_config(config) -> idcrafter.IDCrafterConfig:
+  """The DiT's config from a run config: its `model` and `hipa` sections."""
+  return idcrafter.IDCrafterConfig.from_sections(config.model, config.hipa)
+
+
 def text_reinit(config, folder: str | None) -> bool:
   """Whether a run starting from the Wan DiT in `folder` trains the text projection anew (the
   checkpoint's text_dim differs from `model.text_dim`); False with no folder (random init)."""
   if not folder:
     return False
-  return check_wan_folder(idcrafter.IDCrafterConfig.from_config(config).wan, folder)
+  return check_wan_folder(idcrafter_config(config).wan, folder)
 
 
 def load_wan(config, wan_cfg: wan_dit.WanConfig, folder: str | None, key):
@@ -209,9 +214,10 @@ def load_pipeline(config, init, *, workdir: str | None = None, load_vlm: bool = 
   it say so."""
   key = jax.random.key(config.seed) if key is None else key
   k_dit, k_vae, k_vlm, k_new = jax.random.split(key, 4)
-  dit_cfg = idcrafter.IDCrafterConfig.from_config(config)
+  dit_cfg = idcrafter_config(config)
   wan_module, wan_params = load_wan(config, dit_cfg.wan, init.wan_dit, k_dit)
   dit, dit_params = idcrafter.IDCrafter.from_wan(wan_module, wan_params, dit_cfg, key=k_new)
+  reinit = idcrafter.check_backbone(dit_cfg.wan, wan_module.config)  # what from_wan initialised anew
   vae, vae_params = load_vae(config, init.wan_vae, k_vae)
   vlm = vlm_params = proc = None
   if load_vlm:
@@ -219,7 +225,7 @@ def load_pipeline(config, init, *, workdir: str | None = None, load_vlm: bool = 
     if vlm.cfg.text.hidden_size != dit_cfg.wan.text_dim:
       raise ValueError(f"the VLM's hidden size {vlm.cfg.text.hidden_size} != model.text_dim "
                        f"{dit_cfg.wan.text_dim}; set --config.model.text_dim.")
-  pipe = pipeline_lib.Pipeline(config, dit, dit_params, vae, vae_params, vlm, vlm_params, proc)
+  pipe = pipeline_lib.Pipeline(config, dit, dit_params, vae, vae_params, vlm, vlm_params, proc, text_reinit=reinit)
   if init.idcrafter_ckpt:
     pipe = pipe.with_dit_params(restore_params(init.idcrafter_ckpt, pipe.dit_params))
   return pipe

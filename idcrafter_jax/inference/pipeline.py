@@ -16,21 +16,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from idcrafter_jax import video as video_io
-from idcrafter_jax.sampling import sampler, solvers
+from idcrafter_jax.sampling import config as sampling_config, sampler, solvers
 from idcrafter_jax.inference import conditioning
 from idcrafter_jax.models import idcrafter, qwen2_5_vl, wan_vae
 
 
 def latent_shape(config, batch: int) -> tuple[int, ...]:
-  """(B, 1 + (T-1)/4, H/8, W/8, 16) for the config's frames and size; raises on sizes the models reject."""
+  """(B, 1 + (T-1)/4, H/8, W/8, 16) for the config's frames and size; raises on sizes the models
+  reject (the rules of `sampling.config`)."""
   s = config.sampling
-  if s.num_frames < 1 or (s.num_frames - 1) % 4:
-    raise ValueError(f"sampling.num_frames={s.num_frames} must be 1 + 4k (the VAE compresses time 4x "
-                     "after the first frame).")
-  if s.height % 16 or s.width % 16:
-    raise ValueError(f"sampling.height x width = {s.height}x{s.width} must be multiples of 16 "
-                     "(8x VAE, then 2x2 DiT patches).")
-  return (batch, 1 + (s.num_frames - 1) // 4, s.height // 8, s.width // 8, config.model.in_channels)
+  frames_ok, frames = sampling_config.FRAMES
+  if not frames_ok(s.num_frames):
+    raise ValueError(f"sampling.num_frames={s.num_frames} must be {frames}.")
+  check_size("sampling", s.height, s.width)
+  return sampling_config.latent_shape(batch, s.num_frames, s.height, s.width, config.model.in_channels)
+
+
+def check_size(section: str, height: int, width: int) -> None:
+  """ValueError unless `height` x `width` (of the config's `section`) are sizes the models take."""
+  ok, _ = sampling_config.PIXELS
+  if not (ok(height) and ok(width)):
+    raise ValueError(f"{section}.height x width = {height}x{width} must be multiples of "
+                     f"{sampling_config.PIXEL_MULTIPLE} ({sampling_config.PIXEL_REASON}).")
 
 
 @dataclasses.dataclass
@@ -43,6 +50,9 @@ class Pipeline:
   vlm: qwen2_5_vl.Qwen2_5_VL
   vlm_params: Any
   processor: Any
+  # whether the DiT's text projection was initialised anew (a Wan checkpoint of another text
+  # width; `idcrafter.new_param_mask`), so the optimiser knows the new params without a read
+  text_reinit: bool = False
   _samplers: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def require_vlm(self) -> None:
@@ -71,8 +81,7 @@ class Pipeline:
     """Lists of (h, w, 3) uint8 images -> subject latents (B, N_max, 1, h/8, w/8, 16), mask (B, N_max)."""
     n_max = self.dit.config.max_subjects
     h, w = self.config.subjects.height, self.config.subjects.width
-    if h % 16 or w % 16:
-      raise ValueError(f"subjects.height x width = {h}x{w} must be multiples of 16.")
+    check_size("subjects", h, w)
     batch = np.full((len(subject_images), n_max, 1, h, w, 3), -1.0, np.float32)
     mask = np.zeros((len(subject_images), n_max), bool)
     for i, images in enumerate(subject_images):

@@ -20,22 +20,37 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
-from idcrafter_jax.models import layers
+from idcrafter_jax.models import config_utils, layers
 from idcrafter_jax.models.wan_dit import WanAttention, WanBlock
 
 STAGES = (1, 2, 3)
 SUBJECT_AXES = ("activation_batch", None, "activation_length", "activation_embed")
 
 
+# The rules of `hipa.stages` (Table S.2): `stages_problems`, and `check_stages` for the model.
+STAGES_RULE = (lambda v: isinstance(v, (tuple, list)) and all(s in STAGES for s in v) and len(set(v)) == len(v),
+               "distinct stages out of (1, 2, 3) (Table S.2)")
+STAGE_3_REASON = ("stages 1 and 2 refine subject tokens that only stage 3 reads; without stage 3 they would train "
+                  "nothing. Use stages=() for 'w/o Stage 3' (Table S.2: subjects then reach the DiT only through "
+                  "the Qwen2.5-VL context)")
+WITH_STAGE_3 = (lambda v: not v or 3 in v, f"stage 3 whenever stage 1 or 2 is on ({STAGE_3_REASON})")
+
+
+def stages_problems(stages, prefix: str = "hipa.") -> list[str]:
+  """The first rule of `hipa.stages` that `stages` breaks, as a problem line (empty: fine)."""
+  for ok, expected in (STAGES_RULE, WITH_STAGE_3):
+    if not ok(stages):
+      return [config_utils.problem("stages", stages, expected, prefix)]
+  return []
+
+
 def check_stages(stages) -> tuple[int, ...]:
-  stages = tuple(sorted(set(int(s) for s in stages)))
-  if any(s not in STAGES for s in stages):
-    raise ValueError(f"hipa.stages {stages} must be a subset of {STAGES}.")
-  if stages and 3 not in stages:
-    raise ValueError(
-        f"hipa.stages {stages}: stages 1 and 2 refine subject tokens that only stage 3 reads; "
-        "without stage 3 they would train nothing. Use stages=() for 'w/o Stage 3' (Table S.2: "
-        "subjects then reach the DiT only through the Qwen2.5-VL context).")
+  """`stages` sorted, as a tuple; ValueError when they break a rule of `stages_problems`."""
+  if not STAGES_RULE[0](stages):
+    raise ValueError(config_utils.problem("stages", stages, STAGES_RULE[1], "hipa."))
+  stages = tuple(sorted(int(s) for s in stages))
+  if not WITH_STAGE_3[0](stages):
+    raise ValueError(f"hipa.stages {stages}: {STAGE_3_REASON}.")
   return stages
 
 

@@ -25,13 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from idcrafter_jax.models import hipa, layers, wan_dit
+from idcrafter_jax.models import config_utils, hipa, layers, wan_dit
 from idcrafter_jax.models.wan_dit import WanConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class IDCrafterConfig:
-  """The Wan backbone plus `max_subjects`, `hipa_layers` (K, 20 in the seed) and HIPA `stages`."""
+  """The Wan backbone plus `max_subjects`, `hipa_layers` (K, 20 in the seed) and HIPA `stages`.
+
+  In a run config these are the `model` section (the Wan fields and `max_subjects`) and the
+  `hipa` section (`num_layers` = K, `stages`): `from_sections`, `problems`."""
   wan: WanConfig
   max_subjects: int = 4
   hipa_layers: int = 20
@@ -39,22 +42,38 @@ class IDCrafterConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "stages", hipa.check_stages(self.stages))
-    if self.max_subjects < 1:
-      raise ValueError(f"max_subjects must be >= 1; got {self.max_subjects}.")
-    if not 0 <= self.hipa_layers <= self.wan.num_layers:
-      raise ValueError(f"hipa.num_layers={self.hipa_layers} must be in [0, model.num_layers={self.wan.num_layers}].")
+    config_utils.check(_subject_problems({"max_subjects": self.max_subjects, "num_layers": self.wan.num_layers},
+                                         {"num_layers": self.hipa_layers}))
 
   @property
   def num_hipa_blocks(self) -> int:
     return self.hipa_layers if self.stages else 0
 
   @classmethod
-  def from_config(cls, config) -> "IDCrafterConfig":
-    """From a run config: `config.model` (Wan fields + max_subjects) and `config.hipa`."""
-    model = dict(config.model)
-    max_subjects = model.pop("max_subjects", 4)
+  def from_sections(cls, model, hipa_section) -> "IDCrafterConfig":
+    """From the `model` section (Wan fields + max_subjects; unknown keys are an error) and the
+    `hipa` section (num_layers, stages) of a run config."""
+    model = dict(model)
+    max_subjects = model.pop("max_subjects", cls.max_subjects)
     return cls(wan=WanConfig.from_dict(model), max_subjects=max_subjects,
-               hipa_layers=config.hipa.num_layers, stages=tuple(config.hipa.stages))
+               hipa_layers=hipa_section["num_layers"], stages=tuple(hipa_section["stages"]))
+
+  @staticmethod
+  def problems(model, hipa_section) -> list[str]:
+    """Every problem of the `model` and `hipa` sections, one line each (keys that are not fields
+    are `validation`'s check)."""
+    return (WanConfig.problems(model) + _subject_problems(model, hipa_section)
+            + hipa.stages_problems(hipa_section.get("stages")))
+
+
+def _subject_problems(model, hipa_section) -> list[str]:
+  """`model.max_subjects` >= 1 and `hipa.num_layers` in [0, model.num_layers]."""
+  out = config_utils.rule_problems(model, {"max_subjects": config_utils.integer(1)}, "model.")
+  n = model.get("num_layers")
+  if config_utils.integer(1)[0](n):
+    rule = (config_utils.integer(0, n)[0], f"an integer in [0, model.num_layers={n}]")
+    out += config_utils.rule_problems(hipa_section, {"num_layers": rule}, "hipa.")
+  return out
 
 
 class SubjectEmbedder(nn.Module):
@@ -256,6 +275,11 @@ def dummy_inputs(config: IDCrafterConfig, subject_grid=(4, 4)):
           jnp.zeros((1, 1, w.text_dim), jnp.float32),
           jnp.zeros((1, config.max_subjects, 1, *subject_grid, w.in_channels), jnp.float32),
           jnp.zeros((1, config.max_subjects), bool))
+
+
+def abstract_params(module: IDCrafter):
+  """The model's params with their logical axes (boxed), as shapes: nothing allocated."""
+  return jax.eval_shape(module.init, jax.random.key(0), *dummy_inputs(module.config))["params"]
 
 
 def forward_flops(config: IDCrafterConfig, latent_shape, context_len: int, num_subjects: int,

@@ -44,6 +44,32 @@ def variant_config(variant: str, **overrides) -> "WanConfig":
 BLOCK_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
+def _dtype_ok(v) -> bool:
+  try:
+    jnp.dtype(v)
+  except (TypeError, ValueError):
+    return False
+  return v is not None
+
+
+DTYPE = (_dtype_ok, "a dtype or its name ('float32', 'bfloat16')")
+_EVEN = (lambda v: config_utils.is_int(v) and v >= 2 and v % 2 == 0, "an even integer >= 2")
+# The rules of `WanConfig`'s fields (the run config's `model` section): `WanConfig.problems`.
+RULES = {
+    "num_heads": config_utils.integer(1),
+    "head_dim": config_utils.why(_EVEN, "RoPE rotates pairs of channels"),
+    "ffn_dim": config_utils.integer(1),
+    "num_layers": config_utils.integer(1),
+    "text_dim": config_utils.integer(1),
+    "dtype": DTYPE,
+    "param_dtype": DTYPE,
+    "scan_layers": config_utils.BOOL,
+    "remat_policy": config_utils.one_of(sorted(layers.REMAT_POLICIES)),
+    "attention_impl": config_utils.one_of(attention_lib.IMPLS),
+    "lora_rank": config_utils.why(config_utils.integer(0), "0: no adapters"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class WanConfig:
   """Architecture of a Wan 2.1 DiT (Table S.1; diffusers `WanTransformer3DModel` config)."""
@@ -81,14 +107,17 @@ class WanConfig:
         d[k] = jnp.dtype(d[k])
     return config_utils.from_dict(cls, d, what="Wan DiT")
 
+  @staticmethod
+  def problems(section, prefix: str = "model.") -> list[str]:
+    """Every field of `section` (the run config's `model` section, or a dict of fields) that
+    breaks its rule (`RULES`), one line each."""
+    return config_utils.rule_problems(section, RULES, prefix)
+
   def validate(self):
-    if self.head_dim % 2:
-      raise ValueError(f"head_dim {self.head_dim} must be even for RoPE.")
-    layers.remat_policy(self.remat_policy)
-    if self.attention_impl not in attention_lib.IMPLS:
-      raise ValueError(f"attention_impl {self.attention_impl!r} is unknown; expected one of {attention_lib.IMPLS}.")
-    if self.lora_rank < 0:
-      raise ValueError(f"lora_rank {self.lora_rank} must be >= 0 (0: no adapters).")
+    """Raises ValueError naming each field that breaks its rule (`RULES`); the fields may come
+    from a checkpoint's config.json, so they are named without the run config's section."""
+    bad = config_utils.broken(config_utils.fields_of(self), RULES)
+    config_utils.check(f"{k} {v!r}: expected {e}." for k, v, e in bad)
 
 
 class WanAttention(nn.Module):

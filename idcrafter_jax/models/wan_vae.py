@@ -92,6 +92,12 @@ class WanVAEConfig:
     return self.base_dim if self.decoder_base_dim is None else self.decoder_base_dim
 
 
+# The Wan 2.1 VAE's compression (`WanVAEConfig`'s defaults): a video of 1 + 4k frames, H x W
+# becomes 1 + k latent frames of H/8 x W/8.
+TIME_STRIDE = WanVAEConfig().temporal_factor
+SPACE_STRIDE = WanVAEConfig().spatial_factor
+
+
 # Keys of a diffusers config.json that this module does not need (bookkeeping or defaults
 # checked in `config_from_diffusers`).
 _IGNORED_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "dropout",
@@ -766,4 +772,4 @@ def load(folder: str, *, param_dtype=jnp.float32, dtype=jnp.float32, place=None,
 
 
 __all__ = ["WanVAE", "WanVAEConfig", "config_from_diffusers", "load", "rule", "abstract_params",
-           "logical_axes", "normalize_latents", "denormalize_latents", "sample_latents"]
+           "logical_axes", "normalize_latents", "denormalize_latents", "sample_latents", "TIME_STRIDE", "SPACE_STRIDE"]

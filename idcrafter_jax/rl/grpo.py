@@ -24,8 +24,67 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from idcrafter_jax import sharding
+from idcrafter_jax.data import pipeline as data_pipeline
+from idcrafter_jax.models import config_utils, lora
 from idcrafter_jax.sampling import flow, sampler, sde
-from idcrafter_jax.models import lora
+
+
+TRAIN_STEPS = ("all", "fraction", "window")
+
+# The rules of `GRPOConfig`'s fields (the run config's `grpo` section), and of the keys the loop
+# adds to that section (its held-out evaluation and sample videos, `rl/loop.py`).
+RULES = {
+    "group_size": config_utils.why(config_utils.integer(2), "advantages are normalised inside a group, so "
+                                   "group_size must be >= 2"),
+    "num_steps": config_utils.integer(1), "shift": config_utils.number(0, lo_open=True),
+    "guidance_scale": config_utils.number(), "noise_level": config_utils.number(0),
+    "sde_type": config_utils.one_of(sde.SDE_TYPES), "train_steps": config_utils.one_of(TRAIN_STEPS),
+    "train_fraction": config_utils.number(0, 1, lo_open=True), "clip_range": config_utils.number(0, lo_open=True),
+    "adv_clip": config_utils.optional(config_utils.number(0, lo_open=True)), "beta": config_utils.number(0),
+    "inner_epochs": config_utils.integer(1), "minibatch": config_utils.integer(1),
+    "recompute_log_probs": config_utils.BOOL,
+}
+LOOP_RULES = {"eval_every": config_utils.integer(0), "eval_prompts": config_utils.integer(1),
+              "eval_seed": config_utils.integer(0), "sample_videos": config_utils.integer(0)}
+
+
+def _field_problems(fields, prefix: str) -> list[str]:
+  """The problems of `GRPOConfig`'s fields (`RULES`, and the window within the steps)."""
+  out = config_utils.rule_problems(fields, RULES, prefix)
+  steps_ok = not any(p.startswith((f"{prefix}train_steps", f"{prefix}num_steps")) for p in out)
+  if steps_ok and fields.get("train_steps") == "window":
+    lo_hi, k = fields.get("window"), fields["num_steps"]
+    if not (isinstance(lo_hi, (tuple, list)) and len(lo_hi) == 2 and all(config_utils.is_int(x) for x in lo_hi)
+            and 0 <= lo_hi[0] < lo_hi[1] <= k):
+      out.append(config_utils.problem("window", lo_hi, f"(lo, hi) with 0 <= lo < hi <= {prefix}num_steps={k}",
+                                      prefix))
+  return out
+
+
+def problems(section, prefix: str = "grpo.") -> list[str]:
+  """Every key of the `grpo` section that breaks its rule (`RULES`, `LOOP_RULES`), one line each."""
+  return _field_problems(section, prefix) + config_utils.rule_problems(section, LOOP_RULES, prefix)
+
+
+def batch_problems(prompts: int, group_size: int, minibatch: int, ways: int | None,
+                   process_count: int = 1) -> list[str]:
+  """The prompts of an iteration (`data.global_batch_size`) split over the processes; their
+  rollout batch (prompts x group size) over the update minibatches and, with `ways` known, both
+  over the mesh's batch shards. One line per problem."""
+  out = data_pipeline.batch_problems(prompts, process_count)
+  rollout = prompts * group_size
+  shards = sharding.batch_shards_text(ways) if ways else ""
+  if rollout % minibatch:
+    out.append(config_utils.problem("grpo.minibatch", minibatch, "a divisor of the rollout batch "
+                                    f"data.global_batch_size x grpo.group_size = {prompts} x {group_size} = {rollout}"))
+  if ways and minibatch % ways:
+    out.append(config_utils.problem("grpo.minibatch", minibatch, f"a multiple of {shards}"))
+  if ways and rollout % ways:
+    out.append(config_utils.problem("data.global_batch_size", prompts,
+                                    f"a rollout batch x grpo.group_size={group_size} = {rollout} that is a "
+                                    f"multiple of {shards}"))
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,23 +110,13 @@ class GRPOConfig:
   recompute_log_probs: bool = True
 
   def __post_init__(self):
-    if self.group_size < 2:
-      raise ValueError(f"grpo.group_size must be >= 2 (advantages are normalised inside a group); "
-                       f"got {self.group_size}.")
-    if self.sde_type not in sde.SDE_TYPES:
-      raise ValueError(f"grpo.sde_type {self.sde_type!r} is unknown; expected one of {sde.SDE_TYPES}.")
-    if self.train_steps not in ("all", "fraction", "window"):
-      raise ValueError(f"grpo.train_steps {self.train_steps!r} is unknown; expected 'all', 'fraction' or 'window'.")
-    lo, hi = self.window
-    if self.train_steps == "window" and not 0 <= lo < hi <= self.num_steps:
-      raise ValueError(f"grpo.window {self.window} must satisfy 0 <= lo < hi <= num_steps={self.num_steps}.")
+    config_utils.check(_field_problems(config_utils.fields_of(self), "grpo."))
 
   @classmethod
   def from_config(cls, c) -> "GRPOConfig":
-    d = {f.name: c[f.name] for f in dataclasses.fields(cls) if f.name in c}
-    if "window" in d:
-      d["window"] = tuple(d["window"])
-    return cls(**d)
+    """From the `grpo` section (the loop's keys, `LOOP_RULES`, are not fields; any other unknown
+    key is an error)."""
+    return config_utils.from_dict(cls, dict(c), what="grpo", ignored=LOOP_RULES)
 
 
 # ------------------------------------------------------------------------------------- rollout

@@ -30,17 +30,43 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from idcrafter_jax import distributed
+from idcrafter_jax.models import config_utils
 from idcrafter_jax.rl import scores
 from idcrafter_jax.rl.rewards import register
-from idcrafter_jax import distributed
 
 Scorer = Callable[[jax.Array, Mapping[str, Any]], jax.Array]
 
 _INSTALLED: dict[str, Scorer] = {}
 
-# reward name -> the config key of the network it needs
-NEEDS = {"face_sim": "face", "nexus_score": "clip", "aesthetic": "aesthetic (with clip)",
-         "gme_score": "vlm", "q_align": "vlm"}
+# reward name -> the `reward_models` keys of the networks it needs (the LAION aesthetic head scores
+# CLIP features)
+NEEDS = {"face_sim": ("face",), "nexus_score": ("clip",), "aesthetic": ("aesthetic", "clip"),
+         "gme_score": ("vlm",), "q_align": ("vlm",)}
+
+# The rules of the run config's `reward_models` section (the folders are `validation`'s check).
+RULES = {
+    "face_input_size": config_utils.integer(1), "face_num_frames": config_utils.integer(1),
+    "clip_num_frames": config_utils.integer(1), "vlm_num_frames": config_utils.integer(1),
+    "aesthetic_range": config_utils.PAIR,
+}
+
+
+def problems(section, prefix: str = "reward_models.") -> list[str]:
+  """Every key of the `reward_models` section that breaks its rule (`RULES`), one line each."""
+  return config_utils.rule_problems(section, RULES, prefix)
+
+
+def network_problems(reward, section, prefix: str = "") -> list[str]:
+  """The networks the rewards of `reward` (the `reward` section) score with that `section` (the
+  `reward_models` section) leaves unset, one line each."""
+  wanted = set(reward.get("fidelity") or {}) | set(reward.get("quality") or {})
+  out = []
+  for name in sorted(wanted & set(NEEDS)):
+    for key in NEEDS[name]:
+      if not section.get(key):
+        out.append(f"{prefix}reward_models.{key} is not set: the reward {name!r} needs that network's folder.")
+  return out
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -48,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
   `--config.reward_models.clip=<folder>` sets them) and scoring options."""
   folder = lambda: ml_collections.config_dict.placeholder(str)
   return ml_collections.ConfigDict(dict(
-      face=folder(),        # converted iResNet folder (scripts/convert_face_checkpoint.py)
+      face=folder(),        # converted iResNet folder (launch/convert_face_checkpoint.py)
       face_input_size=112,
       face_num_frames=16,
       clip=folder(),        # transformers CLIPModel folder (ViT-L/14 for the LAION head)
@@ -78,8 +104,8 @@ def uninstall() -> None:
 
 def _scorer(name: str) -> Scorer:
   if name not in _INSTALLED:
-    raise ValueError(f"reward {name!r} needs the {NEEDS[name]} network, which is not loaded: set "
-                     f"config.reward_models.{NEEDS[name].split()[0]} to a local folder and call "
+    raise ValueError(f"reward {name!r} needs the {' and '.join(NEEDS[name])} network, which is not loaded: set "
+                     f"config.reward_models.{NEEDS[name][0]} to a local folder and call "
                      "rl.reward_models.build_reward_models(config.reward_models) before training.")
   return _INSTALLED[name]
 
@@ -115,7 +141,7 @@ def build_reward_models(cfg, *, mesh=None, detector=None) -> dict[str, Scorer]:
                                               value_range=tuple(cfg.aesthetic_range))
   if cfg.vlm is not None:
     from idcrafter_jax import convert
-    from idcrafter_jax.models import qwen2_5_vl_processor as processor_lib
+    from idcrafter_jax.models.qwen2_5_vl import processor as processor_lib
     vlm, vp = convert.load_qwen2_5_vl(cfg.vlm, mesh=mesh)
     proc = processor_lib.QwenVLProcessor.from_pretrained(cfg.processor or cfg.vlm)
     rows = scores.read_level_rows(cfg.vlm, scores.level_token_ids(proc.tokenizer))
@@ -138,9 +164,9 @@ def aesthetic_scorer(clip_model, clip_params, head, head_params, *, num_frames: 
                      value_range=(4.0, 7.0)) -> Scorer:
   """fn(videos, batch) -> (B,) aesthetic score mapped from `value_range` to [0, 1] (clipped)."""
   from idcrafter_jax.models import aesthetic as aesthetic_lib
+  config_utils.check(config_utils.rule_problems({"aesthetic_range": tuple(value_range)},
+                                                {"aesthetic_range": RULES["aesthetic_range"]}, "reward_models."))
   lo, hi = map(float, value_range)
-  if not hi > lo:
-    raise ValueError(f"aesthetic_range {value_range} must be (low, high) with high > low.")
 
   @jax.jit
   def run(cp, hp, videos):

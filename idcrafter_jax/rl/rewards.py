@@ -27,6 +27,8 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from idcrafter_jax.models import config_utils
+
 RewardFn = Callable[[jax.Array, Mapping[str, jax.Array]], jax.Array]
 
 
@@ -38,23 +40,39 @@ class RewardSpec:
   needs_weights: bool  # a network that must be loaded (issue-free rewards are False)
 
 
-REGISTRY: dict[str, RewardSpec] = {}
+REGISTRY: config_utils.Registry[RewardSpec] = config_utils.Registry("reward", "rl.rewards.register(name)")
 
 
 def register(name: str, *, per_subject: bool = False, needs_weights: bool = False):
-  """Decorator: adds `fn` to the registry under `name`."""
+  """Decorator: adds `fn` to the registry under `name` (once: a name registered again is an error)."""
   def wrap(fn: RewardFn) -> RewardFn:
-    if name in REGISTRY:
-      raise ValueError(f"reward {name!r} is already registered.")
-    REGISTRY[name] = RewardSpec(name, fn, per_subject, needs_weights)
+    REGISTRY.register(name, RewardSpec(name, fn, per_subject, needs_weights))
     return fn
   return wrap
 
 
 def get(name: str) -> RewardSpec:
-  if name not in REGISTRY:
-    raise ValueError(f"reward {name!r} is not registered; known rewards: {sorted(REGISTRY)}.")
-  return REGISTRY[name]
+  return REGISTRY.get(name)
+
+
+# The rules of the run config's `reward` section (eq. S.5, Table S.4); `fidelity` / `quality`
+# map registered names to weights.
+RULES = {"w_fid": config_utils.number(0), "w_qual": config_utils.number(0), "gamma": config_utils.number(0, 1)}
+
+
+def problems(section, prefix: str = "reward.") -> list[str]:
+  """Every key of the `reward` section that breaks its rule, one line each: the weights of eq.
+  S.5, gamma, and each term's reward names (registered) and weights (finite)."""
+  out = config_utils.rule_problems(section, RULES, prefix)
+  for term in ("fidelity", "quality"):
+    weights = section.get(term) or {}
+    for name in weights:
+      if name not in REGISTRY:
+        out.append(config_utils.problem(f"{term}.{name}", weights[name],
+                                        f"a registered reward name, one of {REGISTRY.names()}", prefix))
+      elif not config_utils.is_num(weights[name]):
+        out.append(config_utils.problem(f"{term}.{name}", weights[name], "a finite weight", prefix))
+  return out
 
 
 def blend_subjects(scores, subject_mask, gamma: float):

@@ -31,8 +31,8 @@ def build(config, workdir: str, *, load_vlm: bool = True):
   """Pipeline (models; Qwen2.5-VL only with `load_vlm`), mesh, optimiser, abstract state and its shardings."""
   pipe = loading.load_pipeline(config, config.init, workdir=workdir, load_vlm=load_vlm)
   mesh = sharding.make_mesh(dict(config.mesh))
-  tx = train_state.make_optimizer(config.train, train_state.new_param_mask_fn(config))
-  boxed = jax.eval_shape(pipe.dit.init, jax.random.key(0), *idcrafter.dummy_inputs(pipe.dit.config))["params"]
+  tx = train_state.make_optimizer(config.train, train_state.new_param_mask_fn(config, pipe.text_reinit))
+  boxed = idcrafter.abstract_params(pipe.dit)
   return pipe, mesh, tx, boxed
 
 

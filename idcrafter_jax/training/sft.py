@@ -35,8 +35,8 @@ def sample_t(key, batch: int, tc):
   elif tc.timestep_sampling == "logit_normal":
     u = jax.nn.sigmoid(tc.logit_mean + tc.logit_std * jax.random.normal(key, (batch,)))
   else:
-    raise ValueError(f"train.timestep_sampling {tc.timestep_sampling!r} is unknown; expected "
-                     "'uniform' or 'logit_normal'.")
+    raise ValueError(f"train.timestep_sampling {tc.timestep_sampling!r} is unknown; expected one of "
+                     f"{train_state.TIMESTEP_SAMPLING}.")
   return flow.shift_sigmas(u, tc.shift)
 
 

@@ -22,7 +22,8 @@ the work directory, which is also its done-marker:
 
 Input: a folder of videos; `<stem>.json` beside a video holds its annotations (format in
 `subjects`). Backends (detectors, captioners, image editors) are looked up by name in one
-`registry.Registry` per kind. Nothing here imports jax or torch; no network call is made.
+`models.config_utils.Registry` per kind (a name is registered once). Nothing here imports jax or torch;
+no network call is made.
 """
 import ml_collections
 

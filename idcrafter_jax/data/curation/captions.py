@@ -14,7 +14,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from idcrafter_jax.data.curation.registry import Registry
+from idcrafter_jax.models.config_utils import Registry
 
 SOURCES = ("annotations", "captioner")
 
@@ -25,7 +25,7 @@ class Captioner(Protocol):
     ...
 
 
-CAPTIONERS: Registry[Captioner] = Registry("captions.captioner", "captions.register_captioner")
+CAPTIONERS: Registry[Captioner] = Registry("captions.captioner", "captions.register_captioner(name, factory)")
 
 
 def register_captioner(name: str, factory: Callable[[], Captioner]) -> None:

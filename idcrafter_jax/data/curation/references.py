@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from idcrafter_jax.data.curation.registry import Registry
+from idcrafter_jax.models.config_utils import Registry
 
 STRATEGIES = ("crop", "augment", "generate")
 PROMPT_DIR = os.path.join(os.path.dirname(__file__), "prompts")
@@ -80,7 +80,7 @@ class ImageEditor(Protocol):
     ...
 
 
-EDITORS: Registry[ImageEditor] = Registry("references.editor", "references.register_editor")
+EDITORS: Registry[ImageEditor] = Registry("references.editor", "references.register_editor(name, factory)")
 
 
 def register_editor(name: str, factory: Callable[[], ImageEditor]) -> None:

@@ -35,7 +35,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from idcrafter_jax.data.curation.registry import Registry
+from idcrafter_jax.models.config_utils import Registry
 
 FRAME_POLICIES = ("first", "middle", "best")
 
@@ -167,7 +167,7 @@ class Detector(Protocol):
     ...
 
 
-DETECTORS: Registry[Detector] = Registry("subjects.detector", "subjects.register_detector")
+DETECTORS: Registry[Detector] = Registry("subjects.detector", "subjects.register_detector(name, factory)")
 
 
 def register_detector(name: str, factory: Callable[[], Detector]) -> None:
