@@ -226,3 +226,45 @@ def evaluation_summary(spec: dict, process_index: int):
 
   summary = ev.run(cfg, {}, generate_fn=generate, progress=False)
   return {"total": np.asarray(summary["total"]), "videos": np.asarray(summary.get("videos", -1))}
+
+
+def start_launcher(commands: list[list[str]], ids: list[int], n: int, log_dir: str,
+                   env: dict | None = None) -> list[subprocess.Popen]:
+  """Starts `python <commands[k]>` as process `ids[k]` of `n` on one coordinator (1 CPU device
+  each); `ids` may repeat an id or leave one out (a host started twice, or never). Logs:
+  log_dir/launcher_<k>.log."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}",
+         "JAX_NUM_PROCESSES": str(n), **(env or {}),
+         "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")])}
+  env["XLA_FLAGS"] = " ".join([f for f in env.get("XLA_FLAGS", "").split()
+                               if "xla_force_host_platform_device_count" not in f])
+  env.pop("PYTEST_XDIST_WORKER", None)
+  procs = []
+  for k, (command, i) in enumerate(zip(commands, ids)):
+    log = open(os.path.join(log_dir, f"launcher_{k}.log"), "w")
+    procs.append(subprocess.Popen([sys.executable, "-u", *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  env=dict(env, JAX_PROCESS_ID=str(i))))
+  return procs
+
+
+def hosts_launcher() -> None:
+  """A launcher that only starts the hosts (`python -c 'import multihost; multihost.hosts_launcher()'
+  <flags>`): launch/cli.py's host flags and a small --config (train.lr, train.steps), then
+  `Hosts.initialize(config)` (the roll call, the hosts' agreement), prints 'hosts agree' and waits
+  until the file --wait_for exists (at most a minute); exits as the launchers do."""
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  import cli
+  import ml_collections
+  from absl import flags
+  config = cli.define_config_dict(ml_collections.ConfigDict(dict(train=dict(lr=1e-4, steps=2))), "A small config.")
+  hosts = cli.define_host_flags()
+  wait_for = flags.DEFINE_string("wait_for", None, "Stay up until this file exists.")
+
+  def main(argv):
+    del argv
+    hosts.initialize(config.value)
+    print("hosts agree", flush=True)
+    end = time.monotonic() + 60
+    while wait_for.value and not os.path.exists(wait_for.value) and time.monotonic() < end:
+      time.sleep(0.1)
+  cli.run(main)

@@ -59,7 +59,7 @@ def test_loss_is_sfts_flow_matching_loss(gpu_check):
 
 
 @pytest.mark.slow
-def test_tiny_run(tmp_path):
+def test_the_tiny_size_runs_end_to_end_on_cpu(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", OUT=str(tmp_path),
              JAX_COMPILATION_CACHE_DIR=os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                                     f"idcrafter_jax_test_cache_{os.getuid()}"),
