@@ -2,7 +2,8 @@
 
 Models name axes logically (`nn.with_logical_partitioning(init, ('embed', 'mlp'))`,
 `nn.with_logical_constraint(x, ('activation_batch', 'activation_length', 'activation_embed'))`);
-only this file names the mesh axes ('data', 'fsdp', 'sequence', 'tensor').
+this file owns the mesh axes (`MESH_AXES`, `BATCH_AXES`) and the rules table; library code above
+it never names a mesh axis (the kernels below it take a mesh and read the same names).
 """
 from __future__ import annotations
 

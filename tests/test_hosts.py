@@ -50,7 +50,7 @@ def test_a_lone_process_one_names_the_coordinator_that_never_answers():
     distributed.roll_call("localhost:1", 2, 1, timeout_s=1)
 
 
-def test_the_processes_that_disagree_are_listed_as_ranges():
+def test_settings_are_compared_by_dotted_key_and_processes_listed_as_ranges():
   assert distributed._ranges([5, 0, 2, 1]) == "0-2, 5"
-  assert distributed._settings(dict(config={"train": {"lr": 1e-4}, "seed": 0}, version="v", flags={"workdir": "w"})) == {
-      "train.lr": 1e-4, "seed": 0, "code version": "v", "--workdir": "w"}
+  host = dict(config={"train": {"lr": 1e-4}, "seed": 0}, version="v", flags={"workdir": "w"})
+  assert distributed._settings(host) == {"train.lr": 1e-4, "seed": 0, "code version": "v", "--workdir": "w"}

@@ -93,7 +93,7 @@ def attention_program(attn, mesh, *, batch, lq, lk, heads, kv_heads, head_dim, d
 
   `side` maps keyword names to (ShapeDtypeStruct-like (shape, dtype), PartitionSpec).
   """
-  bt = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
+  bt = tuple(a for a in sharding.BATCH_AXES if mesh.shape[a] > 1) or None
   seq = "sequence" if mesh.shape["sequence"] > 1 else None
   ten = "tensor" if mesh.shape["tensor"] > 1 else None
   x_spec = P(bt, seq, ten, None)

@@ -22,7 +22,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # + the blocked XLA attention's output and log-sum-exp: the backward recomputes only elementwise
-    # work (norms, RoPE, GELU, modulation). The fastest train step on CPU (bench_dit.py).
+    # work (norms, RoPE, GELU, modulation). The fastest train step on CPU (launch/bench/dit.py).
     "dots_no_batch_attention": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names("attention_out", "attention_lse")),

@@ -225,7 +225,7 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
   nothing is updated, which is how the loop records the old log-probs
   (`GRPOConfig.recompute_log_probs`).
 
-  With `adapters` (LoRA, `idcrafter_jax/lora.py`), `state.params` holds only the adapters and
+  With `adapters` (LoRA, `models/lora.py`), `state.params` holds only the adapters and
   `ref_params` is the frozen base: the policy is base + adapters, the reference the base with
   the adapters off, so the reference costs no memory of its own.
 

@@ -2,7 +2,7 @@ r"""Cost of the identity path: time per denoising step with 0, 1, 2 and 4 subjec
 
   JAX_PLATFORMS=cpu python launch/bench/idcrafter.py
 
-Bench config of bench_dit.py (dim 512, 8 heads x 64, FFN 2048, 4 layers, text_dim 512; latents
+Bench config of launch/bench/dit.py (dim 512, 8 heads x 64, FFN 2048, 4 layers, text_dim 512; latents
 2 x 4 x 32 x 32 x 16 = 1024 video tokens a sample, 64 text tokens), HIPA in the first
 `--hipa_layers` blocks (3 of 4 = the seed's 20 of 30), subjects of 96x96 pixels (12x12
 latents, 36 tokens each: the ratio of a 480x480 subject to an 81-frame 480x832 video). "0

@@ -1,6 +1,6 @@
 r"""One Flow-GRPO iteration: this package (JAX) against a flow_grpo-style PyTorch loop, same weights.
 
-  JAX_PLATFORMS=cpu python launch/bench/bench_grpo_iteration.py --size=bench --repeats=3
+  JAX_PLATFORMS=cpu python launch/bench/grpo_iteration.py --size=bench --repeats=3
 
 Both sides run plain Wan 2.1 (no subjects): diffusers `WanTransformer3DModel` + `AutoencoderKLWan`
 with random weights, converted into the JAX `WanDiT` / `WanVAE` by the package's converters.

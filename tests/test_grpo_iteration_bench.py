@@ -9,11 +9,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "launch", "bench", "bench_grpo_iteration.py")
+_PATH = os.path.join(os.path.dirname(__file__), "..", "launch", "bench", "grpo_iteration.py")
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("bench_grpo_iteration", _PATH)
+  spec = importlib.util.spec_from_file_location("grpo_iteration", _PATH)
   mod = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = mod  # its dataclass looks the module up
   spec.loader.exec_module(mod)
