@@ -7,7 +7,7 @@ logs, the one config check and the exit codes.
   _HOSTS = cli.define_host_flags()               # multi-process runs only
 
   def main(argv):
-    _HOSTS.initialize()                           # before any other JAX call
+    _HOSTS.initialize(_CONFIG.value)              # before any other JAX call; hosts agree
     cli.validate(_CONFIG.value, mode="generate")  # exit 2 listing every problem
     ...
 
@@ -19,7 +19,9 @@ would only say the key does not exist). `run` hides Orbax's, JAX's and absl's IN
 --verbosity is given, then runs `main` under absl; what `main` returns is the exit code.
 
 Exit codes: 0 done; 1 an error (a traceback, or `fail`'s message); 2 an invalid config (or a
-moved key). launch/train.py adds 3, 4, 5 and 143 (README, Training). Flags are defined by
+moved key), or hosts that cannot run together (a process id out of range or given twice, hosts
+that disagree on the config, flags or code); 6 a host that did not join within
+--join_timeout_s. launch/train.py adds 3, 4, 5 and 143 (README, Training). Flags are defined by
 functions, not on import, so that each script's module level defines all of its flags.
 """
 from __future__ import annotations
@@ -68,17 +70,30 @@ class Hosts:
   num_processes: flags.FlagHolder
   process_id: flags.FlagHolder
   heartbeat_timeout_s: flags.FlagHolder
+  join_timeout_s: flags.FlagHolder
 
-  def initialize(self) -> None:
+  def initialize(self, config=None, **flag_values) -> None:
     """`distributed.maybe_initialize_distributed` with the flags (else the JAX_* environment, else
-    a detected cluster, else one process). Call before any other JAX call."""
+    a detected cluster, else one process), then, on several processes, `check_hosts_agree` on
+    `config` (a ConfigDict), the code version and `flag_values` (e.g. workdir). Call before any
+    other JAX call. Exits 2 on bad host settings (a process id out of range or given twice) or
+    hosts that disagree, 6 when a host has not joined within --join_timeout_s."""
     from idcrafter_jax import distributed
-    distributed.maybe_initialize_distributed(self.coordinator_address.value, self.num_processes.value,
-                                             self.process_id.value, self.heartbeat_timeout_s.value)
+    try:
+      distributed.maybe_initialize_distributed(self.coordinator_address.value, self.num_processes.value,
+                                               self.process_id.value, self.heartbeat_timeout_s.value,
+                                               self.join_timeout_s.value)
+      if config is not None:
+        distributed.check_hosts_agree(config.to_json_best_effort(sort_keys=True), distributed.code_version([LAUNCH]),
+                                      flag_values)
+    except distributed.JoinTimeout as e:
+      fail(e, e.EXIT_CODE)
+    except ValueError as e:
+      fail(e, INVALID_CONFIG)
 
 
 def define_host_flags() -> Hosts:
-  """--coordinator_address, --num_processes, --process_id, --heartbeat_timeout_s."""
+  """--coordinator_address, --num_processes, --process_id, --heartbeat_timeout_s, --join_timeout_s."""
   return Hosts(
       flags.DEFINE_string("coordinator_address", None,
                           "Multi-process: host:port of process 0 (or JAX_COORDINATOR_ADDRESS)."),
@@ -86,7 +101,10 @@ def define_host_flags() -> Hosts:
       flags.DEFINE_integer("process_id", None, "Multi-process: this process's index (or JAX_PROCESS_ID)."),
       flags.DEFINE_integer("heartbeat_timeout_s", None,
                            "Multi-process: seconds before a silent host is declared dead and the others "
-                           "exit (or IDCRAFTER_HEARTBEAT_TIMEOUT_S; JAX's default 100)."))
+                           "exit (or IDCRAFTER_HEARTBEAT_TIMEOUT_S; JAX's default 100)."),
+      flags.DEFINE_integer("join_timeout_s", None,
+                           "Multi-process: seconds process 0 waits for every host to join before all exit "
+                           "with code 6 naming the missing ones (or IDCRAFTER_JOIN_TIMEOUT_S; default 60)."))
 
 
 def verbosity() -> int | None:

@@ -17,7 +17,9 @@ retried. A video or reference image that cannot be read is recorded with its err
 of the means; it does not stop the run.
 The evaluation itself is `idcrafter_jax.eval.run`. Started on several processes (the same
 flags as launch/train.py, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), each
-scores (and generates) every process_count-th id and process 0 writes the merged outputs.
+scores (and generates) every process_count-th id and process 0 writes the merged outputs; the
+hosts first compare their configs and code (exit 2 naming each difference) and a host that does
+not join within --join_timeout_s is named (exit 6).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def main(argv):
   cfg = _CONFIG.value
   # the evaluation config and, with generate, its model config, before any network is loaded
   cli.validate(cfg, mode="evaluate")
-  _HOSTS.initialize()
+  _HOSTS.initialize(cfg)  # every host holds the same config and code (exit 2); a missing host: exit 6
   from idcrafter_jax import distributed
   from idcrafter_jax.eval import run as run_lib
   from idcrafter_jax.rl import reward_models

@@ -10,16 +10,20 @@ Orbax's, JAX's and absl's INFO lines are hidden unless --verbosity=0 (or higher)
 
 The whole config is checked first (`idcrafter_jax/validation.py`); every problem is listed and
 nothing is built. Exit codes: 0 finished (train.steps reached, or --max_steps done); 1 an error
-(traceback), or another host failed; 2 the config is invalid (or sets a moved key); 3
+(traceback), or another host failed; 2 the config is invalid (or sets a moved key), or the hosts
+cannot run together (a process id out of range or given twice; hosts whose config, --workdir,
+--max_steps or code differ: each differing key is named with its values and processes); 3
 train.max_bad_steps updates in a row were skipped for non-finite values (nothing saved after the
 last good state); 4 a checkpoint could not be saved, also on a synchronous retry; 5 the workdir
-is in use by another run; 143 SIGTERM / SIGINT (TPU preemption): a checkpoint was saved, so that
-a scheduler restarts the job, which resumes.
+is in use by another run; 6 a host did not join within --join_timeout_s (default 60 s; every
+host that joined exits, the message names the missing ones); 143 SIGTERM / SIGINT (TPU
+preemption): a checkpoint was saved, so that a scheduler restarts the job, which resumes.
 
 Several processes (one per host of a pod slice) start the same command; TPU slices and SLURM are
 detected, elsewhere pass --coordinator_address, --num_processes and --process_id (or set
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). Each host reads its slice of every
-global batch; process 0 alone writes logs, metrics and config.json; all save checkpoints.
+global batch; process 0 alone writes logs, metrics and config.json; all save checkpoints. Before
+anything is built the hosts check in with process 0 (the roll call) and compare their configs.
 """
 from __future__ import annotations
 
@@ -40,11 +44,12 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
+  config = _CONFIG.value
+  # every host holds the same config, flags and code (exit 2), or a missing host is named (exit 6)
+  _HOSTS.initialize(config, workdir=_WORKDIR.value, max_steps=_MAX_STEPS.value)
   import jax
   from idcrafter_jax import distributed
   from idcrafter_jax.training import checkpoint, loop
-  _HOSTS.initialize()
-  config = _CONFIG.value
   # the whole config, before any model is loaded or compiled
   cli.validate(config, mode="train", devices=jax.device_count(), process_count=jax.process_count())
   if distributed.is_primary():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs launch/train.py on every host of the slice at once (one JAX process per host; the TPU
-# runtime connects them, `hosts.maybe_initialize_distributed` calls jax.distributed.initialize()).
+# runtime connects them, `distributed.maybe_initialize_distributed` calls jax.distributed.initialize()).
 # WORKDIR must be a gs:// path: a rerun (after preemption, or with SPOT=1 after create.sh) resumes
 # from its newest checkpoint. Logs: ~/train.log on each host; metrics in ${WORKDIR}/metrics.jsonl.
 #
