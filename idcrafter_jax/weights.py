@@ -8,7 +8,8 @@ numpy backend cannot return bfloat16.
 
 Every checkpoint read goes through here, and every error names the file: headers are checked
 on opening (JSON, byte ranges, truncation), `check_tensors` matches each tensor's dtype and
-shape against the model's param before any is read, and `read_config` returns a `ConfigDict`
+shape against the model's param before any is read, a floating-point tensor holding a NaN or an
+inf is refused as it is read (`SafetensorsFile.get`), and `read_config` returns a `ConfigDict`
 whose absent fields raise `MissingConfigField` naming the file and the field.
 """
 from __future__ import annotations
@@ -140,7 +141,27 @@ class SafetensorsFile:
       self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
     start, end = info["data_offsets"]
     buf = self._mmap[self._offset + start:self._offset + end]
-    return buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    arr = buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    if info["dtype"] in _FLOAT_DTYPES:
+      _check_finite(self.path, name, arr)
+    return arr
+
+
+# Elements checked at a time: bounds the temporary mask of a large tensor at 16 MiB.
+_FINITE_CHUNK = 1 << 24
+
+
+def _check_finite(path: str, name: str, arr: np.ndarray) -> None:
+  """Raises CheckpointError naming the file and the tensor when `arr` holds a NaN or an inf: one
+  pass over the tensor, in chunks, before any of it is put on a device."""
+  flat = arr.reshape(-1)
+  for i in range(0, flat.size, _FINITE_CHUNK):
+    if not np.isfinite(flat[i:i + _FINITE_CHUNK]).all():
+      nan = int(np.isnan(flat).sum())
+      inf = int(np.isinf(flat).sum())
+      raise CheckpointError(f"{path}: tensor {name!r} {tuple(arr.shape)} holds non-finite values ({nan} NaN, "
+                            f"{inf} inf of {flat.size}); the checkpoint is damaged or was saved from a "
+                            "diverged run.")
 
 
 def _read_json(path: str, what: str):

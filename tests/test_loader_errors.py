@@ -234,3 +234,36 @@ def test_header_checks_catch_byte_ranges_that_do_not_fit_the_shape(saved, tmp_pa
   msg = _load_error("dit", folder)
   _contains(msg, path, repr(key), "spans")
   assert re.search(r"expected \d+", msg)
+
+
+# ----------------------------------------------------------------------------- non-finite tensors
+
+
+@pytest.mark.parametrize("kind, suffix, value", [("dit", "blocks.1.attn1.to_q.weight", np.nan),
+                                                 ("vae", "decoder.conv_out.bias", np.inf),
+                                                 ("vlm", "layers.0.mlp.up_proj.weight", -np.inf)])
+def test_non_finite_tensor_names_file_and_tensor(saved, tmp_path, kind, suffix, value):
+  folder, path = _copy(saved, kind, tmp_path)
+  def poison(a):
+    a = a.copy()
+    a.reshape(-1)[1] = value
+    return a
+  key, _ = _replace(path, suffix, poison)
+  msg = _load_error(kind, folder)
+  _contains(msg, path, repr(key), "non-finite")
+
+
+def test_non_finite_bfloat16_tensor_is_refused(tmp_path):
+  import ml_dtypes
+  path = str(tmp_path / "t.safetensors")
+  x = np.ones((3, 4), np.float32)
+  x[2, 1] = np.nan
+  raw = x.astype(ml_dtypes.bfloat16).tobytes()
+  header = json.dumps({"x": {"dtype": "BF16", "shape": [3, 4], "data_offsets": [0, len(raw)]},
+                       "i": {"dtype": "I32", "shape": [1], "data_offsets": [len(raw), len(raw) + 4]}}).encode()
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(header)) + header + raw + np.array([7], np.int32).tobytes())
+  f = weights.SafetensorsFile(path)
+  assert f.get("i").tolist() == [7]
+  with pytest.raises(weights.CheckpointError, match=r"t\.safetensors: tensor 'x' \(3, 4\) holds non-finite values \(1 NaN"):
+    f.get("x")

@@ -387,3 +387,33 @@ def test_train_exit_codes_and_quiet_logs(tmp_path, outcome, code, extra):
     assert "step 7" in out.stdout
   elif outcome != "finished":
     assert "error: " in out.stderr and ("step 7" in out.stderr or "pid 7" in out.stderr)
+
+
+# ---------------------------------------------------------------------------- diverged updates
+
+
+def test_the_update_guard_bounds_magnitude_as_well():
+  assert bool(metrics.all_finite({"w": jnp.full((3,), 1e5), "n": jnp.arange(3)}))
+  for bad in (1e7, -1e30, float("inf"), float("nan")):
+    assert not bool(metrics.all_finite({"w": jnp.array([0.5, bad]), "n": jnp.arange(3)}))
+
+
+def test_a_huge_learning_rate_is_skipped_and_its_params_never_saved(tmp_path):
+  c = tiny_config.get_config()
+  c.train.update(lr=1e30, steps=10, ckpt_every=1, log_every=1, async_ckpt=False, max_bad_steps=3)
+  workdir = str(tmp_path)
+  with pytest.raises(loop.TooManyBadSteps, match="above 1e\\+06 in magnitude"):
+    sft.run(c, workdir, data_iterator=_Batches(), progress=False)
+  rows = metrics.read_metrics(workdir)
+  assert [r["update_ok"] for r in rows] == [0.0, 0.0, 0.0] and [r["skipped"] for r in rows] == [1, 2, 3]
+  assert all(np.isfinite(r["loss"]) for r in rows)  # finite, yet diverged
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, async_save=False)
+  assert ck.manager.all_steps() == [1, 2]
+  trees = [ck.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+           for s in (1, 2)]
+  ck.close()
+  init = loading.load_pipeline(c, c.init, workdir=workdir, load_vlm=False).dit_params
+  for tree in trees:  # the initial params: every update was skipped
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+                           tree["params"], init)
+    assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree_util.tree_leaves(tree["params"])) < 1e3

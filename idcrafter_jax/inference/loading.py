@@ -143,7 +143,8 @@ def restore_params(path: str, like):
   """ID-Crafter params from a training checkpoint: a step folder (`workdir/checkpoints/N`), its
   `state` item, a checkpoints folder or a workdir (its newest readable step), or an Orbax
   checkpoint of the param tree itself. Checked against `like`. A LoRA GRPO checkpoint holds the
-  adapters only; they are put over the base weights of `like`."""
+  adapters only; they are put over the base weights of `like`. A step is read by `read_step`,
+  the reader training resumes through, so both take the same step."""
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"ID-Crafter checkpoint {path!r} does not exist.")
@@ -151,9 +152,9 @@ def restore_params(path: str, like):
   errors = []
   for folder in folders:
     try:
-      tree = _read_tree(folder)
+      tree = read_step(folder)[0] if os.path.isdir(os.path.join(folder, "state")) else read_state(folder)
     except Exception as e:  # noqa: BLE001 - an unreadable step falls back to the previous one
-      errors.append(f"{folder}: {describe(e)}")
+      errors.append(describe(e))
       if folder != folders[-1]:
         print(f"warning: checkpoint {folder} is unreadable ({describe(e)}); trying the previous step.")
       continue
@@ -162,34 +163,85 @@ def restore_params(path: str, like):
                    "step folder (workdir/checkpoints/N), its state folder, a checkpoints folder or a workdir.")
 
 
+class UnreadableCheckpoint(ValueError):
+  """A checkpoint folder that cannot be read, or holds non-finite values; the message names it."""
+
+
 # Files an Orbax checkpoint of a tree holds (one of them at least, by Orbax version).
 _ORBAX_FILES = ("_METADATA", "manifest.ocdbt", "checkpoint")
+# The JSON items a training checkpoint's step holds beside its `state` (`training.checkpoint`).
+STEP_JSON_ITEMS = ("data", "meta")
+
+
+def read_step(folder, abstract=None):
+  """(state, data, meta) of a training checkpoint's step folder: `read_state` of its `state`
+  item and its JSON items. The one reader of a step: training resumes through it, generation and
+  evaluation load through it, so a step one cannot read the other does not use either."""
+  from etils import epath
+  folder = epath.Path(folder)
+  state = read_state(folder / "state", abstract)
+  items = []
+  for name in STEP_JSON_ITEMS:
+    try:
+      items.append(ocp.JsonCheckpointHandler().restore(folder / name))
+    except Exception as e:  # noqa: BLE001
+      raise UnreadableCheckpoint(f"{folder / name}: {describe(e)}") from e
+  return (state, *items)
+
+
+def read_state(folder, abstract=None):
+  """The tree of the Orbax checkpoint in `folder` (a step's `state` item, or a param tree).
+
+  Its metadata (`_METADATA`, `_sharding`) is read first, also when `abstract` (a tree of
+  ShapeDtypeStructs with shardings) gives what to restore; without one the arrays come as saved,
+  on the first local device. Raises `UnreadableCheckpoint` naming the folder when anything is
+  missing or damaged, or naming the leaves that are not finite."""
+  from etils import epath
+  folder = epath.Path(folder)
+  if not folder.is_dir():
+    raise UnreadableCheckpoint(f"{folder} is not a folder")
+  if not any((folder / f).exists() for f in _ORBAX_FILES):
+    raise UnreadableCheckpoint(f"{folder} holds no Orbax checkpoint (none of {', '.join(_ORBAX_FILES)})")
+  try:
+    saved = ocp.StandardCheckpointHandler().metadata(folder).tree
+    if abstract is None:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+      tree = ckptr.restore(folder, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:  # noqa: BLE001 - any failure names the folder
+    raise UnreadableCheckpoint(f"{folder}: {describe(e)}") from e
+  bad = nonfinite_leaves(tree)
+  if bad:
+    raise UnreadableCheckpoint(f"{folder} holds non-finite values (NaN or inf) in {len(bad)} "
+                               f"array(s): {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}")
+  return tree
+
+
+def leaf_name(path) -> str:
+  """'params.blocks.0.w' of a tree path (dict keys, attributes, sequence indices)."""
+  return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def nonfinite_leaves(tree) -> list[str]:
+  """The names of the floating-point leaves of `tree` holding a NaN or an inf: one reduction per
+  leaf in one program, one transfer of the flags."""
+  flat = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not flat:
+    return []
+  ok = jax.device_get(jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])([x for _, x in flat]))
+  return [leaf_name(p) for (p, _), good in zip(flat, ok) if not good]
 
 
 def _param_folders(path: str) -> list[str]:
-  """The folders `restore_params` tries, newest first: the steps of a workdir or checkpoints
-  folder (their state items), else the state item of a step folder, else the folder itself."""
+  """The folders `restore_params` tries, newest first: the step folders of a workdir or
+  checkpoints folder, else `path` itself (a step folder, its state item or a param tree)."""
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   steps = sorted((int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n))),
                  reverse=True) if os.path.isdir(path) else []
-  if steps:
-    return [_state_folder(os.path.join(path, str(s))) for s in steps]
-  return [_state_folder(path)]
-
-
-def _state_folder(path: str) -> str:
-  return os.path.join(path, "state") if os.path.isdir(os.path.join(path, "state")) else path
-
-
-def _read_tree(folder: str):
-  """The tree of an Orbax checkpoint folder; an error naming what is missing when it is not one."""
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"{folder} is not a folder")
-  if not any(os.path.exists(os.path.join(folder, f)) for f in _ORBAX_FILES):
-    raise FileNotFoundError(f"{folder} holds no Orbax checkpoint (none of {', '.join(_ORBAX_FILES)})")
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(folder)
+  return [os.path.join(path, str(s)) for s in steps] or [path]
 
 
 def _params_like(tree, like, path: str):

@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from idcrafter_jax import distributed
+from idcrafter_jax.inference import loading
 from idcrafter_jax.inference.loading import describe
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,8 @@ class Checkpointer:
 
   def restore(self, abstract_state):
     """The newest readable checkpoint as (step, state, data_state, meta), or None if there is none.
+    A step is read by `loading.read_step`, the reader generation and evaluation load through: a
+    step with damaged metadata, arrays or JSON items, or with non-finite values, is unreadable.
 
     `abstract_state` gives shapes, dtypes and shardings (a tree of ShapeDtypeStructs). On several
     processes the fallback is taken by all together: a step any host cannot read is skipped by all.
@@ -148,13 +151,11 @@ class Checkpointer:
     for step in sorted(self.manager.all_steps(), reverse=True):
       out, error = None, None
       try:
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
+        out = loading.read_step(self.directory / str(step), abstract_state)
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
         error = describe(e)
       if not distributed.agree_any(error is not None):
-        found = step, out.state, out.data, out.meta
+        found = (step, *out)
         break
       reason = error or "another process could not read it"
       log.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous one.",

@@ -102,15 +102,17 @@ class Preempted(Exception):
 
 class TooManyBadSteps(Exception):
   """`train.max_bad_steps` updates in a row were skipped (a non-finite loss, gradient or updated
-  state, or a non-finite GRPO reward; `TrainState.skipped`): the run stopped without saving those steps, so the newest
-  checkpoint holds the last good state. A launcher exits with `EXIT_CODE`."""
+  state, an updated state above `metrics.MAX_ABS` in magnitude, or a non-finite GRPO reward;
+  `TrainState.skipped`): the run stopped without saving those steps, so the newest checkpoint
+  holds the last good state. A launcher exits with `EXIT_CODE`."""
   EXIT_CODE = 3
 
   def __init__(self, step: int, count: int, directory: str):
     super().__init__(
         f"{count} updates in a row up to step {step} were skipped for a non-finite loss, gradient, "
-        f"update or reward (train.max_bad_steps={count}); stopped without saving them, the newest checkpoint in "
-        f"{directory} holds the last good state. Check train.lr and the data, then run again.")
+        f"update or reward, or an update above {metrics.MAX_ABS:g} in magnitude (train.max_bad_steps={count}); "
+        f"stopped without saving them, the newest checkpoint in {directory} holds the last good state. "
+        "Check train.lr and the data, then run again.")
     self.step, self.count = step, count
 
 

@@ -1,6 +1,6 @@
 """Training metrics: one JSON object per logged step in `workdir/metrics.jsonl` (always with
 `step`), mirrored to TensorBoard (`workdir/tb`); `all_finite`, the check a train step runs on
-its updated state before keeping it."""
+its updated state before keeping it (finite, and at most `MAX_ABS` in magnitude)."""
 from __future__ import annotations
 
 import json
@@ -89,14 +89,21 @@ def _row_step(line: str) -> int | None:
     return None
 
 
-def all_finite(tree) -> jax.Array:
-  """True (a traced bool) when every floating-point leaf of `tree` is finite: the check that an
-  updated train state may be kept. One reduction per leaf, then one over the leaves."""
+# The largest magnitude an updated train state may hold. Float32 params of a trained DiT are O(1)
+# and AdamW's moments are bounded by the clipped gradients (train.max_grad_norm, squared), so a
+# value above it is a diverged update (e.g. train.lr=1e30 gives finite params of ~1e30).
+MAX_ABS = 1e6
+
+
+def all_finite(tree, max_abs: float = MAX_ABS) -> jax.Array:
+  """True (a traced bool) when every floating-point leaf of `tree` is finite and at most `max_abs`
+  in magnitude: the check that an updated train state may be kept. One reduction per leaf
+  (|x| <= max_abs is False for NaN and inf), then one over the leaves."""
   leaves = [x for x in jax.tree_util.tree_leaves(tree)
             if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
   if not leaves:
     return jnp.asarray(True)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+  return jnp.all(jnp.stack([jnp.all(jnp.abs(x) <= max_abs) for x in leaves]))
 
 
 def keep_if(ok, new, old):
