@@ -201,4 +201,5 @@ def train_config() -> ml_collections.ConfigDict:
       cond_dropout=0.1,
       log_every=10, ckpt_every=100, keep_ckpts=3, async_ckpt=True,
       max_bad_steps=20,  # skipped (non-finite) updates in a row that stop the run; 0: never
+      force_lr=False,  # train at a learning rate above train_state.MAX_LR
   ))

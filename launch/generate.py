@@ -39,18 +39,32 @@ _CKPT = flags.DEFINE_string("idcrafter_ckpt", None, "ID-Crafter params saved by 
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the initial noise.")
 
 
+def flag_problems() -> list[str]:
+  """What is wrong with --out and --prompt; the video's folder is made here, before any model loads."""
+  out, problems = _OUT.value, []
+  if os.path.splitext(out)[1].lower() not in (".mp4", ".gif"):
+    problems.append(f"--out={out!r}: expected a file name ending in .mp4 or .gif.")
+  folder = os.path.dirname(os.path.abspath(out))
+  try:
+    os.makedirs(folder, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+      problems.append(f"--out={out!r}: expected a writable folder; {folder} is not writable.")
+  except OSError as e:
+    problems.append(f"--out={out!r}: expected a folder that exists or can be made; {folder}: {e.strerror}.")
+  if not _PROMPT.value.strip():
+    problems.append(f"--prompt={_PROMPT.value!r}: expected the text of the video to generate.")
+  return problems
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
-  ext = os.path.splitext(_OUT.value)[1].lower()
-  if ext not in (".mp4", ".gif"):
-    raise ValueError(f"--out {_OUT.value!r} must end in .mp4 or .gif.")
   # Everything that can be wrong with the input fails here, before any model is loaded or compiled.
   init = ml_collections.ConfigDict(dict(wan_dit=_WAN_DIT.value, wan_vae=_WAN_VAE.value, vlm=_VLM.value,
                                         processor=_PROCESSOR.value, idcrafter_ckpt=_CKPT.value))
   checked = config.copy_and_resolve_references()
   checked.init.update(init)  # the folders of the flags are the ones loaded
-  cli.validate(checked, mode="generate")
+  cli.validate(checked, mode="generate", extra=flag_problems())
   pipeline_lib.latent_shape(config, 1)
   if len(_SUBJECTS.value) > config.model.max_subjects:
     raise ValueError(f"{len(_SUBJECTS.value)} --subject images exceed model.max_subjects="

@@ -51,7 +51,9 @@ def main(argv):
   from idcrafter_jax import distributed
   from idcrafter_jax.training import checkpoint, loop
   # the whole config, before any model is loaded or compiled
-  cli.validate(config, mode="train", devices=jax.device_count(), process_count=jax.process_count())
+  max_steps = [] if _MAX_STEPS.value is None or _MAX_STEPS.value >= 1 else [
+      f"--max_steps={_MAX_STEPS.value}: expected an integer >= 1 (or leave it unset: train to train.steps)."]
+  cli.validate(config, mode="train", extra=max_steps, devices=jax.device_count(), process_count=jax.process_count())
   if distributed.is_primary():
     print(config)
   mode = config.train.mode

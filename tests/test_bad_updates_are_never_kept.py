@@ -10,45 +10,17 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+import tiny_batches
 from configs import tiny as tiny_config
 from idcrafter_jax.inference import loading
 from idcrafter_jax.training import checkpoint as ckpt_lib
 from idcrafter_jax.rl import grpo
 from idcrafter_jax.training import loop, metrics, run_lock, sft, train_state
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _finite(tree) -> bool:
   return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(tree)
              if np.issubdtype(np.asarray(x).dtype, np.inexact))
-
-
-def _batch(b=2, seed=0, d=32):
-  r = np.random.default_rng(seed)
-  return dict(latents=r.standard_normal((b, 2, 4, 4, 16)).astype(np.float32),
-              f_txt=r.standard_normal((b, 6, d)).astype(np.float32),
-              f_txt_mask=r.uniform(size=(b, 6)) > 0.2,
-              subject_latents=r.standard_normal((b, 3, 1, 4, 4, 16)).astype(np.float32),
-              subject_mask=r.uniform(size=(b, 3)) > 0.4)
-
-
-class _Batches:
-  """A checkpointable iterator over precomputed batches (the data contract)."""
-  skipped = 0
-
-  def __init__(self):
-    self.pos = 0
-
-  def __next__(self):
-    self.pos += 1
-    return _batch(seed=self.pos)
-
-  def get_state(self):
-    return {"pos": self.pos}
-
-  def set_state(self, s):
-    self.pos = s["pos"]
 
 
 def test_a_nan_learning_rate_keeps_params_and_optimiser_state():
@@ -59,7 +31,8 @@ def test_a_nan_learning_rate_keeps_params_and_optimiser_state():
   tx = train_state.make_optimizer(tc)
   params = {"w": jnp.full((16,), 0.5)}
   state = train_state.init_state(params, tx, jax.random.key(3), ema=True)
-  new, met = jax.jit(sft.make_train_step(apply_fn, tx, tc))(state, jax.tree_util.tree_map(jnp.asarray, _batch()))
+  batch = jax.tree_util.tree_map(jnp.asarray, tiny_batches.batch())
+  new, met = jax.jit(sft.make_train_step(apply_fn, tx, tc))(state, batch)
   assert np.isfinite(float(met["loss"])) and np.isfinite(float(met["grad_norm"]))  # finite, yet bad
   assert float(met["update_ok"]) == 0.0 and int(new.skipped) == 1 and int(new.step) == 1
   for a, b in ((new.params, params), (new.ema_params, params), (new.opt_state, state.opt_state)):
@@ -86,7 +59,7 @@ def test_nan_lr_run_stops_after_max_bad_steps_and_keeps_the_last_good_checkpoint
   c.train.update(lr=float("nan"), steps=10, ckpt_every=1, log_every=1, async_ckpt=True, max_bad_steps=3)
   workdir = str(tmp_path)
   with pytest.raises(loop.TooManyBadSteps, match="max_bad_steps=3") as e:
-    sft.run(c, workdir, data_iterator=_Batches(), progress=False)
+    sft.run(c, workdir, data_iterator=tiny_batches.Batches(), progress=False)
   assert e.value.EXIT_CODE not in (0, 1, loop.Preempted.EXIT_CODE)
   assert [r["update_ok"] for r in metrics.read_metrics(workdir)] == [0.0, 0.0, 0.0]
   assert not os.path.exists(os.path.join(workdir, run_lock.RunLock.NAME))  # released on the way out
@@ -121,7 +94,7 @@ def test_a_huge_learning_rate_is_skipped_and_its_params_never_saved(tmp_path):
   c.train.update(lr=1e30, steps=10, ckpt_every=1, log_every=1, async_ckpt=False, max_bad_steps=3)
   workdir = str(tmp_path)
   with pytest.raises(loop.TooManyBadSteps, match="above 1e\\+06 in magnitude"):
-    sft.run(c, workdir, data_iterator=_Batches(), progress=False)
+    sft.run(c, workdir, data_iterator=tiny_batches.Batches(), progress=False)
   rows = metrics.read_metrics(workdir)
   assert [r["update_ok"] for r in rows] == [0.0, 0.0, 0.0] and [r["skipped"] for r in rows] == [1, 2, 3]
   assert all(np.isfinite(r["loss"]) for r in rows)  # finite, yet diverged

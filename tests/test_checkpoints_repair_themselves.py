@@ -14,38 +14,10 @@ import numpy as np
 import optax
 import pytest
 
+import tiny_batches
 from idcrafter_jax.inference import loading
 from idcrafter_jax.training import checkpoint as ckpt_lib
 from idcrafter_jax.training import loop, metrics, train_state
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _batch(b=2, seed=0, d=32):
-  r = np.random.default_rng(seed)
-  return dict(latents=r.standard_normal((b, 2, 4, 4, 16)).astype(np.float32),
-              f_txt=r.standard_normal((b, 6, d)).astype(np.float32),
-              f_txt_mask=r.uniform(size=(b, 6)) > 0.2,
-              subject_latents=r.standard_normal((b, 3, 1, 4, 4, 16)).astype(np.float32),
-              subject_mask=r.uniform(size=(b, 3)) > 0.4)
-
-
-class _Batches:
-  """A checkpointable iterator over precomputed batches (the data contract)."""
-  skipped = 0
-
-  def __init__(self):
-    self.pos = 0
-
-  def __next__(self):
-    self.pos += 1
-    return _batch(seed=self.pos)
-
-  def get_state(self):
-    return {"pos": self.pos}
-
-  def set_state(self, s):
-    self.pos = s["pos"]
 
 
 def _tc(**kw):
@@ -159,7 +131,7 @@ def test_an_unwritable_checkpoint_folder_fails_fast_naming_it(tmp_path):
 
 def test_the_session_retries_a_failed_async_save_at_the_next_step(tmp_path, monkeypatch):
   session = loop.TrainSession(str(tmp_path), _tc(ckpt_every=2, async_ckpt=True), "sft")
-  state, it, guard = _tiny_state(), _Batches(), loop.PreemptionGuard()
+  state, it, guard = _tiny_state(), tiny_batches.Batches(), loop.PreemptionGuard()
   session.begin(state)
   _failing_json_writes(monkeypatch)
   session.after_step(2, 10, state, it, guard)  # async save of step 2 fails in the background
@@ -181,14 +153,14 @@ def test_resume_drops_the_rows_logged_again_also_from_step_0(tmp_path):
   workdir = str(tmp_path)
   _rows(workdir, [0, 1, 2, 3])
   session = loop.TrainSession(workdir, _tc(), "sft")
-  state = session.resume(_tiny_state(), _Batches())
+  state = session.resume(_tiny_state(), tiny_batches.Batches())
   assert int(state.step) == 0 and session.restored_meta is None
   assert metrics.read_metrics(workdir) == []  # a run from scratch logs every row again
-  session.after_step(2, 4, state.replace(step=jnp.int32(2)), _Batches(), loop.PreemptionGuard())
+  session.after_step(2, 4, state.replace(step=jnp.int32(2)), tiny_batches.Batches(), loop.PreemptionGuard())
   session.close()
   _rows(workdir, [1, 2, 3, 4])
   session = loop.TrainSession(workdir, _tc(), "sft")
-  state = session.resume(_tiny_state(), _Batches())
+  state = session.resume(_tiny_state(), tiny_batches.Batches())
   session.close()
   assert int(state.step) == 2 and [r["step"] for r in metrics.read_metrics(workdir)] == [1, 2]
 
@@ -197,7 +169,7 @@ def test_meta_fn_round_trips_through_a_checkpoint(tmp_path):
   workdir = str(tmp_path)
   extra = {"eval_baseline": [0.25, 0.5], "best": {"step": 2, "reward": 0.75}}
   session = loop.TrainSession(workdir, _tc(), "grpo", meta_fn=lambda: extra)
-  state, it = _tiny_state(), _Batches()
+  state, it = _tiny_state(), tiny_batches.Batches()
   session.begin(state)
   session.after_step(2, 2, state.replace(step=jnp.int32(2)), it, loop.PreemptionGuard())
   session.close()

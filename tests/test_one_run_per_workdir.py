@@ -12,8 +12,6 @@ import pytest
 
 from idcrafter_jax.training import loop, run_lock
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _tc(**kw):
   return ml_collections.ConfigDict(dict(dict(ckpt_every=2, keep_ckpts=3, async_ckpt=False, max_bad_steps=3), **kw))

@@ -45,6 +45,8 @@ BAD = [
     ("sft", "sft", "train.schedule", "linear", {}),
     ("sft", "sft", "train.b2", 1.0, {}),
     ("sft", "sft", "train.mode", "dpo", {}),
+    ("sft", "sft", "train.lr", 1e30, {}),  # finite, above train_state.MAX_LR without train.force_lr
+    ("sft", "generate", "sampling.guidance_scale", -5.0, {}),
     ("sft", "generate", "sampling.guidance_scale", math.nan, {}),
     ("sft", "generate", "sampling.num_frames", 8, {}),
     ("sft", "generate", "sampling.height", 60, {}),
@@ -65,6 +67,7 @@ BAD = [
     ("sft", "sft", "data.num_frames", 9, {}),  # moved to sampling.num_frames
     ("sft", "sft", "data.bogus", 1, {}),  # unknown
     ("grpo", "grpo", "grpo.clip_range", 0.0, {}),
+    ("grpo", "grpo", "grpo.guidance_scale", -5.0, {}),
     ("grpo", "grpo", "grpo.group_size", 1, {}),
     ("grpo", "grpo", "grpo.minibatch", 7, {}),  # does not divide the rollout batch 4 x 8
     ("grpo", "grpo", "grpo.eval_prompts", 0, {}),
@@ -181,6 +184,7 @@ def _launch(script, *args, tmp_path):
      "train.log_every"),
     (["--config", f"{ROOT}/configs/tiny.py:grpo", "--config.grpo.group_size=1"], "grpo.group_size"),
     (["--config", f"{ROOT}/configs/tiny.py:sft", "--config.data.num_frames=5"], "sampling.num_frames"),
+    (["--config", f"{ROOT}/configs/tiny.py:sft", "--max_steps=-1"], "--max_steps=-1"),
 ])
 def test_train_exits_on_a_bad_config_before_building(tmp_path, args, key):
   work = tmp_path / "work"
@@ -196,3 +200,16 @@ def test_generate_exits_on_a_bad_config_before_building(tmp_path):
               "--config.sampling.solver=heun", "--out", str(out), tmp_path=tmp_path)
   assert r.returncode == 2 and "sampling.num_frames=8" in r.stderr and "sampling.solver='heun'" in r.stderr
   assert "models ready" not in r.stderr + r.stdout and "denoising" not in r.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--prompt", "  "], "--prompt='  ': expected the text"),
+    (["--out", "{tmp}/file.txt/v.mp4"], "expected a folder that exists or can be made"),
+    (["--out", "{tmp}/v.avi"], "ending in .mp4 or .gif"),
+])
+def test_generate_refuses_bad_flags_before_building(tmp_path, args, expected):
+  (tmp_path / "file.txt").write_text("a file, not a folder")
+  args = [a.format(tmp=tmp_path) for a in args]
+  r = _launch("generate.py", "--config", f"{ROOT}/configs/tiny.py", *args, tmp_path=tmp_path)
+  assert r.returncode == 2 and expected in r.stderr, r.stderr[-3000:]
+  assert "models ready" not in r.stderr + r.stdout

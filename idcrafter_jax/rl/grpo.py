@@ -38,7 +38,7 @@ RULES = {
     "group_size": config_utils.why(config_utils.integer(2), "advantages are normalised inside a group, so "
                                    "group_size must be >= 2"),
     "num_steps": config_utils.integer(1), "shift": config_utils.number(0, lo_open=True),
-    "guidance_scale": config_utils.number(), "noise_level": config_utils.number(0),
+    "guidance_scale": config_utils.number(0), "noise_level": config_utils.number(0),
     "sde_type": config_utils.one_of(sde.SDE_TYPES), "train_steps": config_utils.one_of(TRAIN_STEPS),
     "train_fraction": config_utils.number(0, 1, lo_open=True), "clip_range": config_utils.number(0, lo_open=True),
     "adv_clip": config_utils.optional(config_utils.number(0, lo_open=True)), "beta": config_utils.number(0),

@@ -22,7 +22,7 @@ PIXELS = ((lambda v: config_utils.is_int(v) and v > 0 and v % PIXEL_MULTIPLE == 
 
 RULES = {
     "num_steps": config_utils.integer(1), "shift": config_utils.number(0, lo_open=True),
-    "guidance_scale": config_utils.number(), "num_frames": FRAMES, "height": PIXELS, "width": PIXELS,
+    "guidance_scale": config_utils.number(0), "num_frames": FRAMES, "height": PIXELS, "width": PIXELS,
     "fps": config_utils.integer(1), "negative_prompt": config_utils.STRING,
     "solver": config_utils.one_of(solvers.SOLVERS),
 }

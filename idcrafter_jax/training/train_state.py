@@ -16,6 +16,9 @@ from idcrafter_jax import sharding
 from idcrafter_jax.models import config_utils, idcrafter
 
 SCHEDULES = ("constant", "cosine")
+# The largest learning rate a run takes unless `train.force_lr` is set: AdamW fine-tuning of a DiT
+# runs at 1e-5 .. 1e-4 (Table S.3: 1e-5); a rate above this is a typo, not a choice.
+MAX_LR = 1e-2
 
 
 @flax.struct.dataclass
@@ -46,6 +49,7 @@ LOOP_RULES = {
     "logit_std": config_utils.number(0, lo_open=True), "shift": config_utils.number(0, lo_open=True),
     "cond_dropout": config_utils.number(0, 1, hi_open=True), "log_every": config_utils.integer(1),
     "ckpt_every": config_utils.integer(1), "keep_ckpts": config_utils.integer(1), "async_ckpt": config_utils.BOOL,
+    "force_lr": config_utils.BOOL,
     "max_bad_steps": config_utils.integer(0),
 }
 
@@ -53,6 +57,10 @@ LOOP_RULES = {
 def problems(tc, prefix: str = "train.") -> list[str]:
   """Every key of the `train` section that breaks its rule, one line each."""
   out = config_utils.rule_problems(tc, {**OPTIMIZER_RULES, **LOOP_RULES}, prefix)
+  lr = tc.get("lr")
+  if not any(p.startswith(f"{prefix}lr=") for p in out) and lr > MAX_LR and tc.get("force_lr") is not True:
+    out.append(config_utils.problem("lr", lr, f"<= {MAX_LR} (set {prefix}force_lr=True to train at a larger rate)",
+                                    prefix))
   warmup, steps = tc.get("warmup_steps"), tc.get("steps")
   if not any(p.startswith((f"{prefix}warmup_steps", f"{prefix}steps")) for p in out) and warmup > steps:
     out.append(config_utils.problem("warmup_steps", warmup, f"<= {prefix}steps={steps}", prefix))
