@@ -158,7 +158,31 @@ def moved_config_flags(argv: list[str]) -> list[str]:
 def run(main: Callable[[list[str]], int | None]) -> None:
   """Runs `main` as the script's entry point under absl, with logs quieted as --verbosity says;
   `main`'s return value is the exit code."""
+  parsed = []
+
   def quiet_main(argv):
+    parsed.append(True)
     quiet_third_party_logs(verbosity())
+    check_config_file()
     return main(argv)
-  app.run(quiet_main)
+  try:
+    app.run(quiet_main)
+  except (AttributeError, KeyError) as e:
+    if parsed:  # raised by the run itself, not by the command line
+      raise
+    # ml_collections, while absl parses the command line: an override of a key the config lacks
+    keys = [a.split("=", 1)[0] for a in sys.argv[1:] if a.lstrip("-").startswith("config.")]
+    fail(f"not a config key: {str(e).strip(chr(34) + chr(39))} (among {', '.join(keys)}); expected a key of "
+         "the config file (see idcrafter_jax/config.py).", INVALID_CONFIG)
+
+
+def check_config_file() -> None:
+  """Exits 2 in one line when the --config file did not load (ml_collections raises its load
+  error on the config's first use, as a traceback)."""
+  if "config" not in flags.FLAGS or flags.FLAGS["config"].value is None:
+    return
+  try:
+    flags.FLAGS["config"].value.keys()
+  except OSError as e:
+    fail(f"the config file did not load ({e}); expected --config=<path to a get_config() file>[:arg].",
+         INVALID_CONFIG)

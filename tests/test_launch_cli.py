@@ -86,3 +86,13 @@ def test_a_moved_key_exits_2_naming_its_place(tmp_path):
   r = _launch("launch/precompute.py", "--folder", str(tmp_path), "--out_dir", str(tmp_path / "o"),
               "--config.data.num_frames=5")
   assert r.returncode == 2 and "set --config.sampling.num_frames" in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config", "configs/tiny.py:sft", "--config.model.bogus=1"], "not a config key: bogus"),
+    (["--config", "configs/no_such_file.py"], "the config file did not load"),
+])
+def test_an_unknown_key_or_a_missing_config_file_exits_2_in_one_line(tmp_path, args, expected):
+  r = _launch("launch/train.py", *args, "--workdir", str(tmp_path / "w"))
+  assert r.returncode == 2 and expected in r.stderr, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr and not (tmp_path / "w").exists()
