@@ -37,7 +37,8 @@ import cli  # noqa: E402
 
 _CONFIG = cli.define_config(required=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints and logs.")
-_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this many steps in this call.")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this many steps in this call (0: load and check "
+                                  "everything, take no step).")
 _HOSTS = cli.define_host_flags()
 flags.mark_flags_as_required(["workdir"])
 
@@ -51,8 +52,9 @@ def main(argv):
   from idcrafter_jax import distributed
   from idcrafter_jax.training import checkpoint, loop
   # the whole config, before any model is loaded or compiled
-  max_steps = [] if _MAX_STEPS.value is None or _MAX_STEPS.value >= 1 else [
-      f"--max_steps={_MAX_STEPS.value}: expected an integer >= 1 (or leave it unset: train to train.steps)."]
+  max_steps = [] if _MAX_STEPS.value is None or _MAX_STEPS.value >= 0 else [
+      f"--max_steps={_MAX_STEPS.value}: expected an integer >= 0 (0: load and check everything, take no step; "
+      "unset: train to train.steps)."]
   cli.validate(config, mode="train", extra=max_steps, devices=jax.device_count(), process_count=jax.process_count())
   if distributed.is_primary():
     print(config)

@@ -184,7 +184,7 @@ def _launch(script, *args, tmp_path):
      "train.log_every"),
     (["--config", f"{ROOT}/configs/tiny.py:grpo", "--config.grpo.group_size=1"], "grpo.group_size"),
     (["--config", f"{ROOT}/configs/tiny.py:sft", "--config.data.num_frames=5"], "sampling.num_frames"),
-    (["--config", f"{ROOT}/configs/tiny.py:sft", "--max_steps=-1"], "--max_steps=-1"),
+    (["--config", f"{ROOT}/configs/tiny.py:sft", "--max_steps=-1"], "--max_steps=-1: expected an integer >= 0"),
 ])
 def test_train_exits_on_a_bad_config_before_building(tmp_path, args, key):
   work = tmp_path / "work"
