@@ -14,15 +14,7 @@ from idcrafter_jax.models import config_utils, idcrafter, wan_dit
 from idcrafter_jax.rl import grpo, reward_models, rewards
 from idcrafter_jax.sampling import config as sampling_config
 from idcrafter_jax.training import train_state
-
-
-def _set(c, key, value):
-  *path, name = key.split(".")
-  node = c
-  for p in path:
-    node = node[p]
-  with c.unlocked():
-    node[name] = value
+from test_validation import _set  # the same dotted-key setter as the validation tests
 
 
 def _validated(c, mode):
