@@ -10,7 +10,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["idcrafter_jax", "idcrafter_jax.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["idcrafter_jax", "idcrafter_jax.*"]),
     install_requires=[
         f"jax>={JAX_VERSION}",
         "flax>=0.12",

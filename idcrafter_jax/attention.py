@@ -9,14 +9,14 @@ never attended. A query row with no visible key returns zeros, not NaN.
 
 `impl` chooses the implementation (config key `model.attention_impl`):
   'xla'      einsum logits, float32 softmax (materialises the (Lq, Lk) scores; the reference);
-  'pallas'   the fused flash kernel of `kernels/flash_attention.py` (Mosaic on TPU, the
-             Triton kernels of `kernels/flash_attention_gpu.py` on GPU, interpret mode on CPU);
-             with `mesh`, run shard by shard (`kernels/sharded_flash.py`: batch and heads
+  'pallas'   the fused flash kernel of `idcrafter_jax/kernels/flash_attention.py` (Mosaic on TPU, the
+             Triton kernels of `idcrafter_jax/kernels/flash_attention_gpu.py` on GPU, interpret mode on CPU);
+             with `mesh`, run shard by shard (`idcrafter_jax/kernels/sharded_flash.py`: batch and heads
              split, queries split over 'sequence' with keys gathered), since XLA cannot
              partition the kernel itself;
-  'ring'     `kernels/ring_attention.py`: q, k, v split over the mesh axis 'sequence', kv slices
+  'ring'     `idcrafter_jax/kernels/ring_attention.py`: q, k, v split over the mesh axis 'sequence', kv slices
              passed around the ring, partial softmaxes merged exactly;
-  'ulysses'  `kernels/ulysses_attention.py`: all-to-all from sequence to head sharding, the
+  'ulysses'  `idcrafter_jax/kernels/ulysses_attention.py`: all-to-all from sequence to head sharding, the
              flash kernel on full sequences, all-to-all back.
 'ring' and 'ulysses' need `mesh` (with a 'sequence' axis). For the kernel impls the lengths and
 segment ids are the fast path (no (Lq, Lk) array exists); a mask that only varies along keys,
@@ -34,11 +34,11 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from kernels import flash_attention
-from kernels import ring_attention
-from kernels import sharded_flash
-from kernels import ulysses_attention
-from kernels.common import as_rank4, check_inputs, check_segment_pair
+from idcrafter_jax.kernels import flash_attention
+from idcrafter_jax.kernels import ring_attention
+from idcrafter_jax.kernels import sharded_flash
+from idcrafter_jax.kernels import ulysses_attention
+from idcrafter_jax.kernels.common import as_rank4, check_inputs, check_segment_pair
 
 IMPLS = ("xla", "pallas", "ring", "ulysses")
 

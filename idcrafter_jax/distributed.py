@@ -358,13 +358,12 @@ def gather_json(obj) -> list:
 
 
 def code_version(extra_dirs=()) -> str:
-  """`__version__` and a hash of the Python sources of idcrafter_jax, kernels and `extra_dirs`
+  """`__version__` and a hash of the Python sources of idcrafter_jax and `extra_dirs`
   (launch/): equal on hosts that run the same code. Not the git commit: two checkouts of one
   commit may hold different local edits, and an installed copy has no git."""
   import idcrafter_jax
-  import kernels
   digest = hashlib.sha256()
-  for root in [os.path.dirname(m.__file__) for m in (idcrafter_jax, kernels)] + list(extra_dirs):
+  for root in [os.path.dirname(idcrafter_jax.__file__)] + list(extra_dirs):
     for folder, dirs, files in os.walk(root):
       dirs[:] = sorted(d for d in dirs if d != "__pycache__")
       for name in sorted(f for f in files if f.endswith(".py")):

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from attention_reference import dense_mask, max_err, problem, reference_attention, values_and_grads
 from idcrafter_jax import attention as attention_lib
-from kernels import flash_attention as fa
+from idcrafter_jax.kernels import flash_attention as fa
 
 F32_TOL = 1e-5
 BF16_TOL = 2e-2
@@ -129,7 +129,7 @@ def test_pallas_single_kv_head_other_segments_head_dim_80():
 def test_triton_kernels_match_reference_and_lower_for_cuda(heads, masks, mode, d):
   """The GPU kernels in interpret mode against the reference, and lowered to Triton IR for CUDA
   (forward, dq and dk/dv kernels) from this CPU host, in bfloat16."""
-  from kernels.flash_attention_gpu import flash_attention_gpu
+  from idcrafter_jax.kernels.flash_attention_gpu import flash_attention_gpu
   q, k, v, kw = problem(3, 2, 37, 100, *heads, d, masks=masks, segment_mode=mode)
   full = dense_mask(2, heads[0], 37, 100, **kw)
   out, grads = values_and_grads(

@@ -10,7 +10,7 @@ Sections (--sections, comma separated):
   run  time forward + backward on the local accelerator and print real TFLOP/s (TPU or GPU;
        skipped on CPU, where the kernels only run in interpret mode).
 
-Block sizes: block_q = block_k = 512 by default (`kernels/flash_attention.py`). Tiles of
+Block sizes: block_q = block_k = 512 by default (`idcrafter_jax/kernels/flash_attention.py`). Tiles of
 (512, 128) bf16 for q / k / v and (512, 512) float32 scores keep one grid step's working set at
 about 2.5 MiB (double-buffered inputs included), far inside v5p's VMEM, while each step's two
 512 x 512 x 128 matmuls amortise the ~0.35 us per-step overhead; block_k is a multiple of 128
@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from idcrafter_jax.attention import attention  # noqa: E402
 from idcrafter_jax.aot import report, tpu  # noqa: E402
-from kernels import flash_attention as fa  # noqa: E402
+from idcrafter_jax.kernels import flash_attention as fa  # noqa: E402
 
 flags.DEFINE_list("sections", ["cpu", "tpu", "run"], "Sections to run: cpu, tpu, run.")
 flags.DEFINE_integer("seq", 8192, "Sequence length of the cpu / tpu / run sections.")

@@ -4,7 +4,7 @@ and Pallas attention) against diffusers on the same weights.
   bash launch/gpu_check.sh                                        # GPU (H200): full size
   JAX_PLATFORMS=cpu python launch/bench/gpu_check.py --size tiny  # CPU smoke (tests/test_gpu_check.py)
 
-attention  `kernels/flash_attention_gpu.py` (Triton on GPU, interpret mode on CPU), forward and
+attention  `idcrafter_jax/kernels/flash_attention_gpu.py` (Triton on GPU, interpret mode on CPU), forward and
            backward, against the project's XLA attention (`attention.xla_attention`, query-tiled:
            dense (L, L) logits do not fit at full size) on the same bf16 inputs, and both against
            that XLA attention in float32 ('highest' matmul precision). Errors are max |a - b|,
@@ -263,7 +263,7 @@ def check_attention(size: Size, rep: Report):
   import jax
   import jax.numpy as jnp
   from idcrafter_jax import attention as attn_lib
-  from kernels import flash_attention_gpu
+  from idcrafter_jax.kernels import flash_attention_gpu
   b, length, h, d = size.attn
   dt = jnp.dtype(size.attn_dtype)
   keys = jax.random.split(jax.random.key(0), 4)

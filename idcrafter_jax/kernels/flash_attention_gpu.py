@@ -1,4 +1,4 @@
-"""GPU (Triton) lowering of the flash attention kernels of `kernels/flash_attention.py`.
+"""GPU (Triton) lowering of the flash attention kernels of `idcrafter_jax/kernels/flash_attention.py`.
 
 Same computation, masks and custom_vjp as the TPU kernels (online softmax with float32
 statistics, log-sum-exp saved for the backward, dq and dk/dv backward kernels, grouped-query
@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from kernels.common import (MASK_VALUE, KernelConfig, check_inputs, default_interpret, fused_vjp,
+from idcrafter_jax.kernels.common import (MASK_VALUE, KernelConfig, check_inputs, default_interpret, fused_vjp,
                             kernel_mask, pad_side_inputs, pad_tokens, round_up, side_args,
                             split_refs)
 

@@ -3,7 +3,7 @@
 Each of the n devices on the axis holds a 1/n slice of the queries and of the keys / values
 (Liu et al. 2023, "Ring Attention with Blockwise Transformers"; MaxDiffusion runs Wan the same
 way). In n steps every device attends its queries to the key / value slice it currently holds
-with the Pallas flash kernel (`kernels.flash_attention`), merges the partial result exactly
+with the Pallas flash kernel (`idcrafter_jax.kernels.flash_attention`), merges the partial result exactly
 through the log-sum-exp (o = sum_t o_t exp(lse_t - lse), lse = logsumexp_t lse_t), and passes
 the slice to its neighbour with `ppermute`; the permute of step t+1's slice is issued before
 step t's kernel so the transfer overlaps the compute. The steps run in a `fori_loop`, so one
@@ -24,8 +24,8 @@ import dataclasses
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import flash_attention as fa
-from kernels.common import (MASK_VALUE, SEQUENCE_AXIS, KernelConfig, fused_vjp, pad_sequences,
+from idcrafter_jax.kernels import flash_attention as fa
+from idcrafter_jax.kernels.common import (MASK_VALUE, SEQUENCE_AXIS, KernelConfig, fused_vjp, pad_sequences,
                             sequence_parallel_setup, shard_map_attention)
 
 

@@ -9,8 +9,8 @@ transpose reduce-scatters dk, dv.
 """
 from __future__ import annotations
 
-from kernels import flash_attention as fa
-from kernels.common import (SEQUENCE_AXIS, batch_spec, check_inputs, default_interpret,
+from idcrafter_jax.kernels import flash_attention as fa
+from idcrafter_jax.kernels.common import (SEQUENCE_AXIS, batch_spec, check_inputs, default_interpret,
                             pad_sequences, shard_axes, shard_map_attention)
 
 

@@ -26,7 +26,7 @@ blocks (padded keys are masked through the lengths, padded queries sliced off). 
 are not a multiple of 128 (64, 80) are zero-padded to 128 for the Mosaic lowering only (the
 scale is explicit, so padding does not change the result); interpret mode runs them as they are.
 On CPU every kernel runs with `interpret=True` (the default there). On a GPU backend
-`flash_attention` runs the Triton kernels of `kernels/flash_attention_gpu.py` (same masks and
+`flash_attention` runs the Triton kernels of `idcrafter_jax/kernels/flash_attention_gpu.py` (same masks and
 numerics, GPU-shaped loops); the kernel-layout entry points `flash_fwd` / `flash_bwd` that the
 ring builds on are TPU-only.
 """
@@ -40,9 +40,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import flash_attention_gpu
-from kernels.common import KernelConfig
-from kernels.common import (MASK_VALUE, check_inputs, default_interpret, fused_vjp,
+from idcrafter_jax.kernels import flash_attention_gpu
+from idcrafter_jax.kernels.common import KernelConfig
+from idcrafter_jax.kernels.common import (MASK_VALUE, check_inputs, default_interpret, fused_vjp,
                             kernel_mask, pad_side_inputs, pad_tokens, round_up, side_args,
                             split_refs)
 

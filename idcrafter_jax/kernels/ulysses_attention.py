@@ -18,8 +18,8 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import flash_attention as fa
-from kernels.common import (SEQUENCE_AXIS, pad_sequences, sequence_parallel_setup,
+from idcrafter_jax.kernels import flash_attention as fa
+from idcrafter_jax.kernels.common import (SEQUENCE_AXIS, pad_sequences, sequence_parallel_setup,
                             shard_map_attention)
 
 
