@@ -32,7 +32,7 @@ def get_config(arg=None):
   c.hipa.num_layers = 1
   c.mesh.update(data=1, fsdp=1, sequence=1, tensor=1)
   c.subjects.update(height=32, width=32)
-  c.vlm.buckets = (64, 128, 256)
+  c.vlm.update(buckets=(64, 128, 256), text_length=256)  # one text length: each program compiles once
   c.sampling.update(num_steps=8, num_frames=9, height=64, width=64, guidance_scale=3.0, fps=8)
   c.random_init = True
   c.random_arch.update(vae=TINY_VAE, vlm_vision=TINY_VLM_VISION, vlm_text=TINY_VLM_TEXT)

@@ -101,9 +101,11 @@ def base_config(variant: str, text_dim: int = wan_dit.TEXT_DIM["qwen2_5_vl_7b"])
   # generation and in the training data alike (`data.SIZE_KEYS`).
   c.subjects = ml_collections.ConfigDict(dict(height=480, width=480))
   # Qwen2.5-VL conditioning: token buckets (a new prompt length within a bucket reuses the
-  # compiled encoder), the system prompt, and the hidden layer used (None: the last).
-  c.vlm = ml_collections.ConfigDict(dict(buckets=conditioning.DEFAULT_BUCKETS, system_prompt=optional(str),
-                                         hidden_layer=optional(int)))
+  # compiled encoder), or one text_length every condition is padded to (the encoder, the train
+  # step, the rollout and the sampler then compile once; `conditioning.text_buckets`), the
+  # system prompt, and the hidden layer used (None: the last).
+  c.vlm = ml_collections.ConfigDict(dict(buckets=conditioning.DEFAULT_BUCKETS, text_length=optional(int),
+                                         system_prompt=optional(str), hidden_layer=optional(int)))
   # Wan VAE: spatial tiling for decoding large frames (None: off), sizes in pixels.
   vae = dataclass_defaults(wan_vae.WanVAE)
   c.vae = ml_collections.ConfigDict({k: vae[k] for k in ("tile_sample_min_size", "tile_sample_stride")})

@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from idcrafter_jax import host_watch
+
 # Environment of a cluster without auto-detection (and of the tests): all three, or none.
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 # Environments JAX's `initialize()` detects by itself: TPU pod slices, multislice, SLURM.
@@ -51,7 +53,7 @@ class JoinTimeout(RuntimeError):
 
 def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, heartbeat_timeout_s: int | None = None,
-               join_timeout_s: int | None = None) -> None:
+               join_timeout_s: int | None = None, watch_hosts: bool = False) -> None:
   """Starts multi-process JAX: from the arguments, else from `JAX_COORDINATOR_ADDRESS`,
   `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`, else where JAX detects a cluster itself; a single
   process otherwise. Must run before any other JAX call. CPU processes use gloo collectives.
@@ -60,7 +62,8 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
   twice, `JoinTimeout` naming the processes that have not joined after `join_timeout_s` (or
   `IDCRAFTER_JOIN_TIMEOUT_S`; 60 s when unset). `heartbeat_timeout_s` (or
   `IDCRAFTER_HEARTBEAT_TIMEOUT_S`): how long a dead host goes unnoticed (JAX's default, 100 s,
-  when unset)."""
+  when unset). `watch_hosts` (training): a lost host does not abort this one; `host_watch` notices
+  it, runs the emergency handlers and exits with `host_watch.HostLost.EXIT_CODE`."""
   if jax.distributed.is_initialized():
     return
   timing = dict(_heartbeat(heartbeat_timeout_s), initialization_timeout=_join_timeout(join_timeout_s))
@@ -76,7 +79,7 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
     else:
       detected = _detect_cluster(timing["initialization_timeout"])
       if detected is None:
-        jax.distributed.initialize(**timing)
+        _initialize(timing, watch_hosts)
         return
       *values, local_device_ids = detected
       explicit = dict(zip(explicit, values))
@@ -90,7 +93,19 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
   if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   roll_call(**explicit, timeout_s=timing["initialization_timeout"])
-  jax.distributed.initialize(**explicit, local_device_ids=local_device_ids, **timing)
+  _initialize(dict(explicit, local_device_ids=local_device_ids, **timing), watch_hosts)
+
+
+def _initialize(kwargs: dict, watch_hosts: bool) -> None:
+  """`jax.distributed.initialize(**kwargs)`; with `watch_hosts` (where this jaxlib can list the live
+  processes) recoverable, and the host watcher started."""
+  watch_hosts = watch_hosts and host_watch.supported()
+  if watch_hosts:
+    jax.config.update("jax_enable_recoverability", True)
+  jax.distributed.initialize(**kwargs)
+  if watch_hosts and jax.process_count() > 1:
+    from jax._src import distributed as jax_distributed
+    host_watch.watch(jax_distributed.global_state.client, jax.process_index(), jax.process_count())
 
 
 def _detect_cluster(timeout_s: int):
@@ -300,16 +315,29 @@ def is_primary() -> bool:
 
 
 def exit_on_failure(error: BaseException) -> None:
-  """On several processes, ends this one at once with code 1 and a message naming `error`: a
-  failed collective usually means another host died, and the orderly shutdown would wait for it
-  at a barrier. One process: returns (the caller re-raises)."""
+  """On several processes, ends this one at once with a message naming `error`: a failed
+  collective usually means another host died, and the orderly shutdown would wait for it at a
+  barrier. The emergency handlers run first (`host_watch.run_handlers`); the code is
+  `host_watch.HostLost.EXIT_CODE` when the coordinator already misses a host, else 1. One
+  process: returns (the caller re-raises)."""
   if jax.process_count() == 1:
     return
   import traceback
   traceback.print_exception(error, file=sys.stderr)
-  print(f"process {jax.process_index()} of {jax.process_count()} failed ({type(error).__name__}: "
-        f"{str(error)[:500]}); if another host died, see its log. Exiting.", file=sys.stderr, flush=True)
-  os._exit(1)
+  reason = f"{type(error).__name__}: {str(error)[:500]}"
+  print(f"process {jax.process_index()} of {jax.process_count()} failed ({reason}); if another host died, "
+        "see its log. Exiting.", file=sys.stderr, flush=True)
+  host_watch.run_handlers(reason)
+  code = 1
+  try:
+    from jax._src import distributed as jax_distributed
+    if host_watch.supported() and host_watch.lost_processes(jax_distributed.global_state.client,
+                                                            jax.process_count()):
+      code = host_watch.HostLost.EXIT_CODE
+  except Exception:  # noqa: BLE001 - the coordinator may be gone too
+    pass
+  sys.stdout.flush()
+  os._exit(code)
 
 
 def barrier(name: str, timeout_s: float = 1800) -> None:

@@ -72,17 +72,18 @@ class Hosts:
   heartbeat_timeout_s: flags.FlagHolder
   join_timeout_s: flags.FlagHolder
 
-  def initialize(self, config=None, **flag_values) -> None:
+  def initialize(self, config=None, *, watch_hosts: bool = False, **flag_values) -> None:
     """`distributed.maybe_initialize_distributed` with the flags (else the JAX_* environment, else
     a detected cluster, else one process), then, on several processes, `check_hosts_agree` on
     `config` (a ConfigDict), the code version and `flag_values` (e.g. workdir). Call before any
     other JAX call. Exits 2 on bad host settings (a process id out of range or given twice) or
-    hosts that disagree, 6 when a host has not joined within --join_timeout_s."""
+    hosts that disagree, 6 when a host has not joined within --join_timeout_s. `watch_hosts`
+    (training): a lost host ends this one through `host_watch` (emergency checkpoint, exit 7)."""
     from idcrafter_jax import distributed
     try:
       distributed.maybe_initialize_distributed(self.coordinator_address.value, self.num_processes.value,
                                                self.process_id.value, self.heartbeat_timeout_s.value,
-                                               self.join_timeout_s.value)
+                                               self.join_timeout_s.value, watch_hosts=watch_hosts)
       if config is not None:
         distributed.check_hosts_agree(config.to_json_best_effort(sort_keys=True), distributed.code_version([LAUNCH]),
                                       flag_values)

@@ -43,7 +43,8 @@ _BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: one sample 
 _FRAMES = flags.DEFINE_integer("frames", None, "Video frames (default: config.sampling.num_frames).")
 _HEIGHT = flags.DEFINE_integer("height", None, "Video height in pixels (default: config.sampling.height).")
 _WIDTH = flags.DEFINE_integer("width", None, "Video width in pixels (default: config.sampling.width).")
-_TEXT_LEN = flags.DEFINE_integer("text_len", 512, "VLM feature tokens per sample.")
+_TEXT_LEN = flags.DEFINE_integer("text_len", None, "VLM feature tokens per sample (default: vlm.text_length, "
+                                 "else 512).")
 _SUBJECTS = flags.DEFINE_integer("num_subjects", None, "Subjects per sample (default: model.max_subjects).")
 _SEARCH = flags.DEFINE_bool("search", False, "Try several meshes / remat policies / attention impls.")
 _REMATS = flags.DEFINE_list("remat_policies", ["full", "offload_dots_no_batch"], "Remat policies for --search.")

@@ -47,7 +47,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   # every host holds the same config, flags and code (exit 2), or a missing host is named (exit 6)
-  _HOSTS.initialize(config, workdir=_WORKDIR.value, max_steps=_MAX_STEPS.value)
+  _HOSTS.initialize(config, watch_hosts=True, workdir=_WORKDIR.value, max_steps=_MAX_STEPS.value)
   import jax
   from idcrafter_jax import distributed
   from idcrafter_jax.training import checkpoint, loop

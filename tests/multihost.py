@@ -11,12 +11,16 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The targets that train: started as launch/train.py starts (a lost host ends the others with exit
+# code 7 after their emergency checkpoint).
+TRAINING = ("sft_params", "grpo_params")
 
 
 def free_port() -> int:
@@ -80,19 +84,37 @@ def _main(spec: dict) -> None:
   # (on 2 cores, two processes compiling the same program take twice as long)
   jax.config.update("jax_share_binary_between_hosts", True)
   from idcrafter_jax import distributed
-  distributed.maybe_initialize_distributed()
-  from idcrafter_jax.training import loop
   module, fn = spec["target"].split(":")
+  distributed.maybe_initialize_distributed(watch_hosts=fn in TRAINING)  # as launch/train.py starts
+  from idcrafter_jax.training import loop
+  from compile_counter import CompileCounter
   try:
-    out = getattr(importlib.import_module(module), fn)(spec, jax.process_index())
+    with CompileCounter() as compiles:
+      out = getattr(importlib.import_module(module), fn)(spec, jax.process_index())
   except loop.Preempted as e:  # as launch/train.py exits
+    _write_compiles(spec, compiles)
     print(e, flush=True)
     sys.exit(loop.Preempted.EXIT_CODE)
   except Exception as e:  # as launch/train.py exits
     distributed.exit_on_failure(e)
     raise
+  _write_compiles(spec, compiles)
   if jax.process_index() == 0 and out is not None:
     np.savez(spec["out"], **out)
+
+
+def _write_compiles(spec: dict, compiles) -> None:
+  """This process's compiles by program name: workdir/compiles_<process>.json (`read_compiles`)."""
+  import jax
+  with open(os.path.join(spec["workdir"], f"compiles_{jax.process_index()}.json"), "w") as f:
+    json.dump(dict(compiles), f)
+
+
+def read_compiles(log_dir: str, i: int) -> dict:
+  """Process i's compiles by program name in its last run (an executable built: compiled, or
+  loaded from the persistent cache)."""
+  with open(os.path.join(log_dir, f"compiles_{i}.json")) as f:
+    return json.load(f)
 
 
 def _share_cpu_compilation_cache() -> None:
@@ -133,14 +155,17 @@ def tiny_sft_config(spec: dict):
 
 def _signal_after(step: int, signum: int) -> None:
   """This process sends itself `signum` after `step` (SIGTERM: a preemption notice mid-run;
-  SIGKILL: a host that dies)."""
+  SIGKILL: a host that dies once its step has finished, collectives included)."""
+  import jax
   from idcrafter_jax.training import loop
   after_step = loop.TrainSession.after_step
 
-  def hooked(self, done, *args, **kwargs):
+  def hooked(self, done, end, state, *args, **kwargs):
     if done == step:
+      if signum == signal.SIGKILL:
+        jax.block_until_ready(state)
       os.kill(os.getpid(), signum)
-    return after_step(self, done, *args, **kwargs)
+    return after_step(self, done, end, state, *args, **kwargs)
   loop.TrainSession.after_step = hooked
 
 

@@ -6,43 +6,12 @@ to build an executable (the backend's compile or a load from the persistent comp
 running an executable already in memory counts nothing. The batches keep one shape throughout
 (cached features, one text length), so any second compile is a wasted one.
 """
-import collections
-import logging
-import re
-
 import numpy as np
 
+from compile_counter import CompileCounter
 from configs import tiny as tiny_config
 from idcrafter_jax.training import metrics, sft
 from idcrafter_jax.rl import loop as grpo_loop
-
-
-class CompileCounter(logging.Handler):
-  """Counts XLA compiles by program name (`jit(step)`) while entered: each is one call that had to
-  build an executable, whether the backend compiled it or the persistent cache supplied it; a
-  call that reuses an executable in memory counts nothing."""
-
-  PATTERN = re.compile(r"Finished XLA compilation of (\S+) in ")
-
-  def __init__(self):
-    super().__init__(logging.DEBUG)
-    self.counts = collections.Counter()
-
-  def emit(self, record):
-    m = self.PATTERN.match(record.getMessage())
-    if m:
-      self.counts[m.group(1)] += 1
-
-  def __enter__(self):
-    import jax
-    self._logs = jax.log_compiles(True)
-    self._logs.__enter__()
-    logging.getLogger("jax").addHandler(self)
-    return self.counts
-
-  def __exit__(self, *exc):
-    logging.getLogger("jax").removeHandler(self)
-    return self._logs.__exit__(*exc)
 
 
 class CachedBatches:
@@ -92,3 +61,18 @@ def test_grpo_rollout_and_update_compile_once_in_two_iterations(tmp_path):
   assert int(state.step) == 2
   assert counts["jit(rollout)"] == 1, dict(counts)
   assert counts["jit(step)"] == 1, dict(counts)  # the update: with and without applying, one program
+
+
+def test_sft_step_compiles_once_when_the_online_text_features_meet_two_buckets(tmp_path):
+  """The tiny synthetic captions, encoded by Qwen2.5-VL as training goes, fall in more than one
+  text bucket (256 tokens, then 128): with `vlm.text_length` unset the step compiles once per
+  bucket met; with it set (the tiny config's 256 tokens) its second call reuses the first's."""
+  seen = {}
+  for name, length in (("bucketed", None), ("one_length", 256)):
+    c = tiny_config.get_config()
+    c.vlm.text_length = length
+    c.train.update(steps=2, log_every=1, ckpt_every=2, async_ckpt=False)
+    with CompileCounter() as counts:
+      sft.run(c, str(tmp_path / name), progress=False)
+    seen[name] = counts["jit(step)"]
+  assert seen == {"bucketed": 2, "one_length": 1}, seen

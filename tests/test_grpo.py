@@ -202,3 +202,10 @@ def test_composite_reward_blends_mean_and_min_over_subjects():
     np.testing.assert_allclose(float(out["total"][0]), 0.6 * expect, rtol=1e-6)
   with pytest.raises(ValueError, match="is not registered"):
     rewards.composite(videos, batch, fidelity={"nope": 1.0}, quality={})
+
+
+def test_start_up_warns_when_bf16_compute_uses_the_rollouts_log_probs():
+  assert grpo.GRPOConfig(recompute_log_probs=False).log_prob_warning("float32") is None
+  assert grpo.GRPOConfig(recompute_log_probs=True).log_prob_warning("bfloat16") is None
+  warning = grpo.GRPOConfig(recompute_log_probs=False, clip_range=1e-5).log_prob_warning("bfloat16")
+  assert "grpo.recompute_log_probs=False with model.dtype=bfloat16" in warning and "clip_range=1e-05" in warning

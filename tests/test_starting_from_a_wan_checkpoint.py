@@ -12,7 +12,6 @@ from flax import linen as nn, traverse_util
 from configs import tiny as tiny_config
 from idcrafter_jax import convert
 from idcrafter_jax.inference import loading
-from idcrafter_jax.inference import loading
 from idcrafter_jax.models import idcrafter, wan_dit
 from idcrafter_jax.models import lora
 from idcrafter_jax.training import train_state

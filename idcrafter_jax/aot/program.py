@@ -73,12 +73,14 @@ class Shape:
 
 
 def shape_from_config(config, *, batch: int, frames: int | None = None, height: int | None = None,
-                      width: int | None = None, text_len: int = 512, num_subjects: int | None = None) -> Shape:
+                      width: int | None = None, text_len: int | None = None,
+                      num_subjects: int | None = None) -> Shape:
   """Defaults from the config: `sampling.{num_frames,height,width}`, `subjects.{height,width}`,
-  `model.max_subjects` subjects (the most a batch can carry)."""
+  `model.max_subjects` subjects (the most a batch can carry), `vlm.text_length` text tokens
+  (512 when unset)."""
   s = config.sampling
   return Shape(batch=batch, frames=frames or s.num_frames, height=height or s.height, width=width or s.width,
-               text_len=text_len, num_subjects=num_subjects or config.model.max_subjects,
+               text_len=text_len or config.vlm.get("text_length") or 512, num_subjects=num_subjects or config.model.max_subjects,
                subject_height=config.subjects.height, subject_width=config.subjects.width)
 
 

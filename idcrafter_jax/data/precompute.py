@@ -50,7 +50,7 @@ def load_encoders(config, *, wan_vae_folder: str | None = None, vlm_folder: str 
   vae, vae_params = loading.load_vae(config, wan_vae_folder, k_vae)
   vlm, vlm_params, proc = loading.load_vlm_parts(config, vlm_folder, processor_folder, k_vlm,
                                                 tempfile.mkdtemp(prefix="precompute_"))
-  return Encoders(vae, vae_params, vlm, vlm_params, proc, tuple(config.vlm.buckets), config.vlm.system_prompt,
+  return Encoders(vae, vae_params, vlm, vlm_params, proc, conditioning.text_buckets(config.vlm), config.vlm.system_prompt,
                   config.vlm.hidden_layer)
 
 

@@ -32,9 +32,18 @@ DEFAULT_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
 # size subject images are fitted to before the Wan VAE, which the DiT then patches as it does video).
 BUCKETS = ((lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(config_utils.is_int(b) and b > 0 for b in v)
             and list(v) == sorted(set(v))), "a non-empty increasing tuple of positive token counts")
-VLM_RULES = {"buckets": BUCKETS, "system_prompt": config_utils.optional(config_utils.STRING),
+VLM_RULES = {"buckets": BUCKETS, "text_length": config_utils.optional(config_utils.integer(1)),
+             "system_prompt": config_utils.optional(config_utils.STRING),
              "hidden_layer": config_utils.optional(config_utils.integer())}
 SUBJECT_RULES = {"height": sampling_config.PIXELS, "width": sampling_config.PIXELS}
+
+
+def text_buckets(vlm) -> tuple[int, ...]:
+  """The token lengths a run config's `vlm` section pads the encoder input to: `(text_length,)`
+  when set (every condition one length: the encoder, the train step, the rollout and the sampler
+  each compile once), else `buckets` (one compilation per bucket met)."""
+  length = vlm.get("text_length")
+  return (int(length),) if length else tuple(vlm.buckets)
 
 
 def problems(vlm, subjects) -> list[str]:
@@ -52,7 +61,8 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
     if length <= b:
       return b
   raise ValueError(f"the encoded prompt has {length} tokens, more than the largest bucket {buckets[-1]} "
-                   f"(buckets {buckets}); shorten the prompt or add a larger bucket.")
+                   f"(buckets {buckets}: vlm.text_length when set, else vlm.buckets); shorten the prompt "
+                   "or raise the length.")
 
 
 def build_messages(prompt: str, num_images: int, system_prompt: str | None = None) -> list[dict]:

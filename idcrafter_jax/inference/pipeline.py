@@ -71,7 +71,7 @@ class Pipeline:
                      length: int | None = None):
     """-> f_txt (B, L, D), f_txt_mask (B, L); L is the bucket, or `length` when given."""
     self.require_vlm()
-    buckets = (length,) if length else tuple(self.config.vlm.buckets)
+    buckets = (length,) if length else conditioning.text_buckets(self.config.vlm)
     return conditioning.encode_condition(list(prompts), [list(s) for s in subject_images], self.processor,
                                          self.vlm, self.vlm_params, buckets=buckets,
                                          system_prompt=self.config.vlm.system_prompt,

@@ -118,6 +118,17 @@ class GRPOConfig:
     key is an error)."""
     return config_utils.from_dict(cls, dict(c), what="grpo", ignored=LOOP_RULES)
 
+  def log_prob_warning(self, compute_dtype: str) -> str | None:
+    """What start-up says when the rollout's log-probs are the old ones (`recompute_log_probs`
+    off) under low-precision compute: the ratio is then not 1 on policy, and a small clip range
+    clips most samples (90% at 1e-5 in bf16)."""
+    if self.recompute_log_probs or compute_dtype == "float32":
+      return None
+    return (f"grpo.recompute_log_probs=False with model.dtype={compute_dtype}: the rollout's and the update's "
+            f"programs round differently (~3e-4 in the log-probs), so on policy the PPO ratio is not 1 and "
+            f"grpo.clip_range={self.clip_range:g} may clip most samples; set it True (the default) unless "
+            "that is what you compare against.")
+
 
 # ------------------------------------------------------------------------------------- rollout
 

@@ -70,6 +70,9 @@ def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
   if data_iterator is None or eval_batches is None:
     synthetic.prepare_data(config, workdir)
   ckpt_lib.save_config(workdir, config)
+  warning = gc.log_prob_warning(config.model.dtype)
+  if warning and distributed.is_primary():
+    print(f"warning: {warning}")
   load_vlm = loop.needs_vlm(config, [None, config.data.eval_split], data_iterator or eval_batches)
   pipe, mesh, tx, boxed = loop.build(config, workdir, load_vlm=load_vlm)
   check_batches(config, mesh)
@@ -108,7 +111,7 @@ def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_step
   (`data.global_batch_size / process_count`); the numbers equal a one-process run's. The workdir
   is locked first (`run_lock.RunLock`), so a second run on it changes nothing there."""
   gc = grpo.GRPOConfig.from_config(config.grpo)
-  distributed.maybe_initialize_distributed()
+  distributed.maybe_initialize_distributed(watch_hosts=True)
   session = loop.TrainSession(workdir, config.train, "grpo")  # the workdir's lock first
   try:
     state, iteration = _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)

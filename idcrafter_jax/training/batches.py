@@ -48,7 +48,8 @@ class BatchEncoder:
       images = place({"subject_images": np.asarray(raw["subject_images"], np.float32)})["subject_images"]
       out["subject_latents"] = conditioning.subject_latents(pipe.vae, self.vae_params, images)
     if "f_txt" in raw:
-      out.update(place({"f_txt": raw["f_txt"], "f_txt_mask": np.asarray(raw["f_txt_mask"], bool)}))
+      f_txt, f_txt_mask = _cached_text(pipe, np.asarray(raw["f_txt"]), np.asarray(raw["f_txt_mask"], bool))
+      out.update(place({"f_txt": f_txt, "f_txt_mask": f_txt_mask}))
     else:
       imgs = np.asarray(video_io.to_uint8(np.asarray(raw["subject_images"])))
       mask = np.asarray(raw["subject_mask"], bool)
@@ -104,12 +105,23 @@ def _encode_text(pipe, prompts, subjects):
   pipe.require_vlm()
   c = pipe.config.vlm
   kw = dict(system_prompt=c.system_prompt)
-  inputs = conditioning.prepare_inputs(prompts, subjects, pipe.processor, buckets=tuple(c.buckets), **kw)
+  inputs = conditioning.prepare_inputs(prompts, subjects, pipe.processor, buckets=conditioning.text_buckets(c), **kw)
   length = distributed.agree_max(inputs["input_ids"].shape[1])
   if length != inputs["input_ids"].shape[1]:
     inputs = conditioning.prepare_inputs(prompts, subjects, pipe.processor, buckets=(length,), **kw)
   f_txt = conditioning.vlm_hidden(pipe.vlm, pipe.vlm_params, inputs, hidden_layer=c.hidden_layer)
   return f_txt, jnp.asarray(inputs["attention_mask"], bool)
+
+
+def _cached_text(pipe, f_txt: np.ndarray, f_txt_mask: np.ndarray):
+  """Cached features (each host's rows padded to its longest bucket) padded with zeros / False to
+  one length on every host: `vlm.text_length` when set, else the longest over the hosts."""
+  length = pipe.config.vlm.get("text_length") or distributed.agree_max(f_txt.shape[1])
+  if f_txt.shape[1] > length:
+    raise ValueError(f"the cached text features hold {f_txt.shape[1]} tokens, more than vlm.text_length={length}; "
+                     "raise it, or cache the features again with this length (launch/precompute.py).")
+  extra = length - f_txt.shape[1]
+  return np.pad(f_txt, ((0, 0), (0, extra), (0, 0))), np.pad(f_txt_mask, ((0, 0), (0, extra)))
 
 
 def dit_condition(batch: dict) -> dict:

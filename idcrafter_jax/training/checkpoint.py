@@ -5,6 +5,11 @@ A checkpoint holds the train state (params, optimiser state, EMA, step, RNG, ski
 the data iterator's state (JSON), so that resuming continues the same data order. The workdir
 may be a local path or a `gs://` bucket (Orbax and `etils.epath` handle both).
 
+On several hosts, a host that survives another's loss writes an emergency checkpoint alone
+(`save_emergency`: `checkpoints/emergency/process_<i>/<step>`, the same step layout, read by the
+same reader) when it holds the whole state of a finished step; `restore` prefers it when it is
+newer than the newest regular checkpoint, and the session saves it again as a regular one.
+
 Checkpoints repair themselves and fail fast:
   * a newest checkpoint that cannot be read (a preemption in the middle of a write, a truncated
     file) is reported, the one before it is used, and the unreadable folder is moved aside
@@ -22,7 +27,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -32,6 +36,9 @@ from idcrafter_jax.inference import loading
 from idcrafter_jax.inference.loading import describe
 
 log = logging.getLogger(__name__)
+
+# The folder under checkpoints/ where each host writes its emergency checkpoint (process_<i>/<step>).
+EMERGENCY = "emergency"
 
 
 class CheckpointSaveError(RuntimeError):
@@ -138,6 +145,52 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  @property
+  def emergency_root(self) -> epath.Path:
+    return self.directory / EMERGENCY
+
+  def save_emergency(self, step: int, host_state, data_state: Any, meta: dict) -> epath.Path:
+    """Writes `host_state` (numpy arrays: this host's whole copy, `whole_state_on_this_host`) as
+    step `step` in `emergency/process_<i>/`, by this process alone (no barrier with the others,
+    which may be gone): a folder written under a temporary name, then renamed. Returns it."""
+    me = jax.process_index()
+    folder = self.emergency_root / f"process_{me}" / str(step)
+    partial = folder.parent / f"{step}.partial-{os.getpid()}"
+    for stale in (folder, partial):
+      if stale.exists():
+        stale.rmtree()
+    partial.mkdir(parents=True)
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                               barrier_sync_key_prefix=f"emergency_{me}")
+    items = dict(state=(ocp.StandardCheckpointHandler, ocp.args.StandardSave(host_state)),
+                 data=(ocp.JsonCheckpointHandler, ocp.args.JsonSave(data_state)),
+                 meta=(ocp.JsonCheckpointHandler, ocp.args.JsonSave(dict(meta, step=int(step)))))
+    for name, (handler, args) in items.items():
+      with ocp.Checkpointer(handler(multiprocessing_options=alone), multiprocessing_options=alone) as ckptr:
+        ckptr.save(partial / name, args=args)
+    partial.rename(folder)
+    return folder
+
+  def newest_emergency(self, after: int | None) -> tuple[int, epath.Path] | None:
+    """(step, folder) of the newest emergency checkpoint above step `after` (the lowest process's
+    where several hosts wrote one), or None."""
+    found = []
+    if self.emergency_root.exists():
+      for host in self.emergency_root.iterdir():
+        for folder in host.iterdir() if host.name.startswith("process_") else ():
+          if folder.name.isdigit() and (after is None or int(folder.name) > after):
+            found.append((-int(folder.name), int(host.name.split("_")[1]), folder))
+    if not found:
+      return None
+    step, _, folder = min(found)
+    return -step, folder
+
+  def clear_emergency(self) -> None:
+    """Removes the emergency checkpoints (process 0, once a regular checkpoint holds their step)."""
+    if distributed.is_primary() and self.emergency_root.exists():
+      self.emergency_root.rmtree()
+    distributed.barrier("checkpoint_clear_emergency")
+
   def restore(self, abstract_state):
     """The newest readable checkpoint as (step, state, data_state, meta), or None if there is none.
     A step is read by `loading.read_step`, the reader generation and evaluation load through: a
@@ -165,7 +218,30 @@ class Checkpointer:
       unreadable.append(step)
     if unreadable:
       self.move_aside(unreadable)
-    return found
+    return self._restore_emergency(found, abstract_state)
+
+  def _restore_emergency(self, found, abstract_state):
+    """`found`, or the newest emergency checkpoint above its step when one is readable by every
+    host (its meta then carries `emergency`). An unreadable one is reported and removed."""
+    emergency = self.newest_emergency(None if found is None else found[0])
+    if emergency is None:
+      return found
+    step, folder = emergency
+    out, error = None, None
+    try:
+      out = loading.read_step(folder, abstract_state)
+    except Exception as e:  # noqa: BLE001 - an unreadable emergency checkpoint is skipped
+      error = describe(e)
+    if distributed.agree_any(error is not None):
+      print(f"warning: the emergency checkpoint {folder} is unreadable ({(error or 'on another process').split(':')[0]}); "
+            "using the regular checkpoints.")
+      self.clear_emergency()
+      return found
+    state, data_state, meta = out
+    if distributed.is_primary():
+      print(f"using the emergency checkpoint of step {step} ({folder}), newer than the newest regular one "
+            f"({'none' if found is None else found[0]}).")
+    return step, state, data_state, meta
 
   def move_aside(self, steps) -> None:
     """Renames the step folders to `<step>.corrupt-<time>` (outside Orbax's step names: kept for
@@ -194,6 +270,45 @@ class Checkpointer:
                                 "the newest checkpoint there is the one saved before.") from e
     finally:
       self.manager.close()
+
+
+def whole_state_on_this_host(state, step: int) -> tuple[Any, str | None]:
+  """(a numpy copy of `state`, None) when this host alone holds all of it as computed by step
+  `step`, else (None, why not): an array handed (donated) to the next step, or still being
+  computed, or sharded over devices of other hosts, or unreadable (its step failed)."""
+  leaves, treedef = jax.tree_util.tree_flatten(state)
+  arrays = [x for x in leaves if isinstance(x, jax.Array)]
+  if any(x.is_deleted() for x in arrays):
+    return None, (f"the state of step {step} had been handed (donated) to step {step + 1}, which needs "
+                  "the lost host")
+  if not all(x.is_ready() for x in arrays):
+    return None, f"step {step} was still being computed, and it needs the lost host"
+  partial = [loading.leaf_name(p) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
+             if isinstance(x, jax.Array) and not _whole_here(x)]
+  if partial:
+    return None, (f"{len(partial)} of {len(arrays)} arrays of the state are sharded over other hosts' devices "
+                  f"({', '.join(partial[:3])}{' ...' if len(partial) > 3 else ''}): this host holds part of them")
+  try:
+    return jax.tree_util.tree_unflatten(treedef, [_host_copy(x) if isinstance(x, jax.Array) else x
+                                                  for x in leaves]), None
+  except Exception as e:  # noqa: BLE001 - the step that made them failed
+    return None, f"the state of step {step} cannot be read ({describe(e)})"
+
+
+def _whole_here(x: jax.Array) -> bool:
+  """Whether this host's devices hold every element of `x` (replicas may repeat)."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return True
+  covered = {tuple((s.start or 0, s.stop if s.stop is not None else n) for s, n in zip(shard.index, x.shape))
+             for shard in x.addressable_shards}
+  return sum(int(np.prod([b - a for a, b in box])) for box in covered) >= x.size
+
+
+def _host_copy(x: jax.Array) -> np.ndarray:
+  out = np.empty(x.shape, x.dtype)
+  for shard in x.addressable_shards:
+    out[shard.index] = np.asarray(shard.data)
+  return out
 
 
 def save_config(workdir: str, config) -> None:

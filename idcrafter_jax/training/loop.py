@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from idcrafter_jax import distributed, sharding
+from idcrafter_jax import distributed, host_watch, sharding
 from idcrafter_jax.data import pipeline as data_pipeline
 from idcrafter_jax.models import idcrafter
 from idcrafter_jax.inference import loading
@@ -199,6 +199,8 @@ class TrainSession:
     self.bad = BadSteps(int(tc.get("max_bad_steps", 0) or 0), directory)
     self.preempted = False
     self.restored_meta = None
+    self.current = None  # (step, state, this host's data position) after the newest step
+    self._unwatch = host_watch.on_host_loss(self.save_emergency) if jax.process_count() > 1 else None
 
   def resume(self, state, data_iterator):
     restored = self.ckpt.restore(ckpt_lib.abstract_like(state))
@@ -208,6 +210,10 @@ class TrainSession:
     step, state, data_state, self.restored_meta = restored
     if data_state:
       data_iterator.set_state(data_pipeline.host_state(data_state, jax.process_index(), jax.process_count()))
+    if step != self.ckpt.latest_step():  # an emergency checkpoint: saved again as a regular one
+      self.ckpt.save(step, state, data_state, meta=self.restored_meta, force=True, wait=True)
+    if self.ckpt.emergency_root.exists():
+      self.ckpt.clear_emergency()
     self.writer.start_at(step)
     if distributed.is_primary():
       print(f"resumed {self.mode} from step {step} in {self.workdir}")
@@ -224,6 +230,8 @@ class TrainSession:
     """Saves when due; a signal on any host stops every host after the same step, each saving that
     step first; a failed async save on any host is retried at once by all (one all-gather per step
     on several hosts). Raises `TooManyBadSteps` before saving a step that ends a bad streak."""
+    if self._unwatch is not None:
+      self.current = (done, state, data_iterator.get_state())
     self.bad.observe(state.skipped, done)
     failed = self.ckpt.failed_save()
     agreed = distributed.agree_max(2 * (failed is not None) + int(guard.requested))
@@ -240,12 +248,41 @@ class TrainSession:
         print(f"stopped at step {done} on request; checkpoint saved.")
     return stop
 
+  def save_emergency(self, reason: str) -> None:
+    """The host-loss handler (`host_watch`, several hosts): saves the newest finished step by this
+    host alone when it holds all of that step's state, else says why not. Every host's data
+    position is taken to be this host's (exact when no record was skipped: each host reads its
+    slice of the same global batches)."""
+    me, n = jax.process_index(), jax.process_count()
+    newest = self.ckpt.latest_step()
+    fallback = "a restart resumes from " + ("the start" if newest is None else f"step {newest}")
+    if self.current is None:
+      print(f"process {me}: no emergency checkpoint: no step finished in this session; {fallback}.", flush=True)
+      return
+    step, state, data_state = self.current
+    if newest == step:
+      print(f"process {me}: no emergency checkpoint needed: step {step} is saved.", flush=True)
+      return
+    try:
+      host_state, problem = ckpt_lib.whole_state_on_this_host(state, step)
+      if problem:
+        print(f"process {me}: no emergency checkpoint: {problem}; {fallback}.", flush=True)
+        return
+      meta = dict(self.meta(), emergency=dict(process=me, reason=reason[:300]))
+      folder = self.ckpt.save_emergency(step, host_state, data_pipeline.hosts_state([data_state] * n), meta)
+      print(f"process {me}: emergency checkpoint of step {step} saved in {folder} (by this host alone); a "
+            "restart resumes from it.", flush=True)
+    finally:
+      self._release()  # the process exits next: the restarted job finds the workdir free
+
   def close(self):
     try:
       self.ckpt.close()
     finally:
       self.writer.close()
       self._release()
+      if self._unwatch is not None:
+        self._unwatch()
 
   def abort(self, error: BaseException):
     """Ends the session after `error`: waits for an in-flight save (one process, and not after a

@@ -140,7 +140,7 @@ def run(config, workdir: str, *, data_iterator=None, max_steps: int | None = Non
   """Trains until `train.steps` (or `max_steps` more steps in this call). Returns the final state.
   The workdir is locked first (`run_lock.RunLock`), so a second run on it changes nothing there."""
   from idcrafter_jax import data as data_lib
-  distributed.maybe_initialize_distributed()
+  distributed.maybe_initialize_distributed(watch_hosts=True)
   session = loop.TrainSession(workdir, config.train, "sft")
   try:
     if data_iterator is None:
