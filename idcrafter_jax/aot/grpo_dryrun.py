@@ -120,7 +120,9 @@ def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=N
   boxed = idcrafter.abstract_params(module)
   params = nn.unbox(boxed)
   result.params = program.count_params(params)
-  result.analytic_flops = gc.num_steps * cfg_mult * program.model_flops(mcfg, shape, rollout_batch)
+  # the condition's part once per trajectory (the exact cache), the rest at every step
+  once = cfg_mult * program.condition_flops(mcfg, shape, rollout_batch)
+  result.analytic_flops = gc.num_steps * (cfg_mult * program.model_flops(mcfg, shape, rollout_batch) - once) + once
   cond = abstract_conditions(shape, mcfg.wan.text_dim, rollout_batch)
   uncond = cond if cfg_mult == 2 else None
   vf = conditioning.velocity_fn(module)
@@ -167,8 +169,11 @@ def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, 
   boxed_train, boxed_ref, ref_abs, state_abs = abstract_update_state(module, tx, use_lora)
   result.params = program.count_params(state_abs.params)
   ks = grpo.trained_steps(gc, np.random.default_rng(0))
-  fwd = program.model_flops(mcfg, shape, minibatch)
-  result.analytic_flops = len(ks) * cfg_mult * fwd * (3 + (1 if gc.beta > 0 else 0))
+  # forward + backward (x3) of every trained step, the reference's forward with a KL term; the
+  # condition's part of each once per minibatch (the exact cache)
+  passes = 3 + (1 if gc.beta > 0 else 0)
+  once = cfg_mult * program.condition_flops(mcfg, shape, minibatch)
+  result.analytic_flops = passes * (len(ks) * (cfg_mult * program.model_flops(mcfg, shape, minibatch) - once) + once)
   mb = abstract_minibatch(gc, lat, abstract_conditions(shape, mcfg.wan.text_dim, minibatch), cfg_mult == 2)
   step = grpo.make_update_step(conditioning.velocity_fn(module), tx, gc, adapters=use_lora)
   with sharding.with_mesh_rules(mesh):

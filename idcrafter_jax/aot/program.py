@@ -239,6 +239,12 @@ def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
+def condition_flops(mcfg: idcrafter.IDCrafterConfig, shape: Shape, batch: int) -> float:
+  """The part of `model_flops` the exact per-condition cache computes once per condition
+  (`idcrafter.condition_flops`)."""
+  return idcrafter.condition_flops(mcfg, batch, shape.text_len, shape.num_subjects, shape.subject_tokens())
+
+
 def model_flops(mcfg: idcrafter.IDCrafterConfig, shape: Shape, batch: int) -> float:
   """One forward of the model on `batch` samples of `shape` (`idcrafter.forward_flops`)."""
   latents = (batch,) + shape.latent_shape[1:]

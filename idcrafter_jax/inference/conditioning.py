@@ -190,8 +190,17 @@ def null_condition(cond: dict) -> dict:
 
 def velocity_fn(dit):
   """`(params, x, timestep, cond) -> velocity` of an ID-Crafter DiT, the policy the samplers and
-  Flow-GRPO take."""
+  Flow-GRPO take. Its `prepare(params, cond)` gives `{"cache": ...}`, the exact per-condition
+  cache (`IDCrafter`, `condition_only=True`), which `fn` then reads in place of the condition:
+  a trajectory computes the subject stream and the cross-attention keys / values once."""
   def fn(params, x, timestep, cond):
+    if "cache" in cond:
+      return dit.apply({"params": params}, x, timestep, cache=cond["cache"])
     return dit.apply({"params": params}, x, timestep, cond["context"], cond["subject_latents"],
                      cond["subject_mask"], cond["context_mask"])
+
+  def prepare(params, cond):
+    return {"cache": dit.apply({"params": params}, None, None, cond["context"], cond["subject_latents"],
+                               cond["subject_mask"], cond["context_mask"], condition_only=True)}
+  fn.prepare = prepare
   return fn

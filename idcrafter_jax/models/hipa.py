@@ -54,6 +54,16 @@ def check_stages(stages) -> tuple[int, ...]:
   return stages
 
 
+def cross_mask(stages, subject_mask, tokens_per_subject: int, text_mask, text_len: int):
+  """The mask of what a HIPA block's cross-attention reads (`HIPABlock.cross_context`): the real
+  subjects' tokens, then the text's (all when `text_mask` is None); the text's alone without
+  stage 3 (None when `text_mask` is)."""
+  if 3 not in stages:
+    return text_mask
+  txt = jnp.ones((subject_mask.shape[0], text_len), bool) if text_mask is None else text_mask
+  return jnp.concatenate([jnp.repeat(subject_mask, tokens_per_subject, axis=1), txt], axis=1)
+
+
 class HIPABlock(WanBlock):
   """A Wan block with the three HIPA stages; carry = (video tokens (B, L, D), subjects (B, N, L_s, D)).
 
@@ -93,25 +103,37 @@ class HIPABlock(WanBlock):
     out = flat.astype(jnp.float32) + gate * a.astype(jnp.float32)
     return out.astype(subj.dtype).reshape(b, n, ls, d)
 
-  def cross_modal(self, x, subj, subject_mask, text, text_mask):
-    """Stage 3 (S.3): video tokens attend to [F''_subj ; f_txt] through Wan's cross-attention."""
+  def cross_context(self, subj, subject_mask, text, text_mask):
+    """What the cross-attention reads, and its mask (`cross_mask`): [F''_subj ; f_txt] with
+    stage 3 (S.3), else f_txt alone."""
+    if 3 not in self.stages:
+      return text, text_mask
     b, n, ls, d = subj.shape
     kv = jnp.concatenate([subj.reshape(b, n * ls, d).astype(text.dtype), text], axis=1)
-    subj_tokens = jnp.repeat(subject_mask, ls, axis=1)
-    txt = jnp.ones(text.shape[:2], bool) if text_mask is None else text_mask
-    return self.cross_attention(x, kv, jnp.concatenate([subj_tokens, txt], axis=1))
+    return kv, cross_mask(self.stages, subject_mask, ls, text_mask, text.shape[1])
 
-  def __call__(self, carry, text, temb6, rope, text_mask, subject_mask, subject_rope):
-    x, subj = carry
-    mod = self.modulation(temb6)
-    x = self.self_attention(x, mod, rope)
+  def subject_stream(self, subj, subject_mask, subject_rope):
+    """Stages 1 and 2 (S.1, S.2): F'' of this block from the previous block's."""
     if 1 in self.stages:
       subj = self.intra_subject(subj, subject_rope)
     if 2 in self.stages:
       subj = self.inter_subject(subj, subject_mask)
-    subj = nn.with_logical_constraint(subj, SUBJECT_AXES)
-    if 3 in self.stages:
-      x = self.cross_modal(x, subj, subject_mask, text, text_mask)
-    else:
-      x = self.cross_attention(x, text, text_mask)
+    return nn.with_logical_constraint(subj, SUBJECT_AXES)
+
+  def __call__(self, carry, text, temb6, rope, text_mask, subject_mask, subject_rope):
+    """`phase` as `WanBlock`'s: 'condition' carries F'' alone (it reads no video token and no
+    timestep) and returns the cross-attention's keys and values of [F''; f_txt]; 'cached' carries
+    the video tokens, with `text` this block's (k, v) and `text_mask` their mask."""
+    if self.phase == "condition":
+      subj = self.subject_stream(carry, subject_mask, subject_rope)
+      return subj, self.cross_keys_values(self.cross_context(subj, subject_mask, text, text_mask)[0])
+    if self.phase == "cached":
+      mod = self.modulation(temb6)
+      x = self.self_attention(carry, mod, rope)
+      return self.feed_forward(self.cross_attention(x, None, text_mask, kv=text), mod), None
+    x, subj = carry
+    mod = self.modulation(temb6)
+    x = self.self_attention(x, mod, rope)
+    subj = self.subject_stream(subj, subject_mask, subject_rope)
+    x = self.cross_attention(x, *self.cross_context(subj, subject_mask, text, text_mask))
     return (self.feed_forward(x, mod), subj), None

@@ -94,8 +94,18 @@ class SubjectEmbedder(nn.Module):
     return nn.with_logical_constraint(tokens, hipa.SUBJECT_AXES)
 
 
-def check_subject_inputs(config: IDCrafterConfig, latents, subject_latents, subject_mask):
+def check_cache(latents, timestep, cache: dict) -> None:
+  """The exact cache (`IDCrafter`, `condition_only=True`) fits these latents: one row per sample."""
   b = latents.shape[0]
+  rows = cache["text_mask"].shape[0]
+  if rows != b:
+    raise ValueError(f"the condition cache holds {rows} rows; the latents have {b}: compute it from the "
+                     "same batch of conditions.")
+  if timestep.shape != (b,):
+    raise ValueError(f"timestep must have shape (B,) = ({b},); got {timestep.shape}.")
+
+
+def check_subject_inputs(config: IDCrafterConfig, b: int, subject_latents, subject_mask):
   if subject_latents.ndim != 6 or subject_latents.shape[2] != 1:
     raise ValueError(f"subject_latents must be (B, N, 1, h, w, {config.wan.in_channels}); "
                      f"got shape {subject_latents.shape}.")
@@ -114,30 +124,74 @@ def check_subject_inputs(config: IDCrafterConfig, latents, subject_latents, subj
 
 class IDCrafter(nn.Module):
   """apply(params, latents (B,F,H,W,16), timestep (B,), context (B,L,text_dim),
-  subject_latents (B,N,1,h,w,16), subject_mask (B,N), context_mask (B,L) | None) -> velocity."""
+  subject_latents (B,N,1,h,w,16), subject_mask (B,N), context_mask (B,L) | None) -> velocity.
+
+  The exact per-condition cache: with `condition_only=True` (latents and timestep unused) it
+  returns what reads the condition alone, computed once per condition instead of once per step:
+  the subject stream F'' of every HIPA block (stages 1-2 read no video token and no timestep)
+  and the keys and values of every block's cross-attention over [F''; text] or the text, with
+  their masks. `cache=` that dict (the condition arguments then unused) gives the same velocity
+  as the full call.
+  """
   config: IDCrafterConfig
   mesh: Any = None
 
   @nn.compact
-  def __call__(self, latents, timestep, context, subject_latents, subject_mask, context_mask=None):
+  def __call__(self, latents, timestep, context=None, subject_latents=None, subject_mask=None, context_mask=None,
+               cache=None, condition_only=False):
     cfg, wan = self.config, self.config.wan
     wan.validate()
+    k, rest = cfg.num_hipa_blocks, wan.num_layers - cfg.num_hipa_blocks
+    embed, head = wan_dit.WanEmbedder(wan, name="embed"), wan_dit.WanHead(wan, name="head")
+    if condition_only:
+      return self._condition_cache(embed, context, subject_latents, subject_mask, context_mask)
     timestep = jnp.asarray(timestep)
+    if cache is not None:
+      check_cache(latents, timestep, cache)
+      x, temb, temb6, _, grid, rope = embed(latents, timestep, None)
+      if k:
+        x = wan_dit.block_stack(hipa.HIPABlock, wan, k, "hipa_blocks", self.mesh, phase="cached",
+                                stages=cfg.stages)(x, cache["hipa_kv"], temb6, rope, cache["hipa_mask"], None, None)
+      if rest:
+        x = wan_dit.block_stack(wan_dit.WanBlock, wan, rest, "blocks", self.mesh, phase="cached")(
+            x, cache["kv"], temb6, rope, cache["text_mask"])
+      return head(x, temb, grid).astype(latents.dtype)
     wan_dit.check_inputs(wan, latents, timestep, context, context_mask)
     subject_mask = jnp.asarray(subject_mask, bool)
-    check_subject_inputs(cfg, latents, subject_latents, subject_mask)
-    x, temb, temb6, text, grid, rope = wan_dit.WanEmbedder(wan, name="embed")(latents, timestep, context)
-    k = cfg.num_hipa_blocks
+    check_subject_inputs(cfg, latents.shape[0], subject_latents, subject_mask)
+    x, temb, temb6, text, grid, rope = embed(latents, timestep, context)
     if k:
       subj = SubjectEmbedder(cfg, name="subject_embed")(subject_latents)
-      hs, ws = subject_latents.shape[3] // 2, subject_latents.shape[4] // 2
-      cos, sin = layers.wan_rope_tables((1, hs, ws), wan.head_dim, wan.rope_theta, wan.rope_max_seq_len)
       stack = wan_dit.block_stack(hipa.HIPABlock, wan, k, "hipa_blocks", self.mesh, stages=cfg.stages)
-      x, _ = stack((x, subj), text, temb6, rope, context_mask, subject_mask, (jnp.asarray(cos), jnp.asarray(sin)))
-    if wan.num_layers > k:
-      x = wan_dit.block_stack(wan_dit.WanBlock, wan, wan.num_layers - k, "blocks", self.mesh)(
-          x, text, temb6, rope, context_mask)
-    return wan_dit.WanHead(wan, name="head")(x, temb, grid).astype(latents.dtype)
+      x, _ = stack((x, subj), text, temb6, rope, context_mask, subject_mask, self._subject_rope(subject_latents))
+    if rest:
+      x = wan_dit.block_stack(wan_dit.WanBlock, wan, rest, "blocks", self.mesh)(x, text, temb6, rope, context_mask)
+    return head(x, temb, grid).astype(latents.dtype)
+
+  def _subject_rope(self, subject_latents):
+    wan = self.config.wan
+    hs, ws = subject_latents.shape[3] // 2, subject_latents.shape[4] // 2
+    cos, sin = layers.wan_rope_tables((1, hs, ws), wan.head_dim, wan.rope_theta, wan.rope_max_seq_len)
+    return jnp.asarray(cos), jnp.asarray(sin)
+
+  def _condition_cache(self, embed, context, subject_latents, subject_mask, context_mask):
+    cfg, wan = self.config, self.config.wan
+    k, rest = cfg.num_hipa_blocks, wan.num_layers - cfg.num_hipa_blocks
+    wan_dit.check_context(wan, context, context_mask)
+    subject_mask = jnp.asarray(subject_mask, bool)
+    check_subject_inputs(cfg, context.shape[0], subject_latents, subject_mask)
+    text = embed(None, None, context)
+    text_mask = jnp.ones(context.shape[:2], bool) if context_mask is None else jnp.asarray(context_mask, bool)
+    cache = {"text_mask": text_mask}
+    if k:
+      subj = SubjectEmbedder(cfg, name="subject_embed")(subject_latents)
+      stack = wan_dit.block_stack(hipa.HIPABlock, wan, k, "hipa_blocks", self.mesh, phase="condition",
+                                  stages=cfg.stages)
+      cache["hipa_kv"] = stack(subj, text, None, None, context_mask, subject_mask, self._subject_rope(subject_latents))
+      cache["hipa_mask"] = hipa.cross_mask(cfg.stages, subject_mask, subj.shape[2], text_mask, text.shape[1])
+    if rest:
+      cache["kv"] = wan_dit.block_stack(wan_dit.WanBlock, wan, rest, "blocks", self.mesh, phase="condition")((), text)
+    return cache
 
   @classmethod
   def from_wan(cls, wan_module: wan_dit.WanDiT, wan_params, config: IDCrafterConfig | None = None, *,
@@ -300,3 +354,25 @@ def forward_flops(config: IDCrafterConfig, latent_shape, context_len: int, num_s
   if 2 in config.stages:
     per_block += 2 * b * s * d * d * 5 + 2 * 2 * b * s * s * d
   return float(base + extra + config.num_hipa_blocks * per_block)
+
+
+def condition_flops(config: IDCrafterConfig, batch: int, context_len: int, num_subjects: int,
+                    subject_tokens: int) -> float:
+  """Matmul FLOPs of the part of `forward_flops` that reads the condition alone, which the exact
+  per-condition cache computes once per condition instead of once per step (`IDCrafter`,
+  `condition_only=True`): the text embedding, every block's cross-attention keys and values over
+  the text (and over the subjects' tokens in HIPA blocks), the subject patch embedding and
+  stages 1-2."""
+  w = config.wan
+  d, m = w.dim, batch * context_len
+  flops = 2 * m * w.text_dim * d + 2 * m * d * d + w.num_layers * 2 * m * d * d * 2
+  if config.stages and num_subjects:
+    s = num_subjects * subject_tokens
+    flops += 2 * batch * s * (4 * w.in_channels) * d
+    per_block = 2 * batch * s * d * d * 2  # k, v of the subject tokens (stage 3)
+    if 1 in config.stages:
+      per_block += 2 * batch * s * d * d * 4 + 2 * 2 * batch * num_subjects * subject_tokens ** 2 * d
+    if 2 in config.stages:
+      per_block += 2 * batch * s * d * d * 5 + 2 * 2 * batch * s * s * d
+    flops += config.num_hipa_blocks * per_block
+  return float(flops)

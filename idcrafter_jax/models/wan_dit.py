@@ -127,12 +127,13 @@ class WanAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, context=None, rope=None, kv_mask=None, q_segment_ids=None, kv_segment_ids=None,
-               segment_mode="same"):
+               segment_mode="same", kv=None, kv_only=False):
     """x (B, Lq, D); context (B, Lk, D) or None (self-attention); kv_mask (B, Lk) bool;
-    segment ids (B, Lq) / (B, Lk), negative = padding (see `attention`)."""
+    segment ids (B, Lq) / (B, Lk), negative = padding (see `attention`). `kv_only`: returns the
+    keys and values of `context` ((B, Lk, H, Dh) each; x unused); `kv`: those, computed before,
+    in place of `context`'s (the exact per-condition cache)."""
     cfg = self.config
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    src = x if context is None else context
 
     def proj(name, axes, inp):
       y = layers.dense(cfg.dim, axes, name=name, **kw)(inp)
@@ -140,20 +141,26 @@ class WanAttention(nn.Module):
         y = y + layers.LoRA(cfg.dim, cfg.lora_rank, cfg.lora_alpha, axes, name=f"{name}_lora", **kw)(inp)
       return y
 
-    q = proj("to_q", ("embed", "heads"), x)
-    k = proj("to_k", ("embed", "heads"), src)
-    v = proj("to_v", ("embed", "heads"), src)
-    q = layers.RMSNorm(cfg.eps, "heads", cfg.param_dtype, name="norm_q")(q)
-    k = layers.RMSNorm(cfg.eps, "heads", cfg.param_dtype, name="norm_k")(k)
     split = lambda t: t.reshape(*t.shape[:2], cfg.num_heads, cfg.head_dim)  # (B, L, H, Dh)
-    q, k, v = split(q), split(k), split(v)
+    cross = context is not None or kv is not None
+    kv_axes = ("activation_batch", "activation_kv_length" if cross else "activation_length",
+               "activation_heads", "activation_head_dim")
+    if kv is None:
+      src = x if context is None else context
+      k = layers.RMSNorm(cfg.eps, "heads", cfg.param_dtype, name="norm_k")(proj("to_k", ("embed", "heads"), src))
+      k, v = split(k), split(proj("to_v", ("embed", "heads"), src))
+      if rope is not None:
+        k = layers.apply_rope(k, *rope)
+      k, v = nn.with_logical_constraint(k, kv_axes), nn.with_logical_constraint(v, kv_axes)
+      if kv_only:
+        return k, v
+    else:
+      k, v = kv
+    q = split(layers.RMSNorm(cfg.eps, "heads", cfg.param_dtype, name="norm_q")(proj("to_q", ("embed", "heads"), x)))
     if rope is not None:
-      q, k = layers.apply_rope(q, *rope), layers.apply_rope(k, *rope)
+      q = layers.apply_rope(q, *rope)
     heads = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
     q = nn.with_logical_constraint(q, heads)
-    kv_axes = ("activation_batch", "activation_kv_length" if context is not None else "activation_length",
-               "activation_heads", "activation_head_dim")
-    k, v = nn.with_logical_constraint(k, kv_axes), nn.with_logical_constraint(v, kv_axes)
     mask = None if kv_mask is None else kv_mask[:, None, None, :]
     o = attention_lib.attention(q, k, v, mask=mask, impl=cfg.attention_impl, mesh=self.mesh,
                                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
@@ -171,9 +178,15 @@ class WanBlock(nn.Module):
 
   The three sublayers are methods so that the identity blocks (`hipa.HIPABlock`) reuse them
   with the same parameter names. Returns (x, None) so that it can be the body of `nn.scan`.
+
+  `phase` (`PHASES`): 'full' the block; 'condition' only what reads the condition alone, the
+  cross-attention's keys and values of the text (returned as the scan output: (carry, (k, v)));
+  'cached' the block with those given (`context` is then this block's (k, v)). The two give the
+  'full' output exactly: the condition's part runs once per condition instead of once per step.
   """
   config: WanConfig
   mesh: Any = None
+  phase: str = "full"
 
   def setup(self):
     cfg = self.config
@@ -198,9 +211,13 @@ class WanBlock(nn.Module):
     x = (x.astype(jnp.float32) + a.astype(jnp.float32) * gate).astype(x.dtype)
     return nn.with_logical_constraint(x, BLOCK_AXES)
 
-  def cross_attention(self, x, context, context_mask):
+  def cross_attention(self, x, context, context_mask, kv=None):
     h = self.norm2(x).astype(x.dtype) if self.config.cross_attn_norm else x
-    return x + self.attn2(h, context=context, kv_mask=context_mask)
+    return x + self.attn2(h, context=context, kv_mask=context_mask, kv=kv)
+
+  def cross_keys_values(self, context):
+    """The cross-attention's keys and values of `context`, (B, L, H, Dh) each."""
+    return self.attn2(None, context=context, kv_only=True)
 
   def feed_forward(self, x, mod):
     c_shift, c_scale, c_gate = mod[3:]
@@ -209,37 +226,63 @@ class WanBlock(nn.Module):
     x = (x.astype(jnp.float32) + f.astype(jnp.float32) * c_gate).astype(x.dtype)
     return nn.with_logical_constraint(x, BLOCK_AXES)
 
-  def __call__(self, x, context, temb6, rope, context_mask=None):
+  def __call__(self, x, context, temb6=None, rope=None, context_mask=None):
+    if self.phase == "condition":
+      return x, self.cross_keys_values(context)
     mod = self.modulation(temb6)
     x = self.self_attention(x, mod, rope)
-    x = self.cross_attention(x, context, context_mask)
+    if self.phase == "cached":
+      x = self.cross_attention(x, None, context_mask, kv=context)
+    else:
+      x = self.cross_attention(x, context, context_mask)
     return self.feed_forward(x, mod), None
 
 
-def block_stack(block_cls, config: WanConfig, num_layers: int, name: str, mesh=None, **fields):
+# What a block computes (`WanBlock.phase`): all of it, the condition's part alone, or the rest of
+# it given that part.
+PHASES = ("full", "condition", "cached")
+
+
+def block_stack(block_cls, config: WanConfig, num_layers: int, name: str, mesh=None, *, phase: str = "full",
+                **fields):
   """`num_layers` blocks, rematerialised per the config's named policy, under `nn.scan` or unrolled.
 
   Scanned: one module `name` whose params have a leading 'layers' axis. Unrolled: modules
   `{name}_0 .. {name}_{n-1}`. Both compute the same function; the scan keeps compile time flat
-  in depth. Returns a callable (carry, *broadcast_args) -> carry.
+  in depth. Returns a callable (carry, *broadcast_args) -> carry; in `phase` 'condition' it
+  returns the blocks' outputs stacked on a leading layer axis instead (their (k, v)), and in
+  'cached' its first argument after the carry is that stack (one layer per block).
   """
+  if phase not in PHASES:
+    raise ValueError(f"block phase {phase!r} is unknown; expected one of {PHASES}.")
   policy = layers.remat_policy(config.remat_policy)
   cls = block_cls
   if config.remat_policy != "none":
     cls = nn.remat(block_cls, policy=policy, prevent_cse=not config.scan_layers)
+  out = 1 if phase == "condition" else 0
   if config.scan_layers:
-    stack = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=nn.broadcast, length=num_layers,
-                    metadata_params={nn.PARTITION_NAME: "layers"})(config, mesh, name=name, **fields)
+    def in_axes(n_args):
+      return (0,) + (nn.broadcast,) * (n_args - 1) if phase == "cached" else nn.broadcast
 
     def run(carry, *args):
-      return stack(carry, *args)[0]
+      stack = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=in_axes(len(args)), length=num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})(config, mesh, name=name, phase=phase,
+                                                                     **fields)
+      return stack(carry, *args)[out]
     return run
-  blocks = [cls(config, mesh, name=f"{name}_{i}", **fields) for i in range(num_layers)]
+  blocks = [cls(config, mesh, name=f"{name}_{i}", phase=phase, **fields) for i in range(num_layers)]
 
   def run_unrolled(carry, *args):
-    for b in blocks:
-      carry = b(carry, *args)[0]
+    ys = []
+    for i, b in enumerate(blocks):
+      layer_args = args
+      if phase == "cached":
+        layer_args = (jax.tree_util.tree_map(lambda a: a[i], args[0]),) + args[1:]
+      carry, y = b(carry, *layer_args)
+      ys.append(y)
+    if out:
+      return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys)
     return carry
   return run_unrolled
 
@@ -274,8 +317,13 @@ def check_inputs(config: WanConfig, latents, timestep, context, context_mask=Non
       raise ValueError(f"latent {what}={size} is not divisible by the patch size {p} (patch {config.patch_size}).")
   if timestep.shape != (b,):
     raise ValueError(f"timestep must have shape (B,) = ({b},); got {timestep.shape}.")
-  if context.ndim != 3 or context.shape[0] != b or context.shape[2] != config.text_dim:
-    raise ValueError(f"context must be (B={b}, L, text_dim={config.text_dim}); got shape {context.shape}.")
+  check_context(config, context, context_mask, b)
+
+
+def check_context(config: WanConfig, context, context_mask=None, b: int | None = None):
+  """context (B, L, text_dim) with `b` rows when given; context_mask (B, L) or None."""
+  if context.ndim != 3 or (b is not None and context.shape[0] != b) or context.shape[2] != config.text_dim:
+    raise ValueError(f"context must be (B={b or 'any'}, L, text_dim={config.text_dim}); got shape {context.shape}.")
   if context_mask is not None and context_mask.shape != context.shape[:2]:
     raise ValueError(f"context_mask must have shape {context.shape[:2]}; got {context_mask.shape}.")
 
@@ -283,7 +331,8 @@ def check_inputs(config: WanConfig, latents, timestep, context, context_mask=Non
 class WanEmbedder(nn.Module):
   """Patch, timestep and text embeddings (diffusers `patch_embedding` + `WanTimeTextImageEmbedding`).
 
-  Returns tokens (B, L, D), temb (B, D), temb6 (B, 6, D), text (B, L_txt, D), grid, rope tables.
+  Returns tokens (B, L, D), temb (B, D), temb6 (B, 6, D), text (B, L_txt, D), grid, rope tables;
+  without latents (`latents` None) only text, and without a context (`context` None) text None.
   """
   config: WanConfig
 
@@ -291,6 +340,10 @@ class WanEmbedder(nn.Module):
   def __call__(self, latents, timestep, context):
     cfg = self.config
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    text = None if context is None else layers.MLPEmbedder(
+        cfg.dim, cfg.dim, "gelu_tanh", "text_embed", name="text_embedder", **kw)(context.astype(cfg.dtype))
+    if latents is None:
+      return text
     grid = tuple(s // p for s, p in zip(latents.shape[1:4], cfg.patch_size))
     x = layers.dense(cfg.dim, ("conv_in", "embed"), name="patch_embedding", **kw)(
         patchify(latents.astype(cfg.dtype), cfg.patch_size))
@@ -300,8 +353,6 @@ class WanEmbedder(nn.Module):
                               param_dtype=cfg.param_dtype)(t)  # float32, as diffusers keeps it
     temb6 = layers.dense(6 * cfg.dim, (None, "embed"), name="time_proj", dtype=jnp.float32,
                          param_dtype=cfg.param_dtype)(nn.silu(temb)).reshape(-1, 6, cfg.dim)
-    text = layers.MLPEmbedder(cfg.dim, cfg.dim, "gelu_tanh", "text_embed", name="text_embedder", **kw)(
-        context.astype(cfg.dtype))
     cos, sin = layers.wan_rope_tables(grid, cfg.head_dim, cfg.rope_theta, cfg.rope_max_seq_len)
     return x, temb, temb6, text, grid, (jnp.asarray(cos), jnp.asarray(sin))
 

@@ -143,10 +143,12 @@ def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPO
   k_init, k_steps = jax.random.split(key)
   x = jax.random.normal(k_init, shape, jnp.float32)
   keys = jax.random.split(k_steps, gc.num_steps)
+  condition = sampler.prepare_condition(velocity_fn, params, cond, uncond, gc.guidance_scale)
 
   def body(x, inp):
     k, key = inp
-    v = sampler.guided_velocity(velocity_fn, params, x, sigmas[k], cond, uncond, gc.guidance_scale)
+    v = sampler.prepared_velocity(velocity_fn, params, x, sigmas[k] * flow.NUM_TRAIN_TIMESTEPS, condition,
+                                  gc.guidance_scale)
     x_next, lp, _, _ = sde.sde_step(x, v, sigmas[k], sigmas[k + 1], sigma_max, key,
                                      noise_level=gc.noise_level, sde_type=gc.sde_type)
     return x_next, (x_next, lp)
@@ -203,18 +205,26 @@ def rewards_ok(rewards) -> bool:
 
 
 def step_terms(velocity_fn, params, ref_params, x, x_next, old_lp, adv, k, cond, uncond, gc: GRPOConfig,
-               with_log_prob: bool = False):
+               with_log_prob: bool = False, *, condition: sampler.Condition | None = None,
+               ref_condition: sampler.Condition | None = None):
   """Per-sample policy loss, KL, ratio and clip indicator at step k, for a batch of stored
-  transitions (and the per-sample log-prob, with `with_log_prob`)."""
+  transitions (and the per-sample log-prob, with `with_log_prob`). `condition` / `ref_condition`:
+  the policy's / the reference's condition prepared once for several steps
+  (`sampler.prepare_condition`); else prepared here from cond and uncond."""
   sigmas = jnp.asarray(flow.sigma_schedule(gc.num_steps, gc.shift))
   s, s_next, s_max = sigmas[k], sigmas[k + 1], sigmas[1]
-  v = sampler.guided_velocity(velocity_fn, params, x, s, cond, uncond, gc.guidance_scale)
+  timestep = s * flow.NUM_TRAIN_TIMESTEPS
+  if condition is None:
+    condition = sampler.prepare_condition(velocity_fn, params, cond, uncond, gc.guidance_scale)
+  v = sampler.prepared_velocity(velocity_fn, params, x, timestep, condition, gc.guidance_scale)
   _, lp, mean, std = sde.sde_step(x, v, s, s_next, s_max, None, noise_level=gc.noise_level,
                                    sde_type=gc.sde_type, x_next=x_next)
   policy, ratio = clipped_objective(lp, old_lp, adv, gc.clip_range)
   if gc.beta > 0:
+    if ref_condition is None:
+      ref_condition = sampler.prepare_condition(velocity_fn, ref_params, cond, uncond, gc.guidance_scale)
     v_ref = jax.lax.stop_gradient(
-        sampler.guided_velocity(velocity_fn, ref_params, x, s, cond, uncond, gc.guidance_scale))
+        sampler.prepared_velocity(velocity_fn, ref_params, x, timestep, ref_condition, gc.guidance_scale))
     mean_ref = sde.sde_mean(x, v_ref, s, s_next, s_max, gc.noise_level, gc.sde_type)
     kl = jnp.mean(jnp.square(mean - mean_ref), axis=tuple(range(1, x.ndim))) / (2.0 * std ** 2)
   else:
@@ -245,34 +255,46 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
   from idcrafter_jax.training import metrics as metrics_lib
 
   def step(state, ref_params, mb, ks, apply=True):
-    def loss_k(params, k):
+    def policy_of(params):
+      return lora.merge(ref_params, params) if adapters else params
+    ref = lora.merge(ref_params, lora.disabled(jax.lax.stop_gradient(state.params))) if adapters else ref_params
+    cond = (velocity_fn, mb["cond"], mb["uncond"], gc.guidance_scale)
+    # the conditions once per minibatch (the DiT's exact cache: F'', cross-attention keys / values),
+    # their gradient taken once from the sum of every step's (`_ConditionGrad`)
+    prepared = _ConditionGrad(lambda p: sampler.prepare_condition(cond[0], policy_of(p), *cond[1:]), state.params)
+    ref_condition = None
+    if gc.beta > 0:
+      ref_condition = sampler.prepare_condition(cond[0], ref, *cond[1:])
+      ref_condition = ref_condition._replace(value=jax.lax.stop_gradient(ref_condition.value))
+
+    def loss_k(params, floats, k):
       x = jnp.take(mb["xs"], k, axis=0)
       x_next = jnp.take(mb["xs"], k + 1, axis=0)
       old = jnp.take(mb["log_probs"], k, axis=0)
-      policy, ref = params, ref_params
-      if adapters:
-        policy = lora.merge(ref_params, params)
-        ref = lora.merge(ref_params, lora.disabled(jax.lax.stop_gradient(params)))
-      pol, kl, ratio, cf, lp = step_terms(velocity_fn, policy, ref, x, x_next, old, mb["advantages"], k,
-                                          mb["cond"], mb["uncond"], gc, with_log_prob=True)
+      pol, kl, ratio, cf, lp = step_terms(velocity_fn, policy_of(params), ref, x, x_next, old, mb["advantages"], k,
+                                          mb["cond"], mb["uncond"], gc, with_log_prob=True,
+                                          condition=prepared.rebuild(floats), ref_condition=ref_condition)
       loss = jnp.mean(pol) + gc.beta * jnp.mean(kl)
       return loss, (dict(policy_loss=jnp.mean(pol), kl=jnp.mean(kl), ratio=jnp.mean(ratio),
                          ratio_max_dev=jnp.max(jnp.abs(ratio - 1.0)), clip_frac=jnp.mean(cf)), lp)
 
-    grad_fn = jax.value_and_grad(loss_k, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_k, argnums=(0, 1), has_aux=True)
 
     def acc(carry, k):
-      g_sum, m_sum = carry
-      (loss, (aux, lp)), g = grad_fn(state.params, k)
+      g_sum, gc_sum, m_sum = carry
+      (loss, (aux, lp)), (g, g_cond) = grad_fn(state.params, prepared.floats, k)
       aux["loss"] = loss
       g_sum = jax.tree_util.tree_map(jnp.add, g_sum, g)
+      gc_sum = jax.tree_util.tree_map(jnp.add, gc_sum, g_cond)
       m_sum = jax.tree_util.tree_map(jnp.add, m_sum, aux)
-      return (g_sum, m_sum), jax.lax.stop_gradient(lp)
+      return (g_sum, gc_sum, m_sum), jax.lax.stop_gradient(lp)
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     m0 = dict(policy_loss=0.0, kl=0.0, ratio=0.0, ratio_max_dev=0.0, clip_frac=0.0, loss=0.0)
     m0 = jax.tree_util.tree_map(lambda v: jnp.zeros((), jnp.float32), m0)
-    (g_sum, m_sum), log_probs = jax.lax.scan(acc, (zeros, m0), ks)
+    (g_sum, gc_sum, m_sum), log_probs = jax.lax.scan(
+        acc, (zeros, jax.tree_util.tree_map(jnp.zeros_like, prepared.floats), m0), ks)
+    g_sum = jax.tree_util.tree_map(jnp.add, g_sum, prepared.pullback(gc_sum))
     n = ks.shape[0]
     grads = jax.tree_util.tree_map(lambda g: g / n, g_sum)
     metrics = {k: v / n for k, v in m_sum.items()}
@@ -287,6 +309,30 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
     metrics.update(grad_norm=gnorm, update_ok=ok.astype(jnp.float32), log_probs=log_probs)
     return state, metrics
   return step
+
+
+class _ConditionGrad:
+  """A condition prepared from the params once (`prepare(params) -> sampler.Condition`), with the
+  pullback of its floating-point leaves: the steps of an update differentiate through `floats`,
+  and `pullback(the sum of their cotangents)` adds what flows back into the params, once, so the
+  gradient equals preparing the condition at every step."""
+
+  def __init__(self, prepare: Callable, params):
+    def floats_of(p):
+      condition = prepare(p)
+      leaves, self._treedef = jax.tree_util.tree_flatten(condition.value)
+      self._is_float, self._guided = [jnp.issubdtype(x.dtype, jnp.floating) for x in leaves], condition.guided
+      return ([x for x, f in zip(leaves, self._is_float) if f],
+              [x for x, f in zip(leaves, self._is_float) if not f])
+    self.floats, self._vjp, self._others = jax.vjp(floats_of, params, has_aux=True)
+
+  def rebuild(self, floats) -> sampler.Condition:
+    floats, others = iter(floats), iter(self._others)
+    leaves = [next(floats) if f else next(others) for f in self._is_float]
+    return sampler.Condition(jax.tree_util.tree_unflatten(self._treedef, leaves), self._guided)
+
+  def pullback(self, cotangents):
+    return self._vjp(cotangents)[0]
 
 
 def repeat_groups(tree, group_size: int):

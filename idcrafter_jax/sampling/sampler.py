@@ -2,13 +2,15 @@
 
 The sampler knows nothing of the network: it calls `velocity_fn(params, x, timestep, cond)`
 where `cond` is any pytree whose leaves have the batch as their first axis. With guidance,
-the conditional and unconditional branches run as one doubled batch. `solver` picks Euler
+the conditional and unconditional branches run as one doubled batch. A network with a
+`velocity_fn.prepare(params, cond)` gets its condition prepared once per trajectory, before the
+scan (the DiT's exact per-condition cache). `solver` picks Euler
 (`flow.ode_step`) or one of Wan's multistep solvers, UniPC and DPM-Solver++ (`solvers.py`),
 whose history of data predictions rides in the scan carry.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,21 +18,40 @@ import jax.numpy as jnp
 from idcrafter_jax.sampling import flow, solvers
 
 
-def guided_velocity(velocity_fn: Callable, params, x, t, cond, uncond, guidance_scale: float):
-  """v_u + s (v_c - v_u) from one forward on the concatenated batch (s = 1: no guidance)."""
-  return guided_velocity_at(velocity_fn, params, x, t * flow.NUM_TRAIN_TIMESTEPS, cond, uncond, guidance_scale)
+class Condition(NamedTuple):
+  """What the network reads at every step of one trajectory, computed once (`prepare_condition`)."""
+  value: Any  # cond, or cond and uncond as one doubled batch; through `velocity_fn.prepare` if it has one
+  guided: bool  # whether `value` holds the unconditional half
 
 
-def guided_velocity_at(velocity_fn: Callable, params, x, timestep, cond, uncond, guidance_scale: float):
-  """`guided_velocity` with the network's timestep (in [0, 1000]) given rather than sigma."""
+def prepare_condition(velocity_fn: Callable, params, cond, uncond, guidance_scale: float) -> Condition:
+  """The condition of a trajectory, once: with guidance (s != 1) cond and uncond as one doubled
+  batch, then `velocity_fn.prepare(params, ...)` where the network has one (the DiT's exact
+  per-condition cache, `conditioning.velocity_fn`), so that no step recomputes what reads only
+  the condition."""
+  guided = uncond is not None and guidance_scale != 1.0
+  value = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond) if guided else cond
+  prepare = getattr(velocity_fn, "prepare", None)
+  return Condition(value if prepare is None else prepare(params, value), guided)
+
+
+def prepared_velocity(velocity_fn: Callable, params, x, timestep, condition: Condition, guidance_scale: float):
+  """v_u + s (v_c - v_u) from one forward on the doubled batch (without guidance: v_c), at the
+  network's timestep (in [0, 1000])."""
   b = x.shape[0]
   timestep = jnp.full((b,), timestep, jnp.float32)
-  if uncond is None or guidance_scale == 1.0:
-    return velocity_fn(params, x, timestep, cond)
-  both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
-  v = velocity_fn(params, jnp.concatenate([x, x], 0), jnp.concatenate([timestep, timestep], 0), both)
+  if not condition.guided:
+    return velocity_fn(params, x, timestep, condition.value)
+  v = velocity_fn(params, jnp.concatenate([x, x], 0), jnp.concatenate([timestep, timestep], 0), condition.value)
   v_c, v_u = v[:b], v[b:]
   return v_u + guidance_scale * (v_c - v_u)
+
+
+def guided_velocity(velocity_fn: Callable, params, x, t, cond, uncond, guidance_scale: float):
+  """v_u + s (v_c - v_u) at sigma `t` for one step (s = 1: no guidance); a trajectory prepares
+  its condition once instead (`prepare_condition`, `prepared_velocity`)."""
+  condition = prepare_condition(velocity_fn, params, cond, uncond, guidance_scale)
+  return prepared_velocity(velocity_fn, params, x, t * flow.NUM_TRAIN_TIMESTEPS, condition, guidance_scale)
 
 
 def sample_ode(velocity_fn: Callable, params, noise, cond, uncond=None, *, num_steps: int,
@@ -46,10 +67,11 @@ def sample_ode(velocity_fn: Callable, params, noise, cond, uncond=None, *, num_s
     return _sample_multistep(velocity_fn, params, noise, cond, uncond, num_steps=num_steps, shift=shift,
                              guidance_scale=guidance_scale, step_callback=step_callback, solver=solver)
   sigmas = jnp.asarray(flow.sigma_schedule(num_steps, shift))
+  condition = prepare_condition(velocity_fn, params, cond, uncond, guidance_scale)
 
   def body(x, i):
     s, s_next = sigmas[i], sigmas[i + 1]
-    v = guided_velocity(velocity_fn, params, x, s, cond, uncond, guidance_scale)
+    v = prepared_velocity(velocity_fn, params, x, s * flow.NUM_TRAIN_TIMESTEPS, condition, guidance_scale)
     x = flow.ode_step(x, v.astype(jnp.float32), s, s_next)
     if step_callback is not None:
       jax.debug.callback(step_callback, i, ordered=True)
@@ -64,11 +86,12 @@ def _sample_multistep(velocity_fn, params, noise, cond, uncond, *, num_steps, sh
   """UniPC / DPM-Solver++: carry (x, x_last, m_{i-1}, m_{i-2}); one row of coefficients per step."""
   sigmas, timesteps = solvers.schedule(solver, num_steps, shift)
   rows = jnp.asarray(solvers.coefficients(solver, sigmas))
+  condition = prepare_condition(velocity_fn, params, cond, uncond, guidance_scale)
 
   def body(carry, xs):
     x, x_last, m1, m2 = carry
     i, row, t = xs
-    v = guided_velocity_at(velocity_fn, params, x, t, cond, uncond, guidance_scale).astype(jnp.float32)
+    v = prepared_velocity(velocity_fn, params, x, t, condition, guidance_scale).astype(jnp.float32)
     x_next, x_c, m = solvers.step(row, x, v, x_last, m1, m2)
     if step_callback is not None:
       jax.debug.callback(step_callback, i, ordered=True)
