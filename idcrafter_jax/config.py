@@ -24,6 +24,7 @@ from idcrafter_jax import data
 from idcrafter_jax.inference import conditioning
 from idcrafter_jax.models import idcrafter, wan_dit, wan_vae
 from idcrafter_jax.rl import grpo, reward_models
+from idcrafter_jax.sampling import step_cache
 
 # Table S.3 of the seed: AdamW, policy learning rate 1e-5, betas (0.9, 0.95), eps 1e-8, max
 # gradient norm 1.0 (the `train` section's keys), and a batch of 32 videos per GRPO iteration
@@ -114,9 +115,12 @@ def base_config(variant: str, text_dim: int = wan_dit.TEXT_DIM["qwen2_5_vl_7b"])
   # 'unipc' | 'dpm++' (`sampling/solvers.py`; the Wan configs take 'unipc', as Wan's generate.py).
   # num_frames (1 + 4k) x height x width (multiples of 16) is the one video size of a run: the
   # training clips are decoded to it too (`data.SIZE_KEYS`), and the dry run compiles for it.
+  # cache: a step cache (none | easycache | cfg; `sampling.step_cache`, off by default: an
+  # approximation) with its threshold, warm-up steps and CFG interval.
   c.sampling = ml_collections.ConfigDict(dict(
       num_steps=50, shift=5.0, guidance_scale=5.0, num_frames=81, height=480, width=832,
-      fps=16, negative_prompt="", solver="euler"))
+      fps=16, negative_prompt="", solver="euler",
+      **dataclass_defaults(step_cache.StepCache)))
   # Components without a checkpoint folder are random-initialised only where this is True, with
   # the architectures `random_arch` gives (fields of WanVAEConfig, and of Qwen2.5-VL's
   # VisionConfig / TextConfig); the tiny configs set both (`inference/loading.py`).

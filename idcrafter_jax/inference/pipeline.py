@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idcrafter_jax import video as video_io
-from idcrafter_jax.sampling import config as sampling_config, sampler, solvers
+from idcrafter_jax.sampling import config as sampling_config, sampler, solvers, step_cache
 from idcrafter_jax.inference import conditioning
 from idcrafter_jax.models import idcrafter, qwen2_5_vl, wan_vae
 
@@ -115,7 +115,8 @@ class Pipeline:
   def sample_latents(self, cond, uncond, key, progress=None):
     s = self.config.sampling
     shape = latent_shape(self.config, cond["context"].shape[0])
-    k = (s.num_steps, float(s.shift), float(s.guidance_scale), solvers.check_solver(s.solver), progress)
+    k = (s.num_steps, float(s.shift), float(s.guidance_scale), solvers.check_solver(s.solver), progress,
+         step_cache.StepCache.from_section(s))
     if k not in self._samplers:  # one compiled trajectory per sampler setting
       self._samplers[k] = _sampler(self, *k)
     return self._samplers[k](self.dit_params, cond, uncond, key, shape)
@@ -131,14 +132,14 @@ class Pipeline:
     return video_io.to_uint8(np.asarray(self.decode(latents))[0])
 
 
-def _sampler(pipe: Pipeline, num_steps, shift, guidance, solver, progress):
+def _sampler(pipe: Pipeline, num_steps, shift, guidance, solver, progress, cache):
   callback = None if progress is None else (lambda i: progress(int(i)))
 
   @functools.partial(jax.jit, static_argnames=("shape",))
   def run(params, cond, uncond, key, shape):
     return sampler.generate(pipe.velocity_fn, params, cond, uncond, key=key, shape=shape,
                              num_steps=num_steps, shift=shift, guidance_scale=guidance, solver=solver,
-                             step_callback=callback)
+                             step_callback=callback, cache=cache)
   return run
 
 

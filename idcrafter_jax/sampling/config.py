@@ -8,7 +8,7 @@ training clips (`data.DecodeSpec`), the subject images and the dry run's shapes 
 from __future__ import annotations
 
 from idcrafter_jax.models import config_utils, wan_dit, wan_vae
-from idcrafter_jax.sampling import solvers
+from idcrafter_jax.sampling import solvers, step_cache
 
 FRAME_STRIDE = wan_vae.TIME_STRIDE
 PATCH = wan_dit.WanConfig.patch_size[1]  # the DiT's spatial patch
@@ -24,7 +24,7 @@ RULES = {
     "num_steps": config_utils.integer(1), "shift": config_utils.number(0, lo_open=True),
     "guidance_scale": config_utils.number(0), "num_frames": FRAMES, "height": PIXELS, "width": PIXELS,
     "fps": config_utils.integer(1), "negative_prompt": config_utils.STRING,
-    "solver": config_utils.one_of(solvers.SOLVERS),
+    "solver": config_utils.one_of(solvers.SOLVERS), **step_cache.RULES,
 }
 
 

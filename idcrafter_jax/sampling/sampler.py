@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from idcrafter_jax.sampling import flow, solvers
+from idcrafter_jax.sampling import flow, solvers, step_cache
 
 
 class Condition(NamedTuple):
@@ -54,60 +54,88 @@ def guided_velocity(velocity_fn: Callable, params, x, t, cond, uncond, guidance_
   return prepared_velocity(velocity_fn, params, x, t * flow.NUM_TRAIN_TIMESTEPS, condition, guidance_scale)
 
 
+def step_velocity(velocity_fn: Callable, params, cond, uncond, guidance_scale: float, num_steps: int,
+                  cache: step_cache.StepCache | None = None):
+  """The guided velocity of a trajectory's steps, the condition prepared once: returns
+  (state0(x), fn(x, timestep, i, state) -> (v, state)); `state.evals` counts the DiT evaluations
+  in sample-batches. With an active step cache (`step_cache.StepCache.active`) some steps reuse
+  an earlier output; otherwise every step runs the network, as without one."""
+  cache = cache or step_cache.StepCache()
+  condition = prepare_condition(velocity_fn, params, cond, uncond, guidance_scale)
+  halves = 2.0 if condition.guided else 1.0
+  if not cache.active(condition.guided):
+    def plain(x, timestep, i, state):
+      del i
+      v = prepared_velocity(velocity_fn, params, x, timestep, condition, guidance_scale)
+      return v, state._replace(evals=state.evals + halves)
+    return (lambda x: step_cache.init_state(x, condition.guided)), plain
+  half = prepare_condition(velocity_fn, params, cond, None, 1.0) if cache.cache == "cfg" else None
+
+  def fn(x, timestep, i, state):
+    b = x.shape[0]
+
+    def network(rows):
+      value = half.value if condition.guided and rows.shape[0] == b else condition.value
+      return velocity_fn(params, rows, jnp.full((rows.shape[0],), timestep, jnp.float32), value)
+    out, state = step_cache.evaluate(cache, network, x, i, num_steps, state, condition.guided)
+    if not condition.guided:
+      return out, state
+    v_c, v_u = out[:b], out[b:]
+    return v_u + guidance_scale * (v_c - v_u), state
+  return (lambda x: step_cache.init_state(x, condition.guided, cache)), fn
+
+
 def sample_ode(velocity_fn: Callable, params, noise, cond, uncond=None, *, num_steps: int,
                shift: float, guidance_scale: float = 1.0, step_callback: Callable | None = None,
-               solver: str = "euler"):
+               solver: str = "euler", cache: step_cache.StepCache | None = None, with_evals: bool = False):
   """ODE sampling from x_1 = noise to x_0 (latents), as `lax.scan` over the steps.
 
   'euler' steps over `flow.sigma_schedule`; 'unipc' and 'dpm++' over diffusers' schedules for
   them (`solvers.schedule`). `step_callback(i)`, if given, is called on the host after each step
   through `jax.debug.callback` (progress bars) without a device round trip of the latents.
+  `cache`: a step cache (`step_cache.StepCache`; None: every step runs the DiT). `with_evals`:
+  returns (latents, DiT evaluations in sample-batches).
   """
-  if solvers.check_solver(solver) != "euler":
-    return _sample_multistep(velocity_fn, params, noise, cond, uncond, num_steps=num_steps, shift=shift,
-                             guidance_scale=guidance_scale, step_callback=step_callback, solver=solver)
-  sigmas = jnp.asarray(flow.sigma_schedule(num_steps, shift))
-  condition = prepare_condition(velocity_fn, params, cond, uncond, guidance_scale)
-
-  def body(x, i):
-    s, s_next = sigmas[i], sigmas[i + 1]
-    v = prepared_velocity(velocity_fn, params, x, s * flow.NUM_TRAIN_TIMESTEPS, condition, guidance_scale)
-    x = flow.ode_step(x, v.astype(jnp.float32), s, s_next)
-    if step_callback is not None:
-      jax.debug.callback(step_callback, i, ordered=True)
-    return x, None
-
-  x, _ = jax.lax.scan(body, noise.astype(jnp.float32), jnp.arange(num_steps))
-  return x
-
-
-def _sample_multistep(velocity_fn, params, noise, cond, uncond, *, num_steps, shift, guidance_scale,
-                      step_callback, solver):
-  """UniPC / DPM-Solver++: carry (x, x_last, m_{i-1}, m_{i-2}); one row of coefficients per step."""
-  sigmas, timesteps = solvers.schedule(solver, num_steps, shift)
-  rows = jnp.asarray(solvers.coefficients(solver, sigmas))
-  condition = prepare_condition(velocity_fn, params, cond, uncond, guidance_scale)
-
-  def body(carry, xs):
-    x, x_last, m1, m2 = carry
-    i, row, t = xs
-    v = prepared_velocity(velocity_fn, params, x, t, condition, guidance_scale).astype(jnp.float32)
-    x_next, x_c, m = solvers.step(row, x, v, x_last, m1, m2)
-    if step_callback is not None:
-      jax.debug.callback(step_callback, i, ordered=True)
-    return (x_next, x_c, m, m1), None
-
+  init, velocity = step_velocity(velocity_fn, params, cond, uncond, guidance_scale, num_steps, cache)
   x = noise.astype(jnp.float32)
-  zeros = jnp.zeros_like(x)
-  (x, _, _, _), _ = jax.lax.scan(body, (x, zeros, zeros, zeros),
-                                 (jnp.arange(num_steps), rows, jnp.asarray(timesteps)))
-  return x
+  if solvers.check_solver(solver) == "euler":
+    sigmas = jnp.asarray(flow.sigma_schedule(num_steps, shift))
+
+    def body(carry, i):
+      x, state = carry
+      s, s_next = sigmas[i], sigmas[i + 1]
+      v, state = velocity(x, s * flow.NUM_TRAIN_TIMESTEPS, i, state)
+      if step_callback is not None:
+        jax.debug.callback(step_callback, i, ordered=True)
+      return (flow.ode_step(x, v.astype(jnp.float32), s, s_next), state), None
+
+    (x, state), _ = jax.lax.scan(body, (x, init(x)), jnp.arange(num_steps))
+  else:
+    # UniPC / DPM-Solver++: carry (x, x_last, m_{i-1}, m_{i-2}); one row of coefficients per step
+    sigmas, timesteps = solvers.schedule(solver, num_steps, shift)
+    rows = jnp.asarray(solvers.coefficients(solver, sigmas))
+
+    def body(carry, xs):
+      (x, x_last, m1, m2), state = carry
+      i, row, t = xs
+      v, state = velocity(x, t, i, state)
+      x_next, x_c, m = solvers.step(row, x, v.astype(jnp.float32), x_last, m1, m2)
+      if step_callback is not None:
+        jax.debug.callback(step_callback, i, ordered=True)
+      return ((x_next, x_c, m, m1), state), None
+
+    zeros = jnp.zeros_like(x)
+    ((x, _, _, _), state), _ = jax.lax.scan(body, ((x, zeros, zeros, zeros), init(x)),
+                                            (jnp.arange(num_steps), rows, jnp.asarray(timesteps)))
+  return (x, state.evals) if with_evals else x
 
 
 def generate(velocity_fn: Callable, params, cond, uncond=None, *, key: jax.Array, shape: tuple[int, ...],
              num_steps: int, shift: float, guidance_scale: float = 1.0, step_callback=None,
-             solver: str = "euler") -> Any:
-  """Draws x_1 ~ N(0, I) of `shape` from `key` and integrates it to latents x_0 (float32)."""
+             solver: str = "euler", cache: step_cache.StepCache | None = None, with_evals: bool = False) -> Any:
+  """Draws x_1 ~ N(0, I) of `shape` from `key` and integrates it to latents x_0 (float32)
+  (`sample_ode`; with `with_evals`, also the DiT evaluations)."""
   noise = jax.random.normal(key, shape, jnp.float32)
   return sample_ode(velocity_fn, params, noise, cond, uncond, num_steps=num_steps, shift=shift,
-                    guidance_scale=guidance_scale, step_callback=step_callback, solver=solver)
+                    guidance_scale=guidance_scale, step_callback=step_callback, solver=solver, cache=cache,
+                    with_evals=with_evals)
