@@ -50,19 +50,23 @@ def needs_vlm(config, splits, data_iterator=None) -> bool:
 
 def sharded_state(params, tx, key, boxed_params, mesh, *, ema: bool):
   """A fresh train state created on `mesh` by the params' logical axes: each param goes straight
-  to its shards (`params` stay the caller's), then `state_initializer` creates the optimiser
-  state (and EMA) already sharded, so that no device holds the whole state at any point
-  (MaxText's sharded initialisation). Returns (state, shardings)."""
+  to its shards (no copy where it is already there), and `state_initializer` creates the
+  optimiser state (and EMA) already sharded, so that no device holds the whole state at any
+  point and the params exist once (MaxText's sharded initialisation). Returns (state, shardings)."""
   s_shard = train_state.state_shardings(
       jax.eval_shape(lambda p, k: train_state.init_state(p, tx, k, ema=ema), params, key), boxed_params, mesh)
   distributed.barrier("sharded_state")
-  return state_initializer(tx, s_shard, ema=ema)(jax.device_put(params, s_shard.params), key), s_shard
+  placed = jax.device_put(params, s_shard.params)
+  return state_initializer(tx, s_shard, ema=ema)(placed, key).replace(params=placed), s_shard
 
 
 def state_initializer(tx, s_shard, *, ema: bool):
-  """The jitted (params on their shards, key) -> train state whose outputs have the state's
-  shardings `s_shard`. Not donated: a placed param may share its buffer with the caller's."""
-  return jax.jit(lambda p, k: train_state.init_state(p, tx, k, ema=ema), out_shardings=s_shard)
+  """The jitted (params on their shards, key) -> the train state without its params (None),
+  every other field created with its sharding in `s_shard`; the params are not an output, so the
+  program copies none of them."""
+  def rest(p, k):
+    return train_state.init_state(p, tx, k, ema=ema).replace(params=None)
+  return jax.jit(rest, out_shardings=s_shard.replace(params=None))
 
 
 def drive(session: "TrainSession", state, data_iterator, *, end: int, step_fn: Callable, desc: str,
