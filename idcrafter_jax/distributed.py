@@ -104,8 +104,7 @@ def _initialize(kwargs: dict, watch_hosts: bool) -> None:
     jax.config.update("jax_enable_recoverability", True)
   jax.distributed.initialize(**kwargs)
   if watch_hosts and jax.process_count() > 1:
-    from jax._src import distributed as jax_distributed
-    host_watch.watch(jax_distributed.global_state.client, jax.process_index(), jax.process_count())
+    host_watch.watch(jax.process_index(), jax.process_count())
 
 
 def _detect_cluster(timeout_s: int):
@@ -318,8 +317,7 @@ def exit_on_failure(error: BaseException) -> None:
   """On several processes, ends this one at once with a message naming `error`: a failed
   collective usually means another host died, and the orderly shutdown would wait for it at a
   barrier. The emergency handlers run first (`host_watch.run_handlers`); the code is
-  `host_watch.HostLost.EXIT_CODE` when the coordinator already misses a host, else 1. One
-  process: returns (the caller re-raises)."""
+  `host_watch.failure_exit_code()`. One process: returns (the caller re-raises)."""
   if jax.process_count() == 1:
     return
   import traceback
@@ -328,16 +326,8 @@ def exit_on_failure(error: BaseException) -> None:
   print(f"process {jax.process_index()} of {jax.process_count()} failed ({reason}); if another host died, "
         "see its log. Exiting.", file=sys.stderr, flush=True)
   host_watch.run_handlers(reason)
-  code = 1
-  try:
-    from jax._src import distributed as jax_distributed
-    if host_watch.supported() and host_watch.lost_processes(jax_distributed.global_state.client,
-                                                            jax.process_count()):
-      code = host_watch.HostLost.EXIT_CODE
-  except Exception:  # noqa: BLE001 - the coordinator may be gone too
-    pass
   sys.stdout.flush()
-  os._exit(code)
+  os._exit(host_watch.failure_exit_code())
 
 
 def barrier(name: str, timeout_s: float = 1800) -> None:

@@ -45,6 +45,7 @@ _handlers: list[Callable[[str], None]] = []
 _lock = threading.Lock()
 _ran = False
 _armed = threading.Event()
+_watched: tuple | None = None  # (client, process count) once `watch` runs
 
 
 def supported() -> bool:
@@ -116,9 +117,26 @@ def leave(client, process_id: int, num_processes: int, wait_s: float = LEAVE_WAI
     pass
 
 
-def watch(client, process_id: int, num_processes: int, poll_s: float = POLL_S) -> threading.Thread:
+def failure_exit_code() -> int:
+  """The exit code of a process failing on its own (`distributed.exit_on_failure`): `EXIT_CODE`
+  when this process is watched and the coordinator already misses a host that did not leave,
+  else 1."""
+  if _watched is None:
+    return 1
+  try:
+    return HostLost.EXIT_CODE if lost_processes(*_watched) else 1
+  except Exception:  # noqa: BLE001 - the coordinator may be gone too
+    return 1
+
+
+def watch(process_id: int, num_processes: int, poll_s: float = POLL_S) -> threading.Thread:
   """Starts the daemon thread that ends this process when another one is lost (see the module
-  docstring), and registers `leave` for a normal exit, which disarms it."""
+  docstring), and registers `leave` for a normal exit, which disarms it. Call right after
+  `jax.distributed.initialize` (its client is the one asked)."""
+  global _watched
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  _watched = (client, num_processes)
   _armed.set()
   atexit.register(leave, client, process_id, num_processes)
 

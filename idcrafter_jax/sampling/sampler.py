@@ -43,6 +43,11 @@ def prepared_velocity(velocity_fn: Callable, params, x, timestep, condition: Con
   if not condition.guided:
     return velocity_fn(params, x, timestep, condition.value)
   v = velocity_fn(params, jnp.concatenate([x, x], 0), jnp.concatenate([timestep, timestep], 0), condition.value)
+  return _guide(v, b, guidance_scale)
+
+
+def _guide(v, b: int, guidance_scale: float):
+  """v_u + s (v_c - v_u) of a doubled batch's output (cond rows first, then uncond)."""
   v_c, v_u = v[:b], v[b:]
   return v_u + guidance_scale * (v_c - v_u)
 
@@ -78,10 +83,7 @@ def step_velocity(velocity_fn: Callable, params, cond, uncond, guidance_scale: f
       value = half.value if condition.guided and rows.shape[0] == b else condition.value
       return velocity_fn(params, rows, jnp.full((rows.shape[0],), timestep, jnp.float32), value)
     out, state = step_cache.evaluate(cache, network, x, i, num_steps, state, condition.guided)
-    if not condition.guided:
-      return out, state
-    v_c, v_u = out[:b], out[b:]
-    return v_u + guidance_scale * (v_c - v_u), state
+    return (_guide(out, b, guidance_scale) if condition.guided else out), state
   return (lambda x: step_cache.init_state(x, condition.guided, cache)), fn
 
 

@@ -202,15 +202,10 @@ class Checkpointer:
     """
     unreadable, found = [], None
     for step in sorted(self.manager.all_steps(), reverse=True):
-      out, error = None, None
-      try:
-        out = loading.read_step(self.directory / str(step), abstract_state)
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
-        error = describe(e)
-      if not distributed.agree_any(error is not None):
+      out, reason = _read_everywhere(self.directory / str(step), abstract_state)
+      if reason is None:
         found = (step, *out)
         break
-      reason = error or "another process could not read it"
       log.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous one.",
                   step, self.directory, reason)
       print(f"warning: checkpoint step {step} in {self.directory} is unreadable "
@@ -227,13 +222,9 @@ class Checkpointer:
     if emergency is None:
       return found
     step, folder = emergency
-    out, error = None, None
-    try:
-      out = loading.read_step(folder, abstract_state)
-    except Exception as e:  # noqa: BLE001 - an unreadable emergency checkpoint is skipped
-      error = describe(e)
-    if distributed.agree_any(error is not None):
-      print(f"warning: the emergency checkpoint {folder} is unreadable ({(error or 'on another process').split(':')[0]}); "
+    out, reason = _read_everywhere(folder, abstract_state)
+    if reason is not None:
+      print(f"warning: the emergency checkpoint {folder} is unreadable ({reason.split(':')[0]}); "
             "using the regular checkpoints.")
       self.clear_emergency()
       return found
@@ -270,6 +261,20 @@ class Checkpointer:
                                 "the newest checkpoint there is the one saved before.") from e
     finally:
       self.manager.close()
+
+
+def _read_everywhere(folder, abstract_state):
+  """(state, data, meta) of the step folder and None when every process read it (`loading.read_step`),
+  else (None, why not): this process's error, or that another process could not read it. The
+  processes agree, so all take the same fallback."""
+  out, error = None, None
+  try:
+    out = loading.read_step(folder, abstract_state)
+  except Exception as e:  # noqa: BLE001 - any unreadable step is reported and skipped
+    error = describe(e)
+  if not distributed.agree_any(error is not None):
+    return out, None
+  return None, error or "another process could not read it"
 
 
 def whole_state_on_this_host(state, step: int) -> tuple[Any, str | None]:
