@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli.py, also when run through runpy
 import cli  # noqa: E402
-from idcrafter_jax import video as video_io  # noqa: E402
+from idcrafter_jax import memory, video as video_io  # noqa: E402
 from idcrafter_jax.inference import loading  # noqa: E402
 from idcrafter_jax.inference import pipeline as pipeline_lib  # noqa: E402
 
@@ -72,10 +72,14 @@ def main(argv):
   subjects = [video_io.read_image(p) for p in _SUBJECTS.value]
 
   start = time.perf_counter()
-  pipe = loading.load_pipeline(config, init)
+  ledger = memory.Ledger()
+  with ledger.stage("load"):
+    pipe = loading.load_pipeline(config, init)
+    ledger.own(dit_params=pipe.dit_params, vae=pipe.vae_params, vlm=pipe.vlm_params)
   print(f"models ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
   bar = tqdm(total=config.sampling.num_steps, desc="denoising", unit="step")
-  frames = pipe(_PROMPT.value, subjects, jax.random.key(_SEED.value), progress=lambda i: bar.update(1))
+  with ledger.stage("generate"):
+    frames = pipe(_PROMPT.value, subjects, jax.random.key(_SEED.value), progress=lambda i: bar.update(1))
   bar.close()
   video_io.write_video(_OUT.value, frames, fps=config.sampling.fps)
   print(f"wrote {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} to {os.path.abspath(_OUT.value)} "

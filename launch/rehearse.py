@@ -3,6 +3,7 @@ r"""Rehearse the real Wan 2.1 1.3B run on random weights: the README's commands,
   python launch/rehearse.py --workdir /tmp/rehearsal                 # SFT, Flow-GRPO, generate
   python launch/rehearse.py --workdir /tmp/rehearsal --scale small   # the same at small widths
   python launch/rehearse.py --scale small --stages sft --load_only     # up to the loaded models (CI)
+  python launch/rehearse.py --scale 14b --devices 2 --workdir /tmp/r14   # 14B widths, FSDP over 2 devices
 
 Writes random-weight checkpoints with diffusers' / transformers' `save_pretrained` at the real
 widths and reduced depth: a Wan 2.1 1.3B DiT (12 heads x 128, FFN 8960, text_dim 4096 as the
@@ -11,8 +12,15 @@ umT5-fed release), the Wan 2.1 VAE (diffusers' default AutoencoderKLWan config) 
 vocabulary and the project's byte-level processor. Then runs, each as a subprocess with its log
 in the workdir, `launch/train.py --config configs/wan2_1_1_3b.py:sft` from those folders,
 `:grpo` from the SFT checkpoint and `launch/generate.py` from the GRPO checkpoint, with depth and
-size overrides only. Prints per stage the exit code, wall time, peak RSS and the new-parameter
-report of `IDCrafter.from_wan`; exits 1 naming the failed stage and the tail of its log.
+size overrides only. Prints per stage the exit code, wall time, peak RSS, the new-parameter
+report of `IDCrafter.from_wan` and the memory ledger's lines (load, state, compile, first step,
+checkpoint save, rollout, update, generate: peak RSS and device bytes by owner); exits 1 naming
+the failed stage and the tail of its log.
+
+--scale 14b runs `configs/wan2_1_14b.py` at the Wan 2.1 14B widths (40 heads x 128, FFN 13824) with
+bf16 parameters and float32 compute, Qwen2.5-VL 7B widths with 1 + 1 layers. `--devices N` runs
+each stage on N CPU devices with the config's `mesh.fsdp=-1` (1: `mesh.fsdp=1`), so that the
+peaks on 1 and 2 devices can be set side by side.
 
 --scale small keeps the width relations (Wan text_dim above the VLM width, as 4096 vs 3584) at
 widths that run in seconds. torch, diffusers and transformers are needed to write the
@@ -37,15 +45,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Work folder (checkpoints, stage
                                "a new temporary folder.")
 _WAN_LAYERS = flags.DEFINE_integer("wan_layers", 2, "Wan DiT depth (HIPA in the first block).")
 _STAGES = flags.DEFINE_list("stages", ["sft", "grpo", "generate"], "Stages to run, in order: sft, grpo, generate.")
-_SCALE = flags.DEFINE_enum("scale", "full", ["full", "small"], "full: the real widths; small: the same width "
-                           "relations at small widths.")
+_SCALE = flags.DEFINE_enum("scale", "full", ["full", "14b", "small"], "full: the 1.3B run's real widths; 14b: "
+                           "the 14B run's; small: the 1.3B width relations at small widths.")
+_DEVICES = flags.DEFINE_integer("devices", 1, "CPU devices of each stage (XLA's host device count); above 1 "
+                                "the parameters are sharded over them (mesh.fsdp=-1).")
 _LOAD_ONLY = flags.DEFINE_bool("load_only", False, "Run the sft stage up to the built train state only "
                                "(--max_steps=0: checkpoints written, config checked, models loaded, no step).")
 _KEEP = flags.DEFINE_bool("keep", False, "Keep the checkpoints after a successful run (a failed one keeps "
                           "everything); logs and the video stay either way.")
 
 ROOT = cli.ROOT
-CONFIG = "configs/wan2_1_1_3b.py"
 STAGES = ("sft", "grpo", "generate")
 
 # Widths of the released checkpoints ("full") and the same relations, small ("small").
@@ -56,6 +65,12 @@ SCALES = {
                   mrope_section=[16, 24, 24]),
         vision=dict(hidden_size=1280, intermediate_size=3420, num_heads=16),
         vae={}),  # diffusers' default AutoencoderKLWan config is the Wan 2.1 VAE
+    "14b": dict(
+        wan=dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, text_dim=4096),
+        text=dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                  mrope_section=[16, 24, 24]),
+        vision=dict(hidden_size=1280, intermediate_size=3420, num_heads=16),
+        vae={}),
     "small": dict(
         wan=dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, text_dim=64),
         text=dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -63,12 +78,13 @@ SCALES = {
         vision=dict(hidden_size=32, intermediate_size=48, num_heads=2),
         vae=dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1)),
 }
-VLM_LAYERS = 2  # text and vision layers of the Qwen2.5-VL checkpoint
+CONFIGS = {"full": "configs/wan2_1_1_3b.py", "small": "configs/wan2_1_1_3b.py", "14b": "configs/wan2_1_14b.py"}
+VLM_LAYERS = {"full": 2, "small": 2, "14b": 1}  # text and vision layers of the Qwen2.5-VL checkpoint
 
 
 def spec(scale: str, wan_layers: int) -> dict:
   """What the checkpoint folders hold; they are rewritten when it changes."""
-  return dict(SCALES[scale], scale=scale, wan_layers=wan_layers, vlm_layers=VLM_LAYERS)
+  return dict(SCALES[scale], scale=scale, wan_layers=wan_layers, vlm_layers=VLM_LAYERS[scale])
 
 
 def import_torch_stack():
@@ -153,18 +169,23 @@ def folder_gib(folder: str) -> float:
 
 
 def size_flags(s: dict, mode: str) -> list[str]:
-  """Depth and size overrides of configs/wan2_1_1_3b.py (and the widths at --scale small)."""
+  """Depth and size overrides of the scale's config (and the widths at --scale small)."""
+  side = 32 if s["scale"] == "14b" else 64
   out = [f"--config.model.num_layers={s['wan_layers']}", f"--config.hipa.num_layers={min(1, s['wan_layers'])}",
-         "--config.mesh.fsdp=1", "--config.sampling.num_frames=5", "--config.sampling.height=64",
-         "--config.sampling.width=64", "--config.subjects.height=64", "--config.subjects.width=64",
-         "--config.model.max_subjects=2", "--config.sampling.num_steps=2"]
+         f"--config.mesh.fsdp={-1 if s.get('devices', 1) > 1 else 1}", "--config.sampling.num_frames=5",
+         f"--config.sampling.height={side}", f"--config.sampling.width={side}", f"--config.subjects.height={side}",
+         f"--config.subjects.width={side}", "--config.model.max_subjects=2", "--config.sampling.num_steps=2"]
+  if s["scale"] == "14b":  # bf16 parameters (float32 master weights of 14B do not fit a host), float32 compute
+    out += ["--config.model.param_dtype=bfloat16", "--config.model.dtype=float32"]
   if s["scale"] == "small":
     w = s["wan"]
     out += [f"--config.model.num_heads={w['num_attention_heads']}", f"--config.model.head_dim={w['attention_head_dim']}",
             f"--config.model.ffn_dim={w['ffn_dim']}", f"--config.model.text_dim={s['text']['hidden_size']}"]
   if mode == "generate":
     return out
-  out += ["--config.data.global_batch_size=1", "--config.data.synthetic_clips=2", "--config.data.prefetch=0",
+  batch = s.get("devices", 1)  # one clip per batch shard
+  out += [f"--config.data.global_batch_size={batch}", f"--config.data.synthetic_clips={max(2, batch)}",
+          "--config.data.prefetch=0",
           "--config.train.log_every=1"]
   if mode == "sft":
     return out + (["--config.train.steps=1", "--max_steps=0"] if s.get("load_only") else ["--config.train.steps=2"])
@@ -177,11 +198,12 @@ def stage_commands(work: str, folders: dict, s: dict) -> dict:
   """{stage: argv} of the README's commands on the rehearsal folders."""
   init = [f"--config.init.{k}={v}" for k, v in folders.items()]
   py = [sys.executable, "-u"]
+  config = CONFIGS[s["scale"]]
   return {
-      "sft": py + ["launch/train.py", f"--config={CONFIG}:sft", f"--workdir={work}/sft", *init, *size_flags(s, "sft")],
-      "grpo": py + ["launch/train.py", f"--config={CONFIG}:grpo", f"--workdir={work}/grpo", *init,
+      "sft": py + ["launch/train.py", f"--config={config}:sft", f"--workdir={work}/sft", *init, *size_flags(s, "sft")],
+      "grpo": py + ["launch/train.py", f"--config={config}:grpo", f"--workdir={work}/grpo", *init,
                     f"--config.init.idcrafter_ckpt={work}/sft", *size_flags(s, "grpo")],
-      "generate": py + ["launch/generate.py", f"--config={CONFIG}", *size_flags(s, "generate"),
+      "generate": py + ["launch/generate.py", f"--config={config}", *size_flags(s, "generate"),
                         *[f"--{k}={v}" for k, v in folders.items()], f"--idcrafter_ckpt={work}/grpo",
                         "--prompt=a woman in a red hat walks her dog", *[f"--subject={p}" for p in subjects(work)],
                         f"--out={work}/video.mp4"],
@@ -202,16 +224,19 @@ def subjects(work: str) -> list[str]:
   return paths
 
 
-def run_stage(name: str, argv: list[str], work: str) -> dict:
-  """Runs `argv` from the repository root with its output in work/<name>.log. Returns exit code,
-  wall time, peak RSS (GiB, of the stage's process) and the log path."""
+def run_stage(name: str, argv: list[str], work: str, devices: int = 1) -> dict:
+  """Runs `argv` from the repository root on `devices` CPU devices, with its output in
+  work/<name>.log. Returns exit code, wall time, peak RSS (GiB, of the stage's process) and the
+  log path."""
   log = os.path.join(work, f"{name}.log")
   if name != "generate":
     shutil.rmtree(os.path.join(work, name), ignore_errors=True)  # a fresh run, not a resume
   print(f"{name}: {' '.join(argv[2:])}\n{name}: log {log}", flush=True)
   start = time.perf_counter()
   with open(log, "w") as f:
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+               f"--xla_force_host_platform_device_count={devices}".strip())
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
   proc.returncode = os.waitstatus_to_exitcode(status)
   return dict(rc=proc.returncode, wall_s=time.perf_counter() - start, rss_gib=usage.ru_maxrss / 2 ** 20, log=log)
@@ -227,6 +252,13 @@ def new_param_report(log: str) -> list[str]:
   return []
 
 
+def memory_lines(log: str) -> list[str]:
+  """The memory ledger's lines of a stage's log (`idcrafter_jax.memory`: each sub-stage's peak RSS
+  and device bytes by owner)."""
+  return [line[line.index("memory: "):] for line in open(log, errors="replace").read().splitlines()
+          if "memory: " in line]
+
+
 def tail(log: str, n: int = 40) -> str:
   return "\n".join(open(log, errors="replace").read().splitlines()[-n:])
 
@@ -240,20 +272,21 @@ def summary(results: dict) -> str:
 def main(argv):
   del argv
   unknown = [s for s in _STAGES.value if s not in STAGES]
-  if unknown or _WAN_LAYERS.value < 1:
-    cli.fail(f"--stages {unknown} unknown (expected of {STAGES}) or --wan_layers < 1.")
+  if unknown or _WAN_LAYERS.value < 1 or _DEVICES.value < 1:
+    cli.fail(f"--stages {unknown} unknown (expected of {STAGES}), or --wan_layers={_WAN_LAYERS.value} or "
+             f"--devices={_DEVICES.value} below 1.")
   if _LOAD_ONLY.value and _STAGES.value != ["sft"]:
     cli.fail(f"--load_only runs the sft stage alone; got --stages={','.join(_STAGES.value)}.")
   work = os.path.abspath(_WORKDIR.value or tempfile.mkdtemp(prefix="idcrafter_rehearsal_"))
   os.makedirs(work, exist_ok=True)
   s = spec(_SCALE.value, _WAN_LAYERS.value)
   folders = write_models(work, s)
-  commands = stage_commands(work, folders, dict(s, load_only=_LOAD_ONLY.value))
+  commands = stage_commands(work, folders, dict(s, load_only=_LOAD_ONLY.value, devices=_DEVICES.value))
   results = {}
   for name in [st for st in STAGES if st in _STAGES.value]:
-    r = results[name] = run_stage(name, commands[name], work)
+    r = results[name] = run_stage(name, commands[name], work, _DEVICES.value)
     print(f"{name}: exit {r['rc']}, {r['wall_s']:.1f} s, peak RSS {r['rss_gib']:.2f} GiB", flush=True)
-    print("\n".join(f"{name}: {line}" for line in new_param_report(r["log"])), flush=True)
+    print("\n".join(f"{name}: {line}" for line in new_param_report(r["log"]) + memory_lines(r["log"])), flush=True)
     if r["rc"] != 0:
       print(summary(results))
       cli.fail(f"stage {name} failed with exit code {r['rc']}; the end of {r['log']}:\n{tail(r['log'])}")

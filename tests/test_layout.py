@@ -16,8 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # (layer, module prefixes), lowest first. A module belongs to the longest prefix that matches it.
 LAYERS = (
     (0, ("idcrafter_jax.kernels",)),
-    (1, ("idcrafter_jax.sharding", "idcrafter_jax.distributed", "idcrafter_jax.host_watch", "idcrafter_jax.weights",
-         "idcrafter_jax.video")),
+    (1, ("idcrafter_jax.sharding", "idcrafter_jax.distributed", "idcrafter_jax.host_watch", "idcrafter_jax.memory",
+         "idcrafter_jax.weights", "idcrafter_jax.video")),
     (2, ("idcrafter_jax.attention",)),
     (3, ("idcrafter_jax.models", "idcrafter_jax.convert")),
     (4, ("idcrafter_jax.sampling",)),

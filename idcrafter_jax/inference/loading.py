@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
-from idcrafter_jax import convert, weights
+from idcrafter_jax import convert, sharding, weights
 from idcrafter_jax.inference import pipeline as pipeline_lib
 from idcrafter_jax.models import idcrafter, lora, qwen2_5_vl, wan_dit, wan_vae
 from idcrafter_jax.models.qwen2_5_vl import processor as processor_lib
@@ -77,17 +77,23 @@ def text_reinit(config, folder: str | None) -> bool:
   return check_wan_folder(idcrafter_config(config).wan, folder)
 
 
-def load_wan(config, wan_cfg: wan_dit.WanConfig, folder: str | None, key):
+def load_wan(config, wan_cfg: wan_dit.WanConfig, folder: str | None, key, mesh=None):
   """(WanDiT, params): a diffusers / original Wan folder with the run's dtype and remat settings,
   or `wan_cfg` random-initialised. A folder whose architecture differs from `wan_cfg` in more
-  than text_dim is an error raised on reading its config.json."""
+  than text_dim is an error raised on reading its config.json. With `mesh` each param is created
+  on its shards (read tensor by tensor from the memory-mapped file), never whole on one device;
+  the module itself stays mesh-free, as the run's other modules."""
   if folder:
     check_wan_folder(wan_cfg, folder)
-    return convert.load_wan_dit(folder, **{k: getattr(wan_cfg, k) for k in RUN_OVERRIDES})
+    module, params = convert.load_wan_dit(folder, mesh=mesh, **{k: getattr(wan_cfg, k) for k in RUN_OVERRIDES})
+    return module.clone(mesh=None), params
   require_random_init(config, "Wan DiT", "--wan_dit")
   module = wan_dit.WanDiT(wan_cfg)
   dummy = [jnp.zeros(a.shape, a.dtype) for a in convert.wan_dummy_inputs(wan_cfg)]
-  return module, nn.unbox(jax.jit(module.init)(key, *dummy)["params"])
+  out = None
+  if mesh is not None:
+    out = sharding.param_shardings(convert.abstract_params(module, *convert.wan_dummy_inputs(wan_cfg)), mesh)
+  return module, nn.unbox(jax.jit(lambda k: module.init(k, *dummy)["params"], out_shardings=out)(key))
 
 
 def load_vae(config, folder: str | None, key):
@@ -152,13 +158,11 @@ def restore_params(path: str, like):
   errors = []
   for folder in folders:
     try:
-      tree = read_step(folder)[0] if os.path.isdir(os.path.join(folder, "state")) else read_state(folder)
-    except Exception as e:  # noqa: BLE001 - an unreadable step falls back to the previous one
+      return _read_params(folder, like)
+    except UnreadableCheckpoint as e:  # an unreadable step falls back to the previous one
       errors.append(describe(e))
       if folder != folders[-1]:
         print(f"warning: checkpoint {folder} is unreadable ({describe(e)}); trying the previous step.")
-      continue
-    return _params_like(tree, like, folder)
   raise ValueError(f"no readable ID-Crafter checkpoint in {path}: " + "; ".join(errors) + ". Expected a "
                    "step folder (workdir/checkpoints/N), its state folder, a checkpoints folder or a workdir.")
 
@@ -173,13 +177,14 @@ _ORBAX_FILES = ("_METADATA", "manifest.ocdbt", "checkpoint")
 STEP_JSON_ITEMS = ("data", "meta")
 
 
-def read_step(folder, abstract=None):
+def read_step(folder, abstract=None, *, partial: bool = False):
   """(state, data, meta) of a training checkpoint's step folder: `read_state` of its `state`
   item and its JSON items. The one reader of a step: training resumes through it, generation and
-  evaluation load through it, so a step one cannot read the other does not use either."""
+  evaluation load through it, so a step one cannot read the other does not use either. `partial`:
+  `abstract` names a part of the state (e.g. its params), and only that part is read."""
   from etils import epath
   folder = epath.Path(folder)
-  state = read_state(folder / "state", abstract)
+  state = read_state(folder / "state", abstract, partial=partial)
   items = []
   for name in STEP_JSON_ITEMS:
     try:
@@ -189,13 +194,9 @@ def read_step(folder, abstract=None):
   return (state, *items)
 
 
-def read_state(folder, abstract=None):
-  """The tree of the Orbax checkpoint in `folder` (a step's `state` item, or a param tree).
-
-  Its metadata (`_METADATA`, `_sharding`) is read first, also when `abstract` (a tree of
-  ShapeDtypeStructs with shardings) gives what to restore; without one the arrays come as saved,
-  on the first local device. Raises `UnreadableCheckpoint` naming the folder when anything is
-  missing or damaged, or naming the leaves that are not finite."""
+def saved_tree(folder):
+  """The metadata tree (shapes, dtypes) of the Orbax checkpoint in `folder`; nothing is read but
+  its metadata. Raises `UnreadableCheckpoint` naming the folder when it holds none."""
   from etils import epath
   folder = epath.Path(folder)
   if not folder.is_dir():
@@ -203,12 +204,33 @@ def read_state(folder, abstract=None):
   if not any((folder / f).exists() for f in _ORBAX_FILES):
     raise UnreadableCheckpoint(f"{folder} holds no Orbax checkpoint (none of {', '.join(_ORBAX_FILES)})")
   try:
-    saved = ocp.StandardCheckpointHandler().metadata(folder).tree
+    return ocp.StandardCheckpointHandler().metadata(folder).tree
+  except Exception as e:  # noqa: BLE001 - any failure names the folder
+    raise UnreadableCheckpoint(f"{folder}: {describe(e)}") from e
+
+
+def read_state(folder, abstract=None, *, partial: bool = False):
+  """The tree of the Orbax checkpoint in `folder` (a step's `state` item, or a param tree).
+
+  Its metadata (`_METADATA`, `_sharding`) is read first, also when `abstract` (a tree of
+  ShapeDtypeStructs with shardings) gives what to restore: each array is then read straight into
+  its shards. Without one the arrays come as saved, on the first local device. `partial`: the
+  `abstract` tree is a part of the saved one (the rest is not read). Raises `UnreadableCheckpoint`
+  naming the folder when anything is missing or damaged, or naming the leaves that are not finite."""
+  from etils import epath
+  folder = epath.Path(folder)
+  saved = saved_tree(folder)
+  try:
     if abstract is None:
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
-    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
-      tree = ckptr.restore(folder, args=ocp.args.StandardRestore(abstract))
+    if partial:
+      with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        tree = ckptr.restore(folder, args=ocp.args.PyTreeRestore(
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
+    else:
+      with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        tree = ckptr.restore(folder, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # noqa: BLE001 - any failure names the folder
     raise UnreadableCheckpoint(f"{folder}: {describe(e)}") from e
   bad = nonfinite_leaves(tree)
@@ -244,31 +266,50 @@ def _param_folders(path: str) -> list[str]:
   return [os.path.join(path, str(s)) for s in steps] or [path]
 
 
-def _params_like(tree, like, path: str):
-  params = tree.get("params", tree) if isinstance(tree, dict) else tree
-  if isinstance(params, dict) and lora.has_adapters(like) and not lora.split(params)[0]:
-    params = lora.merge(lora.split(like)[0], params)  # a LoRA run saves its adapters only
-  want = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), like)
-  got = jax.tree_util.tree_map(lambda x: (tuple(np.shape(x)), str(np.asarray(x).dtype)), params)
+def _read_params(folder: str, like):
+  """The params of the checkpoint in `folder` (a step folder, its state item or a param tree),
+  checked against `like` from the metadata alone, then read straight into `like`'s shardings and
+  dtypes: the optimiser state is not read, and no device holds a sharded param whole. A LoRA run
+  saves its adapters only; they are put over `like`'s base weights."""
+  step = os.path.isdir(os.path.join(folder, "state"))
+  saved = saved_tree(os.path.join(folder, "state") if step else folder)
+  in_state = isinstance(saved, dict) and "params" in saved
+  saved_params = saved["params"] if in_state else saved
+  base = {}
+  target = like
+  if isinstance(saved_params, dict) and lora.has_adapters(like) and not lora.split(saved_params)[0]:
+    base, target = lora.split(like)  # a LoRA run saves its adapters only
+  want = jax.tree_util.tree_map(lambda x: tuple(x.shape), target)
+  got = jax.tree_util.tree_map(lambda x: tuple(x.shape), saved_params)
   if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or want != got:
-    raise ValueError(f"checkpoint {path} holds params of another architecture than the configured model "
+    raise ValueError(f"checkpoint {folder} holds params of another architecture than the configured model "
                      "(different names or shapes); check model.*, hipa.* and max_subjects.")
-  return jax.tree_util.tree_map(lambda x, l: jnp.asarray(x, l.dtype), params, like)
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+  abstract = {"params": abstract} if in_state else abstract
+  tree = read_step(folder, abstract, partial=True)[0] if step else read_state(folder, abstract, partial=True)
+  params = tree["params"] if in_state else tree
+  return lora.merge(base, params) if base else params
 
 
 def load_pipeline(config, init, *, workdir: str | None = None, load_vlm: bool = True,
-                  key=None) -> pipeline_lib.Pipeline:
+                  key=None, mesh=None) -> pipeline_lib.Pipeline:
   """The pipeline of the folders in `init` (`wan_dit`, `wan_vae`, `vlm`, `processor`: the run
   config's `init` section or the same names from flags), each random-initialised where
   `config.random_init` allows, with the DiT params of the training checkpoint
   `init.idcrafter_ckpt` when one is given. `load_vlm` False (a run whose data carries cached VLM
   features) leaves Qwen2.5-VL out: ~15 GiB of 7B weights a host not read; calls that would need
-  it say so."""
+  it say so. With `mesh` the DiT params are created on their shards (loaded, built and restored
+  there), so that no device holds them whole (the frozen encoders stay on the first device)."""
   key = jax.random.key(config.seed) if key is None else key
   k_dit, k_vae, k_vlm, k_new = jax.random.split(key, 4)
   dit_cfg = idcrafter_config(config)
-  wan_module, wan_params = load_wan(config, dit_cfg.wan, init.wan_dit, k_dit)
-  dit, dit_params = idcrafter.IDCrafter.from_wan(wan_module, wan_params, dit_cfg, key=k_new)
+  wan_module, wan_params = load_wan(config, dit_cfg.wan, init.wan_dit, k_dit, mesh)
+  shardings = None
+  if mesh is not None:
+    shardings = sharding.param_shardings(idcrafter.abstract_params(idcrafter.IDCrafter(dit_cfg)), mesh)
+  dit, dit_params = idcrafter.IDCrafter.from_wan(wan_module, wan_params, dit_cfg, key=k_new, shardings=shardings,
+                                                 donate=True)
+  del wan_params  # donated: the Wan weights live on only inside dit_params
   reinit = idcrafter.check_backbone(dit_cfg.wan, wan_module.config)  # what from_wan initialised anew
   vae, vae_params = load_vae(config, init.wan_vae, k_vae)
   vlm = vlm_params = proc = None

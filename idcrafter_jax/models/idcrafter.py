@@ -195,13 +195,17 @@ class IDCrafter(nn.Module):
 
   @classmethod
   def from_wan(cls, wan_module: wan_dit.WanDiT, wan_params, config: IDCrafterConfig | None = None, *,
-               key: jax.Array | None = None, subject_grid: tuple[int, int] = (4, 4), verbose: bool = True):
+               key: jax.Array | None = None, subject_grid: tuple[int, int] = (4, 4), verbose: bool = True,
+               shardings=None, donate: bool = False):
     """(Wan module, Wan params) -> (IDCrafter module, params) with the Wan weights in place.
 
     New parameters (subject-index embedding, stages 1-2, and the text projection when the Wan
     text_dim differs from `config.wan.text_dim`) are initialised from `key`; the Wan ones are
     taken from `wan_params` inside one jit, so XLA drops their random init (no second copy).
     `config.wan` defaults to the Wan module's config. `verbose` prints the new parameters.
+    `shardings`: the params' NamedShardings (`sharding.param_shardings(abstract_params(...), mesh)`),
+    so that every param, new or taken over, is created on its shards; `donate` hands `wan_params`
+    to that program (its arrays are deleted), so the Wan weights and the result are not both held.
     """
     if config is None:
       config = IDCrafterConfig(wan=wan_module.config)
@@ -227,7 +231,8 @@ class IDCrafter(nn.Module):
       if n > k:
         _put_blocks(p, "blocks", jax.tree_util.tree_map(lambda a: a[k:], wan_blocks), config.wan, n - k)
       return p
-    params = jax.jit(build)(key, embed, wan_params["head"], wan_blocks)
+    params = jax.jit(build, out_shardings=shardings, donate_argnums=(1, 2, 3) if donate else ())(
+        key, embed, wan_params["head"], wan_blocks)
     if verbose and jax.process_index() == 0:
       print("\n".join(new_param_summary(params, text_reinit=text_reinit)))
     return module, params

@@ -42,16 +42,22 @@ class _Iteration:
   update, and the held-out evaluation when due; returns (state, the logged row when one is due)."""
 
   def __init__(self, data_iterator, rollouts: rollouts_lib.GroupRollouts, update: update_lib.PolicyUpdate,
-               evaluate: evaluation.Evaluation, writer, *, end: int, log_every: int):
+               evaluate: evaluation.Evaluation, session: loop.TrainSession, *, end: int, log_every: int):
     self.data_iterator, self.rollouts, self.update, self.evaluate = data_iterator, rollouts, update, evaluate
-    self.writer, self.end, self.log_every = writer, end, log_every
+    self.session, self.writer, self.end, self.log_every = session, session.writer, end, log_every
 
   def __call__(self, it: int, state):
     t0 = time.perf_counter()
-    rollouts, comps = self.rollouts(it, state, next(self.data_iterator))
+    ledger = self.session.memory  # the first rollout and update, each with its compile
+    with ledger.stage("rollout"):
+      rollouts, comps = self.rollouts(it, state, next(self.data_iterator))
+      ledger.own(rollouts=rollouts)
     m = {f"reward/{k}": float(np.mean(v)) for k, v in comps.items()}
     m["reward/std"] = float(comps["total"].std())
-    state, um = self.update(it, state, rollouts, comps["total"])
+    with ledger.stage("update"):
+      state, um = self.update(it, state, rollouts, comps["total"])
+      self.session.own_state(state)
+    ledger.own(rollouts=None)
     m.update(um)
     state = state.replace(step=state.step + 1)
     done = it + 1
@@ -74,7 +80,7 @@ def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
   if warning and distributed.is_primary():
     print(f"warning: {warning}")
   load_vlm = loop.needs_vlm(config, [None, config.data.eval_split], data_iterator or eval_batches)
-  pipe, mesh, tx, boxed = loop.build(config, workdir, load_vlm=load_vlm)
+  pipe, mesh, tx, boxed = loop.build(config, workdir, load_vlm=load_vlm, ledger=session.memory)
   check_batches(config, mesh)
   reward_fn = rollouts_lib.build_reward_fn(config, mesh)
   if data_iterator is None:
@@ -85,22 +91,25 @@ def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
   # the frozen encoders condition each host's rows outside the mesh; the programs run on it
   eval_set = evaluation.EvalSet(eval_batches, pipe, config.grpo.eval_seed,
                                 chunk=config.data.global_batch_size * gc.group_size, mesh=mesh)
-  with sharding.with_mesh_rules(mesh):
-    policy = policy_lib.Policy(config, pipe, boxed, mesh)
-    key = jax.random.fold_in(jax.random.key(config.seed), 2)
-    state, s_shard = loop.sharded_state(policy.trainable, tx, key, policy.boxed_trainable, mesh, ema=False)
-  session.meta_fn = eval_set.meta  # checkpoints keep the eval baseline
-  state = session.resume(state, data_iterator)
+  with session.memory.stage("state"):
+    with sharding.with_mesh_rules(mesh):
+      policy = policy_lib.Policy(config, pipe, boxed, mesh)
+      key = jax.random.fold_in(jax.random.key(config.seed), 2)
+      state, s_shard = loop.sharded_state(policy.trainable, tx, key, policy.boxed_trainable, mesh, ema=False)
+    session.meta_fn = eval_set.meta  # checkpoints keep the eval baseline
+    state = session.resume(state, data_iterator)
+    session.own_state(state)
   eval_set.restore(session.restored_meta)
   end = loop.end_step(config, int(state.step), max_steps)
   rollouts = rollouts_lib.GroupRollouts(pipe, policy, gc, reward_fn, mesh=mesh, latent_tail=latent_tail)
   update = update_lib.PolicyUpdate(pipe, tx, policy, gc, mesh=mesh, s_shard=s_shard, seed=config.seed)
   evaluate = evaluation.Evaluation(eval_set, rollouts, outputs.SampleVideos(workdir, config.sampling.fps),
                                    every=config.grpo.eval_every, num_videos=config.grpo.sample_videos)
-  iteration = _Iteration(data_iterator, rollouts, update, evaluate, session.writer, end=end,
+  iteration = _Iteration(data_iterator, rollouts, update, evaluate, session, end=end,
                          log_every=config.train.log_every)
   if int(state.step) == 0:  # the baseline the eval curve starts from
-    session.writer.write(0, evaluate(0, state))
+    with session.memory.stage("evaluation"):
+      session.writer.write(0, evaluate(0, state))
   return state, iteration
 
 

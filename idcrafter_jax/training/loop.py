@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from idcrafter_jax import distributed, host_watch, sharding
+from idcrafter_jax import distributed, host_watch, memory, sharding
 from idcrafter_jax.data import pipeline as data_pipeline
 from idcrafter_jax.models import idcrafter
 from idcrafter_jax.inference import loading
@@ -27,10 +27,14 @@ from idcrafter_jax.training import checkpoint as ckpt_lib, metrics, train_state
 from idcrafter_jax.training.run_lock import RunLock, WorkdirLocked
 
 
-def build(config, workdir: str, *, load_vlm: bool = True):
-  """Pipeline (models; Qwen2.5-VL only with `load_vlm`), mesh, optimiser, abstract state and its shardings."""
-  pipe = loading.load_pipeline(config, config.init, workdir=workdir, load_vlm=load_vlm)
+def build(config, workdir: str, *, load_vlm: bool = True, ledger: memory.Ledger | None = None):
+  """Pipeline (models; Qwen2.5-VL only with `load_vlm`; the DiT params on their shards), mesh,
+  optimiser, abstract state and its shardings; measured as the ledger's "load" stage."""
   mesh = sharding.make_mesh(dict(config.mesh))
+  ledger = ledger or memory.Ledger(log=None)
+  with ledger.stage("load"):
+    pipe = loading.load_pipeline(config, config.init, workdir=workdir, load_vlm=load_vlm, mesh=mesh)
+    ledger.own(dit_params=pipe.dit_params, vae=pipe.vae_params, vlm=pipe.vlm_params)
   tx = train_state.make_optimizer(config.train, train_state.new_param_mask_fn(config, pipe.text_reinit))
   boxed = idcrafter.abstract_params(pipe.dit)
   return pipe, mesh, tx, boxed
@@ -209,6 +213,7 @@ class TrainSession:
     self.ckpt = ckpt_lib.Checkpointer(directory, save_every=tc.ckpt_every, keep=tc.keep_ckpts,
                                       async_save=tc.async_ckpt)
     self.writer = metrics.MetricsWriter(workdir)
+    self.memory = memory.Ledger(os.path.join(workdir, "memory.jsonl"))
     self.bad = BadSteps(int(tc.get("max_bad_steps", 0) or 0), directory)
     self.preempted = False
     self.restored_meta = None
@@ -232,6 +237,10 @@ class TrainSession:
       print(f"resumed {self.mode} from step {step} in {self.workdir}")
     return state
 
+  def own_state(self, state) -> None:
+    """Names the train state's parts for the memory ledger."""
+    self.memory.own(dit_params=state.params, optimizer=state.opt_state, ema=state.ema_params)
+
   def begin(self, state):
     """The skip count the run starts from (`drive`)."""
     self.bad.last = int(jax.device_get(state.skipped))
@@ -253,8 +262,9 @@ class TrainSession:
       self.bad.settle()
       data_state = data_pipeline.hosts_state(distributed.gather_json(data_iterator.get_state()))
       after_error = (failed or "another process's save failed") if failed_any else None
-      self.ckpt.save(done, state, data_state, meta=self.meta(), force=True, wait=stop or done == end,
-                     after_error=after_error)
+      with self.memory.stage("checkpoint save"):
+        self.ckpt.save(done, state, data_state, meta=self.meta(), force=True, wait=stop or done == end,
+                       after_error=after_error)
     if stop and done != end:
       self.preempted = True
       if distributed.is_primary():

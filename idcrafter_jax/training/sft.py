@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from idcrafter_jax import distributed, sharding
+from idcrafter_jax import distributed, memory, sharding
 from idcrafter_jax.data import synthetic
 from idcrafter_jax.sampling import flow
 from idcrafter_jax.training import batches, checkpoint as ckpt_lib, loop, metrics as metrics_lib, train_state
@@ -98,8 +98,9 @@ class _Steps:
   """SFT's step of the shared loop: next batch -> model inputs -> jitted step (one compile per
   batch shape: text buckets) -> a logged row every `log_every` steps."""
 
-  def __init__(self, pipe, mesh, tx, s_shard, config, it, writer, end, global_batch_size):
-    self.mesh, self.s_shard, self.tc, self.it, self.writer, self.end = mesh, s_shard, config.train, it, writer, end
+  def __init__(self, pipe, mesh, tx, s_shard, config, it, session, end, global_batch_size):
+    self.mesh, self.s_shard, self.tc, self.it, self.end = mesh, s_shard, config.train, it, end
+    self.writer, self.session = session.writer, session
     self.encoder = batches.BatchEncoder(pipe, mesh, global_batch_size)  # each host's rows -> one global batch
     self.step_fn = make_train_step(pipe.dit.apply, tx, config.train)
     self.jitted = {}
@@ -122,8 +123,15 @@ class _Steps:
     # each host's rows become one global batch; the VAE encodes it on the whole mesh
     batch = self.encoder.model_batch(next(self.it))
     batch = {k: batch[k] for k in batches.MODEL_INPUTS}
+    ledger = self.session.memory
     with sharding.with_mesh_rules(self.mesh):
-      state, metrics = self._compiled(state, batch)(state, batch)
+      with ledger.stage("compile") as info:
+        compiled = self._compiled(state, batch)
+        info["program"] = memory.program_bytes(compiled)
+      with ledger.stage("first step"):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        self.session.own_state(state)
     self.n_since += 1
     done = step + 1
     if done % self.tc.log_every and done != self.end:
@@ -146,16 +154,19 @@ def run(config, workdir: str, *, data_iterator=None, max_steps: int | None = Non
     if data_iterator is None:
       synthetic.prepare_data(config, workdir)
     ckpt_lib.save_config(workdir, config)
-    pipe, mesh, tx, boxed = loop.build(config, workdir, load_vlm=loop.needs_vlm(config, [None], data_iterator))
+    pipe, mesh, tx, boxed = loop.build(config, workdir, load_vlm=loop.needs_vlm(config, [None], data_iterator),
+                                       ledger=session.memory)
     it = data_iterator or data_lib.make_iterator(config, process_index=jax.process_index(),
                                                  process_count=jax.process_count(), seed=config.seed)
     global_size = None if data_iterator is not None else config.data.global_batch_size
     with sharding.with_mesh_rules(mesh):
       key = jax.random.fold_in(jax.random.key(config.seed), 1)
-      state, s_shard = loop.sharded_state(pipe.dit_params, tx, key, boxed, mesh, ema=config.train.ema)
-      state = session.resume(state, it)
+      with session.memory.stage("state"):
+        state, s_shard = loop.sharded_state(pipe.dit_params, tx, key, boxed, mesh, ema=config.train.ema)
+        state = session.resume(state, it)
+        session.own_state(state)
       end = loop.end_step(config, int(state.step), max_steps)
-      steps = _Steps(pipe, mesh, tx, s_shard, config, it, session.writer, end, global_size)
+      steps = _Steps(pipe, mesh, tx, s_shard, config, it, session, end, global_size)
   except BaseException as e:
     session.abort(e)
     raise
