@@ -21,14 +21,16 @@ from tqdm import tqdm
 
 from idcrafter_jax import distributed, host_watch, sharding
 from idcrafter_jax.data import pipeline as data_pipeline
-from idcrafter_jax.models import idcrafter
+from idcrafter_jax.models import config_utils, idcrafter, quant
 from idcrafter_jax.inference import loading
 from idcrafter_jax.training import checkpoint as ckpt_lib, metrics, train_state
 from idcrafter_jax.training.run_lock import RunLock, WorkdirLocked
 
 
 def build(config, workdir: str, *, load_vlm: bool = True):
-  """Pipeline (models; Qwen2.5-VL only with `load_vlm`), mesh, optimiser, abstract state and its shardings."""
+  """Pipeline (models; Qwen2.5-VL only with `load_vlm`), mesh, optimiser, abstract state and its shardings.
+  Raises ValueError for quantised weights (`quant.training_problems`): they are not trained."""
+  config_utils.check(quant.training_problems(config.model))
   pipe = loading.load_pipeline(config, config.init, workdir=workdir, load_vlm=load_vlm)
   mesh = sharding.make_mesh(dict(config.mesh))
   tx = train_state.make_optimizer(config.train, train_state.new_param_mask_fn(config, pipe.text_reinit))
