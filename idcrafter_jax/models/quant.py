@@ -108,7 +108,8 @@ def quantize_params(params, like, mode: str):
   """The float param tree `params` converted to the quantised model's tree `like` (its abstract
   params, e.g. `idcrafter.abstract_params` of the model built with `weight_quant=mode`; boxed or
   not): each kernel `like` stores with a `kernel_scale` beside it is quantised (`quantize`), every
-  other leaf is kept as it is. The two trees must name the same params otherwise."""
+  other leaf is kept, in `like`'s dtype (e.g. float32 master weights to a bf16 model). The two
+  trees must name the same params otherwise."""
   check_mode(mode)
   want = traverse_util.flatten_dict(dict(nn.unbox(like)))
   flat = traverse_util.flatten_dict(dict(params))
@@ -124,7 +125,7 @@ def quantize_params(params, like, mode: str):
     if k[:-1] in scales and k[-1] == "kernel":
       out[k], out[k[:-1] + (SCALE,)] = quant(v, mode)
     else:
-      out[k] = v
+      out[k] = v.astype(want[k].dtype)
   return traverse_util.unflatten_dict(out)
 
 
