@@ -116,3 +116,12 @@ def test_a_training_run_with_quantised_weights_is_refused(mode, tmp_path):
     loop.build(c, str(tmp_path))
   validation.validate(_tiny("fp8"), mode="generate", check_paths=False)  # generation takes it
   assert idcrafter.IDCrafterConfig.from_sections(_tiny("fp8").model, _tiny().hipa).wan.weight_quant == "fp8"
+
+
+def test_generation_dry_run_compiles_the_int8_trajectory():
+  from idcrafter_jax.aot import generate_dryrun, program
+  c = _tiny("int8")
+  c.mesh.update(fsdp=1, sequence=2)
+  shape = program.shape_from_config(c, batch=1, height=32, width=32, text_len=8, num_subjects=2)
+  r = generate_dryrun.compile_generate(c, shape, jax.devices("cpu")[:2], resident=0)
+  assert r.error is None and r.program == "generate[int8+float32]" and r.argument_bytes > 0
