@@ -8,7 +8,7 @@ once, beside what owns it, and only gathered here: `model` / `hipa` (`IDCrafterC
 (`sharding.mesh_problems`), `data` (`data.pipeline`), `train` (`training.train_state`), `grpo`
 (`rl.grpo`), `reward` (`rl.rewards`), `reward_models` (`rl.reward_models`). Added here: what spans
 sections (the global batch over the processes and the mesh's batch shards, the networks the
-rewards need, `train.mode` against the mode), folders that must exist, unknown or moved keys, the
+rewards need, `train.mode` against the mode, no quantised weights in a training run), folders that must exist, unknown or moved keys, the
 top-level keys and the evaluation config. Nothing is loaded, allocated or compiled, so the
 launchers call it first (`launch/train.py`, `generate.py`, `evaluate.py`, `dryrun.py`). Modes:
 'train' (the config's `train.mode`), 'sft', 'grpo', 'generate' (a run config used for sampling)
@@ -190,7 +190,9 @@ def _run_config(chk: _Check, mode: str, devices, process_count, check_paths) -> 
   _run_sections(chk, devices)
   _init(chk, mode, check_paths)
   if mode in ("sft", "grpo"):
+    from idcrafter_jax.models import quant
     chk.extend(train_state.problems(chk.section("train")))
+    chk.extend(quant.training_problems(chk.section("model")))
     if chk.get("train.mode", None) != mode:
       chk.add("train.mode", chk.get("train.mode", None), f"{mode!r} for a {mode} run")
     _data(chk, mode, devices, process_count, check_paths)

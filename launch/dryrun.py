@@ -24,6 +24,14 @@ compiles the LoRA update (adapters trained, the frozen base as the reference):
 
   python launch/dryrun.py --config configs/wan2_1_14b.py --topology v5p:2x2x2 --program grpo \
       --height 480 --width 832 --config.model.attention_impl=pallas
+
+`--program generate` compiles the sampler's whole trajectory for one video (`--batch`), the DiT's
+weights as stored under `model.param_dtype` and `model.weight_quant` (int8 / fp8 kernels, 1 byte
+a weight), with the Wan VAE and Qwen2.5-VL 7B resident (`idcrafter_jax/aot/generate_dryrun.py`):
+
+  python launch/dryrun.py --config configs/wan2_1_14b.py --topology v6e:2x2 --program generate \
+      --config.model.param_dtype=bfloat16 --config.model.weight_quant=int8 \
+      --config.model.attention_impl=pallas --config.mesh.fsdp=1 --config.mesh.sequence=4
 """
 from __future__ import annotations
 
@@ -49,8 +57,8 @@ _SUBJECTS = flags.DEFINE_integer("num_subjects", None, "Subjects per sample (def
 _SEARCH = flags.DEFINE_bool("search", False, "Try several meshes / remat policies / attention impls.")
 _REMATS = flags.DEFINE_list("remat_policies", ["full", "offload_dots_no_batch"], "Remat policies for --search.")
 _IMPLS = flags.DEFINE_list("attention_impls", None, "Attention impls for --search (default: pallas on TPU, xla on CPU).")
-_PROGRAM = flags.DEFINE_enum("program", "sft", ["sft", "grpo", "grpo_rollout", "grpo_update"],
-                             "What to compile: the SFT step, or the GRPO rollout and / or update.")
+_PROGRAM = flags.DEFINE_enum("program", "sft", ["sft", "grpo", "grpo_rollout", "grpo_update", "generate"],
+                             "What to compile: the SFT step, the GRPO rollout and / or update, or generation.")
 _ROLLOUT_BATCH = flags.DEFINE_integer("rollout_batch", None, "GRPO: videos per rollout (prompts x group size).")
 _MINIBATCH = flags.DEFINE_integer("minibatch", None, "GRPO: trajectories per update step.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Append one JSON line per compiled candidate to this file.")
@@ -93,6 +101,21 @@ def _grpo(config, shape_fn, devices, **kw) -> list:
   return results
 
 
+def _generate(config, shape_fn, devices, **kw) -> list:
+  """Compiles the sampler's trajectory for `--batch` videos (default one per data x fsdp shard)."""
+  from idcrafter_jax import sharding
+  from idcrafter_jax.aot import generate_dryrun
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  resident = generate_dryrun.resident_bytes(mesh)
+  print("resident per chip: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in resident.items()))
+  r = generate_dryrun.compile_generate(config, shape_fn(dict(config.mesh)), devices, resident=sum(resident.values()),
+                                       **kw)
+  print(r.row(), flush=True)
+  if r.error_detail:
+    print(r.error_detail[:5000])
+  return [r]
+
+
 def _sft(config, shape_fn, devices, **kw) -> list:
   """Compiles the SFT step for the config's mesh, or with `--search` each candidate (names the best)."""
   from idcrafter_jax.aot import sft_dryrun
@@ -118,14 +141,14 @@ def main(argv):
   config = _CONFIG.value
   devices, chip, target = program.target_devices(_TOPOLOGY.value, _CPU_DEVICES.value)
   # no folders are read and the batch is the flags': nothing is loaded
-  if _PROGRAM.value == "sft":  # the model, sizes, sampling and mesh
+  if _PROGRAM.value in ("sft", "generate"):  # the model, sizes, sampling and mesh
     cli.validate(config, mode="generate", devices=len(devices), check_paths=False)
   else:  # and the GRPO settings and rewards; --program makes it a GRPO run, whatever train.mode says
     checked = config.copy_and_resolve_references()
     checked.train.mode = "grpo"
     cli.validate(checked, mode="grpo", devices=len(devices), check_paths=False)
   kw = dict(chip=chip, target=target, variant=program.variant_name(config))
-  run = _sft if _PROGRAM.value == "sft" else _grpo
+  run = {"sft": _sft, "generate": _generate}.get(_PROGRAM.value, _grpo)
   results = run(config, _shape_fn(config, devices), devices, **kw)
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "a") as f:

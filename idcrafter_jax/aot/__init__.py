@@ -5,4 +5,5 @@
   program      what the dry runs share: Shape, Result, target devices, setup, compile, search pieces
   sft_dryrun   the SFT train step, as `training.sft` runs it
   grpo_dryrun  the Flow-GRPO rollout and update, as `rl.loop` runs them
+  generate_dryrun  generation's sampler trajectory, with the DiT's weights as stored (float, int8 / fp8)
 """

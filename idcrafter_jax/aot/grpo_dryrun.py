@@ -43,24 +43,31 @@ def resident_networks(config) -> dict[str, tuple]:
   splits and no reward scores with it), CLIP ViT-L/14 + aesthetic head and iResNet-100 (in
   `reward_models.param_dtype`)."""
   from idcrafter_jax import convert
-  from idcrafter_jax.models import aesthetic, clip, face, qwen2_5_vl as qv, wan_vae
+  from idcrafter_jax.models import aesthetic, clip, face
   rdt = jnp.dtype(config.reward_models.param_dtype)
-  vae = wan_vae.WanVAE(wan_vae.WanVAEConfig())
   vit_l = clip.CLIPConfig(
       vision=clip.TowerConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, patch_size=14),
       text=clip.TowerConfig(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12),
       projection_dim=768)
   boxed = {
-      "qwen2_5_vl_7b": qv.abstract_params(qv.Qwen2_5_VL(qv.VARIANTS["7B"], dtype=jnp.bfloat16,
-                                                        param_dtype=jnp.bfloat16)),
       "clip_vit_l14": clip.abstract_params(clip.CLIP(vit_l, param_dtype=rdt)),
       "aesthetic_head": convert.abstract_params(aesthetic.AestheticHead(768, param_dtype=rdt), jnp.zeros((1, 768))),
       "iresnet100": face.abstract_params(face.IResNet(face.IResNetConfig(), param_dtype=rdt)),
   }
-  if not _loads_vlm(config):
-    del boxed["qwen2_5_vl_7b"]
-  out = {"wan_vae": (wan_vae.abstract_params(vae), wan_vae.logical_axes(vae))}
+  out = conditioning_networks(with_vlm=_loads_vlm(config))
   out.update({k: (nn.unbox(b), nn.get_partition_spec(b)) for k, b in boxed.items()})
+  return out
+
+
+def conditioning_networks(*, with_vlm: bool = True) -> dict[str, tuple]:
+  """{name: (abstract params, logical PartitionSpecs)} of the Wan 2.1 VAE and (`with_vlm`)
+  Qwen2.5-VL 7B in bf16: what generation keeps in HBM besides the DiT."""
+  from idcrafter_jax.models import qwen2_5_vl as qv, wan_vae
+  vae = wan_vae.WanVAE(wan_vae.WanVAEConfig())
+  out = {"wan_vae": (wan_vae.abstract_params(vae), wan_vae.logical_axes(vae))}
+  if with_vlm:
+    boxed = qv.abstract_params(qv.Qwen2_5_VL(qv.VARIANTS["7B"], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
+    out["qwen2_5_vl_7b"] = (nn.unbox(boxed), nn.get_partition_spec(boxed))
   return out
 
 

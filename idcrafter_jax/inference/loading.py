@@ -8,6 +8,7 @@ DiT params of a training checkpoint read by `restore_params` (params only, no op
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -18,7 +19,7 @@ from flax import linen as nn
 
 from idcrafter_jax import convert, sharding, weights
 from idcrafter_jax.inference import pipeline as pipeline_lib
-from idcrafter_jax.models import idcrafter, lora, qwen2_5_vl, wan_dit, wan_vae
+from idcrafter_jax.models import idcrafter, lora, quant, qwen2_5_vl, wan_dit, wan_vae
 from idcrafter_jax.models.qwen2_5_vl import processor as processor_lib
 
 # WanDiT settings that come from the run config, not from the checkpoint's config.json.
@@ -291,6 +292,16 @@ def _read_params(folder: str, like):
   return lora.merge(base, params) if base else params
 
 
+def quantize_dit(pipe: pipeline_lib.Pipeline, mode: str) -> pipeline_lib.Pipeline:
+  """`pipe` with its DiT's block kernels converted to `mode` (int8 / fp8, `models/quant.py`): the
+  DiT rebuilt with `weight_quant=mode`, its float params quantised to that model's tree."""
+  cfg = pipe.dit.config
+  module = idcrafter.IDCrafter(dataclasses.replace(cfg, wan=dataclasses.replace(cfg.wan, weight_quant=mode)),
+                               mesh=pipe.dit.mesh)
+  params = quant.quantize_params(pipe.dit_params, idcrafter.abstract_params(module), mode)
+  return dataclasses.replace(pipe, dit=module, dit_params=params, _samplers={})
+
+
 def load_pipeline(config, init, *, workdir: str | None = None, load_vlm: bool = True,
                   key=None, mesh=None) -> pipeline_lib.Pipeline:
   """The pipeline of the folders in `init` (`wan_dit`, `wan_vae`, `vlm`, `processor`: the run
@@ -299,10 +310,14 @@ def load_pipeline(config, init, *, workdir: str | None = None, load_vlm: bool = 
   `init.idcrafter_ckpt` when one is given. `load_vlm` False (a run whose data carries cached VLM
   features) leaves Qwen2.5-VL out: ~15 GiB of 7B weights a host not read; calls that would need
   it say so. With `mesh` the DiT params are created on their shards (loaded, built and restored
-  there), so that no device holds them whole (the frozen encoders stay on the first device)."""
+  there), so that no device holds them whole (the frozen encoders stay on the first device). With
+  `model.weight_quant` int8 / fp8 the DiT is loaded in float and its block kernels are then
+  converted (`quantize_dit`)."""
   key = jax.random.key(config.seed) if key is None else key
   k_dit, k_vae, k_vlm, k_new = jax.random.split(key, 4)
   dit_cfg = idcrafter_config(config)
+  mode = quant.check_mode(dit_cfg.wan.weight_quant)
+  dit_cfg = dataclasses.replace(dit_cfg, wan=dataclasses.replace(dit_cfg.wan, weight_quant="none"))
   wan_module, wan_params = load_wan(config, dit_cfg.wan, init.wan_dit, k_dit, mesh)
   shardings = None
   if mesh is not None:
@@ -321,4 +336,4 @@ def load_pipeline(config, init, *, workdir: str | None = None, load_vlm: bool = 
   pipe = pipeline_lib.Pipeline(config, dit, dit_params, vae, vae_params, vlm, vlm_params, proc, text_reinit=reinit)
   if init.idcrafter_ckpt:
     pipe = pipe.with_dit_params(restore_params(init.idcrafter_ckpt, pipe.dit_params))
-  return pipe
+  return pipe if mode == "none" else quantize_dit(pipe, mode)

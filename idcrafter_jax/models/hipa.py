@@ -82,7 +82,8 @@ class HIPABlock(WanBlock):
       self.subject_norm2 = layers.FP32LayerNorm(cfg.eps, affine=True, param_dtype=cfg.param_dtype)
       self.subject_attn2 = WanAttention(cfg, self.mesh)
       self.subject_gate = layers.dense(cfg.dim, ("embed", "mlp"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                       name=None, kernel_init=nn.initializers.zeros_init())
+                                       name=None, kernel_init=nn.initializers.zeros_init(),
+                                       weight_quant=cfg.weight_quant)
 
   def intra_subject(self, subj, subject_rope):
     """Stage 1 (S.1): self-attention within each subject's tokens."""

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from idcrafter_jax.models import quant
+
 Dtype = Any
 
 REMAT_POLICIES = {
@@ -39,8 +41,12 @@ def remat_policy(name: str):
 
 def dense(features: int, axes: tuple[str | None, str | None], *, dtype: Dtype, param_dtype: Dtype,
           name: str, use_bias: bool = True,
-          kernel_init=nn.initializers.xavier_uniform()) -> nn.Dense:
-  """`torch.nn.Linear` with a (in, out) kernel carrying logical axis names."""
+          kernel_init=nn.initializers.xavier_uniform(), weight_quant: str = "none") -> nn.Module:
+  """`torch.nn.Linear` with a (in, out) kernel carrying logical axis names; with `weight_quant`
+  int8 / fp8 its kernel is stored quantised (`quant.QuantDense`, filled by `quant.quantize_params`)."""
+  if weight_quant != "none":
+    return quant.QuantDense(features, axes, weight_quant, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                            name=name)
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
       kernel_init=nn.with_logical_partitioning(kernel_init, axes),
@@ -192,14 +198,15 @@ class MLPEmbedder(nn.Module):
 
 def mlp(x, hidden: int, out: int, activation: Callable, *, names: tuple[str, str], dtype: Dtype,
         param_dtype: Dtype, kernel_init=nn.initializers.xavier_uniform(),
-        hidden_axes: tuple[str, ...] | None = None):
+        hidden_axes: tuple[str, ...] | None = None, weight_quant: str = "none"):
   """Linear(hidden) -> activation -> Linear(out), kernels ('embed', 'mlp') and ('mlp', 'embed').
 
   Call it inside a compact method: the two dense layers are created in the calling module's
   scope under `names`, beside its other params (CLIP's `fc1` / `fc2`, Qwen2.5-VL's merger
-  `mlp.0` / `mlp.2`). hidden_axes: logical axes the hidden activation is constrained to.
+  `mlp.0` / `mlp.2`). hidden_axes: logical axes the hidden activation is constrained to;
+  weight_quant: both kernels stored quantised (`dense`).
   """
-  kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init)
+  kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, weight_quant=weight_quant)
   h = dense(hidden, ("embed", "mlp"), name=names[0], **kw)(x)
   if hidden_axes is not None:
     h = nn.with_logical_constraint(h, hidden_axes)
@@ -212,12 +219,14 @@ class FeedForward(nn.Module):
   hidden: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  weight_quant: str = "none"
 
   @nn.compact
   def __call__(self, x):
     return mlp(x, self.hidden, self.dim, functools.partial(nn.gelu, approximate=True), names=("fc_in", "fc_out"),
                dtype=self.dtype, param_dtype=self.param_dtype,
-               hidden_axes=("activation_batch", "activation_length", "activation_mlp"))
+               hidden_axes=("activation_batch", "activation_length", "activation_mlp"),
+               weight_quant=self.weight_quant)
 
 
 class SwiGLU(nn.Module):

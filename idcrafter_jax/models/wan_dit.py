@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from idcrafter_jax import attention as attention_lib
-from idcrafter_jax.models import config_utils, layers
+from idcrafter_jax.models import config_utils, layers, quant
 
 # DiT sizes (Table S.1 and Wan 2.1): heads x 128, FFN width, depth. Shared by all variants:
 # patch (1, 2, 2), 16 latent channels, freq_dim 256, eps 1e-6, q/k RMSNorm across heads,
@@ -67,6 +67,7 @@ RULES = {
     "remat_policy": config_utils.one_of(sorted(layers.REMAT_POLICIES)),
     "attention_impl": config_utils.one_of(attention_lib.IMPLS),
     "lora_rank": config_utils.why(config_utils.integer(0), "0: no adapters"),
+    "weight_quant": quant.RULE,
 }
 
 
@@ -93,6 +94,9 @@ class WanConfig:
   attention_impl: str = "xla"
   lora_rank: int = 0  # > 0: a LoRA adapter on every attention projection (q, k, v, out)
   lora_alpha: float = 16.0  # adapter output scaled by lora_alpha / lora_rank
+  # the blocks' dense kernels stored int8 / fp8 with per-output-channel scales (`models/quant.py`):
+  # converted at load time, for generation and evaluation only; 'none' keeps them in param_dtype
+  weight_quant: str = "none"
 
   @property
   def dim(self) -> int:
@@ -136,7 +140,7 @@ class WanAttention(nn.Module):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
     def proj(name, axes, inp):
-      y = layers.dense(cfg.dim, axes, name=name, **kw)(inp)
+      y = layers.dense(cfg.dim, axes, name=name, weight_quant=cfg.weight_quant, **kw)(inp)
       if cfg.lora_rank:  # a separate `{name}_lora` module, so the base tree is the checkpoint's
         y = y + layers.LoRA(cfg.dim, cfg.lora_rank, cfg.lora_alpha, axes, name=f"{name}_lora", **kw)(inp)
       return y
@@ -197,7 +201,7 @@ class WanBlock(nn.Module):
       self.norm2 = layers.FP32LayerNorm(cfg.eps, affine=True, param_dtype=cfg.param_dtype)
     self.attn2 = WanAttention(cfg, self.mesh)
     self.norm3 = layers.FP32LayerNorm(cfg.eps)
-    self.ffn = layers.FeedForward(cfg.dim, cfg.ffn_dim, cfg.dtype, cfg.param_dtype)
+    self.ffn = layers.FeedForward(cfg.dim, cfg.ffn_dim, cfg.dtype, cfg.param_dtype, cfg.weight_quant)
 
   def modulation(self, temb6):
     """(shift, scale, gate, c_shift, c_scale, c_gate), each (B, 1, D) float32."""

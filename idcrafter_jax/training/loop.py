@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from idcrafter_jax import distributed, host_watch, memory, sharding
 from idcrafter_jax.data import pipeline as data_pipeline
-from idcrafter_jax.models import idcrafter
+from idcrafter_jax.models import config_utils, idcrafter, quant
 from idcrafter_jax.inference import loading
 from idcrafter_jax.training import checkpoint as ckpt_lib, metrics, train_state
 from idcrafter_jax.training.run_lock import RunLock, WorkdirLocked
@@ -29,7 +29,9 @@ from idcrafter_jax.training.run_lock import RunLock, WorkdirLocked
 
 def build(config, workdir: str, *, load_vlm: bool = True, ledger: memory.Ledger | None = None):
   """Pipeline (models; Qwen2.5-VL only with `load_vlm`; the DiT params on their shards), mesh,
-  optimiser, abstract state and its shardings; measured as the ledger's "load" stage."""
+  optimiser, abstract state and its shardings; measured as the ledger's "load" stage. Raises
+  ValueError for quantised weights (`quant.training_problems`): they are not trained."""
+  config_utils.check(quant.training_problems(config.model))
   mesh = sharding.make_mesh(dict(config.mesh))
   ledger = ledger or memory.Ledger(log=None)
   with ledger.stage("load"):
