@@ -37,6 +37,8 @@ _PROCESSOR = flags.DEFINE_string("processor", None, "Folder of the Qwen2.5-VL pr
 _CKPT = flags.DEFINE_string("idcrafter_ckpt", None, "ID-Crafter params saved by launch/train.py: a step folder "
                             "(workdir/checkpoints/N), a checkpoints folder or a workdir (its newest readable step).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the initial noise.")
+_MEMORY_LOG = flags.DEFINE_string("memory_log", None, "Append the memory ledger's rows (load, generate: peak RSS, "
+                                  "device bytes by owner) to this JSON-lines file; they are logged either way.")
 
 
 def flag_problems() -> list[str]:
@@ -72,7 +74,7 @@ def main(argv):
   subjects = [video_io.read_image(p) for p in _SUBJECTS.value]
 
   start = time.perf_counter()
-  ledger = memory.Ledger()
+  ledger = memory.Ledger(_MEMORY_LOG.value)
   with ledger.stage("load"):
     pipe = loading.load_pipeline(config, init)
     ledger.own(dit_params=pipe.dit_params, vae=pipe.vae_params, vlm=pipe.vlm_params)

@@ -184,14 +184,15 @@ def size_flags(s: dict, mode: str) -> list[str]:
   if mode == "generate":
     return out
   batch = s.get("devices", 1)  # one clip per batch shard
-  out += [f"--config.data.global_batch_size={batch}", f"--config.data.synthetic_clips={max(2, batch)}",
+  clips = max(2, batch) + (batch if mode == "grpo" else 0)  # GRPO's held-out clips come out of them
+  out += [f"--config.data.global_batch_size={batch}", f"--config.data.synthetic_clips={clips}",
           "--config.data.prefetch=0",
           "--config.train.log_every=1"]
   if mode == "sft":
     return out + (["--config.train.steps=1", "--max_steps=0"] if s.get("load_only") else ["--config.train.steps=2"])
-  return out + ["--config.train.steps=1", "--config.data.synthetic_test_clips=1", "--config.grpo.group_size=2",
-                "--config.grpo.minibatch=2", "--config.grpo.num_steps=2", "--config.grpo.eval_prompts=1",
-                "--config.grpo.sample_videos=1"]
+  return out + ["--config.train.steps=1", f"--config.data.synthetic_test_clips={batch}", "--config.grpo.group_size=2",
+                f"--config.grpo.minibatch={max(2, batch)}", "--config.grpo.num_steps=2",
+                f"--config.grpo.eval_prompts={batch}", "--config.grpo.sample_videos=1"]
 
 
 def stage_commands(work: str, folders: dict, s: dict) -> dict:
@@ -206,7 +207,7 @@ def stage_commands(work: str, folders: dict, s: dict) -> dict:
       "generate": py + ["launch/generate.py", f"--config={config}", *size_flags(s, "generate"),
                         *[f"--{k}={v}" for k, v in folders.items()], f"--idcrafter_ckpt={work}/grpo",
                         "--prompt=a woman in a red hat walks her dog", *[f"--subject={p}" for p in subjects(work)],
-                        f"--out={work}/video.mp4"],
+                        f"--out={work}/video.mp4", f"--memory_log={work}/generate.memory.jsonl"],
   }
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,8 +233,10 @@ class IDCrafter(nn.Module):
       if n > k:
         _put_blocks(p, "blocks", jax.tree_util.tree_map(lambda a: a[k:], wan_blocks), config.wan, n - k)
       return p
-    params = jax.jit(build, out_shardings=shardings, donate_argnums=(1, 2, 3) if donate else ())(
-        key, embed, wan_params["head"], wan_blocks)
+    with warnings.catch_warnings():  # donated Wan arrays of other shapes are freed, not reused: expected
+      warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+      params = jax.jit(build, out_shardings=shardings, donate_argnums=(1, 2, 3) if donate else ())(
+          key, embed, wan_params["head"], wan_blocks)
     if verbose and jax.process_index() == 0:
       print("\n".join(new_param_summary(params, text_reinit=text_reinit)))
     return module, params
