@@ -20,6 +20,7 @@ from idcrafter_jax import convert, weights
 from idcrafter_jax.inference import pipeline as pipeline_lib
 from idcrafter_jax.models import idcrafter, lora, qwen2_5_vl, wan_dit, wan_vae
 from idcrafter_jax.models.qwen2_5_vl import processor as processor_lib
+from idcrafter_jax.sampling import magcache
 
 # WanDiT settings that come from the run config, not from the checkpoint's config.json.
 RUN_OVERRIDES = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
@@ -263,7 +264,9 @@ def load_pipeline(config, init, *, workdir: str | None = None, load_vlm: bool = 
   `config.random_init` allows, with the DiT params of the training checkpoint
   `init.idcrafter_ckpt` when one is given. `load_vlm` False (a run whose data carries cached VLM
   features) leaves Qwen2.5-VL out: ~15 GiB of 7B weights a host not read; calls that would need
-  it say so."""
+  it say so. A run with `sampling.cache='magcache'` reads the model's curve beside its checkpoint
+  first (`magcache.folder`; missing or calibrated for another sampler setting: an error)."""
+  curve = magcache.read(magcache.folder(init), config.sampling) if magcache.needed(config.sampling) else None
   key = jax.random.key(config.seed) if key is None else key
   k_dit, k_vae, k_vlm, k_new = jax.random.split(key, 4)
   dit_cfg = idcrafter_config(config)
@@ -277,7 +280,8 @@ def load_pipeline(config, init, *, workdir: str | None = None, load_vlm: bool = 
     if vlm.cfg.text.hidden_size != dit_cfg.wan.text_dim:
       raise ValueError(f"the VLM's hidden size {vlm.cfg.text.hidden_size} != model.text_dim "
                        f"{dit_cfg.wan.text_dim}; set --config.model.text_dim.")
-  pipe = pipeline_lib.Pipeline(config, dit, dit_params, vae, vae_params, vlm, vlm_params, proc, text_reinit=reinit)
+  pipe = pipeline_lib.Pipeline(config, dit, dit_params, vae, vae_params, vlm, vlm_params, proc, text_reinit=reinit,
+                               magcache_curve=curve)
   if init.idcrafter_ckpt:
     pipe = pipe.with_dit_params(restore_params(init.idcrafter_ckpt, pipe.dit_params))
   return pipe
