@@ -3,7 +3,7 @@ Fast Video Generation with Magnitude-Aware Cache", arXiv:2506.09045: gamma_t = |
 whose curve the paper finds stable across prompts, so one uncached trajectory calibrates it).
 
 `calibrate` runs the uncached sampler once and records, per step and CFG half, the mean channel
-norm of the DiT's output (`step_cache.magnitude`; a host callback of two scalars a step);
+norm of the DiT's output (`magnitude`; a host callback of two scalars a step);
 `write` saves the curve as `magcache_curve.json` beside the checkpoint (launch/calibrate_magcache.py
 does both), `read` loads it for a run (`sampling.cache='magcache'`, `step_cache.StepCache.curve`).
 A curve belongs to one sampler setting: its step count, solver, shift and guidance scale; a run
@@ -48,17 +48,22 @@ def needed(sampling) -> bool:
   return cache.cache == "magcache" and cache.active(guided=True)
 
 
+def magnitude(out):
+  """Mean over positions of the channel L2 norm of `out` (B, ..., C): the |r| of gamma."""
+  return jnp.mean(jnp.linalg.norm(out.astype(jnp.float32), axis=-1))
+
+
 def calibrate(velocity_fn: Callable, params, cond, uncond=None, *, key: jax.Array, shape: tuple[int, ...],
               num_steps: int, shift: float, guidance_scale: float, solver: str) -> Curve:
   """The curve of one uncached trajectory (`sampler.generate` from noise of `shape` drawn from
-  `key`): gamma_i = m_i / m_{i-1} per CFG half, m the half's `step_cache.magnitude`."""
+  `key`): gamma_i = m_i / m_{i-1} per CFG half, m the half's `magnitude`."""
   records = []
 
   def recording(p, x, t, c):
     v = velocity_fn(p, x, t, c)
     halves = jnp.split(v, v.shape[0] // shape[0], axis=0)  # the doubled batch with guidance
     jax.debug.callback(lambda m: records.append(np.asarray(m, np.float64)),
-                       jnp.stack([step_cache.magnitude(h) for h in halves]), ordered=True)
+                       jnp.stack([magnitude(h) for h in halves]), ordered=True)
     return v
   prepare = getattr(velocity_fn, "prepare", None)
   if prepare is not None:

@@ -75,19 +75,13 @@ def step_velocity(velocity_fn: Callable, params, cond, uncond, guidance_scale: f
       return v, state._replace(evals=state.evals + halves)
     return (lambda x: step_cache.init_state(x, condition.guided)), plain
   cache.check_curve(num_steps, condition.guided)
-  halves_of = {"cfg": (cond,), "magcache": (cond, uncond)}.get(cache.cache, ()) if condition.guided else ()
-  half_values = [prepare_condition(velocity_fn, params, c, None, 1.0).value for c in halves_of]
+  half = prepare_condition(velocity_fn, params, cond, None, 1.0) if cache.cache == "cfg" else None
 
   def fn(x, timestep, i, state):
     b = x.shape[0]
 
-    def network(rows, half=None):
-      if half is None:
-        value = condition.value
-      elif len(half_values) == 1:
-        value = half_values[0]
-      else:  # one program for either half: its condition chosen by the traced index
-        value = jax.tree_util.tree_map(lambda c, u: jnp.where(half == 0, c, u), *half_values)
+    def network(rows):
+      value = half.value if condition.guided and rows.shape[0] == b else condition.value
       return velocity_fn(params, rows, jnp.full((rows.shape[0],), timestep, jnp.float32), value)
     out, state = step_cache.evaluate(cache, network, x, i, num_steps, state, condition.guided)
     return (_guide(out, b, guidance_scale) if condition.guided else out), state

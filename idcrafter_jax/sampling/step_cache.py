@@ -15,27 +15,31 @@ measured by launch/bench/step_cache.py.
              `cache_interval` steps (and at every warm-up and the last step); in between the DiT runs on the
              conditional half only and v_u = v_c + (v_u - v_c) of the last full step.
 'magcache'   Ma et al. 2025, "MagCache: Fast Video Generation with Magnitude-Aware Cache" (arXiv:2506.09045),
-             as the authors' Wan 2.1 code decides, for each CFG half on its own: the model's
+             as the authors' Wan 2.1 code decides (but for the differences below): the model's
              magnitude-ratio curve gamma_i = mean |r_i| / mean |r_{i-1}| (r the half's DiT output,
              `StepCache.curve`, calibrated once from the model by launch/calibrate_magcache.py,
-             `sampling.magcache`) predicts the error of reusing an output k steps old: the step
-             multiplies an accumulated ratio by gamma_i and adds |1 - ratio| to an accumulated error;
-             below `cache_threshold`, and within `cache_max_skip` (K) skips in a row, the half
-             reuses its last computed output; else the DiT runs and all three restart. The first
-             `cache_warmup` steps are computed (the paper's retention ratio, in steps: a curve
-             belongs to one step count) and so is step 0 (nothing to reuse).
+             `sampling.magcache`) predicts the error of reusing an output k steps old: each half
+             multiplies its accumulated ratio by its gamma_i and adds |1 - ratio| to its accumulated
+             error; while both halves stay below `cache_threshold`, within `cache_max_skip` (K)
+             skips in a row, the step reuses the last computed output; else the DiT runs and all
+             restart. The first `cache_warmup` steps are computed (the paper's retention ratio, in
+             steps: a curve belongs to one step count) and so is step 0 (nothing to reuse).
 
 `cache_threshold` 0 (easycache, magcache), `cache_max_skip` 0 (magcache) or `cache_interval` 1
 (cfg) compute every step: the sampler then takes the uncached path itself, so the output is the
 uncached one bitwise. The DiT evaluations a trajectory ran are counted per sample-batch (a CFG
 step: 2; one half alone: 1).
 
-MagCache here differs from the authors' code where this sampler's contract asks: the DiT is a
-black box to the sampler, so the cached residual is the DiT's output (the velocity, which a flow
-model's step adds to the latents) rather than its last block's hidden residual, and gamma is a
-ratio of mean per-position channel norms (the authors: the mean of per-token ratios), two scalars
-a step that every host computes alike. The threshold is shared with EasyCache: both are an
-accumulated predicted error since the last computed step that forces the next one.
+MagCache here differs from the authors' code in three places. The DiT is a black box to the
+sampler, so the cached residual is the DiT's output (the velocity, which a flow model's step adds
+to the latents) rather than its last block's hidden residual; reusing output - input instead
+(EasyCache's quantity) gives a curve of input magnitudes, ~1 everywhere, that skipped K of every
+K+1 steps at every threshold tried on the tiny model (0.06-0.5). Gamma is a ratio of mean per-position channel norms (the authors: the mean
+of per-token ratios), two scalars a step that every host computes alike. And the halves skip
+together: the authors let each half skip alone, but then v_c and v_u come from different steps
+and guidance multiplies their mismatch by the scale (on the trained tiny model at ~2.1x fewer
+calls: 16 dB PSNR alone, 32 dB together; BENCHMARKS.md). The threshold is shared with EasyCache:
+both are an accumulated predicted error since the last computed step that forces the next one.
 """
 from __future__ import annotations
 
@@ -105,14 +109,14 @@ class StepCache:
 class State(NamedTuple):
   evals: jax.Array  # DiT evaluations so far, in sample-batches
   delta: jax.Array  # easycache: output - input of the last computed step; cfg: v_u - v_c of the last full
-  #                   step; magcache: each half's last computed output (the doubled batch's rows)
+  #                   step; magcache: the last computed output (both halves)
   last_out: jax.Array  # easycache: the last computed output (conditional half)
   prev_x: jax.Array  # easycache: the previous step's input (conditional half)
   k: jax.Array  # easycache: the last measured output / input change ratio (nan: none yet); magcache: the
   #               accumulated magnitude ratio per half (H,)
   acc: jax.Array  # easycache: accumulated predicted change since the last computed step; magcache: the
   #                 accumulated error per half (H,)
-  skips: jax.Array  # magcache: steps each half has skipped in a row (H,)
+  skips: jax.Array  # magcache: steps skipped in a row
 
 
 def init_state(x, guided: bool, cache: StepCache | None = None) -> State:
@@ -126,7 +130,7 @@ def init_state(x, guided: bool, cache: StepCache | None = None) -> State:
   both = jnp.concatenate([x, x], 0) if guided else x
   if cache.cache == "magcache":
     h = 2 if guided else 1
-    return State(zero, jnp.zeros_like(both), zero, zero, jnp.ones((h,)), jnp.zeros((h,)), jnp.zeros((h,), jnp.int32))
+    return State(zero, jnp.zeros_like(both), zero, zero, jnp.ones((h,)), jnp.zeros((h,)), jnp.zeros((), jnp.int32))
   return State(zero, jnp.zeros_like(both), jnp.zeros_like(x), jnp.zeros_like(x), nan, zero, zero)
 
 
@@ -134,16 +138,10 @@ def _mean_abs(a):
   return jnp.mean(jnp.abs(a.astype(jnp.float32)))
 
 
-def magnitude(out):
-  """Mean over positions of the channel L2 norm of `out` (B, ..., C): the |r| of MagCache's gamma."""
-  return jnp.mean(jnp.linalg.norm(out.astype(jnp.float32), axis=-1))
-
-
 def evaluate(cache: StepCache, network: Callable, x, i, num_steps: int, state: State, guided: bool):
   """The network's output for input `x` (B, ...) at step `i`: (out, state), `out` the doubled
-  batch's (cond; uncond) with guidance. `network(rows, half=None)` runs the DiT on `rows`: [x; x]
-  (or x without guidance) with the trajectory's condition, or x with one CFG half's condition
-  (`half` 0: cond, 1: uncond; a traced index)."""
+  batch's (cond; uncond) with guidance. `network(rows)` runs the DiT on `rows` inputs: x or
+  [x; x] (it knows the matching conditions by the row count)."""
   if cache.cache == "magcache":
     return _magcache(cache, network, x, i, state, guided)
   b = x.shape[0]
@@ -156,7 +154,7 @@ def evaluate(cache: StepCache, network: Callable, x, i, num_steps: int, state: S
       return out, state._replace(evals=state.evals + 2.0, delta=out[b:] - out[:b])
 
     def conditional(_):
-      v_c = network(x, 0)
+      v_c = network(x)
       return jnp.concatenate([v_c, v_c + state.delta], 0), state._replace(evals=state.evals + 1.0)
     run_full = forced | ((i - cache.cache_warmup) % cache.cache_interval == 0)
     return jax.lax.cond(run_full, full, conditional, None)
@@ -178,28 +176,14 @@ def evaluate(cache: StepCache, network: Callable, x, i, num_steps: int, state: S
 
 
 def _magcache(cache: StepCache, network: Callable, x, i, state: State, guided: bool):
-  """MagCache's step, each CFG half deciding alone: (out, state) as `evaluate`."""
-  b = x.shape[0]
+  """MagCache's step: (out, state) as `evaluate`. Each CFG half accumulates its own ratio and
+  error from its own curve; the step is skipped only where both halves may skip."""
   both = jnp.concatenate([x, x], 0) if guided else x
   gamma = jnp.asarray(cache.curve, jnp.float32)[:, i]  # (H,)
   ratio = state.k * gamma
   err = state.acc + jnp.abs(1.0 - ratio)
   skips = state.skips + 1
-  skip = (i >= max(cache.cache_warmup, 1)) & (err < cache.cache_threshold) & (skips <= cache.cache_max_skip)
-  after = state._replace(k=jnp.where(skip, ratio, 1.0), acc=jnp.where(skip, err, 0.0),
-                         skips=jnp.where(skip, skips, 0))
-
-  def reuse(_):
-    return state.delta
-
-  def compute(_):
-    return network(both)
-  if not guided:
-    out = jax.lax.cond(skip[0], reuse, compute, None)
-  else:
-    def one_half(_):  # the half that runs: 0 cond, 1 uncond; the other reuses its output
-      h = skip[0].astype(jnp.int32)
-      v = network(x, h)
-      return jnp.where(h == 0, jnp.concatenate([v, state.delta[b:]], 0), jnp.concatenate([state.delta[:b], v], 0))
-    out = jax.lax.switch(skip[0].astype(jnp.int32) + skip[1].astype(jnp.int32), [compute, one_half, reuse], None)
-  return out, after._replace(evals=state.evals + jnp.sum(~skip), delta=out)
+  skip = (i >= max(cache.cache_warmup, 1)) & jnp.all(err < cache.cache_threshold) & (skips <= cache.cache_max_skip)
+  out = jax.lax.cond(skip, lambda _: state.delta, lambda _: network(both), None)
+  return out, State(state.evals + jnp.where(skip, 0.0, len(gamma)), out, state.last_out, state.prev_x,
+                    jnp.where(skip, ratio, 1.0), jnp.where(skip, err, 0.0), jnp.where(skip, skips, 0))
