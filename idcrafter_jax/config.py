@@ -115,12 +115,13 @@ def base_config(variant: str, text_dim: int = wan_dit.TEXT_DIM["qwen2_5_vl_7b"])
   # 'unipc' | 'dpm++' (`sampling/solvers.py`; the Wan configs take 'unipc', as Wan's generate.py).
   # num_frames (1 + 4k) x height x width (multiples of 16) is the one video size of a run: the
   # training clips are decoded to it too (`data.SIZE_KEYS`), and the dry run compiles for it.
-  # cache: a step cache (none | easycache | cfg; `sampling.step_cache`, off by default: an
-  # approximation) with its threshold, warm-up steps and CFG interval.
+  # cache: a step cache (none | easycache | cfg | magcache; `sampling.step_cache`, off by default:
+  # an approximation) with its threshold, warm-up steps, CFG interval and MagCache's most skips in
+  # a row (MagCache's curve is the model's, beside its checkpoint: `sampling.magcache`).
   c.sampling = ml_collections.ConfigDict(dict(
       num_steps=50, shift=5.0, guidance_scale=5.0, num_frames=81, height=480, width=832,
       fps=16, negative_prompt="", solver="euler",
-      **dataclass_defaults(step_cache.StepCache)))
+      **{k: v for k, v in dataclass_defaults(step_cache.StepCache).items() if k in step_cache.RULES}))
   # Components without a checkpoint folder are random-initialised only where this is True, with
   # the architectures `random_arch` gives (fields of WanVAEConfig, and of Qwen2.5-VL's
   # VisionConfig / TextConfig); the tiny configs set both (`inference/loading.py`).

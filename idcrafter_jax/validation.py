@@ -8,8 +8,10 @@ once, beside what owns it, and only gathered here: `model` / `hipa` (`IDCrafterC
 (`sharding.mesh_problems`), `data` (`data.pipeline`), `train` (`training.train_state`), `grpo`
 (`rl.grpo`), `reward` (`rl.rewards`), `reward_models` (`rl.reward_models`). Added here: what spans
 sections (the global batch over the processes and the mesh's batch shards, the networks the
-rewards need, `train.mode` against the mode, no quantised weights in a training run), folders that must exist, unknown or moved keys, the
-top-level keys and the evaluation config. Nothing is loaded, allocated or compiled, so the
+rewards need, `train.mode` against the mode, no quantised weights in a training run), folders that
+must exist (and, for a generate run with `sampling.cache='magcache'`, the model's curve beside its
+checkpoint: `sampling.magcache`), unknown or moved keys, the top-level keys and the evaluation
+config. Nothing is loaded, allocated or compiled, so the
 launchers call it first (`launch/train.py`, `generate.py`, `evaluate.py`, `dryrun.py`). Modes:
 'train' (the config's `train.mode`), 'sft', 'grpo', 'generate' (a run config used for sampling)
 and 'evaluate' (an `configs/eval_opens2v.py` config, and with `generate` its `model_config` as
@@ -142,6 +144,13 @@ def _init(chk: _Check, mode: str, check_paths: bool) -> None:
     chk.folder(f"init.{key}", required=why)
 
 
+def _magcache_curve(chk: _Check) -> None:
+  """A MagCache run finds a curve for its sampler setting beside its checkpoint."""
+  from idcrafter_jax.sampling import magcache
+  if chk.ok("sampling", "init") and magcache.needed(chk.section("sampling")):
+    chk.extend(magcache.problems(magcache.folder(chk.section("init")), chk.section("sampling")))
+
+
 def _data(chk: _Check, mode: str, devices: int | None, process_count: int, check_paths: bool) -> None:
   """The data section, and the global batch over the processes (and, for SFT, the mesh's batch shards)."""
   from idcrafter_jax.data import pipeline
@@ -189,6 +198,8 @@ def _run_config(chk: _Check, mode: str, devices, process_count, check_paths) -> 
   _unknown_keys(chk, config_lib.base_config("tiny"), pipeline.MOVED_KEYS)
   _run_sections(chk, devices)
   _init(chk, mode, check_paths)
+  if mode == "generate" and check_paths:
+    _magcache_curve(chk)
   if mode in ("sft", "grpo"):
     from idcrafter_jax.models import quant
     chk.extend(train_state.problems(chk.section("train")))

@@ -21,6 +21,7 @@ from idcrafter_jax import convert, sharding, weights
 from idcrafter_jax.inference import pipeline as pipeline_lib
 from idcrafter_jax.models import idcrafter, lora, quant, qwen2_5_vl, wan_dit, wan_vae
 from idcrafter_jax.models.qwen2_5_vl import processor as processor_lib
+from idcrafter_jax.sampling import magcache
 
 # WanDiT settings that come from the run config, not from the checkpoint's config.json.
 RUN_OVERRIDES = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
@@ -312,7 +313,10 @@ def load_pipeline(config, init, *, workdir: str | None = None, load_vlm: bool = 
   it say so. With `mesh` the DiT params are created on their shards (loaded, built and restored
   there), so that no device holds them whole (the frozen encoders stay on the first device). With
   `model.weight_quant` int8 / fp8 the DiT is loaded in float and its block kernels are then
-  converted (`quantize_dit`)."""
+  converted (`quantize_dit`). A run with `sampling.cache='magcache'` reads the model's curve beside
+  its checkpoint first (`magcache.folder`; missing or calibrated for another sampler setting: an
+  error)."""
+  curve = magcache.read(magcache.folder(init), config.sampling) if magcache.needed(config.sampling) else None
   key = jax.random.key(config.seed) if key is None else key
   k_dit, k_vae, k_vlm, k_new = jax.random.split(key, 4)
   dit_cfg = idcrafter_config(config)
@@ -333,7 +337,8 @@ def load_pipeline(config, init, *, workdir: str | None = None, load_vlm: bool = 
     if vlm.cfg.text.hidden_size != dit_cfg.wan.text_dim:
       raise ValueError(f"the VLM's hidden size {vlm.cfg.text.hidden_size} != model.text_dim "
                        f"{dit_cfg.wan.text_dim}; set --config.model.text_dim.")
-  pipe = pipeline_lib.Pipeline(config, dit, dit_params, vae, vae_params, vlm, vlm_params, proc, text_reinit=reinit)
+  pipe = pipeline_lib.Pipeline(config, dit, dit_params, vae, vae_params, vlm, vlm_params, proc, text_reinit=reinit,
+                               magcache_curve=curve)
   if init.idcrafter_ckpt:
     pipe = pipe.with_dit_params(restore_params(init.idcrafter_ckpt, pipe.dit_params))
   return pipe if mode == "none" else quantize_dit(pipe, mode)

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from idcrafter_jax import video as video_io
-from idcrafter_jax.sampling import config as sampling_config, sampler, solvers, step_cache
+from idcrafter_jax.sampling import config as sampling_config, magcache, sampler, solvers, step_cache
 from idcrafter_jax.inference import conditioning
-from idcrafter_jax.models import idcrafter, qwen2_5_vl, wan_vae
+from idcrafter_jax.models import config_utils, idcrafter, qwen2_5_vl, wan_vae
 
 
 def latent_shape(config, batch: int) -> tuple[int, ...]:
@@ -53,6 +53,9 @@ class Pipeline:
   # whether the DiT's text projection was initialised anew (a Wan checkpoint of another text
   # width; `idcrafter.new_param_mask`), so the optimiser knows the new params without a read
   text_reinit: bool = False
+  # MagCache's magnitude-ratio curve of this model (`sampling.magcache`, read from beside its
+  # checkpoint by `loading.load_pipeline` when the run's `sampling.cache` is 'magcache')
+  magcache_curve: magcache.Curve | None = None
   _samplers: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def require_vlm(self) -> None:
@@ -116,10 +119,22 @@ class Pipeline:
     s = self.config.sampling
     shape = latent_shape(self.config, cond["context"].shape[0])
     k = (s.num_steps, float(s.shift), float(s.guidance_scale), solvers.check_solver(s.solver), progress,
-         step_cache.StepCache.from_section(s))
+         self.run_step_cache())
     if k not in self._samplers:  # one compiled trajectory per sampler setting
       self._samplers[k] = _sampler(self, *k)
     return self._samplers[k](self.dit_params, cond, uncond, key, shape)
+
+  def run_step_cache(self) -> step_cache.StepCache:
+    """The run's step cache (`sampling.cache*`), with this model's MagCache curve where it reads one."""
+    s = self.config.sampling
+    cache = step_cache.StepCache.from_section(s)
+    if not magcache.needed(s):
+      return cache
+    if self.magcache_curve is None:
+      raise ValueError(f"sampling.cache='magcache' but this pipeline holds no MagCache curve: load it with "
+                       f"loading.load_pipeline, which reads it beside the checkpoint ({magcache.COMMAND} writes it).")
+    config_utils.check(magcache.mismatches(self.magcache_curve, s, "of this pipeline"))
+    return dataclasses.replace(cache, curve=self.magcache_curve.ratios)
 
   def decode(self, latents):
     return decode_latents(self.vae, self.vae_params, latents)

@@ -74,6 +74,7 @@ def step_velocity(velocity_fn: Callable, params, cond, uncond, guidance_scale: f
       v = prepared_velocity(velocity_fn, params, x, timestep, condition, guidance_scale)
       return v, state._replace(evals=state.evals + halves)
     return (lambda x: step_cache.init_state(x, condition.guided)), plain
+  cache.check_curve(num_steps, condition.guided)
   half = prepare_condition(velocity_fn, params, cond, None, 1.0) if cache.cache == "cfg" else None
 
   def fn(x, timestep, i, state):

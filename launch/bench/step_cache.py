@@ -11,6 +11,10 @@ against the uncached video with the same noise and prompts, 50 UniPC steps with 
     tokens and 32 text tokens), PSNR on the latents; here the point is whether a skipped step
     costs nothing: its wall-time ratio against its DiT-call ratio.
 
+MagCache rows use the model's own curve, calibrated first (`sampling.magcache.calibrate`: one
+uncached trajectory) on other noise and other conditions than the compared videos: (a) the
+training split's first batch, (b) another random text context.
+
 DiT calls count sample-batch evaluations (a CFG step: 2). Timings are interleaved medians
 (`--repeats`), compile excluded. SSIM: 7x7 uniform windows per frame and channel, averaged.
 """
@@ -34,7 +38,7 @@ from scipy import ndimage  # noqa: E402
 
 from idcrafter_jax.models import wan_dit  # noqa: E402
 from idcrafter_jax.models.wan_dit import WAN_VARIANTS  # noqa: E402
-from idcrafter_jax.sampling import sampler, step_cache  # noqa: E402
+from idcrafter_jax.sampling import magcache, sampler, step_cache  # noqa: E402
 from timing import median_times  # noqa: E402  (launch/bench/timing.py)
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/idcrafter_step_cache_bench", "Workdir of the trained tiny SFT run.")
@@ -46,17 +50,29 @@ _PARTS = flags.DEFINE_list("parts", ["a", "b"], "Which models: a (trained tiny),
 
 _THRESHOLDS = flags.DEFINE_list("thresholds", ["0.05", "0.1", "0.2", "0.5", "1.0"], "EasyCache thresholds.")
 _INTERVALS = flags.DEFINE_list("intervals", ["2", "3"], "CFG cache intervals.")
+_MAG_THRESHOLDS = flags.DEFINE_list("mag_thresholds", ["0.06", "0.12", "0.24", "0.5"], "MagCache thresholds.")
+_MAG_WARMUP = flags.DEFINE_integer("mag_warmup", 10, "MagCache's steps computed first (the authors' retention "
+                                   "ratio 0.2 of 50 steps).")
+_MAG_K = flags.DEFINE_list("mag_k", ["2"], "MagCache's most skips in a row (K; the authors' Wan 2.1 value: 2).")
 
 
-def settings() -> list[step_cache.StepCache]:
+def settings(curve) -> list[step_cache.StepCache]:
   return ([step_cache.StepCache()]
           + [step_cache.StepCache(cache="easycache", cache_threshold=float(t)) for t in _THRESHOLDS.value]
-          + [step_cache.StepCache(cache="cfg", cache_interval=int(n)) for n in _INTERVALS.value])
+          + [step_cache.StepCache(cache="cfg", cache_interval=int(n)) for n in _INTERVALS.value]
+          + [step_cache.StepCache(cache="magcache", cache_threshold=float(t), cache_warmup=_MAG_WARMUP.value,
+                                  cache_max_skip=int(k), curve=curve.ratios)
+             for k in _MAG_K.value for t in _MAG_THRESHOLDS.value])
 
 
 def name(c: step_cache.StepCache) -> str:
-  return {"none": "none", "easycache": f"easycache {c.cache_threshold:g}",
-          "cfg": f"cfg every {c.cache_interval}"}[c.cache]
+  return {"none": "none", "easycache": f"easycache {c.cache_threshold:g}", "cfg": f"cfg every {c.cache_interval}",
+          "magcache": f"magcache {c.cache_threshold:g} K={c.cache_max_skip}"}[c.cache]
+
+
+def show_curve(curve) -> None:
+  for half, r in zip(("cond", "uncond"), curve.ratios):
+    print(f"magcache curve ({half}): " + " ".join(f"{g:.3f}" for g in r))
 
 
 def psnr(a, b, peak: float) -> float:
@@ -118,6 +134,11 @@ def trained_tiny(steps: int, guidance: float) -> None:
   raw = next(data_lib.make_iterator(config, split=config.data.eval_split, seed=0))
   cond, uncond = rollouts.conditions(pipe, raw)
   shape = latent_shape(config, cond["context"].shape[0])
+  cal_cond, cal_uncond = rollouts.conditions(pipe, next(data_lib.make_iterator(config, split=config.data.split, seed=0)))
+  curve = magcache.calibrate(pipe.velocity_fn, pipe.dit_params, cal_cond, cal_uncond, key=jax.random.key(1),
+                             shape=latent_shape(config, cal_cond["context"].shape[0]), num_steps=steps,
+                             shift=float(config.sampling.shift), guidance_scale=guidance, solver="unipc")
+  show_curve(curve)
 
   def run_with(c):
     fn = jax.jit(lambda p: sampler.generate(pipe.velocity_fn, p, cond, uncond, key=jax.random.key(0), shape=shape,
@@ -128,7 +149,7 @@ def trained_tiny(steps: int, guidance: float) -> None:
   def frames(latents):
     return np.clip((np.asarray(pipe.decode(latents)) + 1.0) / 2.0, 0.0, 1.0)
   compare(f"(a) tiny model trained by configs/tiny.py:sft ({workdir}), {shape[0]} held-out prompts, {steps} UniPC "
-          f"steps, CFG {guidance:g}; PSNR / SSIM of the decoded frames", {name(c): run_with(c) for c in settings()},
+          f"steps, CFG {guidance:g}; PSNR / SSIM of the decoded frames", {name(c): run_with(c) for c in settings(curve)},
           frames, 1.0, True)
 
 
@@ -143,6 +164,10 @@ def bench_dit(steps: int, guidance: float) -> None:
   def velocity(p, x, t, c):
     return module.apply({"params": p}, x, t, c["context"])
   cond, uncond = {"context": ctx}, {"context": jnp.zeros_like(ctx)}
+  cal = {"context": jnp.asarray(r.standard_normal((2, 32, 512)), jnp.float32)}
+  curve = magcache.calibrate(velocity, params, cal, uncond, key=jax.random.key(1), shape=shape, num_steps=steps,
+                             shift=5.0, guidance_scale=guidance, solver="unipc")
+  show_curve(curve)
 
   def run_with(c):
     fn = jax.jit(lambda p: sampler.generate(velocity, p, cond, uncond, key=jax.random.key(0), shape=shape,
@@ -151,7 +176,7 @@ def bench_dit(steps: int, guidance: float) -> None:
     return lambda: fn(params)
   compare(f"(b) DiT bench model (random weights), 2 videos x 256 tokens, {steps} UniPC steps, CFG {guidance:g}; "
           "PSNR on the latents (peak: the uncached latents' largest magnitude)",
-          {name(c): run_with(c) for c in settings()}, np.asarray, None, False)
+          {name(c): run_with(c) for c in settings(curve)}, np.asarray, None, False)
 
 
 def main(argv):
