@@ -72,6 +72,27 @@ def test_tiny_pipeline_writes_a_reproducible_video(tiny_pipe, tmp_path):
   assert frames.shape == (5, 32, 32, 3)
 
 
+def test_the_pipeline_samples_through_the_exact_per_condition_cache(tiny_pipe, monkeypatch):
+  from idcrafter_jax.inference import conditioning
+  prepared = []
+  real = conditioning.velocity_fn
+
+  def counting(dit):
+    fn = real(dit)
+    inner = fn.prepare
+
+    def prepare(params, cond):
+      prepared.append(1)
+      return inner(params, cond)
+    fn.prepare = prepare
+    return fn
+  monkeypatch.setattr(conditioning, "velocity_fn", counting)
+  tiny_pipe._samplers.clear()  # traced again, through the counting velocity
+  tiny_pipe("a red ball", _images(np.random.default_rng(3), (32, 32)), jax.random.key(0))
+  assert prepared  # the trajectory's condition went through `prepare` (once per trace)
+  tiny_pipe._samplers.clear()
+
+
 def test_subjects_reach_the_video(tiny_pipe):
   r = np.random.default_rng(2)
   subjects = _images(r, (32, 32))

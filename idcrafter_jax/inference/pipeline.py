@@ -97,8 +97,11 @@ class Pipeline:
 
   # -- sampling
 
-  def velocity_fn(self, params, x, timestep, cond):
-    return conditioning.velocity_fn(self.dit)(params, x, timestep, cond)
+  @property
+  def velocity_fn(self):
+    """The DiT's velocity (`conditioning.velocity_fn`), with its `prepare`: every sampler of this
+    pipeline computes the exact per-condition cache once per trajectory."""
+    return conditioning.velocity_fn(self.dit)
 
   def conditions(self, prompts, subject_images):
     """(cond, uncond) pytrees for the DiT. uncond masks every subject and, with an empty
