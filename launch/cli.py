@@ -158,7 +158,10 @@ def moved_config_flags(argv: list[str]) -> list[str]:
 
 def run(main: Callable[[list[str]], int | None]) -> None:
   """Runs `main` as the script's entry point under absl, with logs quieted as --verbosity says;
-  `main`'s return value is the exit code."""
+  `main`'s return value is the exit code. CPU programs are scheduled for memory
+  (`memory.schedule_cpu_for_memory`) unless XLA_FLAGS choose."""
+  from idcrafter_jax import memory
+  memory.schedule_cpu_for_memory()
   parsed = []
 
   def quiet_main(argv):

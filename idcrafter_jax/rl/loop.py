@@ -99,6 +99,7 @@ def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
     session.meta_fn = eval_set.meta  # checkpoints keep the eval baseline
     state = session.resume(state, data_iterator)
     session.own_state(state)
+    session.memory.own(reference=policy.ref_params)  # the KL term's frozen params (full fine-tuning: a copy)
   eval_set.restore(session.restored_meta)
   end = loop.end_step(config, int(state.step), max_steps)
   rollouts = rollouts_lib.GroupRollouts(pipe, policy, gc, reward_fn, mesh=mesh, latent_tail=latent_tail)
