@@ -62,8 +62,9 @@ def host_peak_bytes() -> int | None:
 
 
 def reset_host_peak() -> bool:
-  """Resets the peak resident set to the current one (Linux: `5` to /proc/self/clear_refs).
-  Returns False where the kernel does not allow it; peaks then run from the process start."""
+  """Resets the peak resident set to the current one (Linux: `5` to /proc/self/clear_refs; what
+  getrusage and wait4 report as the peak is reset with it). Returns False where the kernel does
+  not allow it; peaks then run from the process start."""
   try:
     with open("/proc/self/clear_refs", "w") as f:
       f.write("5")

@@ -128,7 +128,12 @@ def _sft(config, shape_fn, devices, **kw) -> list:
   print(r.row())
   if r.error_detail:
     print(r.error_detail)
-  return [r]
+  init = sft_dryrun.compile_state_init(config, shape_fn(dict(config.mesh)), devices, **kw)
+  print(f"state creation: {init.row()}")
+  if not init.error:
+    print(f"checkpoint restore: straight into the shardings, no program: the state's "
+          f"{init.argument_bytes / 2 ** 30 + init.output_bytes / 2 ** 30:.1f} GiB per chip")
+  return [r, init]
 
 
 def main(argv):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -240,7 +241,10 @@ def run_stage(name: str, argv: list[str], work: str, devices: int = 1) -> dict:
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
   proc.returncode = os.waitstatus_to_exitcode(status)
-  return dict(rc=proc.returncode, wall_s=time.perf_counter() - start, rss_gib=usage.ru_maxrss / 2 ** 20, log=log)
+  # the ledger resets the kernel's peak at each of its stages: the stage's peak is the largest seen
+  peaks = [usage.ru_maxrss / 2 ** 20] + [float(m) for m in re.findall(r"peak RSS ([0-9.]+) GiB", "\n".join(
+      memory_lines(log)))]
+  return dict(rc=proc.returncode, wall_s=time.perf_counter() - start, rss_gib=max(peaks), log=log)
 
 
 def new_param_report(log: str) -> list[str]:

@@ -130,7 +130,7 @@ class Result(report.CompileReport):
   compile_seconds: float = math.nan
   error: str | None = None
   error_detail: str | None = None  # the compiler's full message (e.g. its list of the largest buffers)
-  program: str = "sft_step"  # or 'grpo_rollout', 'grpo_update' (`grpo_dryrun.py`)
+  program: str = "sft_step"  # or 'sft_state', 'grpo_rollout', 'grpo_update' (`grpo_dryrun.py`), 'generate'
   resident_bytes: int = 0  # per chip: params of other networks that stay in HBM meanwhile
 
   @property

@@ -66,6 +66,27 @@ def compile_train_step(config, shape: Shape, devices, *, chip: str | None = None
     return program.compile_into(result, lambda: step.lower(put(state_abs, s_shard), put(batch_abs, b_shard)))
 
 
+def compile_state_init(config, shape: Shape, devices, *, chip: str | None = None, target: str = "",
+                       variant: str = "") -> Result:
+  """Lowers and compiles the program that creates the train state on the slice
+  (`training.loop.state_initializer`: the optimiser state and EMA created on their shards from the
+  params already there), for its per-chip peak beside the step's. A restore needs no program:
+  Orbax reads each array straight into its shards, so its per-chip peak is the state's bytes per
+  chip (the step's arguments)."""
+  from idcrafter_jax.training import loop
+  mesh, _, module, result = program.setup_program(config, shape, devices, batch=shape.batch, program="sft_state",
+                                                  chip=chip, target=target, variant=variant)
+  tx = train_state.make_optimizer(config.train, train_state.new_param_mask_fn(config, text_reinit=False))
+  boxed, state_abs = abstract_train_state(config, module, tx)
+  result.params = program.count_params(state_abs.params)
+  with sharding.with_mesh_rules(mesh):
+    s_shard = train_state.state_shardings(state_abs, boxed, mesh)
+    init = loop.state_initializer(tx, s_shard, ema=config.train.ema)
+    key = jax.random.key(0)
+    return program.compile_into(result, lambda: init.lower(program.with_shardings(state_abs.params, s_shard.params),
+                                                           key))
+
+
 def search(config, shape_fn, devices, *, chip=None, target="", variant="",
            meshes: Sequence[dict] | None = None, remat_policies: Sequence[str] = ("full", "offload_dots_no_batch"),
            attention_impls: Sequence[str] | None = None, log=print) -> tuple[Result | None, list[Result]]:

@@ -103,6 +103,7 @@ def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
   eval_set.restore(session.restored_meta)
   end = loop.end_step(config, int(state.step), max_steps)
   rollouts = rollouts_lib.GroupRollouts(pipe, policy, gc, reward_fn, mesh=mesh, latent_tail=latent_tail)
+  session.memory.own(vae_on_mesh=rollouts.vae_params)
   update = update_lib.PolicyUpdate(pipe, tx, policy, gc, mesh=mesh, s_shard=s_shard, seed=config.seed)
   evaluate = evaluation.Evaluation(eval_set, rollouts, outputs.SampleVideos(workdir, config.sampling.fps),
                                    every=config.grpo.eval_every, num_videos=config.grpo.sample_videos)

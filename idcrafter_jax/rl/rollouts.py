@@ -69,7 +69,8 @@ class GroupRollouts:
     self.guided = gc.guidance_scale != 1.0
     self.velocity = conditioning.velocity_fn(pipe.dit)
     self.place = batches.placer(mesh)  # this host's rows -> global arrays split on the batch axis
-    self.decode = functools.partial(_decode_unit, pipe.vae, batches.replicated_vae_params(pipe, mesh))
+    self.vae_params = batches.replicated_vae_params(pipe, mesh)  # decodes on every device
+    self.decode = functools.partial(_decode_unit, pipe.vae, self.vae_params)
     self._programs = {}
 
   def params(self, state):

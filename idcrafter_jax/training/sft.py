@@ -124,6 +124,7 @@ class _Steps:
     batch = self.encoder.model_batch(next(self.it))
     batch = {k: batch[k] for k in batches.MODEL_INPUTS}
     ledger = self.session.memory
+    ledger.own(vae_on_mesh=self.encoder.vae_params)  # replicated to encode on every device (batches.py)
     with sharding.with_mesh_rules(self.mesh):
       with ledger.stage("compile") as info:
         compiled = self._compiled(state, batch)

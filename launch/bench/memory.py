@@ -11,9 +11,10 @@ load, state, compile, first step, checkpoint save; rollout, update, evaluation; 
 Prints per stage and device count the peak RSS, and per owner the device GiB summed over the
 devices and on the fullest one. Implied by the sharding: the DiT params, optimiser state and EMA
 are split over the FSDP devices (the sum equals the 1-device bytes, each device holds 1/N); the
-frozen VAE and Qwen2.5-VL sit whole on the first device (the documented choice: they condition
-each host's rows outside the mesh). A sum off by more than 10% from the 1-device bytes is
-marked `!`. The compiled step's temporaries per device (`the program`) are not live arrays:
+frozen VAE and Qwen2.5-VL sit whole on the first device, and the VAE is also replicated on the
+mesh to encode and decode on every device (`vae_on_mesh`; training/batches.py). A sum off by more
+than 10% from the 1-device bytes, or a sharded owner's fullest device above its share, is marked
+`!`. The compiled step's temporaries per device (`the program`) are not live arrays:
 they are printed from the compiler's memory analysis.
 """
 from __future__ import annotations
@@ -34,11 +35,17 @@ _WAN_LAYERS = flags.DEFINE_integer("wan_layers", 1, "Wan DiT depth.")
 _DEVICES = flags.DEFINE_list("devices", ["1", "2"], "CPU device counts.")
 _STAGES = flags.DEFINE_list("stages", ["sft", "grpo", "generate"], "Rehearsal stages.")
 
-SHARDED = ("dit_params", "optimizer", "ema")  # split over the FSDP devices
+SHARDED = ("dit_params", "optimizer", "ema", "reference")  # split over the FSDP devices
+ENCODERS = ("vae", "vlm")  # whole on the first device
+# not checked: `vae_on_mesh` (a copy on every device, the documented choice: training/batches.py),
+# and the small `rollouts` and `other`
 TOLERANCE = 0.10
 
 
 def rehearse(work: str, devices: int) -> int:
+  for f in ledger_files(work).values():  # the rows of this run only
+    if os.path.exists(f):
+      os.remove(f)
   argv = [sys.executable, "-u", os.path.join(cli.ROOT, "launch", "rehearse.py"), f"--workdir={work}",
           f"--scale={_SCALE.value}", f"--wan_layers={_WAN_LAYERS.value}", f"--devices={devices}",
           f"--stages={','.join(_STAGES.value)}", "--keep"]
@@ -46,17 +53,20 @@ def rehearse(work: str, devices: int) -> int:
   return subprocess.run(argv, cwd=cli.ROOT).returncode
 
 
+def ledger_files(work: str) -> dict[str, str]:
+  return {"sft": os.path.join(work, "sft", "memory.jsonl"), "grpo": os.path.join(work, "grpo", "memory.jsonl"),
+          "generate": os.path.join(work, "generate.memory.jsonl")}
+
+
 def ledger_rows(work: str) -> dict[str, list[dict]]:
   """{stage: the ledger rows its run wrote}."""
-  files = {"sft": os.path.join(work, "sft", "memory.jsonl"), "grpo": os.path.join(work, "grpo", "memory.jsonl"),
-           "generate": os.path.join(work, "generate.memory.jsonl")}
-  return {k: [json.loads(line) for line in open(f)] for k, f in files.items() if os.path.exists(f)}
+  return {k: [json.loads(line) for line in open(f)] for k, f in ledger_files(work).items() if os.path.exists(f)}
 
 
 def owner_cell(per_device: dict, whole: float | None, owner: str, devices: int) -> str:
   total, most = sum(per_device.values()), max(per_device.values())
   mark = ""
-  if whole:
+  if whole and owner in SHARDED + ENCODERS:
     off = abs(total - whole) / whole > TOLERANCE
     split = owner in SHARDED and devices > 1 and most > whole / devices * (1 + TOLERANCE)
     mark = "!" if off or split else ""
