@@ -48,6 +48,7 @@ class EvalSet:
       rb = put(rollouts_lib.reward_batch(r, 1))
       rb["prompt"] = rollouts_lib.prompts(r, 1)
       self.chunks.append((min(chunk, self.num_prompts - lo), put(cond), put(null), rb))
+    self.videos = chunk * len(self.chunks)  # rolled out per evaluation, the padding included
     self.key = jax.random.key(seed)
     self.baseline = None  # per-prompt scores of the first evaluation
 
