@@ -303,3 +303,26 @@ def test_sde_window_is_validated_and_bounds_the_trained_steps():
     grpo.GRPOConfig(num_steps=6, sde_window=(4, 2), train_steps="window", window=(0, 3))
   with pytest.raises(ValueError, match="grpo.ode_solver"):
     grpo.GRPOConfig(ode_solver="heun")
+
+
+def test_branching_members_share_the_pre_window_steps_computed_once_per_prompt():
+  """grpo.branch: the G members of a group share x_T and the ODE steps before the window (the DiT
+  runs them once per prompt), then branch by their SDE noise; the update recomputes their log-probs."""
+  vf, params, seen = _counting_policy()
+  cond = grpo.repeat_groups({"shift": jnp.array([0.5, -0.5])}, 2)
+  uncond = {"shift": jnp.zeros(4)}
+  gc = grpo.GRPOConfig(group_size=2, num_steps=4, beta=0.1, guidance_scale=2.0, sde_window=(2, 1), branch=True)
+  xs, lps = jax.jit(lambda p, k: grpo.rollout(vf, p, cond, uncond, k, shape=(4, 6), gc=gc))(params, jax.random.key(3))
+  jax.effects_barrier()
+  xs = np.asarray(xs)
+  assert xs.shape == (3, 4, 6) and lps.shape == (1, 4)
+  np.testing.assert_array_equal(xs[0, 0], xs[0, 1])  # one group: the same x at the window's start
+  assert not np.allclose(xs[0, 0], xs[0, 2]) and not np.allclose(xs[1, 0], xs[1, 1])  # two groups; branched
+  # 2 steps x 2 CFG branches x 2 prompts before the window, then 2 steps x 2 x 4 videos
+  assert sum(seen) == grpo.dit_evaluations(gc, 4, update=False)["forward"] == 8 + 16
+  assert grpo.dit_evaluations(gc, 4, update=False, grouped=False)["forward"] == 32
+  _, m = _update(vf, params, gc, jnp.asarray(xs), lps, cond, uncond, grpo.trained_steps(gc, None), apply=False)
+  np.testing.assert_allclose(np.asarray(m["log_probs"]), np.asarray(lps), atol=1e-6, rtol=0)
+  with pytest.raises(ValueError, match=r"grpo.branch=True: expected False, or grpo.sde_window \(start, size\) with "
+                                       r"start >= 1"):
+    grpo.GRPOConfig(branch=True, sde_window=(0, 2))

@@ -57,7 +57,7 @@ class EvalSet:
     sample videos in [0, 1] as numpy)."""
     scores, videos = [], None
     for i, (n, cond, null, rb) in enumerate(self.chunks):
-      xs, _ = rollouts.sample(params, cond, null, jax.random.fold_in(self.key, i))
+      xs, _ = rollouts.sample(params, cond, null, jax.random.fold_in(self.key, i), grouped=False)
       v = rollouts.decode(xs[-1])
       scores.append(distributed.to_numpy(rollouts.reward_fn(v, rb)["total"])[:n])
       if videos is None:

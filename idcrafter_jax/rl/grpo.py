@@ -8,7 +8,9 @@ pytrees with the batch first; rewards come from `rl.rewards`. One iteration:
   reward    decode, score (eq. S.5), advantages inside each group (eq. S.4, eps 1e-8)
   window    with `sde_window` (Flow-GRPO-Fast, MixGRPO) only the steps of a window are SDE steps
             with log-probs; the steps before and after it are deterministic ODE steps of
-            `ode_solver`, and only the window's transitions are stored and trained (`rollout`)
+            `ode_solver`, and only the window's transitions are stored and trained (`rollout`);
+            with `branch` the G members of a group share x_T and the steps before the window,
+            computed once per prompt, and branch at the window
   update    for the trained steps k: ratio = exp(log p_theta - log p_old), PPO-clipped
             objective -min(A r, A clip(r, 1 - eps, 1 + eps)) plus beta KL(p_theta || p_ref),
             the KL between the two Gaussian steps (|mean - mean_ref|^2 / 2 std^2); gradients
@@ -47,6 +49,7 @@ RULES = {
     "adv_clip": config_utils.optional(config_utils.number(0, lo_open=True)), "beta": config_utils.number(0),
     "inner_epochs": config_utils.integer(1), "minibatch": config_utils.integer(1),
     "recompute_log_probs": config_utils.BOOL, "ode_solver": config_utils.one_of(solvers.SOLVERS),
+    "branch": config_utils.BOOL,
 }
 LOOP_RULES = {"eval_every": config_utils.integer(0), "eval_prompts": config_utils.integer(1),
               "eval_seed": config_utils.integer(0), "sample_videos": config_utils.integer(0)}
@@ -67,10 +70,14 @@ def _field_problems(fields, prefix: str) -> list[str]:
       out.append(config_utils.problem("window", lo_hi, f"(lo, hi) with 0 <= lo < hi <= {prefix}num_steps={k}",
                                       prefix))
   w = fields.get("sde_window")
-  if w is not None and not (isinstance(w, (tuple, list)) and len(w) == 2 and all(config_utils.is_int(x) for x in w)
-                            and w[0] >= 0 and w[1] >= 1 and w[0] + w[1] <= k):
+  w_ok = w is None or (isinstance(w, (tuple, list)) and len(w) == 2 and all(config_utils.is_int(x) for x in w)
+                       and w[0] >= 0 and w[1] >= 1 and w[0] + w[1] <= k)
+  if not w_ok:
     out.append(config_utils.problem("sde_window", w, "None (every step an SDE step) or (start, size) with "
                                     f"start >= 0, size >= 1 and start + size <= {prefix}num_steps={k}", prefix))
+  elif fields.get("branch") is True and (w is None or w[0] < 1):
+    out.append(config_utils.problem("branch", True, f"False, or {prefix}sde_window (start, size) with start >= 1: "
+                                    f"the group branches where the SDE window starts ({prefix}sde_window={w})", prefix))
   if not any(p.startswith((f"{prefix}window", f"{prefix}sde_window")) for p in out) and not len(_candidates(fields)):
     out.append(config_utils.problem("sde_window", w, f"a window holding a trained step ({prefix}train_steps="
                                     f"{fields.get('train_steps')!r}, {prefix}window={fields.get('window')}, "
@@ -147,6 +154,9 @@ class GRPOConfig:
   # `sde_window_size`, as in its Fast configs, at a fixed start; MixGRPO's window). None: every step
   sde_window: tuple[int, int] | None = None
   ode_solver: str = "euler"  # the steps outside `sde_window`: 'euler' | 'unipc' | 'dpm++'
+  # the G members of a group share x_T and the ODE steps before `sde_window` (computed once per
+  # prompt, then G branches with their own SDE noise); False: each member draws its own x_T
+  branch: bool = False
 
   def __post_init__(self):
     config_utils.check(_field_problems(config_utils.fields_of(self), "grpo."))
@@ -184,7 +194,7 @@ class GRPOConfig:
 # ------------------------------------------------------------------------------------- rollout
 
 
-def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPOConfig):
+def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPOConfig, grouped: bool = True):
   """Trajectories from N(0, I): xs (`gc.stored_states`, B, ...) float32 and log_probs (size, B).
 
   The steps [lo, hi) of `gc.sde_steps` are SDE steps (flow_grpo's `sde_step_with_logprob`); xs
@@ -194,9 +204,11 @@ def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPO
   (Euler; Flow-GRPO-Fast) and MixGRPO-Flash with a higher-order solver. With no window (all
   steps) this is Flow-GRPO: xs (K+1, B, ...), log_probs (K, B).
 
-  Every sample (and so every member of a group) draws its own noise, initial and per step; the
-  members' ODE steps before the window are computed per member (branching one shared ODE
-  trajectory into G members is not built).
+  Every sample (and so every member of a group) draws its own noise, initial and per step. With
+  `gc.branch` and `grouped` (the rows are groups of G consecutive members of one prompt, as
+  `repeat_groups` lays them out; the held-out evaluation's rows are not), each group draws one
+  x_T and takes the steps before the window once, from its first member's condition, and its
+  members branch there: they differ from the window on, by their SDE noise only.
   """
   sigmas_host = flow.sigma_schedule(gc.num_steps, gc.shift)
   sigmas = jnp.asarray(sigmas_host)
@@ -205,10 +217,22 @@ def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPO
   x = jax.random.normal(k_init, shape, jnp.float32)
   keys = jax.random.split(k_steps, gc.num_steps)
   condition = sampler.prepare_condition(velocity_fn, params, cond, uncond, gc.guidance_scale)
-  velocity = lambda x, k: sampler.prepared_velocity(velocity_fn, params, x, sigmas[k] * flow.NUM_TRAIN_TIMESTEPS,
-                                                    condition, gc.guidance_scale)
+
+  def velocity_of(condition):
+    return lambda x, k: sampler.prepared_velocity(velocity_fn, params, x, sigmas[k] * flow.NUM_TRAIN_TIMESTEPS,
+                                                  condition, gc.guidance_scale)
+  velocity = velocity_of(condition)
   lo, hi = gc.sde_steps
-  x = _ode_steps(velocity, x, sigmas_host, lo=0, hi=lo, solver=gc.ode_solver)
+  g = _branches(gc, grouped)
+  if g > 1:  # one x_T and one pre-window trajectory per group, then G branches
+    if shape[0] % g:
+      raise ValueError(f"{shape[0]} rollouts do not split into groups of grpo.group_size={g} (grpo.branch).")
+    heads = lambda tree: None if tree is None else jax.tree_util.tree_map(lambda c: c[::g], tree)
+    head = sampler.prepare_condition(velocity_fn, params, heads(cond), heads(uncond), gc.guidance_scale)
+    x = jax.random.normal(k_init, (shape[0] // g,) + tuple(shape[1:]), jnp.float32)
+    x = jnp.repeat(_ode_steps(velocity_of(head), x, sigmas_host, lo=0, hi=lo, solver=gc.ode_solver), g, axis=0)
+  else:
+    x = _ode_steps(velocity, x, sigmas_host, lo=0, hi=lo, solver=gc.ode_solver)
 
   def body(x, inp):
     k, key = inp
@@ -221,6 +245,11 @@ def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPO
   if hi < gc.num_steps:
     parts.append(_ode_steps(velocity, x_end, sigmas_host, lo=hi, hi=gc.num_steps, solver=gc.ode_solver)[None])
   return jnp.concatenate(parts, axis=0), lps
+
+
+def _branches(gc: GRPOConfig, grouped: bool) -> int:
+  """How many members share one pre-window trajectory (`GRPOConfig.branch`): G, or 1."""
+  return gc.group_size if gc.branch and grouped else 1
 
 
 def _ode_steps(velocity: Callable, x, sigmas: np.ndarray, *, lo: int, hi: int, solver: str):
@@ -285,19 +314,21 @@ def num_trained_steps(gc: GRPOConfig) -> int:
   return _fraction_count(gc, n) if gc.train_steps == "fraction" else n
 
 
-def dit_evaluations(gc: GRPOConfig, videos: int, *, update: bool = True) -> dict:
+def dit_evaluations(gc: GRPOConfig, videos: int, *, update: bool = True, grouped: bool = True) -> dict:
   """The DiT evaluations of one iteration on `videos` rollouts, in video units: one video's latent
   through the DiT once, each CFG branch counted (x2 with guidance); the exact cache's condition
   pass, once per trajectory or minibatch, is not counted. Returns {'forward', 'backward'}.
 
-  rollout   every step of every video, SDE or ODE: K x branches x videos forwards
+  rollout   every step of every video, SDE or ODE: K x branches x videos forwards; with
+            `gc.branch` and `grouped` rows (`rollout`) the steps before the window once per group
   update    (with `update`; a skipped one costs nothing) per pass over the videos, for each trained
             step: the policy's forward and backward and, with beta > 0, the reference's forward.
             The passes are `inner_epochs`, plus one when `recompute_log_probs` (the same compiled
             program with `apply` off, so it computes the backward and the KL too)
   """
   branches = 2 if gc.guidance_scale != 1.0 else 1
-  forward = gc.num_steps * branches * videos
+  lo = gc.sde_steps[0]
+  forward = (lo * videos // _branches(gc, grouped) + (gc.num_steps - lo) * videos) * branches
   backward = 0
   if update:
     per_pass = num_trained_steps(gc) * branches * videos

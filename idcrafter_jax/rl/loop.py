@@ -59,7 +59,7 @@ class Cost:
     self._add(seconds, n["forward"], n["backward"], 0)
 
   def evaluation(self, videos: int, seconds: float) -> None:
-    n = grpo.dit_evaluations(self.gc, videos, update=False)["forward"]
+    n = grpo.dit_evaluations(self.gc, videos, update=False, grouped=False)["forward"]
     self._add(seconds, n, 0, n)
 
   def _add(self, *amounts) -> None:

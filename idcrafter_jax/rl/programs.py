@@ -40,12 +40,13 @@ def trajectory_shardings(mesh, latent_ndim: int):
 
 
 def jit_rollout(velocity_fn: Callable, gc: grpo.GRPOConfig, mesh, p_shard, c_shard: dict, latent: tuple, *,
-                guided: bool):
-  """(params, cond, uncond, key) -> (xs, log_probs) for `latent`-shaped samples (batch first)."""
+                guided: bool, grouped: bool = True):
+  """(params, cond, uncond, key) -> (xs, log_probs) for `latent`-shaped samples (batch first);
+  `grouped`: the rows are groups of G members (`grpo.rollout`)."""
   rep = sharding.replicated(mesh)
 
   def rollout(p, c, u, k):  # named: compile logs and profiles show `jit(rollout)`
-    return grpo.rollout(velocity_fn, p, c, u, k, shape=latent, gc=gc)
+    return grpo.rollout(velocity_fn, p, c, u, k, shape=latent, gc=gc, grouped=grouped)
   return jax.jit(rollout, in_shardings=(p_shard, c_shard, c_shard if guided else None, rep),
                  out_shardings=trajectory_shardings(mesh, len(latent)))
 
