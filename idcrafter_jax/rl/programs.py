@@ -2,7 +2,8 @@
 run compiles them (`aot/grpo_dryrun.py` lowers these same functions for a TPU topology).
 
   rollout    `grpo.rollout` for one latent shape: params, condition, unconditional condition and
-             key in; trajectories (K+1, B, ...) and log-probs (K, B) out, split on B
+             key in; the stored trajectories (`GRPOConfig.stored_states`, B, ...) and the SDE
+             window's log-probs (size, B) out, split on B (all K steps without a window)
   update     `grpo.make_update_step`: train state (donated), frozen reference, minibatch, the
              trained steps, whether to apply; the state keeps its shardings, metrics (and the
              minibatch's log-probs) are replicated
