@@ -40,7 +40,7 @@ def check_batches(config, mesh) -> None:
 
 class Cost:
   """The cumulative cost of a run, in every metrics row and in the checkpoint meta, so a resumed run
-  continues it (issue 26's reward per accelerator-hour):
+  continues it; the reward curve can be drawn against seconds or DiT evaluations:
 
     cost/seconds          wall seconds of the iterations (rollout, reward, update) and evaluations,
                           the step-0 baseline and first compiles included; start-up and checkpoint
