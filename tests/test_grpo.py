@@ -209,3 +209,120 @@ def test_start_up_warns_when_bf16_compute_uses_the_rollouts_log_probs():
   assert grpo.GRPOConfig(recompute_log_probs=True).log_prob_warning("bfloat16") is None
   warning = grpo.GRPOConfig(recompute_log_probs=False, clip_range=1e-5).log_prob_warning("bfloat16")
   assert "grpo.recompute_log_probs=False with model.dtype=bfloat16" in warning and "clip_range=1e-05" in warning
+
+
+def _counting_policy():
+  """`_toy_policy` that counts, on the host, the videos each executed call evaluates."""
+  vf, params = _toy_policy()
+  seen = []
+
+  def counted(params, x, t, cond):
+    jax.debug.callback(lambda n: seen.append(int(n)), x.shape[0])
+    return vf(params, x, t, cond)
+  return counted, params, seen
+
+
+def _update(vf, params, gc, xs, lps, cond, uncond, ks, apply=True):
+  import optax
+  from idcrafter_jax.training import train_state
+  tx = optax.adam(0.05)
+  state = train_state.init_state(params, tx, jax.random.key(0), ema=False)
+  mb = dict(xs=xs, log_probs=lps, advantages=jnp.array([1.0, -0.5, 0.5, -1.0]), cond=cond, uncond=uncond)
+  return jax.jit(grpo.make_update_step(vf, tx, gc))(state, params, mb, jnp.asarray(ks), apply)
+
+
+def test_sde_window_over_all_steps_is_todays_flow_grpo():
+  """sde_window (0, K) rolls out, stores and updates bitwise as no window does (float32)."""
+  vf, params = _toy_policy()
+  cond = grpo.repeat_groups({"shift": jnp.array([0.5, -0.5])}, 2)
+  uncond = {"shift": jnp.zeros(4)}
+  outs = []
+  for window in (None, (0, 4)):
+    gc = grpo.GRPOConfig(group_size=2, num_steps=4, beta=0.1, guidance_scale=2.0, sde_window=window)
+    xs, lps = jax.jit(lambda p, k: grpo.rollout(vf, p, cond, uncond, k, shape=(4, 6), gc=gc))(params, jax.random.key(3))
+    ks = grpo.trained_steps(gc, np.random.default_rng(0))
+    new, m = _update(vf, params, gc, xs, lps, cond, uncond, ks)
+    outs.append((xs, lps, ks, new.params, {k: v for k, v in m.items()}))
+  assert outs[0][0].shape == (5, 4, 6) and outs[0][1].shape == (4, 4)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), outs[0], outs[1])
+
+
+@pytest.mark.parametrize("solver", ["euler", "unipc"])
+def test_sde_window_stores_trains_and_recomputes_only_its_steps(solver):
+  """A window of 2 of 4 steps: ODE steps of `ode_solver` before and after it, xs = x_1, x_2, x_3 and
+  the final latent, log-probs (2, B); the update trains steps 1 and 2 and its log-probs are the
+  rollout's within 1e-6; the DiT runs K x branches x B forwards in the rollout, as counted by
+  `grpo.dit_evaluations`."""
+  vf, params, seen = _counting_policy()
+  cond = grpo.repeat_groups({"shift": jnp.array([0.5, -0.5])}, 2)
+  uncond = {"shift": jnp.zeros(4)}
+  gc = grpo.GRPOConfig(group_size=2, num_steps=4, beta=0.1, guidance_scale=2.0, sde_window=(1, 2), ode_solver=solver)
+  assert gc.sde_steps == (1, 3) and gc.stored_states == 4
+  xs, lps = jax.jit(lambda p, k: grpo.rollout(vf, p, cond, uncond, k, shape=(4, 6), gc=gc))(params, jax.random.key(3))
+  jax.effects_barrier()
+  assert xs.shape == (4, 4, 6) and lps.shape == (2, 4) and np.all(np.isfinite(np.asarray(xs)))
+  assert sum(seen) == grpo.dit_evaluations(gc, 4, update=False)["forward"] == 4 * 2 * 4
+  if solver == "euler":  # step 0 is the Euler ODE step from the rollout's initial noise
+    x0 = jax.random.normal(jax.random.split(jax.random.key(3))[0], (4, 6), jnp.float32)
+    sig = flow.sigma_schedule(4, gc.shift)
+    v = grpo.sampler.guided_velocity(_toy_policy()[0], params, x0, sig[0], cond, uncond, 2.0)
+    np.testing.assert_allclose(np.asarray(xs[0]), np.asarray(flow.ode_step(x0, v, sig[0], sig[1])), atol=1e-6)
+  ks = grpo.trained_steps(gc, np.random.default_rng(0))
+  assert list(ks) == [1, 2]
+  seen.clear()
+  same, m = _update(vf, params, gc, xs, lps, cond, uncond, ks, apply=False)
+  jax.effects_barrier()
+  np.testing.assert_allclose(np.asarray(m["log_probs"]), np.asarray(lps), atol=1e-6, rtol=0)
+  # the policy's and the reference's forward of each trained step (the backward is not seen here)
+  assert sum(seen) == 2 * len(ks) * 2 * 4
+  new, m = _update(vf, params, gc, xs, lps, cond, uncond, ks)
+  assert float(m["update_ok"]) == 1.0 and float(m["ratio_max_dev"]) < 1e-6
+
+
+def test_dit_evaluations_count_rollout_update_passes_and_reference():
+  gc = grpo.GRPOConfig(group_size=2, num_steps=4, beta=0.1, guidance_scale=2.0, sde_window=(1, 2), inner_epochs=2)
+  # rollout 4 x 2 x 8; update 3 passes (2 epochs + recompute) x 2 steps x 2 x 8, forward x2 with the KL
+  assert grpo.dit_evaluations(gc, 8) == {"forward": 64 + 2 * 96, "backward": 96}
+  gc = grpo.GRPOConfig(num_steps=6, beta=0.0, guidance_scale=1.0, recompute_log_probs=False, train_steps="fraction",
+                       train_fraction=0.5)
+  assert grpo.dit_evaluations(gc, 4) == {"forward": 24 + 12, "backward": 12}
+  assert grpo.dit_evaluations(gc, 4, update=False) == {"forward": 24, "backward": 0}
+
+
+def test_sde_window_is_validated_and_bounds_the_trained_steps():
+  rng = np.random.default_rng(0)
+  gc = grpo.GRPOConfig(num_steps=6, sde_window=(2, 3), train_steps="window", window=(0, 4))
+  assert list(grpo.trained_steps(gc, rng)) == [2, 3] and grpo.num_trained_steps(gc) == 2
+  assert list(grpo.trained_steps(grpo.GRPOConfig(num_steps=4, sde_window=(2, 2), sde_type="cps"), rng)) == [2]
+  with pytest.raises(ValueError, match=r"grpo.sde_window.*\(start, size\) with start >= 0, size >= 1 and "
+                                       r"start \+ size <= grpo.num_steps=6"):
+    grpo.GRPOConfig(num_steps=6, sde_window=(4, 3))
+  with pytest.raises(ValueError, match="grpo.sde_window"):
+    grpo.GRPOConfig(num_steps=6, sde_window=(0, 0))
+  with pytest.raises(ValueError, match="no step is left to train"):
+    grpo.GRPOConfig(num_steps=6, sde_window=(4, 2), train_steps="window", window=(0, 3))
+  with pytest.raises(ValueError, match="grpo.ode_solver"):
+    grpo.GRPOConfig(ode_solver="heun")
+
+
+def test_branching_members_share_the_pre_window_steps_computed_once_per_prompt():
+  """grpo.branch: the G members of a group share x_T and the ODE steps before the window (the DiT
+  runs them once per prompt), then branch by their SDE noise; the update recomputes their log-probs."""
+  vf, params, seen = _counting_policy()
+  cond = grpo.repeat_groups({"shift": jnp.array([0.5, -0.5])}, 2)
+  uncond = {"shift": jnp.zeros(4)}
+  gc = grpo.GRPOConfig(group_size=2, num_steps=4, beta=0.1, guidance_scale=2.0, sde_window=(2, 1), branch=True)
+  xs, lps = jax.jit(lambda p, k: grpo.rollout(vf, p, cond, uncond, k, shape=(4, 6), gc=gc))(params, jax.random.key(3))
+  jax.effects_barrier()
+  xs = np.asarray(xs)
+  assert xs.shape == (3, 4, 6) and lps.shape == (1, 4)
+  np.testing.assert_array_equal(xs[0, 0], xs[0, 1])  # one group: the same x at the window's start
+  assert not np.allclose(xs[0, 0], xs[0, 2]) and not np.allclose(xs[1, 0], xs[1, 1])  # two groups; branched
+  # 2 steps x 2 CFG branches x 2 prompts before the window, then 2 steps x 2 x 4 videos
+  assert sum(seen) == grpo.dit_evaluations(gc, 4, update=False)["forward"] == 8 + 16
+  assert grpo.dit_evaluations(gc, 4, update=False, grouped=False)["forward"] == 32
+  _, m = _update(vf, params, gc, jnp.asarray(xs), lps, cond, uncond, grpo.trained_steps(gc, None), apply=False)
+  np.testing.assert_allclose(np.asarray(m["log_probs"]), np.asarray(lps), atol=1e-6, rtol=0)
+  with pytest.raises(ValueError, match=r"grpo.branch=True: expected False, or grpo.sde_window \(start, size\) with "
+                                       r"start >= 1"):
+    grpo.GRPOConfig(branch=True, sde_window=(0, 2))

@@ -8,7 +8,7 @@ import pytest
 from configs import tiny as tiny_config
 from idcrafter_jax.training import checkpoint as ckpt_lib
 from idcrafter_jax.training import loop, metrics
-from idcrafter_jax.rl import rewards
+from idcrafter_jax.rl import grpo, rewards
 from idcrafter_jax.rl import loop as grpo_loop
 
 
@@ -68,6 +68,16 @@ def test_grpo_logs_components_and_resumes_exactly(tmp_path):
   # the eval baseline travels with the checkpoint: the gain after the resume is the uninterrupted one
   gains = lambda d: [(r["step"], r["eval/gain"], r["eval/gain_se"]) for r in metrics.read_metrics(d) if "eval/gain" in r]
   assert gains(b) == gains(a) and [g[0] for g in gains(a)] == [0, 2, 4] and gains(a)[-1][1] != 0.0
+  # the cost grows by the closed form each iteration (4 videos; no guidance, KL or recompute in the
+  # tiny config: rollout 3 x 4, update 3 x 4 forwards and backwards; an evaluation 3 x 8) and the
+  # resumed run continues it from the checkpoint
+  assert grpo.dit_evaluations(grpo.GRPOConfig.from_config(_config(4).grpo), 4) == {"forward": 24, "backward": 12}
+  cost = lambda d: [(r["step"], r["cost/dit_forward"], r["cost/dit_backward"],
+                     r["cost/eval_dit_forward"]) for r in metrics.read_metrics(d)]
+  assert cost(a) == [(0, 24, 0, 24), (1, 48, 12, 24), (2, 96, 24, 48), (3, 120, 36, 48), (4, 168, 48, 72)]
+  assert cost(b) == cost(a)
+  seconds = [r["cost/seconds"] for r in metrics.read_metrics(b)]
+  assert all(0 < x < y for x, y in zip(seconds, seconds[1:])), seconds
 
 
 def test_nan_reward_skips_the_update_and_is_logged(tmp_path):
@@ -120,13 +130,22 @@ def test_lora_grpo_trains_only_adapters_and_resumes_exactly(tmp_path):
                          base, lora.split(init)[0])
 
 
-def test_bf16_first_update_is_on_policy_when_the_update_program_records_the_old_log_probs(tmp_path):
+@pytest.mark.parametrize("sde_window", [None, (1, 2)])
+def test_bf16_first_update_is_on_policy_when_the_update_program_records_the_old_log_probs(tmp_path, sde_window):
   """One minibatch per iteration, so the first update is exactly on policy: with the old log-probs
   recorded by the update's own program (`grpo.recompute_log_probs`) the ratio is 1 in bf16
-  compute and nothing is clipped at clip_range 1e-5."""
+  compute and nothing is clipped at clip_range 1e-5; with an SDE window and branched groups too
+  (the stored log-probs start at the window's first step), whose cost is the closed form's."""
   c = _config(1)
   c.model.dtype = "bfloat16"
-  c.grpo.update(minibatch=4, clip_range=1e-5, recompute_log_probs=True, eval_every=100)
+  c.grpo.update(minibatch=4, clip_range=1e-5, recompute_log_probs=True, eval_every=100, sde_window=sde_window,
+                ode_solver="unipc", branch=sde_window is not None)
   _run(c, str(tmp_path / "run"))
   row = [r for r in metrics.read_metrics(str(tmp_path / "run")) if "ratio_max_dev" in r][0]
   assert row["ratio_max_dev"] < 1e-6 and row["clip_frac"] == 0.0 and row["update_ok"] == 1.0, row
+  if sde_window is not None:
+    # rollout: step 0 once per prompt (2), steps 1-2 per video (4); update: 2 passes (recompute
+    # and epoch) x 2 trained steps x 4 videos forward and backward; 2 evaluations of 8 unbranched
+    # videos x 3 steps
+    cost = row["cost/dit_forward"], row["cost/dit_backward"], row["cost/eval_dit_forward"]
+    assert cost == (2 + 8 + 16 + 48, 16, 48), cost

@@ -156,8 +156,9 @@ def abstract_update_state(module, tx, use_lora: bool):
 
 def abstract_minibatch(gc, lat: tuple, cond: dict, cfg: bool) -> dict:
   """A minibatch of stored trajectories as `grpo.make_update_step` takes it."""
-  return dict(xs=jax.ShapeDtypeStruct((gc.num_steps + 1,) + lat, jnp.float32),
-              log_probs=jax.ShapeDtypeStruct((gc.num_steps, lat[0]), jnp.float32),
+  lo, hi = gc.sde_steps
+  return dict(xs=jax.ShapeDtypeStruct((gc.stored_states,) + lat, jnp.float32),
+              log_probs=jax.ShapeDtypeStruct((hi - lo, lat[0]), jnp.float32),
               advantages=jax.ShapeDtypeStruct((lat[0],), jnp.float32),
               cond=cond, uncond=cond if cfg else None)
 

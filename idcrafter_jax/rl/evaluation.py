@@ -48,6 +48,7 @@ class EvalSet:
       rb = put(rollouts_lib.reward_batch(r, 1))
       rb["prompt"] = rollouts_lib.prompts(r, 1)
       self.chunks.append((min(chunk, self.num_prompts - lo), put(cond), put(null), rb))
+    self.videos = chunk * len(self.chunks)  # rolled out per evaluation, the padding included
     self.key = jax.random.key(seed)
     self.baseline = None  # per-prompt scores of the first evaluation
 
@@ -56,7 +57,7 @@ class EvalSet:
     sample videos in [0, 1] as numpy)."""
     scores, videos = [], None
     for i, (n, cond, null, rb) in enumerate(self.chunks):
-      xs, _ = rollouts.sample(params, cond, null, jax.random.fold_in(self.key, i))
+      xs, _ = rollouts.sample(params, cond, null, jax.random.fold_in(self.key, i), grouped=False)
       v = rollouts.decode(xs[-1])
       scores.append(distributed.to_numpy(rollouts.reward_fn(v, rb)["total"])[:n])
       if videos is None:

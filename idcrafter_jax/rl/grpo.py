@@ -6,6 +6,11 @@ pytrees with the batch first; rewards come from `rl.rewards`. One iteration:
   rollout   G samples per prompt from the same condition, distinct noise; the trajectory
             x_K..x_0, per-step log p(x_{k+1} | x_k) in one jitted lax.scan (`rollout`)
   reward    decode, score (eq. S.5), advantages inside each group (eq. S.4, eps 1e-8)
+  window    with `sde_window` (Flow-GRPO-Fast, MixGRPO) only the steps of a window are SDE steps
+            with log-probs; the steps before and after it are deterministic ODE steps of
+            `ode_solver`, and only the window's transitions are stored and trained (`rollout`);
+            with `branch` the G members of a group share x_T and the steps before the window,
+            computed once per prompt, and branch at the window
   update    for the trained steps k: ratio = exp(log p_theta - log p_old), PPO-clipped
             objective -min(A r, A clip(r, 1 - eps, 1 + eps)) plus beta KL(p_theta || p_ref),
             the KL between the two Gaussian steps (|mean - mean_ref|^2 / 2 std^2); gradients
@@ -27,7 +32,7 @@ import optax
 from idcrafter_jax import sharding
 from idcrafter_jax.data import pipeline as data_pipeline
 from idcrafter_jax.models import config_utils, lora
-from idcrafter_jax.sampling import flow, sampler, sde
+from idcrafter_jax.sampling import flow, sampler, sde, solvers
 
 
 TRAIN_STEPS = ("all", "fraction", "window")
@@ -43,23 +48,59 @@ RULES = {
     "train_fraction": config_utils.number(0, 1, lo_open=True), "clip_range": config_utils.number(0, lo_open=True),
     "adv_clip": config_utils.optional(config_utils.number(0, lo_open=True)), "beta": config_utils.number(0),
     "inner_epochs": config_utils.integer(1), "minibatch": config_utils.integer(1),
-    "recompute_log_probs": config_utils.BOOL,
+    "recompute_log_probs": config_utils.BOOL, "ode_solver": config_utils.one_of(solvers.SOLVERS),
+    "branch": config_utils.BOOL,
 }
 LOOP_RULES = {"eval_every": config_utils.integer(0), "eval_prompts": config_utils.integer(1),
               "eval_seed": config_utils.integer(0), "sample_videos": config_utils.integer(0)}
 
 
 def _field_problems(fields, prefix: str) -> list[str]:
-  """The problems of `GRPOConfig`'s fields (`RULES`, and the window within the steps)."""
+  """The problems of `GRPOConfig`'s fields (`RULES`; the train window and the SDE window within the
+  steps, and at least one trained step)."""
   out = config_utils.rule_problems(fields, RULES, prefix)
-  steps_ok = not any(p.startswith((f"{prefix}train_steps", f"{prefix}num_steps")) for p in out)
-  if steps_ok and fields.get("train_steps") == "window":
-    lo_hi, k = fields.get("window"), fields["num_steps"]
+  steps_ok = not any(p.startswith((f"{prefix}train_steps", f"{prefix}num_steps", f"{prefix}sde_type")) for p in out)
+  if not steps_ok:
+    return out
+  k = fields["num_steps"]
+  if fields.get("train_steps") == "window":
+    lo_hi = fields.get("window")
     if not (isinstance(lo_hi, (tuple, list)) and len(lo_hi) == 2 and all(config_utils.is_int(x) for x in lo_hi)
             and 0 <= lo_hi[0] < lo_hi[1] <= k):
       out.append(config_utils.problem("window", lo_hi, f"(lo, hi) with 0 <= lo < hi <= {prefix}num_steps={k}",
                                       prefix))
+  w = fields.get("sde_window")
+  w_ok = w is None or (isinstance(w, (tuple, list)) and len(w) == 2 and all(config_utils.is_int(x) for x in w)
+                       and w[0] >= 0 and w[1] >= 1 and w[0] + w[1] <= k)
+  if not w_ok:
+    out.append(config_utils.problem("sde_window", w, "None (every step an SDE step) or (start, size) with "
+                                    f"start >= 0, size >= 1 and start + size <= {prefix}num_steps={k}", prefix))
+  elif fields.get("branch") is True and (w is None or w[0] < 1):
+    out.append(config_utils.problem("branch", True, f"False, or {prefix}sde_window (start, size) with start >= 1: "
+                                    f"the group branches where the SDE window starts ({prefix}sde_window={w})", prefix))
+  if not any(p.startswith((f"{prefix}window", f"{prefix}sde_window")) for p in out) and not len(_candidates(fields)):
+    out.append(config_utils.problem("sde_window", w, f"a window holding a trained step ({prefix}train_steps="
+                                    f"{fields.get('train_steps')!r}, {prefix}window={fields.get('window')}, "
+                                    f"{prefix}sde_type={fields.get('sde_type')!r}: no step is left to train)", prefix))
   return out
+
+
+def _sde_steps(fields) -> tuple[int, int]:
+  """[lo, hi): the SDE steps of the `sde_window` in `fields` (all steps when None)."""
+  w = fields.get("sde_window")
+  return (0, fields["num_steps"]) if w is None else (w[0], w[0] + w[1])
+
+
+def _candidates(fields) -> np.ndarray:
+  """The steps `trained_steps` chooses from: the SDE window's, less CPS's deterministic last step,
+  inside the train window with train_steps 'window'."""
+  lo, hi = _sde_steps(fields)
+  k = np.arange(lo, hi)
+  if fields["sde_type"] == "cps":
+    k = k[k < fields["num_steps"] - 1]  # the last CPS step is deterministic (std 0)
+  if fields["train_steps"] == "window":
+    k = k[(k >= fields["window"][0]) & (k < fields["window"][1])]
+  return k
 
 
 def problems(section, prefix: str = "grpo.") -> list[str]:
@@ -108,9 +149,29 @@ class GRPOConfig:
   # (params unchanged), so on policy the ratio is exactly 1 whatever the compute dtype; off, the
   # rollout's are used, and bf16 rounding differences between the programs reach ~3e-4
   recompute_log_probs: bool = True
+  # (start, size): SDE steps with log-probs only in [start, start + size), deterministic ODE steps
+  # of `ode_solver` elsewhere; only the window's transitions are stored and trained (flow_grpo's
+  # `sde_window_size`, as in its Fast configs, at a fixed start; MixGRPO's window). None: every step
+  sde_window: tuple[int, int] | None = None
+  ode_solver: str = "euler"  # the steps outside `sde_window`: 'euler' | 'unipc' | 'dpm++'
+  # the G members of a group share x_T and the ODE steps before `sde_window` (computed once per
+  # prompt, then G branches with their own SDE noise); False: each member draws its own x_T
+  branch: bool = False
 
   def __post_init__(self):
     config_utils.check(_field_problems(config_utils.fields_of(self), "grpo."))
+
+  @property
+  def sde_steps(self) -> tuple[int, int]:
+    """[lo, hi): the SDE steps, whose transitions the rollout stores (`sde_window`)."""
+    return _sde_steps(config_utils.fields_of(self))
+
+  @property
+  def stored_states(self) -> int:
+    """The latents a rollout stores per video: x at steps lo..hi of the SDE window, then the final
+    latent x_0 when the window ends before it."""
+    lo, hi = self.sde_steps
+    return hi - lo + 1 + (hi < self.num_steps)
 
   @classmethod
   def from_config(cls, c) -> "GRPOConfig":
@@ -133,28 +194,91 @@ class GRPOConfig:
 # ------------------------------------------------------------------------------------- rollout
 
 
-def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPOConfig):
-  """SDE trajectories from N(0, I): xs (K+1, B, ...) float32 and log_probs (K, B).
+def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPOConfig, grouped: bool = True):
+  """Trajectories from N(0, I): xs (`gc.stored_states`, B, ...) float32 and log_probs (size, B).
 
-  Every sample (and so every member of a group) draws its own noise, initial and per step.
+  The steps [lo, hi) of `gc.sde_steps` are SDE steps (flow_grpo's `sde_step_with_logprob`); xs
+  holds x_lo..x_hi and, when hi < K, the final latent x_0 last, so xs[-1] is always the video's
+  latent. Before and after the window the steps are deterministic ODE steps of `gc.ode_solver`
+  (`_ode_steps`), as flow_grpo's pipeline takes the steps outside its window with noise level 0
+  (Euler; Flow-GRPO-Fast) and MixGRPO-Flash with a higher-order solver. With no window (all
+  steps) this is Flow-GRPO: xs (K+1, B, ...), log_probs (K, B).
+
+  Every sample (and so every member of a group) draws its own noise, initial and per step. With
+  `gc.branch` and `grouped` (the rows are groups of G consecutive members of one prompt, as
+  `repeat_groups` lays them out; the held-out evaluation's rows are not), each group draws one
+  x_T and takes the steps before the window once, from its first member's condition, and its
+  members branch there: they differ from the window on, by their SDE noise only.
   """
-  sigmas = jnp.asarray(flow.sigma_schedule(gc.num_steps, gc.shift))
+  sigmas_host = flow.sigma_schedule(gc.num_steps, gc.shift)
+  sigmas = jnp.asarray(sigmas_host)
   sigma_max = sigmas[1]
   k_init, k_steps = jax.random.split(key)
   x = jax.random.normal(k_init, shape, jnp.float32)
   keys = jax.random.split(k_steps, gc.num_steps)
   condition = sampler.prepare_condition(velocity_fn, params, cond, uncond, gc.guidance_scale)
 
+  def velocity_of(condition):
+    return lambda x, k: sampler.prepared_velocity(velocity_fn, params, x, sigmas[k] * flow.NUM_TRAIN_TIMESTEPS,
+                                                  condition, gc.guidance_scale)
+  velocity = velocity_of(condition)
+  lo, hi = gc.sde_steps
+  g = _branches(gc, grouped)
+  if g > 1:  # one x_T and one pre-window trajectory per group, then G branches
+    if shape[0] % g:
+      raise ValueError(f"{shape[0]} rollouts do not split into groups of grpo.group_size={g} (grpo.branch).")
+    heads = lambda tree: None if tree is None else jax.tree_util.tree_map(lambda c: c[::g], tree)
+    head = sampler.prepare_condition(velocity_fn, params, heads(cond), heads(uncond), gc.guidance_scale)
+    x = jax.random.normal(k_init, (shape[0] // g,) + tuple(shape[1:]), jnp.float32)
+    x = jnp.repeat(_ode_steps(velocity_of(head), x, sigmas_host, lo=0, hi=lo, solver=gc.ode_solver), g, axis=0)
+  else:
+    x = _ode_steps(velocity, x, sigmas_host, lo=0, hi=lo, solver=gc.ode_solver)
+
   def body(x, inp):
     k, key = inp
-    v = sampler.prepared_velocity(velocity_fn, params, x, sigmas[k] * flow.NUM_TRAIN_TIMESTEPS, condition,
-                                  gc.guidance_scale)
-    x_next, lp, _, _ = sde.sde_step(x, v, sigmas[k], sigmas[k + 1], sigma_max, key,
+    x_next, lp, _, _ = sde.sde_step(x, velocity(x, k), sigmas[k], sigmas[k + 1], sigma_max, key,
                                      noise_level=gc.noise_level, sde_type=gc.sde_type)
     return x_next, (x_next, lp)
 
-  _, (xs, lps) = jax.lax.scan(body, x, (jnp.arange(gc.num_steps), keys))
-  return jnp.concatenate([x[None], xs], axis=0), lps
+  x_end, (xs, lps) = jax.lax.scan(body, x, (jnp.arange(lo, hi), keys[lo:hi]))
+  parts = [x[None], xs]
+  if hi < gc.num_steps:
+    parts.append(_ode_steps(velocity, x_end, sigmas_host, lo=hi, hi=gc.num_steps, solver=gc.ode_solver)[None])
+  return jnp.concatenate(parts, axis=0), lps
+
+
+def _branches(gc: GRPOConfig, grouped: bool) -> int:
+  """How many members share one pre-window trajectory (`GRPOConfig.branch`): G, or 1."""
+  return gc.group_size if gc.branch and grouped else 1
+
+
+def _ode_steps(velocity: Callable, x, sigmas: np.ndarray, *, lo: int, hi: int, solver: str):
+  """x after the deterministic steps lo..hi-1 of the rollout's sigmas; `velocity(x, k)` is the
+  guided velocity at step k. 'euler': `flow.ode_step`. 'unipc' / 'dpm++': the steps are one fresh
+  multistep run of the solver (`solvers.coefficients` over sigmas[lo..hi], first order at its
+  first and, with diffusers' lower_order_final, its last step; a sigma of 1 taken as 1 - 1e-6 in
+  the coefficients, as diffusers' UniPC schedule does), on GRPO's sigma grid rather than the
+  solver's own schedule, so the window's SDE steps fall on the steps the update recomputes."""
+  if hi <= lo:
+    return x
+  ks = jnp.arange(lo, hi)
+  if solvers.check_solver(solver) == "euler":
+    sig = jnp.asarray(sigmas)
+
+    def euler(x, k):
+      return flow.ode_step(x, velocity(x, k).astype(jnp.float32), sig[k], sig[k + 1]), None
+    return jax.lax.scan(euler, x, ks)[0]
+  seg = np.array(sigmas[lo:hi + 1], np.float64)
+  seg[0] = min(seg[0], 1.0 - 1e-6)
+  rows = jnp.asarray(solvers.coefficients(solver, seg.astype(np.float32)))
+
+  def multistep(carry, inp):
+    x, x_last, m1, m2 = carry
+    k, row = inp
+    x_next, x_c, m = solvers.step(row, x, velocity(x, k).astype(jnp.float32), x_last, m1, m2)
+    return (x_next, x_c, m, m1), None
+  zeros = jnp.zeros_like(x)
+  return jax.lax.scan(multistep, (x, zeros, zeros, zeros), (ks, rows))[0][0]
 
 
 def group_advantages(rewards, group_size: int, eps: float = 1e-8, clip: float | None = None):
@@ -172,16 +296,46 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-8, clip: float | 
 
 
 def trained_steps(gc: GRPOConfig, rng: np.random.Generator) -> np.ndarray:
-  """Indices k of the denoising steps whose log-probs are trained this iteration."""
-  k = np.arange(gc.num_steps)
-  if gc.sde_type == "cps":
-    k = k[:-1]  # the last CPS step is deterministic (std 0)
-  if gc.train_steps == "window":
-    k = k[(k >= gc.window[0]) & (k < gc.window[1])]
-  elif gc.train_steps == "fraction":
-    n = max(1, int(round(gc.train_fraction * len(k))))
-    k = np.sort(rng.choice(k, n, replace=False))
+  """Indices k of the denoising steps whose log-probs are trained this iteration (inside the SDE
+  window, `gc.sde_steps`)."""
+  k = _candidates(config_utils.fields_of(gc))
+  if gc.train_steps == "fraction":
+    k = np.sort(rng.choice(k, _fraction_count(gc, len(k)), replace=False))
   return k
+
+
+def _fraction_count(gc: GRPOConfig, n: int) -> int:
+  return max(1, int(round(gc.train_fraction * n)))
+
+
+def num_trained_steps(gc: GRPOConfig) -> int:
+  """len(trained_steps(gc, rng)), the same for every rng."""
+  n = len(_candidates(config_utils.fields_of(gc)))
+  return _fraction_count(gc, n) if gc.train_steps == "fraction" else n
+
+
+def dit_evaluations(gc: GRPOConfig, videos: int, *, update: bool = True, grouped: bool = True) -> dict:
+  """The DiT evaluations of one iteration on `videos` rollouts, in video units: one video's latent
+  through the DiT once, each CFG branch counted (x2 with guidance); the exact cache's condition
+  pass, once per trajectory or minibatch, is not counted. Returns {'forward', 'backward'}.
+
+  rollout   every step of every video, SDE or ODE: K x branches x videos forwards; with
+            `gc.branch` and `grouped` rows (`rollout`) the steps before the window once per group
+  update    (with `update`; a skipped one costs nothing) per pass over the videos, for each trained
+            step: the policy's forward and backward and, with beta > 0, the reference's forward.
+            The passes are `inner_epochs`, plus one when `recompute_log_probs` (the same compiled
+            program with `apply` off, so it computes the backward and the KL too)
+  """
+  branches = 2 if gc.guidance_scale != 1.0 else 1
+  lo = gc.sde_steps[0]
+  forward = (lo * videos // _branches(gc, grouped) + (gc.num_steps - lo) * videos) * branches
+  backward = 0
+  if update:
+    per_pass = num_trained_steps(gc) * branches * videos
+    passes = gc.inner_epochs + (1 if gc.recompute_log_probs else 0)
+    forward += passes * per_pass * (2 if gc.beta > 0 else 1)
+    backward = passes * per_pass
+  return {"forward": forward, "backward": backward}
 
 
 # ------------------------------------------------------------------------------------- update
@@ -250,7 +404,8 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
   `ref_params` is the frozen base: the policy is base + adapters, the reference the base with
   the adapters off, so the reference costs no memory of its own.
 
-  minibatch: xs (K+1, B, ...), log_probs (K, B), advantages (B,), cond, uncond.
+  minibatch: xs (`gc.stored_states`, B, ...), log_probs (SDE window size, B), advantages (B,), cond,
+  uncond, as `rollout` stores them; ks are steps k of the whole trajectory, inside the SDE window.
   """
   from idcrafter_jax.training import metrics as metrics_lib
 
@@ -268,9 +423,10 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
       ref_condition = ref_condition._replace(value=jax.lax.stop_gradient(ref_condition.value))
 
     def loss_k(params, floats, k):
-      x = jnp.take(mb["xs"], k, axis=0)
-      x_next = jnp.take(mb["xs"], k + 1, axis=0)
-      old = jnp.take(mb["log_probs"], k, axis=0)
+      j = k - gc.sde_steps[0]  # the stored transitions start at the SDE window
+      x = jnp.take(mb["xs"], j, axis=0)
+      x_next = jnp.take(mb["xs"], j + 1, axis=0)
+      old = jnp.take(mb["log_probs"], j, axis=0)
       pol, kl, ratio, cf, lp = step_terms(velocity_fn, policy_of(params), ref, x, x_next, old, mb["advantages"], k,
                                           mb["cond"], mb["uncond"], gc, with_log_prob=True,
                                           condition=prepared.rebuild(floats), ref_condition=ref_condition)

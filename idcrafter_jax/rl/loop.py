@@ -5,8 +5,9 @@ the data iterator, rolls out `grpo.group_size` videos per prompt and scores them
 normalises advantages inside each group and updates the policy (`update`). Every `grpo.eval_every`
 iterations the policy is scored on a fixed held-out prompt set with fixed noise, so the eval curve
 measures the policy, not the draw (`evaluation`). Logged per iteration to `metrics.jsonl` /
-TensorBoard: reward components, advantage stats, policy loss, KL, ratio, clip fraction, grad norm;
-the eval curve is also drawn to `reward_curve.png` and sample videos go to `samples/` (`outputs`).
+TensorBoard: reward components, advantage stats, policy loss, KL, ratio, clip fraction, grad norm,
+and the run's cumulative cost (`Cost`); the eval curve is also drawn to `reward_curve.png` and
+sample videos go to `samples/` (`outputs`).
 """
 from __future__ import annotations
 
@@ -37,14 +38,54 @@ def check_batches(config, mesh) -> None:
     raise ValueError("; ".join(problems))
 
 
+class Cost:
+  """The cumulative cost of a run, in every metrics row and in the checkpoint meta, so a resumed run
+  continues it; the reward curve can be drawn against seconds or DiT evaluations:
+
+    cost/seconds          wall seconds of the iterations (rollout, reward, update) and evaluations,
+                          the step-0 baseline and first compiles included; start-up and checkpoint
+                          saves not
+    cost/dit_forward      DiT forward evaluations in video units (`grpo.dit_evaluations`: one
+    cost/dit_backward     video through the DiT, each CFG branch counted), evaluations included
+    cost/eval_dit_forward the held-out evaluations' part of cost/dit_forward
+  """
+  KEYS = ("cost/seconds", "cost/dit_forward", "cost/dit_backward", "cost/eval_dit_forward")
+
+  def __init__(self, gc: grpo.GRPOConfig):
+    self.gc, self.totals = gc, dict.fromkeys(self.KEYS, 0.0)
+
+  def iteration(self, videos: int, seconds: float, *, updated: bool) -> None:
+    n = grpo.dit_evaluations(self.gc, videos, update=updated)
+    self._add(seconds, n["forward"], n["backward"], 0)
+
+  def evaluation(self, videos: int, seconds: float) -> None:
+    n = grpo.dit_evaluations(self.gc, videos, update=False, grouped=False)["forward"]
+    self._add(seconds, n, 0, n)
+
+  def _add(self, *amounts) -> None:
+    for k, a in zip(self.KEYS, amounts):
+      self.totals[k] += a
+
+  def row(self) -> dict:
+    return dict(self.totals)
+
+  def meta(self) -> dict:
+    return {"cost": dict(self.totals)}
+
+  def restore(self, meta: dict | None) -> None:
+    if meta and meta.get("cost"):
+      self.totals.update({k: float(v) for k, v in meta["cost"].items() if k in self.totals})
+
+
 class _Iteration:
   """One Flow-GRPO iteration: the next data batch -> group rollouts and their rewards -> the policy
   update, and the held-out evaluation when due; returns (state, the logged row when one is due)."""
 
   def __init__(self, data_iterator, rollouts: rollouts_lib.GroupRollouts, update: update_lib.PolicyUpdate,
-               evaluate: evaluation.Evaluation, session: loop.TrainSession, *, end: int, log_every: int):
+               evaluate: evaluation.Evaluation, session: loop.TrainSession, cost: Cost, *, end: int,
+               log_every: int):
     self.data_iterator, self.rollouts, self.update, self.evaluate = data_iterator, rollouts, update, evaluate
-    self.session, self.writer, self.end, self.log_every = session, session.writer, end, log_every
+    self.session, self.writer, self.cost, self.end, self.log_every = session, session.writer, cost, end, log_every
 
   def __call__(self, it: int, state):
     t0 = time.perf_counter()
@@ -52,6 +93,7 @@ class _Iteration:
     with ledger.stage("rollout"):
       rollouts, comps = self.rollouts(it, state, next(self.data_iterator))
       ledger.own(rollouts=rollouts)
+    videos = int(rollouts["xs"].shape[1])
     m = {f"reward/{k}": float(np.mean(v)) for k, v in comps.items()}
     m["reward/std"] = float(comps["total"].std())
     with ledger.stage("update"):
@@ -62,12 +104,22 @@ class _Iteration:
     state = state.replace(step=state.step + 1)
     done = it + 1
     m["iter_seconds"] = time.perf_counter() - t0
+    self.cost.iteration(videos, m["iter_seconds"], updated="reward_nonfinite" not in um)
     m["skipped"] = int(state.skipped)
     if self.evaluate.due(done, self.end):
-      m.update(self.evaluate(done, state))
+      m.update(evaluate_with_cost(self.evaluate, self.cost, done, state))
+    m.update(self.cost.row())
     if done % self.log_every == 0 or "eval/reward_mean" in m or done == self.end:
       return state, self.writer.write(done, m)
     return state, None
+
+
+def evaluate_with_cost(evaluate: evaluation.Evaluation, cost: Cost, step: int, state) -> dict:
+  """The held-out evaluation's stats, its seconds and DiT evaluations added to `cost`."""
+  t0 = time.perf_counter()
+  stats = evaluate(step, state)
+  cost.evaluation(evaluate.eval_set.videos, time.perf_counter() - t0)
+  return stats
 
 
 def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps):
@@ -96,22 +148,24 @@ def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
       policy = policy_lib.Policy(config, pipe, boxed, mesh)
       key = jax.random.fold_in(jax.random.key(config.seed), 2)
       state, s_shard = loop.sharded_state(policy.trainable, tx, key, policy.boxed_trainable, mesh, ema=False)
-    session.meta_fn = eval_set.meta  # checkpoints keep the eval baseline
+    cost = Cost(gc)
+    session.meta_fn = lambda: {**eval_set.meta(), **cost.meta()}  # checkpoints keep the eval baseline and the cost
     state = session.resume(state, data_iterator)
     session.own_state(state)
     session.memory.own(reference=policy.ref_params)  # the KL term's frozen params (full fine-tuning: a copy)
   eval_set.restore(session.restored_meta)
+  cost.restore(session.restored_meta)
   end = loop.end_step(config, int(state.step), max_steps)
   rollouts = rollouts_lib.GroupRollouts(pipe, policy, gc, reward_fn, mesh=mesh, latent_tail=latent_tail)
   session.memory.own(vae_on_mesh=rollouts.vae_params)
   update = update_lib.PolicyUpdate(pipe, tx, policy, gc, mesh=mesh, s_shard=s_shard, seed=config.seed)
   evaluate = evaluation.Evaluation(eval_set, rollouts, outputs.SampleVideos(workdir, config.sampling.fps),
                                    every=config.grpo.eval_every, num_videos=config.grpo.sample_videos)
-  iteration = _Iteration(data_iterator, rollouts, update, evaluate, session, end=end,
+  iteration = _Iteration(data_iterator, rollouts, update, evaluate, session, cost, end=end,
                          log_every=config.train.log_every)
   if int(state.step) == 0:  # the baseline the eval curve starts from
     with session.memory.stage("evaluation"):
-      session.writer.write(0, evaluate(0, state))
+      session.writer.write(0, dict(evaluate_with_cost(evaluate, cost, 0, state), **cost.row()))
   return state, iteration
 
 

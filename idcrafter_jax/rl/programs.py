@@ -2,7 +2,8 @@
 run compiles them (`aot/grpo_dryrun.py` lowers these same functions for a TPU topology).
 
   rollout    `grpo.rollout` for one latent shape: params, condition, unconditional condition and
-             key in; trajectories (K+1, B, ...) and log-probs (K, B) out, split on B
+             key in; the stored trajectories (`GRPOConfig.stored_states`, B, ...) and the SDE
+             window's log-probs (size, B) out, split on B (all K steps without a window)
   update     `grpo.make_update_step`: train state (donated), frozen reference, minibatch, the
              trained steps, whether to apply; the state keeps its shardings, metrics (and the
              minibatch's log-probs) are replicated
@@ -40,12 +41,13 @@ def trajectory_shardings(mesh, latent_ndim: int):
 
 
 def jit_rollout(velocity_fn: Callable, gc: grpo.GRPOConfig, mesh, p_shard, c_shard: dict, latent: tuple, *,
-                guided: bool):
-  """(params, cond, uncond, key) -> (xs, log_probs) for `latent`-shaped samples (batch first)."""
+                guided: bool, grouped: bool = True):
+  """(params, cond, uncond, key) -> (xs, log_probs) for `latent`-shaped samples (batch first);
+  `grouped`: the rows are groups of G members (`grpo.rollout`)."""
   rep = sharding.replicated(mesh)
 
   def rollout(p, c, u, k):  # named: compile logs and profiles show `jit(rollout)`
-    return grpo.rollout(velocity_fn, p, c, u, k, shape=latent, gc=gc)
+    return grpo.rollout(velocity_fn, p, c, u, k, shape=latent, gc=gc, grouped=grouped)
   return jax.jit(rollout, in_shardings=(p_shard, c_shard, c_shard if guided else None, rep),
                  out_shardings=trajectory_shardings(mesh, len(latent)))
 

@@ -77,15 +77,19 @@ class GroupRollouts:
     """The policy's params in `state`, as the rollout takes them."""
     return self.policy.params(state)
 
-  def sample(self, params, cond: dict, null: dict, key):
+  def sample(self, params, cond: dict, null: dict, key, *, grouped: bool = True):
     """Rollouts of `params` from global conditions (B rows; `null` read only with guidance):
-    trajectories (K+1, B, F, h, w, C) and log-probs (K, B)."""
+    trajectories (`grpo.GRPOConfig.stored_states`, B, F, h, w, C) and log-probs (SDE window size,
+    B). `grouped`: the rows are groups of G members of one prompt (with `grpo.branch` they share
+    the steps before the window); the held-out evaluation's are not. A program per (shape,
+    whether branched)."""
     shape = (cond["context"].shape[0],) + self.latent_tail
-    if shape not in self._programs:
+    branched = grouped and self.gc.branch
+    if (shape, branched) not in self._programs:
       c_shard = programs.condition_shardings(cond, self.mesh)
-      self._programs[shape] = programs.jit_rollout(self.velocity, self.gc, self.mesh, self.policy.p_shard, c_shard,
-                                                   shape, guided=self.guided)
-    return self._programs[shape](params, cond, null if self.guided else None, key)
+      self._programs[shape, branched] = programs.jit_rollout(
+          self.velocity, self.gc, self.mesh, self.policy.p_shard, c_shard, shape, guided=self.guided, grouped=branched)
+    return self._programs[shape, branched](params, cond, null if self.guided else None, key)
 
   def __call__(self, it: int, state, raw: dict):
     """G rollouts per prompt of the data batch `raw` (this host's rows), with the noise of iteration

@@ -73,7 +73,8 @@ class PolicyUpdate:
     policy the ratio is then exactly 1, in any compute dtype."""
     take, update = self._update_programs(rollouts)
     lps = distributed.to_numpy(rollouts["log_probs"]).copy()
+    rows = ks_host - self.gc.sde_steps[0]  # the stored log-probs start at the SDE window
     for idx in minibatches:
       state, um = update(state, self.policy.ref_params, take(rollouts, idx), ks, False)
-      lps[np.ix_(ks_host, distributed.to_numpy(idx))] = np.asarray(jax.device_get(um["log_probs"]))
+      lps[np.ix_(rows, distributed.to_numpy(idx))] = np.asarray(jax.device_get(um["log_probs"]))
     return state, dict(rollouts, log_probs=distributed.from_full(lps, sharding.batch_sharding(self.mesh, 2, axis=1)))
