@@ -17,7 +17,6 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from absl import flags
 
@@ -31,12 +30,8 @@ from idcrafter_jax.sampling import magcache  # noqa: E402
 _CONFIG = cli.define_config("configs/tiny.py", "Run config (a configs/*.py file): its sampler setting is calibrated.")
 _PROMPT = flags.DEFINE_string("prompt", "two toys play on a table", "Text prompt of the calibration trajectory.")
 _SUBJECTS = flags.DEFINE_multi_string("subject", [], "Subject reference image (repeat for several).")
-_WAN_DIT = flags.DEFINE_string("wan_dit", None, "Folder of a Wan 2.1 DiT checkpoint.")
-_WAN_VAE = flags.DEFINE_string("wan_vae", None, "Folder of a Wan VAE checkpoint.")
-_VLM = flags.DEFINE_string("vlm", None, "Folder of a Qwen2.5-VL checkpoint.")
-_PROCESSOR = flags.DEFINE_string("processor", None, "Folder of the Qwen2.5-VL processor (default: --vlm).")
-_CKPT = flags.DEFINE_string("idcrafter_ckpt", None, "ID-Crafter params saved by launch/train.py (a step, "
-                            "checkpoints or workdir folder); the curve is written into this folder.")
+_FOLDERS = cli.define_model_folder_flags("ID-Crafter params saved by launch/train.py (a step, "
+                                         "checkpoints or workdir folder); the curve is written into this folder.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the initial noise.")
 
 
@@ -44,8 +39,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   config.sampling.cache = "none"  # the calibration trajectory is the uncached one
-  init = ml_collections.ConfigDict(dict(wan_dit=_WAN_DIT.value, wan_vae=_WAN_VAE.value, vlm=_VLM.value,
-                                        processor=_PROCESSOR.value, idcrafter_ckpt=_CKPT.value))
+  init = _FOLDERS.init()
   folder = magcache.folder(init)
   extra = [] if folder else ["the curve is written beside the model's checkpoint: pass --idcrafter_ckpt "
                              "(or --wan_dit)."]

@@ -93,6 +93,33 @@ class Hosts:
       fail(e, INVALID_CONFIG)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelFolders:
+  """The checkpoint-folder flags of the scripts that load a pipeline (`inference.loading.load_pipeline`)."""
+  wan_dit: flags.FlagHolder
+  wan_vae: flags.FlagHolder
+  vlm: flags.FlagHolder
+  processor: flags.FlagHolder
+  idcrafter_ckpt: flags.FlagHolder
+
+  def init(self):
+    """The flags as a run config's `init` section (the names `load_pipeline` reads)."""
+    import ml_collections
+    return ml_collections.ConfigDict({f.name: getattr(self, f.name).value for f in dataclasses.fields(self)})
+
+
+def define_model_folder_flags(ckpt_help: str = "ID-Crafter params saved by launch/train.py: a step folder "
+                              "(workdir/checkpoints/N), a checkpoints folder or a workdir (its newest readable "
+                              "step).") -> ModelFolders:
+  """--wan_dit, --wan_vae, --vlm, --processor, --idcrafter_ckpt."""
+  return ModelFolders(
+      flags.DEFINE_string("wan_dit", None, "Folder of a Wan 2.1 DiT checkpoint."),
+      flags.DEFINE_string("wan_vae", None, "Folder of a Wan VAE checkpoint."),
+      flags.DEFINE_string("vlm", None, "Folder of a Qwen2.5-VL checkpoint."),
+      flags.DEFINE_string("processor", None, "Folder of the Qwen2.5-VL processor (default: --vlm)."),
+      flags.DEFINE_string("idcrafter_ckpt", None, ckpt_help))
+
+
 def define_host_flags() -> Hosts:
   """--coordinator_address, --num_processes, --process_id, --heartbeat_timeout_s, --join_timeout_s."""
   return Hosts(

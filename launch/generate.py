@@ -16,7 +16,6 @@ import sys
 import time
 
 import jax
-import ml_collections
 from absl import flags
 from tqdm import tqdm
 
@@ -30,12 +29,7 @@ _CONFIG = cli.define_config("configs/tiny.py", "Run config (a configs/*.py file)
 _PROMPT = flags.DEFINE_string("prompt", "two toys play on a table", "Text prompt.")
 _SUBJECTS = flags.DEFINE_multi_string("subject", [], "Subject reference image (repeat for several).")
 _OUT = flags.DEFINE_string("out", "out/video.mp4", "Output video (.mp4 or .gif).")
-_WAN_DIT = flags.DEFINE_string("wan_dit", None, "Folder of a Wan 2.1 DiT checkpoint.")
-_WAN_VAE = flags.DEFINE_string("wan_vae", None, "Folder of a Wan VAE checkpoint.")
-_VLM = flags.DEFINE_string("vlm", None, "Folder of a Qwen2.5-VL checkpoint.")
-_PROCESSOR = flags.DEFINE_string("processor", None, "Folder of the Qwen2.5-VL processor (default: --vlm).")
-_CKPT = flags.DEFINE_string("idcrafter_ckpt", None, "ID-Crafter params saved by launch/train.py: a step folder "
-                            "(workdir/checkpoints/N), a checkpoints folder or a workdir (its newest readable step).")
+_FOLDERS = cli.define_model_folder_flags()
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the initial noise.")
 _MEMORY_LOG = flags.DEFINE_string("memory_log", None, "Append the memory ledger's rows (load, generate: peak RSS, "
                                   "device bytes by owner) to this JSON-lines file; they are logged either way.")
@@ -62,8 +56,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   # Everything that can be wrong with the input fails here, before any model is loaded or compiled.
-  init = ml_collections.ConfigDict(dict(wan_dit=_WAN_DIT.value, wan_vae=_WAN_VAE.value, vlm=_VLM.value,
-                                        processor=_PROCESSOR.value, idcrafter_ckpt=_CKPT.value))
+  init = _FOLDERS.init()
   checked = config.copy_and_resolve_references()
   checked.init.update(init)  # the folders of the flags are the ones loaded
   cli.validate(checked, mode="generate", extra=flag_problems())
