@@ -144,10 +144,12 @@ class Ledger:
 
   @contextlib.contextmanager
   def stage(self, name: str):
-    """Measures the body as stage `name` the first time it runs (later runs pass through). The
-    body may add to the yielded dict (`program`: a compiled program's `program_bytes`)."""
+    """Measures the body as stage `name` the first time it runs; later runs pass through and
+    yield None, so that a body in a loop does its measuring work (a sync, a memory analysis) once.
+    The first run's body may add to the yielded dict (`program`: a compiled program's
+    `program_bytes`)."""
     if self.seen(name):
-      yield {}
+      yield None
       return
     reset = reset_host_peak()
     start = time.perf_counter()

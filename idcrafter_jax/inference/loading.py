@@ -91,10 +91,9 @@ def load_wan(config, wan_cfg: wan_dit.WanConfig, folder: str | None, key, mesh=N
     return module.clone(mesh=None), params
   require_random_init(config, "Wan DiT", "--wan_dit")
   module = wan_dit.WanDiT(wan_cfg)
-  dummy = [jnp.zeros(a.shape, a.dtype) for a in convert.wan_dummy_inputs(wan_cfg)]
-  out = None
-  if mesh is not None:
-    out = sharding.param_shardings(convert.abstract_params(module, *convert.wan_dummy_inputs(wan_cfg)), mesh)
+  inputs = convert.wan_dummy_inputs(wan_cfg)
+  dummy = [jnp.zeros(a.shape, a.dtype) for a in inputs]
+  out = None if mesh is None else sharding.param_shardings(convert.abstract_params(module, *inputs), mesh)
   return module, nn.unbox(jax.jit(lambda k: module.init(k, *dummy)["params"], out_shardings=out)(key))
 
 

@@ -90,16 +90,18 @@ class _Iteration:
   def __call__(self, it: int, state):
     t0 = time.perf_counter()
     ledger = self.session.memory  # the first rollout and update, each with its compile
-    with ledger.stage("rollout"):
+    with ledger.stage("rollout") as info:
       rollouts, comps = self.rollouts(it, state, next(self.data_iterator))
-      ledger.own(rollouts=rollouts)
+      if info is not None:
+        ledger.own(rollouts=rollouts)
     videos = int(rollouts["xs"].shape[1])
     m = {f"reward/{k}": float(np.mean(v)) for k, v in comps.items()}
     m["reward/std"] = float(comps["total"].std())
-    with ledger.stage("update"):
+    with ledger.stage("update") as info:
       state, um = self.update(it, state, rollouts, comps["total"])
-      self.session.own_state(state)
-    ledger.own(rollouts=None)
+      if info is not None:
+        self.session.own_state(state)
+        ledger.own(rollouts=None)
     m.update(um)
     state = state.replace(step=state.step + 1)
     done = it + 1

@@ -123,16 +123,18 @@ class _Steps:
     # each host's rows become one global batch; the VAE encodes it on the whole mesh
     batch = self.encoder.model_batch(next(self.it))
     batch = {k: batch[k] for k in batches.MODEL_INPUTS}
-    ledger = self.session.memory
-    ledger.own(vae_on_mesh=self.encoder.vae_params)  # replicated to encode on every device (batches.py)
+    ledger = self.session.memory  # the first step's compile and run; later steps are not measured
     with sharding.with_mesh_rules(self.mesh):
       with ledger.stage("compile") as info:
         compiled = self._compiled(state, batch)
-        info["program"] = memory.program_bytes(compiled)
-      with ledger.stage("first step"):
+        if info is not None:
+          info["program"] = memory.program_bytes(compiled)
+          ledger.own(vae_on_mesh=self.encoder.vae_params)  # replicated to encode on every device (batches.py)
+      with ledger.stage("first step") as info:
         state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        self.session.own_state(state)
+        if info is not None:
+          jax.block_until_ready(metrics)
+          self.session.own_state(state)
     self.n_since += 1
     done = step + 1
     if done % self.tc.log_every and done != self.end:
