@@ -28,6 +28,22 @@ GIB = 2 ** 30
 CPU_MEMORY_SCHEDULE = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
+# XLA's loop-invariant code motion hoists out of a while loop what its body computes from
+# loop-invariant inputs: in Flow-GRPO's update (a scan over the trained steps, the params the same
+# at each) that is the float32 cast and, on several devices, the all-gather of every weight, all
+# live for the whole loop. TPU's compiler keeps them to a layer's worth (14B widths, 1 layer:
+# 4.7 GiB of temporaries on one v5e chip, 2.4 per chip on two); XLA's CPU compiler does not
+# (6.7 GiB on one CPU device, 8.3 per device on two; 4.7 and 4.2 with the pass off, under
+# `CPU_MEMORY_SCHEDULE`, which a program's own compiler options cannot set).
+CPU_LOOP_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def loop_compiler_options(mesh) -> dict | None:
+  """`CPU_LOOP_OPTIONS` for the programs that loop over denoising steps with the params fixed
+  (`jax.jit(..., compiler_options=)`), on a CPU mesh; None on an accelerator."""
+  return dict(CPU_LOOP_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
+
+
 def schedule_cpu_for_memory() -> None:
   """Adds `CPU_MEMORY_SCHEDULE` to XLA_FLAGS unless they set that flag already; effective when
   called before JAX starts its backends (the launch scripts call it first)."""

@@ -8,6 +8,8 @@ Wan layout), --wan_vae (diffusers AutoencoderKLWan), --vlm (transformers Qwen2.5
 processor files, or --processor), and --idcrafter_ckpt (params written by launch/train.py: a step
 folder, or a workdir / checkpoints folder for its newest readable step).
 With a config whose `random_init` is True (configs/tiny.py) missing parts are random-initialised.
+The DiT is split over the devices by the config's `mesh` (FSDP, as in training); the VAE and
+Qwen2.5-VL stay on the first device.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli.py, also when run through runpy
 import cli  # noqa: E402
-from idcrafter_jax import memory, video as video_io  # noqa: E402
+from idcrafter_jax import memory, sharding, video as video_io  # noqa: E402
 from idcrafter_jax.inference import loading  # noqa: E402
 from idcrafter_jax.inference import pipeline as pipeline_lib  # noqa: E402
 
@@ -68,8 +70,9 @@ def main(argv):
 
   start = time.perf_counter()
   ledger = memory.Ledger(_MEMORY_LOG.value)
+  mesh = sharding.make_mesh(dict(config.mesh))  # the DiT split over the devices as in training
   with ledger.stage("load"):
-    pipe = loading.load_pipeline(config, init)
+    pipe = loading.load_pipeline(config, init, mesh=mesh)
     ledger.own(dit_params=pipe.dit_params, vae=pipe.vae_params, vlm=pipe.vlm_params)
   print(f"models ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
   bar = tqdm(total=config.sampling.num_steps, desc="denoising", unit="step")

@@ -337,7 +337,7 @@ def load_pipeline(config, init, *, workdir: str | None = None, load_vlm: bool = 
       raise ValueError(f"the VLM's hidden size {vlm.cfg.text.hidden_size} != model.text_dim "
                        f"{dit_cfg.wan.text_dim}; set --config.model.text_dim.")
   pipe = pipeline_lib.Pipeline(config, dit, dit_params, vae, vae_params, vlm, vlm_params, proc, text_reinit=reinit,
-                               magcache_curve=curve)
+                               magcache_curve=curve, mesh=mesh)
   if init.idcrafter_ckpt:
     pipe = pipe.with_dit_params(restore_params(init.idcrafter_ckpt, pipe.dit_params))
   return pipe if mode == "none" else quantize_dit(pipe, mode)

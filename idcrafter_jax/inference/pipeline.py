@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idcrafter_jax import video as video_io
+from idcrafter_jax import memory, sharding, video as video_io
 from idcrafter_jax.sampling import config as sampling_config, magcache, sampler, solvers, step_cache
 from idcrafter_jax.inference import conditioning
 from idcrafter_jax.models import config_utils, idcrafter, qwen2_5_vl, wan_vae
@@ -56,6 +56,9 @@ class Pipeline:
   # MagCache's magnitude-ratio curve of this model (`sampling.magcache`, read from beside its
   # checkpoint by `loading.load_pipeline` when the run's `sampling.cache` is 'magcache')
   magcache_curve: magcache.Curve | None = None
+  # the mesh the DiT params are split over (`loading.load_pipeline(mesh=)`); the sampler runs there,
+  # the conditions replicated on it, while the frozen encoders stay on the first device. None: one device
+  mesh: Any = None
   _samplers: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def require_vlm(self) -> None:
@@ -125,6 +128,8 @@ class Pipeline:
          self.run_step_cache())
     if k not in self._samplers:  # one compiled trajectory per sampler setting
       self._samplers[k] = _sampler(self, *k)
+    if self.mesh is not None:
+      cond, uncond, key = jax.device_put((cond, uncond, key), sharding.replicated(self.mesh))
     return self._samplers[k](self.dit_params, cond, uncond, key, shape)
 
   def run_step_cache(self) -> step_cache.StepCache:
@@ -140,6 +145,8 @@ class Pipeline:
     return dataclasses.replace(cache, curve=self.magcache_curve.ratios)
 
   def decode(self, latents):
+    if self.mesh is not None:  # from the mesh to the VAE's device
+      latents = jax.device_put(latents, jax.tree_util.tree_leaves(self.vae_params)[0].sharding)
     return decode_latents(self.vae, self.vae_params, latents)
 
   def __call__(self, prompt: str, subject_images: Sequence[np.ndarray], key, progress=None) -> np.ndarray:
@@ -151,9 +158,12 @@ class Pipeline:
 
 
 def _sampler(pipe: Pipeline, num_steps, shift, guidance, solver, progress, cache):
+  """The jitted trajectory; on `pipe.mesh` it runs where the params lie (their shardings), with
+  the loop options of a CPU mesh (`memory.loop_compiler_options`)."""
   callback = None if progress is None else (lambda i: progress(int(i)))
+  options = None if pipe.mesh is None else memory.loop_compiler_options(pipe.mesh)
 
-  @functools.partial(jax.jit, static_argnames=("shape",))
+  @functools.partial(jax.jit, static_argnames=("shape",), compiler_options=options)
   def run(params, cond, uncond, key, shape):
     return sampler.generate(pipe.velocity_fn, params, cond, uncond, key=key, shape=shape,
                              num_steps=num_steps, shift=shift, guidance_scale=guidance, solver=solver,

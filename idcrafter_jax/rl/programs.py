@@ -18,7 +18,7 @@ from typing import Callable
 
 import jax
 
-from idcrafter_jax import sharding
+from idcrafter_jax import memory, sharding
 from idcrafter_jax.rl import grpo
 
 
@@ -49,7 +49,8 @@ def jit_rollout(velocity_fn: Callable, gc: grpo.GRPOConfig, mesh, p_shard, c_sha
   def rollout(p, c, u, k):  # named: compile logs and profiles show `jit(rollout)`
     return grpo.rollout(velocity_fn, p, c, u, k, shape=latent, gc=gc, grouped=grouped)
   return jax.jit(rollout, in_shardings=(p_shard, c_shard, c_shard if guided else None, rep),
-                 out_shardings=trajectory_shardings(mesh, len(latent)))
+                 out_shardings=trajectory_shardings(mesh, len(latent)),
+                 compiler_options=memory.loop_compiler_options(mesh))
 
 
 def jit_update(step: Callable, s_shard, r_shard, mb_shard: dict, mesh):
@@ -57,7 +58,7 @@ def jit_update(step: Callable, s_shard, r_shard, mb_shard: dict, mesh):
   train state is donated."""
   rep = sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(s_shard, r_shard, mb_shard, rep, rep), out_shardings=(s_shard, rep),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=memory.loop_compiler_options(mesh))
 
 
 def jit_take_minibatch(mb_shard: dict, mesh):
