@@ -288,6 +288,11 @@ def window_start(gc: GRPOConfig, it: int, seed: int) -> int:
   return int(starts[(it // gc.sde_window_shift_every) % len(starts)])
 
 
+def window_starts(gc: GRPOConfig) -> list[int]:
+  """Every start `window_start` can give (one when 'fixed')."""
+  return [int(s) for s in _starts(config_utils.fields_of(gc))]
+
+
 def post_sigmas(gc: GRPOConfig, hi: int) -> np.ndarray:
   """The noise levels of the ODE steps after an SDE window ending at step hi, sigma_hi down to 0
   (float32): the rollout's own sigma_hi..sigma_K, or with `ode_compress_ratio` r MixGRPO-Flash's
