@@ -143,6 +143,8 @@ def test_window_schedule_keys_are_validated():
         sde_window_range=(1, 5))
   fails(r"grpo.sde_window_stride=0: expected an integer >= 1", sde_window=(0, 2), sde_window_stride=0)
   fails(r"grpo.sde_window_shift_every=0: expected an integer >= 1", sde_window_shift_every=0)
+  fails(r"grpo.sde_window_stride=0: expected an integer >= 1", sde_window=(0, 2), sde_window_schedule="sliding",
+        sde_window_stride=0)
   fails(r"grpo.ode_compress_ratio=1.5: expected None or a finite number > 0 <= 1", ode_compress_ratio=1.5)
   fails(r"grpo.branch=True: expected False, or grpo.sde_window_range \(lo, hi\) with lo >= 1",
         sde_window=(1, 2), sde_window_schedule="random", branch=True)

@@ -82,7 +82,8 @@ def _field_problems(fields, prefix: str) -> list[str]:
   elif fields.get("branch") is True and (w is None or w[0] < 1):
     out.append(config_utils.problem("branch", True, f"False, or {prefix}sde_window (start, size) with start >= 1: "
                                     f"the group branches where the SDE window starts ({prefix}sde_window={w})", prefix))
-  elif fields.get("sde_window_schedule") in WINDOW_SCHEDULES[1:]:
+  elif fields.get("sde_window_schedule") in WINDOW_SCHEDULES[1:] and not any(
+      p.startswith((f"{prefix}sde_window_stride", f"{prefix}sde_window_shift_every")) for p in out):
     out += _schedule_problems(fields, prefix, not any(p.startswith(f"{prefix}window") for p in out))
   if not any(p.startswith((f"{prefix}window", f"{prefix}sde_window")) for p in out) and not len(_candidates(fields)):
     out.append(config_utils.problem("sde_window", w, f"a window holding a trained step ({prefix}train_steps="
@@ -323,11 +324,11 @@ def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPO
   `post_sigmas`' grid (MixGRPO-Flash's fewer steps with `gc.ode_compress_ratio`). With no window
   (all steps) this is Flow-GRPO: xs (K+1, B, ...), log_probs (K, B).
 
-  `start` (a moving window, `gc.moving`; an int32 scalar, traced or not): the window starts there
-  instead, so one compiled program serves every start: the window's size steps are one scan over
-  dynamically sliced sigmas and keys, and the ODE steps before and after it loops of as many
-  steps as that start needs, on per-start sigma and coefficient rows computed on the host
-  (`_segment_table`). At start s it computes what a fixed window at s does, bitwise.
+  `start` (a moving window, `gc.moving`; an int32 scalar, traced or not; None: sde_window's):
+  the window starts there instead, so one compiled program serves every start: the window's size
+  steps are one scan over dynamically sliced sigmas and keys, and the ODE steps before and after
+  it loops of as many steps as that start needs, on per-start sigma and coefficient rows computed
+  on the host (`_window_tables`). At start s it computes what a fixed window at s does, bitwise.
 
   Every sample (and so every member of a group) draws its own noise, initial and per step. With
   `gc.branch` and `grouped` (the rows are groups of G consecutive members of one prompt, as
@@ -349,13 +350,15 @@ def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPO
   velocity = velocity_of(condition)
   lo, hi = gc.sde_steps
   size = hi - lo
+  if start is not None and not gc.moving:
+    raise ValueError(f"rollout takes a start only with a moving window; grpo.sde_window_schedule="
+                     f"{gc.sde_window_schedule!r}.")
+  if gc.moving and start is None:
+    start = lo  # sde_window's start (the held-out evaluation's), in the moving window's shapes
   if start is None:
     pre = lambda vel, x: _ode_segment(vel, x, sigmas_host[:lo + 1], gc.ode_solver)
     window = (jnp.arange(lo, hi), keys[lo:hi])
   else:
-    if not gc.moving:
-      raise ValueError(f"rollout takes a start only with a moving window; grpo.sde_window_schedule="
-                       f"{gc.sde_window_schedule!r}.")
     tables = _window_tables(gc)
     start = jnp.asarray(start, jnp.int32)
     pre = lambda vel, x: _ode_table(vel, x, tables[0], start, gc.ode_solver)
