@@ -151,7 +151,7 @@ def test_bf16_first_update_is_on_policy_when_the_update_program_records_the_old_
     assert cost == (2 + 8 + 16 + 48, 16, 48), cost
 
 
-@pytest.mark.slow  # ~1 min on 2 CPU cores: the tiny model's programs compile once for both starts
+@pytest.mark.slow  # 16-56 s on 2 CPU cores: the tiny model's programs compile once for both starts
 def test_a_sliding_window_moves_each_iteration_stays_on_policy_and_costs_its_steps(tmp_path):
   """A moving window (MixGRPO's sliding start, one position per iteration: steps 1 then 2 of 3)
   with branched groups: one rollout and one update program serve both starts, the update stays on

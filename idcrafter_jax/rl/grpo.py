@@ -10,7 +10,10 @@ pytrees with the batch first; rewards come from `rl.rewards`. One iteration:
             with log-probs; the steps before and after it are deterministic ODE steps of
             `ode_solver`, and only the window's transitions are stored and trained (`rollout`);
             with `branch` the G members of a group share x_T and the steps before the window,
-            computed once per prompt, and branch at the window
+            computed once per prompt, and branch at the window; the window's start is fixed, drawn
+            per iteration (Flow-GRPO-Fast) or slides over iterations (MixGRPO), one compiled
+            rollout and update for every start (`window_start`); MixGRPO-Flash's fewer ODE steps
+            after the window with `ode_compress_ratio` (`post_sigmas`)
   update    for the trained steps k: ratio = exp(log p_theta - log p_old), PPO-clipped
             objective -min(A r, A clip(r, 1 - eps, 1 + eps)) plus beta KL(p_theta || p_ref),
             the KL between the two Gaussian steps (|mean - mean_ref|^2 / 2 std^2); gradients
@@ -209,7 +212,8 @@ class GRPOConfig:
   recompute_log_probs: bool = True
   # (start, size): SDE steps with log-probs only in [start, start + size), deterministic ODE steps
   # of `ode_solver` elsewhere; only the window's transitions are stored and trained (flow_grpo's
-  # `sde_window_size`, as in its Fast configs, at a fixed start; MixGRPO's window). None: every step
+  # `sde_window_size`, as in its Fast configs; MixGRPO's window; where it starts each iteration:
+  # `sde_window_schedule`). None: every step
   sde_window: tuple[int, int] | None = None
   ode_solver: str = "euler"  # the steps outside `sde_window`: 'euler' | 'unipc' | 'dpm++'
   # the G members of a group share x_T and the ODE steps before `sde_window` (computed once per
