@@ -128,3 +128,17 @@ def test_v5p_rollout_and_lora_update_compile_with_pallas_attention_and_fit():
     assert r.error is None, r.error
     assert r.fits and r.resident_bytes > 3 * 2 ** 30  # the 7B VLM's shard alone is 3.6 GiB
     assert "FITS" in r.row() and "resident" in r.row()
+
+
+def test_cpu_dry_run_compiles_a_moving_window_with_its_start_argument():
+  """A moving window (the start an argument of the rollout, and in the update's minibatch) with
+  MixGRPO-Flash's compressed ODE steps compiles; its flops count the DiT steps at the costliest start."""
+  c = _config()
+  c.grpo.update(sde_window=(1, 2), sde_window_schedule="random", ode_compress_ratio=0.5, ode_solver="dpm++")
+  devices = jax.devices("cpu")[:4]
+  r = grpo_dryrun.compile_rollout(c, _shape(c), devices, rollout_batch=8, resident=0)
+  assert r.error is None, r.error
+  gc = grpo.GRPOConfig.from_config(c.grpo)
+  # starts 0, 1, 2 of K = 4 with a window of 2: 0 + 2 + 1, 1 + 2 + 1 and 2 + 2 + 0 DiT steps
+  assert [grpo.dit_evaluations(gc, 1, update=False, start=s)["forward"] for s in grpo.window_starts(gc)] == [6, 8, 8]
+  assert grpo_dryrun.abstract_minibatch(gc, (4, 2), {}, False)["start"].shape == ()  # the update's argument

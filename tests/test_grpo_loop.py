@@ -149,3 +149,26 @@ def test_bf16_first_update_is_on_policy_when_the_update_program_records_the_old_
     # videos x 3 steps
     cost = row["cost/dit_forward"], row["cost/dit_backward"], row["cost/eval_dit_forward"]
     assert cost == (2 + 8 + 16 + 48, 16, 48), cost
+
+
+@pytest.mark.slow  # 16-56 s on 2 CPU cores: the tiny model's programs compile once for both starts
+def test_a_sliding_window_moves_each_iteration_stays_on_policy_and_costs_its_steps(tmp_path):
+  """A moving window (MixGRPO's sliding start, one position per iteration: steps 1 then 2 of 3)
+  with branched groups: one rollout and one update program serve both starts, the update stays on
+  policy (the stored log-probs start at the iteration's window), and the cost counts each
+  iteration's own steps before and inside the window."""
+  c = _config(2)
+  c.model.dtype = "bfloat16"
+  c.train.log_every = 1
+  c.grpo.update(minibatch=4, clip_range=1e-5, eval_every=100, sde_window=(1, 1), sde_window_schedule="sliding",
+                sde_window_range=(1, 3), sde_window_shift_every=1, ode_solver="unipc", branch=True)
+  _run(c, str(tmp_path / "run"))
+  rows = [r for r in metrics.read_metrics(str(tmp_path / "run")) if "ratio_max_dev" in r]
+  assert len(rows) == 2 and all(r["ratio_max_dev"] < 1e-6 and r["update_ok"] == 1.0 for r in rows), rows
+  gc = grpo.GRPOConfig.from_config(c.grpo)
+  assert [grpo.window_start(gc, it, c.seed) for it in range(2)] == [1, 2]
+  train = [grpo.dit_evaluations(gc, 4, start=s) for s in (1, 2)]
+  evals = rows[-1]["cost/eval_dit_forward"]
+  assert rows[-1]["cost/dit_forward"] == sum(t["forward"] for t in train) + evals
+  assert rows[-1]["cost/dit_backward"] == sum(t["backward"] for t in train)
+  assert train[0]["forward"] != train[1]["forward"]  # step 0 once per prompt, then step 1 too

@@ -4,13 +4,16 @@ The two jitted programs the GRPO loop runs on the DiT (`rl/programs.py`: the sam
 shardings the loop calls) are lowered and compiled for the chips of a TPU topology that is not
 there (as `sft_dryrun.py` does for the SFT step), on `program`'s pieces:
 
-  rollout  `grpo.rollout`: the whole K-step SDE trajectory in one scan, CFG on the doubled batch,
-           for `rollout_batch` videos (prompts x group size), the policy's params as trained.
+  rollout  `grpo.rollout`: the whole K-step trajectory (the SDE window's steps in one scan, the ODE
+           steps around it), CFG on the doubled batch, for `rollout_batch` videos (prompts x group
+           size), the policy's params as trained; with a moving window (`grpo.sde_window_schedule`)
+           the program that takes the window's start as an argument, as the loop compiles it once.
   update   `grpo.make_update_step`: for each trained step, the policy's forward + backward and the
            frozen reference's forward (both with CFG), gradients accumulated over the steps, one
            AdamW update, for a minibatch; arguments are the train state and the reference.
            With LoRA (`model.lora_rank > 0`) the state holds the adapters only and the reference
-           is the frozen base (adapters off), so the reference costs nothing extra.
+           is the frozen base (adapters off), so the reference costs nothing extra. With a moving
+           window the minibatch carries the window's start.
 
 Both take the DiT's velocity from `conditioning.velocity_fn`, as the loop does. The other
 networks stay resident in HBM while these run: the Wan VAE (decode), the Qwen2.5-VL 7B
@@ -127,9 +130,13 @@ def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=N
   boxed = idcrafter.abstract_params(module)
   params = nn.unbox(boxed)
   result.params = program.count_params(params)
-  # the condition's part once per trajectory (the exact cache), the rest at every step
+  # the condition's part once per trajectory (the exact cache), the rest at every step the DiT
+  # runs (`grpo.dit_evaluations`: fewer with branched groups or compressed ODE steps; a moving
+  # window at its costliest start)
   once = cfg_mult * program.condition_flops(mcfg, shape, rollout_batch)
-  result.analytic_flops = gc.num_steps * (cfg_mult * program.model_flops(mcfg, shape, rollout_batch) - once) + once
+  steps = max(grpo.dit_evaluations(gc, rollout_batch, update=False, start=int(s))["forward"]
+              for s in grpo.window_starts(gc)) / (cfg_mult * rollout_batch)
+  result.analytic_flops = steps * (cfg_mult * program.model_flops(mcfg, shape, rollout_batch) - once) + once
   cond = abstract_conditions(shape, mcfg.wan.text_dim, rollout_batch)
   uncond = cond if cfg_mult == 2 else None
   vf = conditioning.velocity_fn(module)
@@ -139,9 +146,12 @@ def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=N
     rep = sharding.replicated(mesh)
     fn = programs.jit_rollout(vf, gc, mesh, p_shard, c_shard, lat, guided=uncond is not None)
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
+    start = (jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),) if gc.moving else ()
     put = program.with_shardings
     return program.compile_into(result, lambda: fn.lower(put(params, p_shard), put(cond, c_shard),
-                                                         None if uncond is None else put(uncond, c_shard), key))
+                                                         None if uncond is None else put(uncond, c_shard), key,
+                                                         *start))
+
 
 
 def abstract_update_state(module, tx, use_lora: bool):
@@ -157,10 +167,13 @@ def abstract_update_state(module, tx, use_lora: bool):
 def abstract_minibatch(gc, lat: tuple, cond: dict, cfg: bool) -> dict:
   """A minibatch of stored trajectories as `grpo.make_update_step` takes it."""
   lo, hi = gc.sde_steps
-  return dict(xs=jax.ShapeDtypeStruct((gc.stored_states,) + lat, jnp.float32),
-              log_probs=jax.ShapeDtypeStruct((hi - lo, lat[0]), jnp.float32),
-              advantages=jax.ShapeDtypeStruct((lat[0],), jnp.float32),
-              cond=cond, uncond=cond if cfg else None)
+  mb = dict(xs=jax.ShapeDtypeStruct((gc.stored_states,) + lat, jnp.float32),
+            log_probs=jax.ShapeDtypeStruct((hi - lo, lat[0]), jnp.float32),
+            advantages=jax.ShapeDtypeStruct((lat[0],), jnp.float32),
+            cond=cond, uncond=cond if cfg else None)
+  if gc.moving:  # the window's start this iteration
+    mb["start"] = jax.ShapeDtypeStruct((), jnp.int32)
+  return mb
 
 
 def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, target="", variant="",

@@ -10,7 +10,10 @@ pytrees with the batch first; rewards come from `rl.rewards`. One iteration:
             with log-probs; the steps before and after it are deterministic ODE steps of
             `ode_solver`, and only the window's transitions are stored and trained (`rollout`);
             with `branch` the G members of a group share x_T and the steps before the window,
-            computed once per prompt, and branch at the window
+            computed once per prompt, and branch at the window; the window's start is fixed, drawn
+            per iteration (Flow-GRPO-Fast) or slides over iterations (MixGRPO), one compiled
+            rollout and update for every start (`window_start`); MixGRPO-Flash's fewer ODE steps
+            after the window with `ode_compress_ratio` (`post_sigmas`)
   update    for the trained steps k: ratio = exp(log p_theta - log p_old), PPO-clipped
             objective -min(A r, A clip(r, 1 - eps, 1 + eps)) plus beta KL(p_theta || p_ref),
             the KL between the two Gaussian steps (|mean - mean_ref|^2 / 2 std^2); gradients
@@ -36,6 +39,8 @@ from idcrafter_jax.sampling import flow, sampler, sde, solvers
 
 
 TRAIN_STEPS = ("all", "fraction", "window")
+WINDOW_SCHEDULES = ("fixed", "random", "sliding")
+_WINDOW_STREAM = 0x5DE  # the numpy stream 'random' draws window starts from, apart from the update's
 
 # The rules of `GRPOConfig`'s fields (the run config's `grpo` section), and of the keys the loop
 # adds to that section (its held-out evaluation and sample videos, `rl/loop.py`).
@@ -49,7 +54,9 @@ RULES = {
     "adv_clip": config_utils.optional(config_utils.number(0, lo_open=True)), "beta": config_utils.number(0),
     "inner_epochs": config_utils.integer(1), "minibatch": config_utils.integer(1),
     "recompute_log_probs": config_utils.BOOL, "ode_solver": config_utils.one_of(solvers.SOLVERS),
-    "branch": config_utils.BOOL,
+    "branch": config_utils.BOOL, "sde_window_schedule": config_utils.one_of(WINDOW_SCHEDULES),
+    "sde_window_shift_every": config_utils.integer(1), "sde_window_stride": config_utils.integer(1),
+    "ode_compress_ratio": config_utils.optional(config_utils.number(0, 1, lo_open=True)),
 }
 LOOP_RULES = {"eval_every": config_utils.integer(0), "eval_prompts": config_utils.integer(1),
               "eval_seed": config_utils.integer(0), "sample_videos": config_utils.integer(0)}
@@ -78,6 +85,9 @@ def _field_problems(fields, prefix: str) -> list[str]:
   elif fields.get("branch") is True and (w is None or w[0] < 1):
     out.append(config_utils.problem("branch", True, f"False, or {prefix}sde_window (start, size) with start >= 1: "
                                     f"the group branches where the SDE window starts ({prefix}sde_window={w})", prefix))
+  elif fields.get("sde_window_schedule") in WINDOW_SCHEDULES[1:] and not any(
+      p.startswith((f"{prefix}sde_window_stride", f"{prefix}sde_window_shift_every")) for p in out):
+    out += _schedule_problems(fields, prefix, not any(p.startswith(f"{prefix}window") for p in out))
   if not any(p.startswith((f"{prefix}window", f"{prefix}sde_window")) for p in out) and not len(_candidates(fields)):
     out.append(config_utils.problem("sde_window", w, f"a window holding a trained step ({prefix}train_steps="
                                     f"{fields.get('train_steps')!r}, {prefix}window={fields.get('window')}, "
@@ -85,16 +95,67 @@ def _field_problems(fields, prefix: str) -> list[str]:
   return out
 
 
-def _sde_steps(fields) -> tuple[int, int]:
-  """[lo, hi): the SDE steps of the `sde_window` in `fields` (all steps when None)."""
+def _schedule_problems(fields, prefix: str, train_window_ok: bool) -> list[str]:
+  """The problems of a moving window ('random', 'sliding'): it needs `sde_window`'s size, a range
+  inside the steps that holds it and the start the held-out evaluation takes, and the same number
+  of trained steps at every start (the update compiles for one)."""
+  k, w, schedule = fields["num_steps"], fields.get("sde_window"), fields["sde_window_schedule"]
+  if w is None:
+    return [config_utils.problem("sde_window_schedule", schedule, f"'fixed' while {prefix}sde_window is None (a "
+                                 "moving window takes its size from sde_window (start, size))", prefix)]
+  r = fields.get("sde_window_range")
+  if not (r is None or (isinstance(r, (tuple, list)) and len(r) == 2 and all(config_utils.is_int(x) for x in r)
+                        and 0 <= r[0] and r[0] + w[1] <= r[1] <= k)):
+    return [config_utils.problem("sde_window_range", r, f"None (all {prefix}num_steps={k} steps) or (lo, hi) with "
+                                 f"0 <= lo and lo + size <= hi <= {k}, size = {prefix}sde_window[1] = {w[1]}", prefix)]
+  lo, hi = _window_range(fields)
+  if not lo <= w[0] <= hi - w[1]:
+    return [config_utils.problem("sde_window", w, f"a start in [{lo}, {hi - w[1]}], inside {prefix}sde_window_range="
+                                 f"{r} (the held-out evaluation's window starts there)", prefix)]
+  if fields.get("branch") is True and lo < 1:
+    return [config_utils.problem("branch", True, f"False, or {prefix}sde_window_range (lo, hi) with lo >= 1: the group "
+                                 f"branches where the SDE window starts ({prefix}sde_window_range={r})", prefix)]
+  if not train_window_ok:
+    return []
+  counts = sorted({len(_candidates(fields, s)) for s in _starts(fields)})
+  if len(counts) > 1:
+    return [config_utils.problem("sde_window_schedule", schedule, f"a window holding the same number of trained steps "
+                                 f"at every start it takes (here {counts}: {prefix}train_steps="
+                                 f"{fields.get('train_steps')!r}, {prefix}sde_type={fields.get('sde_type')!r}, "
+                                 f"{prefix}sde_window_range={r}); the update compiles for one count", prefix)]
+  return []
+
+
+def _window_range(fields) -> tuple[int, int]:
+  """[lo, hi): the steps a moving window stays in (`sde_window_range`; None: all)."""
+  r = fields.get("sde_window_range")
+  return (0, fields["num_steps"]) if r is None else (r[0], r[1])
+
+
+def _starts(fields) -> np.ndarray:
+  """Every start `window_start` can give the SDE window: sde_window's own when 'fixed' (0 with no
+  window), else lo, lo + stride, ... up to hi - size inside the range (stride 1 for 'random')."""
+  w, schedule = fields.get("sde_window"), fields.get("sde_window_schedule", "fixed")
+  if schedule == "fixed" or w is None:
+    return np.array([_sde_steps(fields)[0]])
+  lo, hi = _window_range(fields)
+  return np.arange(lo, hi - w[1] + 1, fields["sde_window_stride"] if schedule == "sliding" else 1)
+
+
+def _sde_steps(fields, start: int | None = None) -> tuple[int, int]:
+  """[lo, hi): the SDE steps of the `sde_window` in `fields` (all steps when None), from `start`
+  when given (a moving window's start this iteration), else from sde_window's."""
   w = fields.get("sde_window")
-  return (0, fields["num_steps"]) if w is None else (w[0], w[0] + w[1])
+  if w is None:
+    return (0, fields["num_steps"])
+  lo = w[0] if start is None else int(start)
+  return (lo, lo + w[1])
 
 
-def _candidates(fields) -> np.ndarray:
-  """The steps `trained_steps` chooses from: the SDE window's, less CPS's deterministic last step,
-  inside the train window with train_steps 'window'."""
-  lo, hi = _sde_steps(fields)
+def _candidates(fields, start: int | None = None) -> np.ndarray:
+  """The steps `trained_steps` chooses from: the SDE window's (at `start`, `_sde_steps`), less
+  CPS's deterministic last step, inside the train window with train_steps 'window'."""
+  lo, hi = _sde_steps(fields, start)
   k = np.arange(lo, hi)
   if fields["sde_type"] == "cps":
     k = k[k < fields["num_steps"] - 1]  # the last CPS step is deterministic (std 0)
@@ -151,12 +212,25 @@ class GRPOConfig:
   recompute_log_probs: bool = True
   # (start, size): SDE steps with log-probs only in [start, start + size), deterministic ODE steps
   # of `ode_solver` elsewhere; only the window's transitions are stored and trained (flow_grpo's
-  # `sde_window_size`, as in its Fast configs, at a fixed start; MixGRPO's window). None: every step
+  # `sde_window_size`, as in its Fast configs; MixGRPO's window; where it starts each iteration:
+  # `sde_window_schedule`). None: every step
   sde_window: tuple[int, int] | None = None
   ode_solver: str = "euler"  # the steps outside `sde_window`: 'euler' | 'unipc' | 'dpm++'
   # the G members of a group share x_T and the ODE steps before `sde_window` (computed once per
   # prompt, then G branches with their own SDE noise); False: each member draws its own x_T
   branch: bool = False
+  # where `sde_window` starts each iteration: 'fixed' (at its start), 'random' (Flow-GRPO-Fast:
+  # uniform over the starts inside `sde_window_range`, flow_grpo's `sde_window_range`) or 'sliding'
+  # (MixGRPO: from the range's start, `sde_window_stride` steps later every `sde_window_shift_every`
+  # iterations, back to the range's start once past its end); the held-out evaluation keeps
+  # sde_window's start (`window_start`)
+  sde_window_schedule: str = "fixed"
+  sde_window_range: tuple[int, int] | None = None  # [lo, hi): the steps a moving window stays in; None: all
+  sde_window_shift_every: int = 25  # 'sliding': iterations per position (MixGRPO's iters_per_group, tau)
+  sde_window_stride: int = 1  # 'sliding': steps it moves (MixGRPO's prog_overlap_step, s)
+  # MixGRPO-Flash's compressed ODE after the window: about this fraction of its steps, on a coarser
+  # grid down to 0 (MixGRPO's dpm_post_compress_ratio, `post_sigmas`); None: the rollout's own steps
+  ode_compress_ratio: float | None = None
 
   def __post_init__(self):
     config_utils.check(_field_problems(config_utils.fields_of(self), "grpo."))
@@ -167,11 +241,18 @@ class GRPOConfig:
     return _sde_steps(config_utils.fields_of(self))
 
   @property
+  def moving(self) -> bool:
+    """Whether the SDE window's start changes over iterations (`sde_window_schedule`): the rollout
+    and the update then take it as an argument, one compiled program for every start."""
+    return self.sde_window_schedule != "fixed"
+
+  @property
   def stored_states(self) -> int:
     """The latents a rollout stores per video: x at steps lo..hi of the SDE window, then the final
-    latent x_0 when the window ends before it."""
+    latent x_0 when the window ends before it (a moving window always stores it, a copy of x_hi
+    when the window reaches the last step, so every start stores the same shape)."""
     lo, hi = self.sde_steps
-    return hi - lo + 1 + (hi < self.num_steps)
+    return hi - lo + 1 + (hi < self.num_steps or self.moving)
 
   @classmethod
   def from_config(cls, c) -> "GRPOConfig":
@@ -191,22 +272,71 @@ class GRPOConfig:
             "that is what you compare against.")
 
 
+def window_start(gc: GRPOConfig, it: int, seed: int) -> int:
+  """The SDE window's start at iteration `it` (from 0), the same on every host and on resume:
+
+    fixed    sde_window[0]
+    random   uniform over lo..hi - size (flow_grpo's `random.randint(range[0], range[1] - size)`,
+             Flow-GRPO-Fast), from `np.random.default_rng([seed, it, stream])`, a stream apart from
+             the update's minibatch order and trained steps
+    sliding  lo + s ((it // tau) mod P), P = (hi - size - lo) // s + 1 (MixGRPO's 'progressive'
+             schedule with prog_overlap and roll_back: s steps later every tau iterations, back to lo
+             once the window would pass hi)
+
+  [lo, hi) is `sde_window_range`, size sde_window[1], tau `sde_window_shift_every`, s
+  `sde_window_stride`."""
+  if gc.sde_window_schedule == "fixed":
+    return gc.sde_steps[0]
+  starts = _starts(config_utils.fields_of(gc))
+  if gc.sde_window_schedule == "random":
+    return int(np.random.default_rng([seed, it, _WINDOW_STREAM]).integers(starts[0], starts[-1] + 1))
+  return int(starts[(it // gc.sde_window_shift_every) % len(starts)])
+
+
+def window_starts(gc: GRPOConfig) -> list[int]:
+  """Every start `window_start` can give (one when 'fixed')."""
+  return [int(s) for s in _starts(config_utils.fields_of(gc))]
+
+
+def post_sigmas(gc: GRPOConfig, hi: int) -> np.ndarray:
+  """The noise levels of the ODE steps after an SDE window ending at step hi, sigma_hi down to 0
+  (float32): the rollout's own sigma_hi..sigma_K, or with `ode_compress_ratio` r MixGRPO-Flash's
+  coarser grid (its `run_sample_step`, dpm_apply_strategy 'post'): n = max(int((K - hi + 1) r), 2)
+  points uniform in u from u_hi = 1 - hi / K to 0, shifted, so n - 1 steps instead of K - hi."""
+  sig = flow.sigma_schedule(gc.num_steps, gc.shift)
+  k, r = gc.num_steps, gc.ode_compress_ratio
+  if r is None or hi >= k:
+    return sig[hi:]
+  n = max(int((k - hi + 1) * r), 2)  # MixGRPO: max(.., 1), which leaves the last latent short of sigma 0
+  out = flow.shift_sigmas(np.linspace(1.0 - hi / k, 0.0, n), gc.shift).astype(np.float32)
+  out[0] = sig[hi]
+  return out
+
+
 # ------------------------------------------------------------------------------------- rollout
 
 
-def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPOConfig, grouped: bool = True):
+def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPOConfig, grouped: bool = True,
+            start=None):
   """Trajectories from N(0, I): xs (`gc.stored_states`, B, ...) float32 and log_probs (size, B).
 
   The steps [lo, hi) of `gc.sde_steps` are SDE steps (flow_grpo's `sde_step_with_logprob`); xs
   holds x_lo..x_hi and, when hi < K, the final latent x_0 last, so xs[-1] is always the video's
   latent. Before and after the window the steps are deterministic ODE steps of `gc.ode_solver`
-  (`_ode_steps`), as flow_grpo's pipeline takes the steps outside its window with noise level 0
-  (Euler; Flow-GRPO-Fast) and MixGRPO-Flash with a higher-order solver. With no window (all
-  steps) this is Flow-GRPO: xs (K+1, B, ...), log_probs (K, B).
+  (`_ode_segment`), as flow_grpo's pipeline takes the steps outside its window with noise level 0
+  (Euler; Flow-GRPO-Fast) and MixGRPO-Flash with a higher-order solver; after the window on
+  `post_sigmas`' grid (MixGRPO-Flash's fewer steps with `gc.ode_compress_ratio`). With no window
+  (all steps) this is Flow-GRPO: xs (K+1, B, ...), log_probs (K, B).
+
+  `start` (a moving window, `gc.moving`; an int32 scalar, traced or not; None: sde_window's):
+  the window starts there instead, so one compiled program serves every start: the window's size
+  steps are one scan over dynamically sliced sigmas and keys, and the ODE steps before and after
+  it loops of as many steps as that start needs, on per-start sigma and coefficient rows computed
+  on the host (`_window_tables`). At start s it computes what a fixed window at s does, bitwise.
 
   Every sample (and so every member of a group) draws its own noise, initial and per step. With
   `gc.branch` and `grouped` (the rows are groups of G consecutive members of one prompt, as
-  `repeat_groups` lays them out; the held-out evaluation's rows are not), each group draws one
+  `repeat_groups` lays them out; the held-out evaluation's are not), each group draws one
   x_T and takes the steps before the window once, from its first member's condition, and its
   members branch there: they differ from the window on, by their SDE noise only.
   """
@@ -218,11 +348,25 @@ def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPO
   keys = jax.random.split(k_steps, gc.num_steps)
   condition = sampler.prepare_condition(velocity_fn, params, cond, uncond, gc.guidance_scale)
 
-  def velocity_of(condition):
-    return lambda x, k: sampler.prepared_velocity(velocity_fn, params, x, sigmas[k] * flow.NUM_TRAIN_TIMESTEPS,
-                                                  condition, gc.guidance_scale)
+  def velocity_of(condition):  # the guided velocity at noise level sigma
+    return lambda x, sigma: sampler.prepared_velocity(velocity_fn, params, x, sigma * flow.NUM_TRAIN_TIMESTEPS,
+                                                      condition, gc.guidance_scale)
   velocity = velocity_of(condition)
   lo, hi = gc.sde_steps
+  size = hi - lo
+  if start is not None and not gc.moving:
+    raise ValueError(f"rollout takes a start only with a moving window; grpo.sde_window_schedule="
+                     f"{gc.sde_window_schedule!r}.")
+  if gc.moving and start is None:
+    start = lo  # sde_window's start (the held-out evaluation's), in the moving window's shapes
+  if start is None:
+    pre = lambda vel, x: _ode_segment(vel, x, sigmas_host[:lo + 1], gc.ode_solver)
+    window = (jnp.arange(lo, hi), keys[lo:hi])
+  else:
+    tables = _window_tables(gc)
+    start = jnp.asarray(start, jnp.int32)
+    pre = lambda vel, x: _ode_table(vel, x, tables[0], start, gc.ode_solver)
+    window = (start + jnp.arange(size), jax.lax.dynamic_slice_in_dim(keys, start, size))
   g = _branches(gc, grouped)
   if g > 1:  # one x_T and one pre-window trajectory per group, then G branches
     if shape[0] % g:
@@ -230,20 +374,22 @@ def rollout(velocity_fn: Callable, params, cond, uncond, key, *, shape, gc: GRPO
     heads = lambda tree: None if tree is None else jax.tree_util.tree_map(lambda c: c[::g], tree)
     head = sampler.prepare_condition(velocity_fn, params, heads(cond), heads(uncond), gc.guidance_scale)
     x = jax.random.normal(k_init, (shape[0] // g,) + tuple(shape[1:]), jnp.float32)
-    x = jnp.repeat(_ode_steps(velocity_of(head), x, sigmas_host, lo=0, hi=lo, solver=gc.ode_solver), g, axis=0)
+    x = jnp.repeat(pre(velocity_of(head), x), g, axis=0)
   else:
-    x = _ode_steps(velocity, x, sigmas_host, lo=0, hi=lo, solver=gc.ode_solver)
+    x = pre(velocity, x)
 
   def body(x, inp):
     k, key = inp
-    x_next, lp, _, _ = sde.sde_step(x, velocity(x, k), sigmas[k], sigmas[k + 1], sigma_max, key,
+    x_next, lp, _, _ = sde.sde_step(x, velocity(x, sigmas[k]), sigmas[k], sigmas[k + 1], sigma_max, key,
                                      noise_level=gc.noise_level, sde_type=gc.sde_type)
     return x_next, (x_next, lp)
 
-  x_end, (xs, lps) = jax.lax.scan(body, x, (jnp.arange(lo, hi), keys[lo:hi]))
+  x_end, (xs, lps) = jax.lax.scan(body, x, window)
   parts = [x[None], xs]
-  if hi < gc.num_steps:
-    parts.append(_ode_steps(velocity, x_end, sigmas_host, lo=hi, hi=gc.num_steps, solver=gc.ode_solver)[None])
+  if start is not None:
+    parts.append(_ode_table(velocity, x_end, tables[1], start, gc.ode_solver)[None])
+  elif hi < gc.num_steps:
+    parts.append(_ode_segment(velocity, x_end, post_sigmas(gc, hi), gc.ode_solver)[None])
   return jnp.concatenate(parts, axis=0), lps
 
 
@@ -252,33 +398,77 @@ def _branches(gc: GRPOConfig, grouped: bool) -> int:
   return gc.group_size if gc.branch and grouped else 1
 
 
-def _ode_steps(velocity: Callable, x, sigmas: np.ndarray, *, lo: int, hi: int, solver: str):
-  """x after the deterministic steps lo..hi-1 of the rollout's sigmas; `velocity(x, k)` is the
-  guided velocity at step k. 'euler': `flow.ode_step`. 'unipc' / 'dpm++': the steps are one fresh
-  multistep run of the solver (`solvers.coefficients` over sigmas[lo..hi], first order at its
+def _multistep_rows(solver: str, sigmas: np.ndarray) -> np.ndarray:
+  """`solvers.coefficients` of one fresh multistep run over `sigmas`, a sigma of 1 taken as 1 - 1e-6."""
+  seg = np.array(sigmas, np.float64)
+  seg[0] = min(seg[0], 1.0 - 1e-6)
+  return solvers.coefficients(solver, seg.astype(np.float32))
+
+
+def _ode_segment(velocity: Callable, x, sigmas: np.ndarray, solver: str):
+  """x after the deterministic steps from sigmas[0] down to sigmas[-1] (host floats); `velocity(x,
+  sigma)` is the guided velocity. 'euler': `flow.ode_step`. 'unipc' / 'dpm++': the steps are one
+  fresh multistep run of the solver (`solvers.coefficients` over the sigmas, first order at its
   first and, with diffusers' lower_order_final, its last step; a sigma of 1 taken as 1 - 1e-6 in
   the coefficients, as diffusers' UniPC schedule does), on GRPO's sigma grid rather than the
   solver's own schedule, so the window's SDE steps fall on the steps the update recomputes."""
-  if hi <= lo:
+  if len(sigmas) < 2:
     return x
-  ks = jnp.arange(lo, hi)
+  sig = jnp.asarray(sigmas)
+  ks = jnp.arange(len(sigmas) - 1)
   if solvers.check_solver(solver) == "euler":
-    sig = jnp.asarray(sigmas)
-
     def euler(x, k):
-      return flow.ode_step(x, velocity(x, k).astype(jnp.float32), sig[k], sig[k + 1]), None
+      return flow.ode_step(x, velocity(x, sig[k]).astype(jnp.float32), sig[k], sig[k + 1]), None
     return jax.lax.scan(euler, x, ks)[0]
-  seg = np.array(sigmas[lo:hi + 1], np.float64)
-  seg[0] = min(seg[0], 1.0 - 1e-6)
-  rows = jnp.asarray(solvers.coefficients(solver, seg.astype(np.float32)))
+  rows = jnp.asarray(_multistep_rows(solver, sigmas))
 
   def multistep(carry, inp):
     x, x_last, m1, m2 = carry
     k, row = inp
-    x_next, x_c, m = solvers.step(row, x, velocity(x, k).astype(jnp.float32), x_last, m1, m2)
+    x_next, x_c, m = solvers.step(row, x, velocity(x, sig[k]).astype(jnp.float32), x_last, m1, m2)
     return (x_next, x_c, m, m1), None
   zeros = jnp.zeros_like(x)
   return jax.lax.scan(multistep, (x, zeros, zeros, zeros), (ks, rows))[0][0]
+
+
+def _segment_table(segments: list[np.ndarray], solver: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(sigmas (S, L + 1), coefficient rows (S, L, 9), steps (S,)) of S ODE segments padded to the
+  longest (L steps), as `_ode_segment` would take each; rows only for the multistep solvers."""
+  steps = np.array([len(s) - 1 for s in segments], np.int32)
+  longest = max(1, int(steps.max()))
+  sig = np.zeros((len(segments), longest + 1), np.float32)
+  rows = np.zeros((len(segments), longest, 9), np.float32)
+  for i, seg in enumerate(segments):
+    sig[i, :len(seg)] = seg
+    if solver != "euler" and len(seg) > 1:
+      rows[i, :len(seg) - 1] = _multistep_rows(solver, seg)
+  return sig, rows, steps
+
+
+def _window_tables(gc: GRPOConfig):
+  """The ODE segments before and after a window of `gc`'s size at every start 0..K - size
+  (`_segment_table`, indexed by the start): sigma_0..sigma_s, and `post_sigmas` from s + size."""
+  lo, hi = gc.sde_steps
+  sig = flow.sigma_schedule(gc.num_steps, gc.shift)
+  starts = range(gc.num_steps - (hi - lo) + 1)
+  return (_segment_table([sig[:s + 1] for s in starts], gc.ode_solver),
+          _segment_table([post_sigmas(gc, s + hi - lo) for s in starts], gc.ode_solver))
+
+
+def _ode_table(velocity: Callable, x, table, start, solver: str):
+  """`_ode_segment` on row `start` of a `_segment_table` (start traced): a loop of that row's steps."""
+  sig, rows, steps = (jnp.asarray(t)[start] for t in table)
+  if solvers.check_solver(solver) == "euler":
+    def euler(i, x):
+      return flow.ode_step(x, velocity(x, sig[i]).astype(jnp.float32), sig[i], sig[i + 1])
+    return jax.lax.fori_loop(0, steps, euler, x)
+
+  def multistep(i, carry):
+    x, x_last, m1, m2 = carry
+    x_next, x_c, m = solvers.step(rows[i], x, velocity(x, sig[i]).astype(jnp.float32), x_last, m1, m2)
+    return x_next, x_c, m, m1
+  zeros = jnp.zeros_like(x)
+  return jax.lax.fori_loop(0, steps, multistep, (x, zeros, zeros, zeros))[0]
 
 
 def group_advantages(rewards, group_size: int, eps: float = 1e-8, clip: float | None = None):
@@ -295,10 +485,10 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-8, clip: float | 
   return adv if clip is None else jnp.clip(adv, -clip, clip)
 
 
-def trained_steps(gc: GRPOConfig, rng: np.random.Generator) -> np.ndarray:
+def trained_steps(gc: GRPOConfig, rng: np.random.Generator, start: int | None = None) -> np.ndarray:
   """Indices k of the denoising steps whose log-probs are trained this iteration (inside the SDE
-  window, `gc.sde_steps`)."""
-  k = _candidates(config_utils.fields_of(gc))
+  window, `gc.sde_steps`, or the window at `start` this iteration: `window_start`)."""
+  k = _candidates(config_utils.fields_of(gc), start)
   if gc.train_steps == "fraction":
     k = np.sort(rng.choice(k, _fraction_count(gc, len(k)), replace=False))
   return k
@@ -309,26 +499,30 @@ def _fraction_count(gc: GRPOConfig, n: int) -> int:
 
 
 def num_trained_steps(gc: GRPOConfig) -> int:
-  """len(trained_steps(gc, rng)), the same for every rng."""
+  """len(trained_steps(gc, rng, start)), the same for every rng and every start of the schedule."""
   n = len(_candidates(config_utils.fields_of(gc)))
   return _fraction_count(gc, n) if gc.train_steps == "fraction" else n
 
 
-def dit_evaluations(gc: GRPOConfig, videos: int, *, update: bool = True, grouped: bool = True) -> dict:
+def dit_evaluations(gc: GRPOConfig, videos: int, *, update: bool = True, grouped: bool = True,
+                    start: int | None = None) -> dict:
   """The DiT evaluations of one iteration on `videos` rollouts, in video units: one video's latent
   through the DiT once, each CFG branch counted (x2 with guidance); the exact cache's condition
   pass, once per trajectory or minibatch, is not counted. Returns {'forward', 'backward'}.
 
-  rollout   every step of every video, SDE or ODE: K x branches x videos forwards; with
-            `gc.branch` and `grouped` rows (`rollout`) the steps before the window once per group
+  rollout   every step of every video, SDE or ODE, with the window at `start` (None: sde_window's):
+            (s + size + P) x branches x videos forwards, s steps before the window and P after it
+            (K - s - size, or fewer with `gc.ode_compress_ratio`: `post_sigmas`); with `gc.branch`
+            and `grouped` rows (`rollout`) the s steps before the window once per group
   update    (with `update`; a skipped one costs nothing) per pass over the videos, for each trained
             step: the policy's forward and backward and, with beta > 0, the reference's forward.
             The passes are `inner_epochs`, plus one when `recompute_log_probs` (the same compiled
             program with `apply` off, so it computes the backward and the KL too)
   """
   branches = 2 if gc.guidance_scale != 1.0 else 1
-  lo = gc.sde_steps[0]
-  forward = (lo * videos // _branches(gc, grouped) + (gc.num_steps - lo) * videos) * branches
+  lo, hi = _sde_steps(config_utils.fields_of(gc), start)
+  post = len(post_sigmas(gc, hi)) - 1
+  forward = (lo * videos // _branches(gc, grouped) + (hi - lo + post) * videos) * branches
   backward = 0
   if update:
     per_pass = num_trained_steps(gc) * branches * videos
@@ -405,7 +599,8 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
   the adapters off, so the reference costs no memory of its own.
 
   minibatch: xs (`gc.stored_states`, B, ...), log_probs (SDE window size, B), advantages (B,), cond,
-  uncond, as `rollout` stores them; ks are steps k of the whole trajectory, inside the SDE window.
+  uncond, as `rollout` stores them, and with a moving window (`gc.moving`) start, the int32 step
+  the window started at; ks are steps k of the whole trajectory, inside the SDE window.
   """
   from idcrafter_jax.training import metrics as metrics_lib
 
@@ -423,7 +618,7 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
       ref_condition = ref_condition._replace(value=jax.lax.stop_gradient(ref_condition.value))
 
     def loss_k(params, floats, k):
-      j = k - gc.sde_steps[0]  # the stored transitions start at the SDE window
+      j = k - (mb["start"] if gc.moving else gc.sde_steps[0])  # the stored transitions start at the SDE window
       x = jnp.take(mb["xs"], j, axis=0)
       x_next = jnp.take(mb["xs"], j + 1, axis=0)
       old = jnp.take(mb["log_probs"], j, axis=0)

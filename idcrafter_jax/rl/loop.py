@@ -54,8 +54,9 @@ class Cost:
   def __init__(self, gc: grpo.GRPOConfig):
     self.gc, self.totals = gc, dict.fromkeys(self.KEYS, 0.0)
 
-  def iteration(self, videos: int, seconds: float, *, updated: bool) -> None:
-    n = grpo.dit_evaluations(self.gc, videos, update=updated)
+  def iteration(self, videos: int, seconds: float, *, updated: bool, start: int | None = None) -> None:
+    """`start`: the SDE window's start this iteration (`grpo.window_start`; None: sde_window's)."""
+    n = grpo.dit_evaluations(self.gc, videos, update=updated, start=start)
     self._add(seconds, n["forward"], n["backward"], 0)
 
   def evaluation(self, videos: int, seconds: float) -> None:
@@ -106,7 +107,8 @@ class _Iteration:
     state = state.replace(step=state.step + 1)
     done = it + 1
     m["iter_seconds"] = time.perf_counter() - t0
-    self.cost.iteration(videos, m["iter_seconds"], updated="reward_nonfinite" not in um)
+    self.cost.iteration(videos, m["iter_seconds"], updated="reward_nonfinite" not in um,
+                        start=self.rollouts.window_start(it))
     m["skipped"] = int(state.skipped)
     if self.evaluate.due(done, self.end):
       m.update(evaluate_with_cost(self.evaluate, self.cost, done, state))
@@ -158,7 +160,8 @@ def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
   eval_set.restore(session.restored_meta)
   cost.restore(session.restored_meta)
   end = loop.end_step(config, int(state.step), max_steps)
-  rollouts = rollouts_lib.GroupRollouts(pipe, policy, gc, reward_fn, mesh=mesh, latent_tail=latent_tail)
+  rollouts = rollouts_lib.GroupRollouts(pipe, policy, gc, reward_fn, mesh=mesh, latent_tail=latent_tail,
+                                        seed=config.seed)
   session.memory.own(vae_on_mesh=rollouts.vae_params)
   update = update_lib.PolicyUpdate(pipe, tx, policy, gc, mesh=mesh, s_shard=s_shard, seed=config.seed)
   evaluate = evaluation.Evaluation(eval_set, rollouts, outputs.SampleVideos(workdir, config.sampling.fps),

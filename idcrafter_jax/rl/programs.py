@@ -2,8 +2,9 @@
 run compiles them (`aot/grpo_dryrun.py` lowers these same functions for a TPU topology).
 
   rollout    `grpo.rollout` for one latent shape: params, condition, unconditional condition and
-             key in; the stored trajectories (`GRPOConfig.stored_states`, B, ...) and the SDE
-             window's log-probs (size, B) out, split on B (all K steps without a window)
+             key in (and with a moving window, `GRPOConfig.moving`, the window's start: one program
+             for every start); the stored trajectories (`GRPOConfig.stored_states`, B, ...) and the
+             SDE window's log-probs (size, B) out, split on B (all K steps without a window)
   update     `grpo.make_update_step`: train state (donated), frozen reference, minibatch, the
              trained steps, whether to apply; the state keeps its shardings, metrics (and the
              minibatch's log-probs) are replicated
@@ -30,9 +31,12 @@ def condition_shardings(cond: dict, mesh) -> dict:
 def minibatch_shardings(mesh, mb: dict) -> dict:
   """Stored trajectories split on their batch axis (after the step axis), as `make_update_step` takes them."""
   c_shard = condition_shardings(mb["cond"], mesh)
-  return dict(xs=sharding.batch_sharding(mesh, len(mb["xs"].shape), axis=1),
-              log_probs=sharding.batch_sharding(mesh, 2, axis=1), advantages=sharding.batch_sharding(mesh, 1),
-              cond=c_shard, uncond=None if mb["uncond"] is None else c_shard)
+  out = dict(xs=sharding.batch_sharding(mesh, len(mb["xs"].shape), axis=1),
+             log_probs=sharding.batch_sharding(mesh, 2, axis=1), advantages=sharding.batch_sharding(mesh, 1),
+             cond=c_shard, uncond=None if mb["uncond"] is None else c_shard)
+  if "start" in mb:  # a moving window's start (replicated scalar)
+    out["start"] = sharding.replicated(mesh)
+  return out
 
 
 def trajectory_shardings(mesh, latent_ndim: int):
@@ -43,13 +47,19 @@ def trajectory_shardings(mesh, latent_ndim: int):
 def jit_rollout(velocity_fn: Callable, gc: grpo.GRPOConfig, mesh, p_shard, c_shard: dict, latent: tuple, *,
                 guided: bool, grouped: bool = True):
   """(params, cond, uncond, key) -> (xs, log_probs) for `latent`-shaped samples (batch first);
-  `grouped`: the rows are groups of G members (`grpo.rollout`)."""
+  `grouped`: the rows are groups of G members (`grpo.rollout`). With a moving window
+  (`gc.moving`) a fifth argument, the window's start (int32 scalar)."""
   rep = sharding.replicated(mesh)
+  in_shardings = (p_shard, c_shard, c_shard if guided else None, rep)
 
-  def rollout(p, c, u, k):  # named: compile logs and profiles show `jit(rollout)`
-    return grpo.rollout(velocity_fn, p, c, u, k, shape=latent, gc=gc, grouped=grouped)
-  return jax.jit(rollout, in_shardings=(p_shard, c_shard, c_shard if guided else None, rep),
-                 out_shardings=trajectory_shardings(mesh, len(latent)),
+  if gc.moving:
+    def rollout(p, c, u, k, start):  # named: compile logs and profiles show `jit(rollout)`
+      return grpo.rollout(velocity_fn, p, c, u, k, shape=latent, gc=gc, grouped=grouped, start=start)
+    in_shardings += (rep,)
+  else:
+    def rollout(p, c, u, k):
+      return grpo.rollout(velocity_fn, p, c, u, k, shape=latent, gc=gc, grouped=grouped)
+  return jax.jit(rollout, in_shardings=in_shardings, out_shardings=trajectory_shardings(mesh, len(latent)),
                  compiler_options=memory.loop_compiler_options(mesh))
 
 
@@ -65,6 +75,9 @@ def jit_take_minibatch(mb_shard: dict, mesh):
   """(rollouts, idx) -> the minibatch of rows `idx` (`rollouts` as `minibatch_shardings` describes)."""
   def take(rollouts, idx):
     rows = lambda tree: None if tree is None else jax.tree_util.tree_map(lambda x: x[idx], tree)
-    return dict(xs=rollouts["xs"][:, idx], log_probs=rollouts["log_probs"][:, idx],
-                advantages=rollouts["advantages"][idx], cond=rows(rollouts["cond"]), uncond=rows(rollouts["uncond"]))
+    out = dict(xs=rollouts["xs"][:, idx], log_probs=rollouts["log_probs"][:, idx],
+               advantages=rollouts["advantages"][idx], cond=rows(rollouts["cond"]), uncond=rows(rollouts["uncond"]))
+    if "start" in rollouts:
+      out["start"] = rollouts["start"]
+    return out
   return jax.jit(take, out_shardings=mb_shard)

@@ -63,8 +63,9 @@ class GroupRollouts:
   latents into R_total's components, and a call does all three for G rollouts per prompt of one
   data batch."""
 
-  def __init__(self, pipe, policy, gc: grpo.GRPOConfig, reward_fn, *, mesh, latent_tail: tuple):
+  def __init__(self, pipe, policy, gc: grpo.GRPOConfig, reward_fn, *, mesh, latent_tail: tuple, seed: int = 0):
     self.pipe, self.policy, self.gc, self.reward_fn, self.mesh = pipe, policy, gc, reward_fn, mesh
+    self.seed = seed  # the run's seed: a 'random' window's starts (`grpo.window_start`)
     self.latent_tail = latent_tail  # (F, H/8, W/8, C) of one sample
     self.guided = gc.guidance_scale != 1.0
     self.velocity = conditioning.velocity_fn(pipe.dit)
@@ -77,30 +78,44 @@ class GroupRollouts:
     """The policy's params in `state`, as the rollout takes them."""
     return self.policy.params(state)
 
-  def sample(self, params, cond: dict, null: dict, key, *, grouped: bool = True):
+  def window_start(self, it: int) -> int:
+    """The SDE window's start at iteration `it` (`grpo.window_start`)."""
+    return grpo.window_start(self.gc, it, self.seed)
+
+  def sample(self, params, cond: dict, null: dict, key, *, grouped: bool = True, start: int | None = None):
     """Rollouts of `params` from global conditions (B rows; `null` read only with guidance):
     trajectories (`grpo.GRPOConfig.stored_states`, B, F, h, w, C) and log-probs (SDE window size,
     B). `grouped`: the rows are groups of G members of one prompt (with `grpo.branch` they share
-    the steps before the window); the held-out evaluation's are not. A program per (shape,
-    whether branched)."""
+    the steps before the window); the held-out evaluation's are not. `start`: a moving window's
+    start (None: sde_window's, as the held-out evaluation takes it). A program per (shape,
+    whether branched), whatever the start."""
     shape = (cond["context"].shape[0],) + self.latent_tail
     branched = grouped and self.gc.branch
     if (shape, branched) not in self._programs:
       c_shard = programs.condition_shardings(cond, self.mesh)
       self._programs[shape, branched] = programs.jit_rollout(
           self.velocity, self.gc, self.mesh, self.policy.p_shard, c_shard, shape, guided=self.guided, grouped=branched)
-    return self._programs[shape, branched](params, cond, null if self.guided else None, key)
+    args = (params, cond, null if self.guided else None, key)
+    if self.gc.moving:
+      start = self.gc.sde_steps[0] if start is None else start
+      args += (distributed.from_full(np.int32(start), sharding.replicated(self.mesh)),)
+    return self._programs[shape, branched](*args)
 
   def __call__(self, it: int, state, raw: dict):
     """G rollouts per prompt of the data batch `raw` (this host's rows), with the noise of iteration
-    `it`. Returns (rollouts {xs, log_probs, cond, uncond}, reward components on every host as numpy)."""
+    `it` (and with a moving window its start this iteration, `window_start`). Returns (rollouts
+    {xs, log_probs, cond, uncond, and start with a moving window}, reward components on every host
+    as numpy)."""
     g = self.gc.group_size
     cond, null = (jax.device_get(grpo.repeat_groups(c, g)) for c in conditions(self.pipe, raw))
     with sharding.with_mesh_rules(self.mesh):
       cond, null = self.place(cond), self.place(null)
       key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), it)
-      xs, lps = self.sample(self.params(state), cond, null, key)
+      start = self.window_start(it)
+      xs, lps = self.sample(self.params(state), cond, null, key, start=start)
       rollouts = dict(xs=xs, log_probs=lps, cond=cond, uncond=null if self.guided else None)
+      if self.gc.moving:
+        rollouts["start"] = distributed.from_full(np.int32(start), sharding.replicated(self.mesh))
       return rollouts, self._rewards(xs, raw)
 
   def _rewards(self, xs, raw) -> dict:

@@ -17,7 +17,8 @@ from idcrafter_jax.rl import grpo, programs
 class PolicyUpdate:
   """(iteration, state, rollouts, rewards (B,)) -> (state, metrics). The minibatch order and the
   trained steps of iteration `it` are drawn from `np.random.default_rng([seed, it])`, the same on
-  every host."""
+  every host; with a moving window, inside the window at its start this iteration
+  (`grpo.window_start`, as the rollouts took it)."""
 
   def __init__(self, pipe, tx, policy, gc: grpo.GRPOConfig, *, mesh, s_shard, seed: int):
     self.policy, self.gc, self.mesh, self.s_shard, self.seed = policy, gc, mesh, s_shard, seed
@@ -51,13 +52,14 @@ class PolicyUpdate:
     take, update = self._update_programs(rollouts)
     rng = np.random.default_rng([self.seed, it])
     rep = sharding.replicated(self.mesh)
-    ks_host = np.asarray(grpo.trained_steps(gc, rng), np.int32)
+    start = grpo.window_start(gc, it, self.seed)
+    ks_host = np.asarray(grpo.trained_steps(gc, rng, start=start), np.int32)
     ks = distributed.from_full(ks_host, rep)
     perms = [rng.permutation(b) for _ in range(gc.inner_epochs)]
     minibatches = lambda perm: [distributed.from_full(perm[lo:lo + gc.minibatch].astype(np.int32), rep)
                                 for lo in range(0, b, gc.minibatch)]
     if gc.recompute_log_probs:
-      state, rollouts = self._recompute_log_probs(state, rollouts, ks, ks_host, minibatches(perms[0]))
+      state, rollouts = self._recompute_log_probs(state, rollouts, ks, ks_host - start, minibatches(perms[0]))
     mets = []
     for perm in perms:
       for idx in minibatches(perm):
@@ -67,13 +69,13 @@ class PolicyUpdate:
         mets.append(um)
     return state, {k: float(np.mean([x[k] for x in mets])) for k in mets[0]}
 
-  def _recompute_log_probs(self, state, rollouts, ks, ks_host, minibatches):
+  def _recompute_log_probs(self, state, rollouts, ks, rows, minibatches):
     """The old log-probs of the trained steps as the update program computes them with the
     rollout's params (the same program, `apply` off, over the first epoch's minibatches): on
-    policy the ratio is then exactly 1, in any compute dtype."""
+    policy the ratio is then exactly 1, in any compute dtype. `rows`: the trained steps' rows of
+    the stored log-probs, which start at the SDE window."""
     take, update = self._update_programs(rollouts)
     lps = distributed.to_numpy(rollouts["log_probs"]).copy()
-    rows = ks_host - self.gc.sde_steps[0]  # the stored log-probs start at the SDE window
     for idx in minibatches:
       state, um = update(state, self.policy.ref_params, take(rollouts, idx), ks, False)
       lps[np.ix_(rows, distributed.to_numpy(idx))] = np.asarray(jax.device_get(um["log_probs"]))
