@@ -1,4 +1,7 @@
-"""The Flow-GRPO training loop (seed A.2): prompts -> group rollouts -> rewards -> clipped updates, resumable.
+"""The RL training loop (seed A.2): prompts -> group rollouts -> rewards -> updates, resumable.
+
+The objective is `rl.algorithm`: 'flow_grpo' (Flow-GRPO's clipped updates, `grpo`, `rollouts`,
+`update`) or 'nft' (DiffusionNFT, `nft`, `nft_runner`); everything else here is shared.
 
 Each iteration takes one data batch of prompts (`data.global_batch_size`, with their subjects) from
 the data iterator, rolls out `grpo.group_size` videos per prompt and scores them (`rollouts`),
@@ -20,7 +23,7 @@ from idcrafter_jax import distributed, sharding
 from idcrafter_jax.data import synthetic
 from idcrafter_jax.inference.pipeline import latent_shape
 from idcrafter_jax.training import checkpoint as ckpt_lib, loop
-from idcrafter_jax.rl import (evaluation, grpo, outputs, policy as policy_lib, rollouts as rollouts_lib,
+from idcrafter_jax.rl import (evaluation, grpo, nft, outputs, policy as policy_lib, rollouts as rollouts_lib,
                               update as update_lib)
 
 
@@ -51,15 +54,17 @@ class Cost:
   """
   KEYS = ("cost/seconds", "cost/dit_forward", "cost/dit_backward", "cost/eval_dit_forward")
 
-  def __init__(self, gc: grpo.GRPOConfig):
+  def __init__(self, gc: grpo.GRPOConfig, nc: nft.NFTConfig | None = None):
+    """`nc`: a DiffusionNFT run, counted by `nft.dit_evaluations` (else `grpo.dit_evaluations`)."""
     self.gc, self.totals = gc, dict.fromkeys(self.KEYS, 0.0)
+    self._count = grpo.dit_evaluations if nc is None else (lambda gc, *a, **k: nft.dit_evaluations(nc, gc, *a, **k))
 
   def iteration(self, videos: int, seconds: float, *, updated: bool) -> None:
-    n = grpo.dit_evaluations(self.gc, videos, update=updated)
+    n = self._count(self.gc, videos, update=updated)
     self._add(seconds, n["forward"], n["backward"], 0)
 
   def evaluation(self, videos: int, seconds: float) -> None:
-    n = grpo.dit_evaluations(self.gc, videos, update=False, grouped=False)["forward"]
+    n = self._count(self.gc, videos, update=False, grouped=False)["forward"]
     self._add(seconds, n, 0, n)
 
   def _add(self, *amounts) -> None:
@@ -124,13 +129,15 @@ def evaluate_with_cost(evaluate: evaluation.Evaluation, cost: Cost, step: int, s
   return stats
 
 
-def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps):
-  """Data, models, mesh, rewards, eval set, sharded state (resumed) -> (state, `_Iteration`)."""
+def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps, nc=None):
+  """Data, models, mesh, rewards, eval set, sharded state (resumed) -> (state, `_Iteration`).
+  `nc`: a DiffusionNFT run (`rl/nft.py`): its rollouts and update, and the old policy in the
+  train state's `ema_params` (a copy of the params at the start, checkpointed with them)."""
   from idcrafter_jax import data as data_lib
   if data_iterator is None or eval_batches is None:
     synthetic.prepare_data(config, workdir)
   ckpt_lib.save_config(workdir, config)
-  warning = gc.log_prob_warning(config.model.dtype)
+  warning = gc.log_prob_warning(config.model.dtype) if nc is None else None
   if warning and distributed.is_primary():
     print(f"warning: {warning}")
   load_vlm = loop.needs_vlm(config, [None, config.data.eval_split], data_iterator or eval_batches)
@@ -149,8 +156,9 @@ def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
     with sharding.with_mesh_rules(mesh):
       policy = policy_lib.Policy(config, pipe, boxed, mesh)
       key = jax.random.fold_in(jax.random.key(config.seed), 2)
-      state, s_shard = loop.sharded_state(policy.trainable, tx, key, policy.boxed_trainable, mesh, ema=False)
-    cost = Cost(gc)
+      state, s_shard = loop.sharded_state(policy.trainable, tx, key, policy.boxed_trainable, mesh,
+                                            ema=nc is not None)
+    cost = Cost(gc, nc)
     session.meta_fn = lambda: {**eval_set.meta(), **cost.meta()}  # checkpoints keep the eval baseline and the cost
     state = session.resume(state, data_iterator)
     session.own_state(state)
@@ -158,9 +166,14 @@ def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
   eval_set.restore(session.restored_meta)
   cost.restore(session.restored_meta)
   end = loop.end_step(config, int(state.step), max_steps)
-  rollouts = rollouts_lib.GroupRollouts(pipe, policy, gc, reward_fn, mesh=mesh, latent_tail=latent_tail)
+  if nc is None:
+    rollouts = rollouts_lib.GroupRollouts(pipe, policy, gc, reward_fn, mesh=mesh, latent_tail=latent_tail)
+    update = update_lib.PolicyUpdate(pipe, tx, policy, gc, mesh=mesh, s_shard=s_shard, seed=config.seed)
+  else:
+    from idcrafter_jax.rl import nft_runner
+    rollouts = nft_runner.NFTRollouts(pipe, policy, gc, nc, reward_fn, mesh=mesh, latent_tail=latent_tail)
+    update = nft_runner.NFTUpdate(pipe, tx, policy, gc, nc, mesh=mesh, s_shard=s_shard, seed=config.seed)
   session.memory.own(vae_on_mesh=rollouts.vae_params)
-  update = update_lib.PolicyUpdate(pipe, tx, policy, gc, mesh=mesh, s_shard=s_shard, seed=config.seed)
   evaluate = evaluation.Evaluation(eval_set, rollouts, outputs.SampleVideos(workdir, config.sampling.fps),
                                    every=config.grpo.eval_every, num_videos=config.grpo.sample_videos)
   iteration = _Iteration(data_iterator, rollouts, update, evaluate, session, cost, end=end,
@@ -173,15 +186,18 @@ def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
 
 def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_steps: int | None = None,
         progress: bool = True):
-  """Runs GRPO until `train.steps` iterations (or `max_steps` more). Returns the final state.
+  """Runs GRPO (`rl.algorithm`: 'flow_grpo', or 'nft' for DiffusionNFT) until `train.steps`
+  iterations (or `max_steps` more). Returns the final state. A bad `rl` or `nft` value raises
+  ValueError before anything is built.
   On several processes each host reads its slice of every iteration's prompts
   (`data.global_batch_size / process_count`); the numbers equal a one-process run's. The workdir
   is locked first (`run_lock.RunLock`), so a second run on it changes nothing there."""
   gc = grpo.GRPOConfig.from_config(config.grpo)
+  nc = nft.NFTConfig.from_config(config.nft) if nft.algorithm(config) == "nft" else None
   distributed.maybe_initialize_distributed(watch_hosts=True)
   session = loop.TrainSession(workdir, config.train, "grpo")  # the workdir's lock first
   try:
-    state, iteration = _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
+    state, iteration = _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps, nc)
   except BaseException as e:
     session.abort(e)
     raise

@@ -77,6 +77,10 @@ class GroupRollouts:
     """The policy's params in `state`, as the rollout takes them."""
     return self.policy.params(state)
 
+  def rollout_params(self, state):
+    """The params that sample an iteration's rollouts (the policy; DiffusionNFT's: the old policy)."""
+    return self.params(state)
+
   def sample(self, params, cond: dict, null: dict, key, *, grouped: bool = True):
     """Rollouts of `params` from global conditions (B rows; `null` read only with guidance):
     trajectories (`grpo.GRPOConfig.stored_states`, B, F, h, w, C) and log-probs (SDE window size,
@@ -99,7 +103,7 @@ class GroupRollouts:
     with sharding.with_mesh_rules(self.mesh):
       cond, null = self.place(cond), self.place(null)
       key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), it)
-      xs, lps = self.sample(self.params(state), cond, null, key)
+      xs, lps = self.sample(self.rollout_params(state), cond, null, key)
       rollouts = dict(xs=xs, log_probs=lps, cond=cond, uncond=null if self.guided else None)
       return rollouts, self._rewards(xs, raw)
 
