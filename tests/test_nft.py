@@ -183,3 +183,26 @@ def test_nft_loop_logs_the_cost_and_resumes_the_policy_and_the_old_policy_exactl
   assert cost(b) == cost(a)
   assert [r["reward/total"] for r in train_rows] == [r["reward/total"] for r in metrics.read_metrics(b)
                                                      if "reward/total" in r]
+
+
+def test_rollouts_may_take_a_step_cache_and_the_cost_counts_the_evaluations_they_ran():
+  """Without a cache the rollout runs K DiT evaluations and is `sample_ode`'s trajectory; with
+  EasyCache at a large threshold it skips steps, and the loop's cost counts what ran."""
+  from idcrafter_jax.rl import grpo, loop as rl_loop
+  from idcrafter_jax.sampling import sampler
+  rng = np.random.default_rng(2)
+  params = {"W": np.eye(2, dtype=np.float32) * 0.5, "b": np.zeros(2, np.float32), "u": np.ones(2, np.float32)}
+  cond = {"c": rng.standard_normal((3, 2)).astype(np.float32)}
+  go = lambda nc: nft.rollout(_linear, params, cond, jax.random.key(0), shape=(3, 4, 2), num_steps=8, shift=3.0, nc=nc)
+  x, evals = go(nft.NFTConfig())
+  want = sampler.sample_ode(_linear, params, jax.random.normal(jax.random.key(0), (3, 4, 2)), cond, num_steps=8,
+                            shift=3.0, solver="dpm++")
+  np.testing.assert_array_equal(np.asarray(x), np.asarray(want))
+  assert float(evals) == 8
+  x_c, evals_c = go(nft.NFTConfig(cache="easycache", cache_threshold=10.0, cache_warmup=2))
+  assert 2 < float(evals_c) < 8 and np.all(np.isfinite(np.asarray(x_c)))
+  cost = rl_loop.Cost(grpo.GRPOConfig(num_steps=3), nft.NFTConfig())
+  cost.iteration(4, 1.0, updated=True, rollout_forward=7.0)  # 7 measured in place of 3 x 4
+  cost.evaluation(8, 1.0, forward=20.0)
+  assert cost.row() == {"cost/seconds": 2.0, "cost/dit_forward": 36 - 12 + 7 + 20, "cost/dit_backward": 8,
+                        "cost/eval_dit_forward": 20}

@@ -59,12 +59,16 @@ class Cost:
     self.gc, self.totals = gc, dict.fromkeys(self.KEYS, 0.0)
     self._count = grpo.dit_evaluations if nc is None else (lambda gc, *a, **k: nft.dit_evaluations(nc, gc, *a, **k))
 
-  def iteration(self, videos: int, seconds: float, *, updated: bool) -> None:
+  def iteration(self, videos: int, seconds: float, *, updated: bool, rollout_forward: float | None = None) -> None:
+    """`rollout_forward`: the rollouts' DiT evaluations as measured (a step cache), in place of
+    the closed form's."""
     n = self._count(self.gc, videos, update=updated)
+    if rollout_forward is not None:
+      n["forward"] += rollout_forward - self._count(self.gc, videos, update=False)["forward"]
     self._add(seconds, n["forward"], n["backward"], 0)
 
-  def evaluation(self, videos: int, seconds: float) -> None:
-    n = self._count(self.gc, videos, update=False, grouped=False)["forward"]
+  def evaluation(self, videos: int, seconds: float, forward: float | None = None) -> None:
+    n = self._count(self.gc, videos, update=False, grouped=False)["forward"] if forward is None else forward
     self._add(seconds, n, 0, n)
 
   def _add(self, *amounts) -> None:
@@ -111,7 +115,8 @@ class _Iteration:
     state = state.replace(step=state.step + 1)
     done = it + 1
     m["iter_seconds"] = time.perf_counter() - t0
-    self.cost.iteration(videos, m["iter_seconds"], updated="reward_nonfinite" not in um)
+    self.cost.iteration(videos, m["iter_seconds"], updated="reward_nonfinite" not in um,
+                        rollout_forward=self.rollouts.take_forwards())
     m["skipped"] = int(state.skipped)
     if self.evaluate.due(done, self.end):
       m.update(evaluate_with_cost(self.evaluate, self.cost, done, state))
@@ -125,7 +130,7 @@ def evaluate_with_cost(evaluate: evaluation.Evaluation, cost: Cost, step: int, s
   """The held-out evaluation's stats, its seconds and DiT evaluations added to `cost`."""
   t0 = time.perf_counter()
   stats = evaluate(step, state)
-  cost.evaluation(evaluate.eval_set.videos, time.perf_counter() - t0)
+  cost.evaluation(evaluate.eval_set.videos, time.perf_counter() - t0, evaluate.rollouts.take_forwards())
   return stats
 
 

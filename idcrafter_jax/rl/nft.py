@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from idcrafter_jax.models import config_utils, lora
-from idcrafter_jax.sampling import sampler, solvers
+from idcrafter_jax.sampling import sampler, solvers, step_cache
 
 ALGORITHMS = ("flow_grpo", "nft")
 # `return_decay(step, decay_type)` of train_nft_sd3.py: (flat, uprate, uphold); d = 0 for the first
@@ -46,7 +46,8 @@ RULES = {
     "adv_clip_max": config_utils.number(0, lo_open=True), "kl_beta": config_utils.number(0),
     "timestep_fraction": config_utils.number(0, 1, lo_open=True),
     "decay_type": config_utils.one_of(tuple(DECAY_TYPES)), "solver": config_utils.one_of(solvers.SOLVERS),
-    "global_std": config_utils.BOOL,
+    "global_std": config_utils.BOOL, "cache": config_utils.one_of(("none", "easycache")),
+    "cache_threshold": config_utils.number(0), "cache_warmup": config_utils.integer(0),
 }
 RL_RULES = {"algorithm": config_utils.one_of(ALGORITHMS)}
 
@@ -63,6 +64,12 @@ class NFTConfig:
   decay_type: int = 1  # config.decay_type: the old policy's decay schedule (`DECAY_TYPES`)
   solver: str = "dpm++"  # config.sample.solver 'dpm2' (DPM-Solver++ 2M); 'euler' | 'unipc' | 'dpm++'
   global_std: bool = True  # config.sample.global_std: the advantage std over the whole batch, not the group
+  # a step cache in the rollouts (ours; the authors use none): 'none' | 'easycache' with its
+  # threshold and warm-up (`sampling/step_cache.py`, EasyCache's defaults). Not 'cfg' (no CFG
+  # here) nor 'magcache' (its curve is calibrated once, and the policy moves every iteration)
+  cache: str = "none"
+  cache_threshold: float = 0.05
+  cache_warmup: int = 5
 
   def __post_init__(self):
     config_utils.check(config_utils.rule_problems(config_utils.fields_of(self), RULES, "nft."))
@@ -71,6 +78,11 @@ class NFTConfig:
   def from_config(cls, c) -> "NFTConfig":
     """From the `nft` section (an unknown key is an error naming it)."""
     return config_utils.from_dict(cls, dict(c), what="nft")
+
+  @property
+  def step_cache(self) -> step_cache.StepCache:
+    """The rollouts' step cache (`sampler.sample_ode`)."""
+    return step_cache.StepCache(cache=self.cache, cache_threshold=self.cache_threshold, cache_warmup=self.cache_warmup)
 
   def trained_timesteps(self, num_steps: int) -> int:
     """Timesteps trained per sample and pass: int(K x timestep_fraction), as train_nft_sd3.py's
@@ -141,12 +153,13 @@ def update_old(old, params, d):
 
 
 def rollout(velocity_fn: Callable, params, cond, key, *, shape, num_steps: int, shift: float, nc: NFTConfig):
-  """Final latents x_0 (B, ...) float32 of an ODE rollout from x_1 ~ N(0, I) drawn from `key`:
-  `sampler.sample_ode` with `nc.solver` on its own schedule (`solvers.schedule`), no guidance.
+  """(final latents x_0 (B, ...) float32, DiT evaluations in batches) of an ODE rollout from
+  x_1 ~ N(0, I) drawn from `key`: `sampler.sample_ode` with `nc.solver` on its own schedule
+  (`solvers.schedule`), no guidance, with `nc.step_cache` (K evaluations without one).
   train_nft_sd3.py samples with `deterministic=True, solver='dpm2'`, guidance 1.0."""
   noise = jax.random.normal(key, shape, jnp.float32)
   return sampler.sample_ode(velocity_fn, params, noise, cond, None, num_steps=num_steps, shift=shift,
-                            guidance_scale=1.0, solver=nc.solver)
+                            guidance_scale=1.0, solver=nc.solver, cache=nc.step_cache, with_evals=True)
 
 
 def rollout_timesteps(nc: NFTConfig, num_steps: int, shift: float) -> np.ndarray:
@@ -163,7 +176,8 @@ def draw_timesteps(rng: np.random.Generator, timesteps: np.ndarray, n: int, batc
 
 def dit_evaluations(nc: NFTConfig, gc, videos: int, *, update: bool = True, grouped: bool = True) -> dict:
   """The DiT evaluations of one iteration on `videos` rollouts, in video units (as
-  `grpo.dit_evaluations`; no CFG, so one branch): the rollout K forwards a video; the update, per
+  `grpo.dit_evaluations`; no CFG, so one branch): the rollout K forwards a video (with a step
+  cache the loop counts the evaluations it ran instead, `nft_runner.NFTRollouts`); the update, per
   inner epoch and trained timestep of each video, the policy's forward and backward, the old
   policy's forward and, with kl_beta > 0, the reference's. `gc`: the `grpo` section's config
   (num_steps, inner_epochs); `grouped` has no effect (rollouts do not branch)."""

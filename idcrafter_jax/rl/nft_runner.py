@@ -25,6 +25,8 @@ class NFTRollouts(rollouts_lib.GroupRollouts):
   def __init__(self, pipe, policy, gc: grpo.GRPOConfig, nc: nft.NFTConfig, reward_fn, *, mesh, latent_tail: tuple):
     super().__init__(pipe, policy, gc, reward_fn, mesh=mesh, latent_tail=latent_tail)
     self.nc, self.guided = nc, False  # DiffusionNFT samples without guidance
+    self.cached = nc.step_cache.active(False)
+    self._forwards = 0.0  # with a step cache: the DiT evaluations run since `take_forwards`, in videos
 
   def rollout_params(self, state):
     return self.policy.old_params(state)
@@ -36,7 +38,18 @@ class NFTRollouts(rollouts_lib.GroupRollouts):
     if shape not in self._programs:
       self._programs[shape] = programs.jit_nft_rollout(self.velocity, self.nc, self.gc, self.mesh, self.policy.p_shard,
                                                        programs.condition_shardings(cond, self.mesh), shape)
-    return self._programs[shape](params, cond, key), None
+    xs, evals = self._programs[shape](params, cond, key)
+    if self.cached:  # a data-dependent count: read back (the rewards wait on the rollout anyway)
+      self._forwards += float(jax.device_get(evals)) * shape[0]
+    return xs, None
+
+  def take_forwards(self) -> float | None:
+    """The DiT evaluations (video units) the rollouts ran since the last call, with a step cache;
+    None without one (the cost's closed form counts them)."""
+    if not self.cached:
+      return None
+    out, self._forwards = self._forwards, 0.0
+    return out
 
 
 class NFTUpdate:

@@ -79,15 +79,17 @@ def nft_minibatch_shardings(mesh, mb: dict) -> dict:
 
 
 def jit_nft_rollout(velocity_fn: Callable, nc, gc: grpo.GRPOConfig, mesh, p_shard, c_shard: dict, latent: tuple):
-  """(params, cond, key) -> xs (1, B, ...): the final latents of `nft.rollout` (kept as a
-  one-state trajectory, so the loop and the evaluation read xs[-1] as for Flow-GRPO)."""
+  """(params, cond, key) -> (xs (1, B, ...), DiT evaluations in batches): the final latents of
+  `nft.rollout` (kept as a one-state trajectory, so the loop and the evaluation read xs[-1] as for
+  Flow-GRPO) and how many batch forwards it ran (fewer than K with a step cache)."""
   from idcrafter_jax.rl import nft
   rep = sharding.replicated(mesh)
 
   def rollout(p, c, k):  # named as Flow-GRPO's: compile logs and profiles show `jit(rollout)`
-    return nft.rollout(velocity_fn, p, c, k, shape=latent, num_steps=gc.num_steps, shift=gc.shift, nc=nc)[None]
+    x, evals = nft.rollout(velocity_fn, p, c, k, shape=latent, num_steps=gc.num_steps, shift=gc.shift, nc=nc)
+    return x[None], evals
   return jax.jit(rollout, in_shardings=(p_shard, c_shard, rep),
-                 out_shardings=sharding.batch_sharding(mesh, len(latent) + 1, axis=1))
+                 out_shardings=(sharding.batch_sharding(mesh, len(latent) + 1, axis=1), rep))
 
 
 def jit_nft_update(step: Callable, s_shard, r_shard, mb_shard: dict, mesh):

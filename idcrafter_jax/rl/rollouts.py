@@ -77,6 +77,11 @@ class GroupRollouts:
     """The policy's params in `state`, as the rollout takes them."""
     return self.policy.params(state)
 
+  def take_forwards(self):
+    """The DiT evaluations the rollouts ran since the last call where they are measured (a step
+    cache, `nft_runner.NFTRollouts`); None: the cost's closed form counts them."""
+    return None
+
   def rollout_params(self, state):
     """The params that sample an iteration's rollouts (the policy; DiffusionNFT's: the old policy)."""
     return self.params(state)
