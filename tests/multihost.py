@@ -196,8 +196,9 @@ def tiny_grpo_config(spec: dict):
   c.train.update(steps=spec["steps"], lr=1e-4, log_every=1, ckpt_every=spec.get("ckpt_every", 2), async_ckpt=False)
   if spec.get("lora"):
     c.model.lora_rank = 4
-  if spec.get("nft"):
+  if spec.get("nft"):  # 3 of the 6 timesteps a sample, to keep the run within Flow-GRPO's time
     c.rl.algorithm = "nft"
+    c.nft.timestep_fraction = 0.5
   # a host-side scorer (numpy, like the Qwen2.5-VL rewards) beside the on-device ones
   c.reward.quality = {"temporal_consistency": 0.4, "contrast": 0.4, "host_brightness": 0.2}
   return c
