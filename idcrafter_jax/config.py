@@ -2,7 +2,7 @@
 
 Model sizes come from one table, `models.wan_dit.WAN_VARIANTS`, copied from Table S.1 of the seed
 and the Wan 2.1 release. Every default is written once: the sections that a dataclass reads (`model` ->
-`WanConfig` / `IDCrafterConfig`, `grpo` -> `GRPOConfig`, `data`, `reward_models`) take their
+`WanConfig` / `IDCrafterConfig`, `grpo` -> `GRPOConfig`, `nft` -> `NFTConfig`, `data`, `reward_models`) take their
 defaults from that dataclass or module, and this file adds only what is a run's choice. Every
 key here is read by some part of the package; unknown keys are an error where a section is
 turned into a dataclass (`WanConfig.from_dict`, `GRPOConfig.from_config`). The rules of each
@@ -23,7 +23,7 @@ import ml_collections
 from idcrafter_jax import data
 from idcrafter_jax.inference import conditioning
 from idcrafter_jax.models import idcrafter, wan_dit, wan_vae
-from idcrafter_jax.rl import grpo, reward_models
+from idcrafter_jax.rl import grpo, nft, reward_models
 from idcrafter_jax.sampling import step_cache
 
 # Table S.3 of the seed: AdamW, policy learning rate 1e-5, betas (0.9, 0.95), eps 1e-8, max
@@ -132,6 +132,8 @@ def base_config(variant: str, text_dim: int = wan_dit.TEXT_DIM["qwen2_5_vl_7b"])
   c.data = data_config()
   c.train = train_config()
   c.grpo = grpo_config()
+  c.rl = rl_config()
+  c.nft = nft_config()
   c.reward = reward_config()
   c.reward_models = reward_models.default_config()  # checkpoint folders of the network rewards
   return c
@@ -168,6 +170,19 @@ def grpo_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       dataclass_defaults(grpo.GRPOConfig),
       eval_every=20, eval_prompts=8, eval_seed=1234, sample_videos=2))
+
+
+def rl_config() -> ml_collections.ConfigDict:
+  """The RL objective a `train.mode='grpo'` run trains with: 'flow_grpo' (seed A.2, the `grpo`
+  section) or 'nft' (DiffusionNFT, `rl/nft.py`: the `nft` section, and `grpo`'s group_size,
+  num_steps, shift, minibatch, inner_epochs and eval_* keys)."""
+  return ml_collections.ConfigDict(dict(algorithm="flow_grpo"))
+
+
+def nft_config() -> ml_collections.ConfigDict:
+  """DiffusionNFT: `NFTConfig`'s defaults (`rl/nft.py`, the authors' config/nft.py); read when
+  `rl.algorithm` is 'nft'."""
+  return ml_collections.ConfigDict(dataclass_defaults(nft.NFTConfig))
 
 
 def reward_config() -> ml_collections.ConfigDict:

@@ -6,7 +6,7 @@ once, beside what owns it, and only gathered here: `model` / `hipa` (`IDCrafterC
 `WanConfig.problems`), `vlm` / `subjects` (`inference.conditioning`), `sampling`
 (`sampling.config`: solvers, frames 1 + 4k, sizes the Wan VAE and DiT accept), `mesh`
 (`sharding.mesh_problems`), `data` (`data.pipeline`), `train` (`training.train_state`), `grpo`
-(`rl.grpo`), `reward` (`rl.rewards`), `reward_models` (`rl.reward_models`). Added here: what spans
+(`rl.grpo`), `rl` / `nft` (`rl.nft`), `reward` (`rl.rewards`), `reward_models` (`rl.reward_models`). Added here: what spans
 sections (the global batch over the processes and the mesh's batch shards, the networks the
 rewards need, `train.mode` against the mode, no quantised weights in a training run), folders that
 must exist (and, for a generate run with `sampling.cache='magcache'`, the model's curve beside its
@@ -172,8 +172,9 @@ def _data(chk: _Check, mode: str, devices: int | None, process_count: int, check
 def _grpo(chk: _Check, devices: int | None, process_count: int) -> None:
   """GRPO settings, the rollout and minibatch over the batch shards, the reward terms and the
   networks they need."""
-  from idcrafter_jax.rl import grpo, reward_models, rewards
+  from idcrafter_jax.rl import grpo, nft, reward_models, rewards
   chk.extend(grpo.problems(chk.section("grpo")))
+  chk.extend(nft.problems(chk.section("rl"), chk.section("nft"), chk.get("grpo.num_steps")))
   if chk.ok("data.global_batch_size", "grpo.group_size", "grpo.minibatch"):
     chk.extend(grpo.batch_problems(chk.get("data.global_batch_size"), chk.get("grpo.group_size"),
                                    chk.get("grpo.minibatch"), sharding.batch_shards(chk.section("mesh"), devices),

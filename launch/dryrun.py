@@ -20,7 +20,8 @@ generation for `--program sft`, as a Flow-GRPO run for the GRPO programs.
 rollout of `--rollout_batch` videos (default: Table S.3's 32, rounded up to the batch shards) and
 one update on `--minibatch` trajectories (default: one per batch shard), each with the Wan VAE,
 Qwen2.5-VL 7B and the reward networks' params counted as resident; `--config.model.lora_rank=R`
-compiles the LoRA update (adapters trained, the frozen base as the reference):
+compiles the LoRA update (adapters trained, the frozen base as the reference);
+`--config.rl.algorithm=nft` compiles DiffusionNFT's ODE rollout and update instead:
 
   python launch/dryrun.py --config configs/wan2_1_14b.py --topology v5p:2x2x2 --program grpo \
       --height 480 --width 832 --config.model.attention_impl=pallas

@@ -184,7 +184,8 @@ def sft_params(spec: dict, process_index: int):
 
 def tiny_grpo_config(spec: dict):
   """configs/tiny.py:grpo on an 8-way data mesh: 4 prompts x 8 videos per iteration, 2 minibatches
-  of 16, 8 held-out prompts; `spec["lora"]`: LoRA rank 4 (adapters only)."""
+  of 16, 8 held-out prompts; `spec["lora"]`: LoRA rank 4 (adapters only); `spec["nft"]`: the
+  DiffusionNFT objective (`rl.algorithm='nft'`)."""
   from configs import tiny
   c = tiny.get_config("grpo")
   c.mesh.update(data=-1, fsdp=1)
@@ -195,6 +196,9 @@ def tiny_grpo_config(spec: dict):
   c.train.update(steps=spec["steps"], lr=1e-4, log_every=1, ckpt_every=spec.get("ckpt_every", 2), async_ckpt=False)
   if spec.get("lora"):
     c.model.lora_rank = 4
+  if spec.get("nft"):  # 3 of the 6 timesteps a sample, to keep the run within Flow-GRPO's time
+    c.rl.algorithm = "nft"
+    c.nft.timestep_fraction = 0.5
   # a host-side scorer (numpy, like the Qwen2.5-VL rewards) beside the on-device ones
   c.reward.quality = {"temporal_consistency": 0.4, "contrast": 0.4, "host_brightness": 0.2}
   return c
@@ -209,15 +213,18 @@ def _register_host_side_reward():
 
 
 def grpo_params(spec: dict, process_index: int):
-  """Flow-GRPO on the tiny config; returns the final trained params (the adapters with LoRA),
-  gathered to every host, by path. `spec["sigterm"] = [process, step]` as `sft_params`."""
+  """Flow-GRPO (or DiffusionNFT) on the tiny config; returns the final trained params (the adapters
+  with LoRA), and NFT's old policy under 'old/', gathered to every host, by path. `spec["sigterm"] = [process, step]` as `sft_params`."""
   import signal
   if spec.get("sigterm") and spec["sigterm"][0] == process_index:
     _signal_after(spec["sigterm"][1], signal.SIGTERM)
   from idcrafter_jax.rl import loop as rl_loop
   _register_host_side_reward()
   state = rl_loop.run(tiny_grpo_config(spec), spec["workdir"], max_steps=spec.get("max_steps"), progress=False)
-  return _gathered(state.params)
+  out = _gathered(state.params)
+  if state.ema_params is not None:
+    out.update({f"old/{k}": v for k, v in _gathered(state.ema_params).items()})
+  return out
 
 
 def _gathered(params) -> dict:

@@ -73,7 +73,7 @@ def test_every_unset_value_can_be_set_from_the_command_line(module, arg):
   c = module.get_config(arg)
   unset = _unset(c)
   assert unset
-  sample = {str: "/tmp/some folder", int: "3", tuple: "(8, 8)"}
+  sample = {str: "/tmp/some folder", int: "3", float: "0.5", tuple: "(8, 8)"}
   spec = module.__file__ if arg is None else f"{module.__file__}:{arg}"
   argv = ["prog", "--config", spec]
   for key in unset:

@@ -95,6 +95,20 @@ def test_cpu_rollout_compiles_and_bad_batches_fail_before_compiling():
   assert grpo_dryrun.default_batches(c, dict(data=2, fsdp=2, sequence=1, tensor=1)) == (32, 4)
 
 
+def test_nft_programs_compile_when_the_config_selects_nft():
+  """`rl.algorithm='nft'`: the same entry points compile DiffusionNFT's ODE rollout and its LoRA
+  update (the old policy in the donated state), with NFT's analytic FLOPs (no CFG)."""
+  c = _config(lora_rank=4)
+  c.rl.algorithm = "nft"
+  devices = jax.devices("cpu")[:4]
+  r = grpo_dryrun.compile_rollout(c, _shape(c), devices, rollout_batch=8, resident=0)
+  assert r.error is None and r.program == "nft_rollout", r.error
+  u = grpo_dryrun.compile_update(c, _shape(c), devices, minibatch=4, resident=0)
+  assert u.error is None and u.program == "nft_update" and u.alias_bytes > 0, u.error
+  # 3 trained timesteps of 4 (int(4 x 0.99)), each 3 (policy fwd + bwd) + old + reference passes
+  assert u.analytic_flops > 0 and r.analytic_flops > 0
+
+
 def test_resident_networks_are_counted_per_chip_from_their_shardings():
   c = _config()
   mesh1 = sharding.make_mesh(dict(data=1, fsdp=1, sequence=1, tensor=1), jax.devices("cpu")[:1])

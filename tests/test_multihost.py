@@ -133,32 +133,40 @@ def test_evaluation_splits_the_ids_over_hosts_and_merges_them_on_process_zero(tm
 
 GRPO_LOGGED = ("reward/total", "reward/qual/host_brightness", "reward/std", "adv/std", "adv/abs_max", "loss",
                "ratio", "clip_frac", "grad_norm")
+NFT_LOGGED = ("reward/total", "reward/qual/host_brightness", "reward/std", "adv/std", "adv/abs_max", "r/mean", "loss",
+              "positive_loss", "negative_loss", "old_deviate", "kl", "grad_norm", "old_decay")
 
 
 def _grpo_run(tmp_path, name, n, devices, lora, **extra):
+  """`lora`: the LoRA run, which trains with DiffusionNFT (`rl.algorithm='nft'`), so NFT and LoRA
+  both keep their multi-host coverage in one run."""
   workdir = str(tmp_path / name)
   os.makedirs(workdir, exist_ok=True)
   spec = dict(target="multihost:grpo_params", workdir=workdir, out=os.path.join(workdir, "params.npz"),
-              steps=2, ckpt_every=2, lora=lora, **extra)
+              steps=2, ckpt_every=2, lora=lora, nft=lora, **extra)
   codes = multihost.run_processes(n, devices, spec, workdir, timeout=900)
   return codes, workdir, spec["out"]
 
 
-def _assert_grpo_rows_match(rows, ref_rows):
+def _assert_grpo_rows_match(rows, ref_rows, nft=False):
   assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == [0, 1, 2]
-  for key in GRPO_LOGGED + ("eval/reward_mean",):
+  for key in (NFT_LOGGED if nft else GRPO_LOGGED) + ("eval/reward_mean",):
     got, want = [r.get(key) for r in rows], [r.get(key) for r in ref_rows]
     # advantages divide by the group's reward std (~0.02): 1e-8 of reward rounding becomes ~2e-6
     atol = 1e-5 if key.startswith("adv/") else 2e-6
     np.testing.assert_allclose(np.asarray(got, float), np.asarray(want, float), atol=atol, rtol=0, err_msg=key)
-  assert rows[1]["adv/std"] > 0.9 and rows[1]["grad_norm"] > 0  # a real update ran
+  if nft:  # a real update ran, and the old policy moved from the current one after the first minibatch
+    assert rows[1]["adv/std"] > 0.1 and rows[1]["grad_norm"] > 0 and rows[2]["old_deviate"] > 0, rows
+  else:
+    assert rows[1]["adv/std"] > 0.9 and rows[1]["grad_norm"] > 0  # a real update ran
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["through_a_preemption", "lora"])
 def test_grpo_on_two_processes_equals_one_process(tmp_path, lora):
   """Groups span both hosts (4 prompts x 8 videos on 8 devices): rewards, advantages, losses and
-  the trained params of the 2-process run equal the one-process run's. Without LoRA the 2-process
-  run is preempted: SIGTERM to host 1 after iteration 1 of 2 stops both hosts there with one
+  the trained params of the 2-process run equal the one-process run's. The LoRA run trains with
+  DiffusionNFT (`rl.algorithm='nft'`; its old policy compared too). Without LoRA the 2-process
+  run is Flow-GRPO's, preempted: SIGTERM to host 1 after iteration 1 of 2 stops both hosts there with one
   checkpoint (exit 143), and the rerun resumes from it to the one-process run's end."""
   codes, ref_dir, ref_out = _grpo_run(tmp_path, "one", 1, 8, lora)
   assert codes == [0], multihost.read_log(ref_dir, 0)
@@ -175,7 +183,7 @@ def test_grpo_on_two_processes_equals_one_process(tmp_path, lora):
   if not lora:
     assert "resumed grpo from step 1" in multihost.read_log(workdir, 0)
   # one writer; a resumed run logs its rows once
-  _assert_grpo_rows_match(metrics.read_metrics(workdir), metrics.read_metrics(ref_dir))
+  _assert_grpo_rows_match(metrics.read_metrics(workdir), metrics.read_metrics(ref_dir), nft=lora)
   # gloo's all-reduce sums the gradient shards in another order than one process does; Adam's
   # normalisation lifts that rounding to a few 1e-6 on a handful of elements (2.4e-6 measured)
   _assert_same_params(out, ref_out, atol=5e-6)

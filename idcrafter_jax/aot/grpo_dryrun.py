@@ -15,6 +15,11 @@ there (as `sft_dryrun.py` does for the SFT step), on `program`'s pieces:
            is the frozen base (adapters off), so the reference costs nothing extra. With a moving
            window the minibatch carries the window's start.
 
+With `rl.algorithm='nft'` (DiffusionNFT, `rl/nft.py`) the same two entry points compile NFT's
+programs instead (`compile_nft_rollout`, `compile_nft_update`): the ODE rollout without CFG and
+the update's policy forward + backward, old-policy forward and (kl_beta > 0) reference forward per
+trained timestep, the old policy in the train state.
+
 Both take the DiT's velocity from `conditioning.velocity_fn`, as the loop does. The other
 networks stay resident in HBM while these run: the Wan VAE (decode), the Qwen2.5-VL 7B
 conditioning encoder and the reward networks (CLIP ViT-L/14 + the LAION aesthetic head, the
@@ -32,7 +37,7 @@ from idcrafter_jax import sharding
 from idcrafter_jax.aot import program
 from idcrafter_jax.aot.program import Result, Shape
 from idcrafter_jax.inference import conditioning
-from idcrafter_jax.rl import grpo, programs
+from idcrafter_jax.rl import grpo, nft, programs
 from idcrafter_jax.models import idcrafter, lora
 from idcrafter_jax.training import train_state
 
@@ -123,7 +128,11 @@ def _setup(config, shape: Shape, devices, *, batch: int, program_name: str, batc
 def compile_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=None, target="", variant="",
                     resident: int | None = None) -> Result:
   """Compiles `grpo.rollout` for `rollout_batch` videos of `shape` (its batch is ignored).
-  `resident`: per-chip bytes of the resident networks (None: `resident_bytes` on this mesh)."""
+  `resident`: per-chip bytes of the resident networks (None: `resident_bytes` on this mesh).
+  DiffusionNFT's rollout with `rl.algorithm='nft'` (`compile_nft_rollout`)."""
+  if nft.algorithm(config) == "nft":
+    return compile_nft_rollout(config, shape, devices, rollout_batch=rollout_batch, chip=chip, target=target,
+                               variant=variant, resident=resident)
   gc, cfg_mult, lat, mesh, mcfg, module, result = _setup(
       config, shape, devices, batch=rollout_batch, program_name="grpo_rollout", batch_name="rollout batch",
       resident=resident, chip=chip, target=target, variant=variant)
@@ -180,7 +189,10 @@ def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, 
                    resident: int | None = None) -> Result:
   """Compiles one `grpo.make_update_step` on a minibatch of `minibatch` stored trajectories, over
   the steps `grpo.trained_steps` picks (LoRA when `model.lora_rank > 0`). `resident` as in
-  `compile_rollout`."""
+  `compile_rollout`. DiffusionNFT's update with `rl.algorithm='nft'` (`compile_nft_update`)."""
+  if nft.algorithm(config) == "nft":
+    return compile_nft_update(config, shape, devices, minibatch=minibatch, chip=chip, target=target,
+                              variant=variant, resident=resident)
   gc, cfg_mult, lat, mesh, mcfg, module, result = _setup(
       config, shape, devices, batch=minibatch, program_name="grpo_update", batch_name="minibatch",
       resident=resident, chip=chip, target=target, variant=variant)
@@ -208,6 +220,64 @@ def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, 
     put = program.with_shardings
     return program.compile_into(result, lambda: fn.lower(put(state_abs, s_shard), put(ref_abs, r_shard),
                                                          put(mb, mb_shard), ks_abs, apply))
+
+
+def compile_nft_rollout(config, shape: Shape, devices, *, rollout_batch: int, chip=None, target="", variant="",
+                        resident: int | None = None) -> Result:
+  """Compiles `nft.rollout` (`programs.jit_nft_rollout`: K ODE steps, no CFG) for `rollout_batch` videos."""
+  nc = nft.NFTConfig.from_config(config.nft)
+  gc, _, lat, mesh, mcfg, module, result = _setup(
+      config, shape, devices, batch=rollout_batch, program_name="nft_rollout", batch_name="rollout batch",
+      resident=resident, chip=chip, target=target, variant=variant)
+  boxed = idcrafter.abstract_params(module)
+  params = nn.unbox(boxed)
+  result.params = program.count_params(params)
+  once = program.condition_flops(mcfg, shape, rollout_batch)
+  result.analytic_flops = gc.num_steps * (program.model_flops(mcfg, shape, rollout_batch) - once) + once
+  cond = abstract_conditions(shape, mcfg.wan.text_dim, rollout_batch)
+  with sharding.with_mesh_rules(mesh):
+    p_shard = sharding.param_shardings(boxed, mesh)
+    c_shard = programs.condition_shardings(cond, mesh)
+    fn = programs.jit_nft_rollout(conditioning.velocity_fn(module), nc, gc, mesh, p_shard, c_shard, lat)
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=sharding.replicated(mesh))
+    put = program.with_shardings
+    return program.compile_into(result, lambda: fn.lower(put(params, p_shard), put(cond, c_shard), key))
+
+
+def compile_nft_update(config, shape: Shape, devices, *, minibatch: int, chip=None, target="", variant="",
+                       resident: int | None = None) -> Result:
+  """Compiles one `nft.make_update_step` on `minibatch` final latents, over int(K x
+  timestep_fraction) timesteps; the train state holds the old policy (`ema_params`)."""
+  nc = nft.NFTConfig.from_config(config.nft)
+  gc, _, lat, mesh, mcfg, module, result = _setup(
+      config, shape, devices, batch=minibatch, program_name="nft_update", batch_name="minibatch",
+      resident=resident, chip=chip, target=target, variant=variant)
+  tx = train_state.make_optimizer(config.train, train_state.new_param_mask_fn(config, text_reinit=False))
+  use_lora = bool(mcfg.wan.lora_rank)
+  boxed_train, boxed_ref, ref_abs, _ = abstract_update_state(module, tx, use_lora)
+  state_abs = train_state.abstract_state(nn.unbox(boxed_train), tx, ema=True)
+  result.params = program.count_params(state_abs.params)
+  n = nc.trained_timesteps(gc.num_steps)
+  # per timestep the policy's forward + backward (x3), the old policy's and the reference's
+  # forwards; each condition's part once per minibatch (the exact cache)
+  passes = 4 + (1 if nc.kl_beta > 0 else 0)
+  once = program.condition_flops(mcfg, shape, minibatch)
+  result.analytic_flops = passes * (n * (program.model_flops(mcfg, shape, minibatch) - once) + once)
+  cond = abstract_conditions(shape, mcfg.wan.text_dim, minibatch)
+  mb = dict(x0=jax.ShapeDtypeStruct(lat, jnp.float32), timesteps=jax.ShapeDtypeStruct((n, minibatch), jnp.float32),
+            r=jax.ShapeDtypeStruct((minibatch,), jnp.float32), cond=cond)
+  step = nft.make_update_step(conditioning.velocity_fn(module), tx, nc, adapters=use_lora)
+  with sharding.with_mesh_rules(mesh):
+    s_shard = train_state.state_shardings(state_abs, boxed_train, mesh)
+    r_shard = sharding.param_shardings(boxed_ref, mesh)
+    mb_shard = programs.nft_minibatch_shardings(mesh, mb)
+    rep = sharding.replicated(mesh)
+    fn = programs.jit_nft_update(step, s_shard, r_shard, mb_shard, mesh)
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
+    apply = jax.ShapeDtypeStruct((), jnp.bool_, sharding=rep)
+    put = program.with_shardings
+    return program.compile_into(result, lambda: fn.lower(put(state_abs, s_shard), put(ref_abs, r_shard),
+                                                         put(mb, mb_shard), key, apply))
 
 
 def default_batches(config, mesh_dims: dict) -> tuple[int, int]:

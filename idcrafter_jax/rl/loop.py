@@ -1,4 +1,7 @@
-"""The Flow-GRPO training loop (seed A.2): prompts -> group rollouts -> rewards -> clipped updates, resumable.
+"""The RL training loop (seed A.2): prompts -> group rollouts -> rewards -> updates, resumable.
+
+The objective is `rl.algorithm`: 'flow_grpo' (Flow-GRPO's clipped updates, `grpo`, `rollouts`,
+`update`) or 'nft' (DiffusionNFT, `nft`, `nft_runner`); everything else here is shared.
 
 Each iteration takes one data batch of prompts (`data.global_batch_size`, with their subjects) from
 the data iterator, rolls out `grpo.group_size` videos per prompt and scores them (`rollouts`),
@@ -20,7 +23,7 @@ from idcrafter_jax import distributed, sharding
 from idcrafter_jax.data import synthetic
 from idcrafter_jax.inference.pipeline import latent_shape
 from idcrafter_jax.training import checkpoint as ckpt_lib, loop
-from idcrafter_jax.rl import (evaluation, grpo, outputs, policy as policy_lib, rollouts as rollouts_lib,
+from idcrafter_jax.rl import (evaluation, grpo, nft, outputs, policy as policy_lib, rollouts as rollouts_lib,
                               update as update_lib)
 
 
@@ -51,16 +54,24 @@ class Cost:
   """
   KEYS = ("cost/seconds", "cost/dit_forward", "cost/dit_backward", "cost/eval_dit_forward")
 
-  def __init__(self, gc: grpo.GRPOConfig):
+  def __init__(self, gc: grpo.GRPOConfig, nc: nft.NFTConfig | None = None):
+    """`nc`: a DiffusionNFT run, counted by `nft.dit_evaluations` (else `grpo.dit_evaluations`)."""
     self.gc, self.totals = gc, dict.fromkeys(self.KEYS, 0.0)
+    self._count = grpo.dit_evaluations if nc is None else (
+        lambda gc, *a, start=None, **k: nft.dit_evaluations(nc, gc, *a, **k))  # NFT has no SDE window
 
-  def iteration(self, videos: int, seconds: float, *, updated: bool, start: int | None = None) -> None:
-    """`start`: the SDE window's start this iteration (`grpo.window_start`; None: sde_window's)."""
-    n = grpo.dit_evaluations(self.gc, videos, update=updated, start=start)
+  def iteration(self, videos: int, seconds: float, *, updated: bool, start: int | None = None,
+                rollout_forward: float | None = None) -> None:
+    """`start`: the SDE window's start this iteration (`grpo.window_start`; None: sde_window's).
+    `rollout_forward`: the rollouts' DiT evaluations as measured (a step cache), in place of the
+    closed form's."""
+    n = self._count(self.gc, videos, update=updated, start=start)
+    if rollout_forward is not None:
+      n["forward"] += rollout_forward - self._count(self.gc, videos, update=False, start=start)["forward"]
     self._add(seconds, n["forward"], n["backward"], 0)
 
-  def evaluation(self, videos: int, seconds: float) -> None:
-    n = grpo.dit_evaluations(self.gc, videos, update=False, grouped=False)["forward"]
+  def evaluation(self, videos: int, seconds: float, forward: float | None = None) -> None:
+    n = self._count(self.gc, videos, update=False, grouped=False)["forward"] if forward is None else forward
     self._add(seconds, n, 0, n)
 
   def _add(self, *amounts) -> None:
@@ -108,7 +119,7 @@ class _Iteration:
     done = it + 1
     m["iter_seconds"] = time.perf_counter() - t0
     self.cost.iteration(videos, m["iter_seconds"], updated="reward_nonfinite" not in um,
-                        start=self.rollouts.window_start(it))
+                        start=self.rollouts.window_start(it), rollout_forward=self.rollouts.take_forwards())
     m["skipped"] = int(state.skipped)
     if self.evaluate.due(done, self.end):
       m.update(evaluate_with_cost(self.evaluate, self.cost, done, state))
@@ -122,17 +133,19 @@ def evaluate_with_cost(evaluate: evaluation.Evaluation, cost: Cost, step: int, s
   """The held-out evaluation's stats, its seconds and DiT evaluations added to `cost`."""
   t0 = time.perf_counter()
   stats = evaluate(step, state)
-  cost.evaluation(evaluate.eval_set.videos, time.perf_counter() - t0)
+  cost.evaluation(evaluate.eval_set.videos, time.perf_counter() - t0, evaluate.rollouts.take_forwards())
   return stats
 
 
-def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps):
-  """Data, models, mesh, rewards, eval set, sharded state (resumed) -> (state, `_Iteration`)."""
+def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps, nc=None):
+  """Data, models, mesh, rewards, eval set, sharded state (resumed) -> (state, `_Iteration`).
+  `nc`: a DiffusionNFT run (`rl/nft.py`): its rollouts and update, and the old policy in the
+  train state's `ema_params` (a copy of the params at the start, checkpointed with them)."""
   from idcrafter_jax import data as data_lib
   if data_iterator is None or eval_batches is None:
     synthetic.prepare_data(config, workdir)
   ckpt_lib.save_config(workdir, config)
-  warning = gc.log_prob_warning(config.model.dtype)
+  warning = gc.log_prob_warning(config.model.dtype) if nc is None else None
   if warning and distributed.is_primary():
     print(f"warning: {warning}")
   load_vlm = loop.needs_vlm(config, [None, config.data.eval_split], data_iterator or eval_batches)
@@ -151,8 +164,9 @@ def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
     with sharding.with_mesh_rules(mesh):
       policy = policy_lib.Policy(config, pipe, boxed, mesh)
       key = jax.random.fold_in(jax.random.key(config.seed), 2)
-      state, s_shard = loop.sharded_state(policy.trainable, tx, key, policy.boxed_trainable, mesh, ema=False)
-    cost = Cost(gc)
+      state, s_shard = loop.sharded_state(policy.trainable, tx, key, policy.boxed_trainable, mesh,
+                                            ema=nc is not None)
+    cost = Cost(gc, nc)
     session.meta_fn = lambda: {**eval_set.meta(), **cost.meta()}  # checkpoints keep the eval baseline and the cost
     state = session.resume(state, data_iterator)
     session.own_state(state)
@@ -160,10 +174,15 @@ def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
   eval_set.restore(session.restored_meta)
   cost.restore(session.restored_meta)
   end = loop.end_step(config, int(state.step), max_steps)
-  rollouts = rollouts_lib.GroupRollouts(pipe, policy, gc, reward_fn, mesh=mesh, latent_tail=latent_tail,
-                                        seed=config.seed)
+  if nc is None:
+    rollouts = rollouts_lib.GroupRollouts(pipe, policy, gc, reward_fn, mesh=mesh, latent_tail=latent_tail,
+                                          seed=config.seed)
+    update = update_lib.PolicyUpdate(pipe, tx, policy, gc, mesh=mesh, s_shard=s_shard, seed=config.seed)
+  else:
+    from idcrafter_jax.rl import nft_runner
+    rollouts = nft_runner.NFTRollouts(pipe, policy, gc, nc, reward_fn, mesh=mesh, latent_tail=latent_tail)
+    update = nft_runner.NFTUpdate(pipe, tx, policy, gc, nc, mesh=mesh, s_shard=s_shard, seed=config.seed)
   session.memory.own(vae_on_mesh=rollouts.vae_params)
-  update = update_lib.PolicyUpdate(pipe, tx, policy, gc, mesh=mesh, s_shard=s_shard, seed=config.seed)
   evaluate = evaluation.Evaluation(eval_set, rollouts, outputs.SampleVideos(workdir, config.sampling.fps),
                                    every=config.grpo.eval_every, num_videos=config.grpo.sample_videos)
   iteration = _Iteration(data_iterator, rollouts, update, evaluate, session, cost, end=end,
@@ -176,15 +195,18 @@ def _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
 
 def run(config, workdir: str, *, data_iterator=None, eval_batches=None, max_steps: int | None = None,
         progress: bool = True):
-  """Runs GRPO until `train.steps` iterations (or `max_steps` more). Returns the final state.
+  """Runs GRPO (`rl.algorithm`: 'flow_grpo', or 'nft' for DiffusionNFT) until `train.steps`
+  iterations (or `max_steps` more). Returns the final state. A bad `rl` or `nft` value raises
+  ValueError before anything is built.
   On several processes each host reads its slice of every iteration's prompts
   (`data.global_batch_size / process_count`); the numbers equal a one-process run's. The workdir
   is locked first (`run_lock.RunLock`), so a second run on it changes nothing there."""
   gc = grpo.GRPOConfig.from_config(config.grpo)
+  nc = nft.NFTConfig.from_config(config.nft) if nft.algorithm(config) == "nft" else None
   distributed.maybe_initialize_distributed(watch_hosts=True)
   session = loop.TrainSession(workdir, config.train, "grpo")  # the workdir's lock first
   try:
-    state, iteration = _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps)
+    state, iteration = _start(config, workdir, session, gc, data_iterator, eval_batches, max_steps, nc)
   except BaseException as e:
     session.abort(e)
     raise

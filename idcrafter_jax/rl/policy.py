@@ -34,3 +34,7 @@ class Policy:
   def params(self, state):
     """The full DiT params of the policy in `state` (LoRA: the adapters over the frozen base)."""
     return lora.merge(self.ref_params, state.params) if self.use_lora else state.params
+
+  def old_params(self, state):
+    """The full DiT params of DiffusionNFT's old policy (`state.ema_params`, `rl/nft.py`)."""
+    return lora.merge(self.ref_params, state.ema_params) if self.use_lora else state.ema_params

@@ -81,3 +81,53 @@ def jit_take_minibatch(mb_shard: dict, mesh):
       out["start"] = rollouts["start"]
     return out
   return jax.jit(take, out_shardings=mb_shard)
+
+
+# ------------------------------------------------------------------ DiffusionNFT (`rl/nft.py`)
+
+
+def nft_minibatch_shardings(mesh, mb: dict) -> dict:
+  """An NFT minibatch (`nft.make_update_step`) split on its batch axis (timesteps: after the step axis)."""
+  return dict(x0=sharding.batch_sharding(mesh, len(mb["x0"].shape)), timesteps=sharding.batch_sharding(mesh, 2, axis=1),
+              r=sharding.batch_sharding(mesh, 1), cond=condition_shardings(mb["cond"], mesh))
+
+
+def jit_nft_rollout(velocity_fn: Callable, nc, gc: grpo.GRPOConfig, mesh, p_shard, c_shard: dict, latent: tuple):
+  """(params, cond, key) -> (xs (1, B, ...), DiT evaluations in batches): the final latents of
+  `nft.rollout` (kept as a one-state trajectory, so the loop and the evaluation read xs[-1] as for
+  Flow-GRPO) and how many batch forwards it ran (fewer than K with a step cache)."""
+  from idcrafter_jax.rl import nft
+  rep = sharding.replicated(mesh)
+
+  def rollout(p, c, k):  # named as Flow-GRPO's: compile logs and profiles show `jit(rollout)`
+    x, evals = nft.rollout(velocity_fn, p, c, k, shape=latent, num_steps=gc.num_steps, shift=gc.shift, nc=nc)
+    return x[None], evals
+  return jax.jit(rollout, in_shardings=(p_shard, c_shard, rep),
+                 out_shardings=(sharding.batch_sharding(mesh, len(latent) + 1, axis=1), rep),
+                 compiler_options=memory.loop_compiler_options(mesh))
+
+
+def jit_nft_update(step: Callable, s_shard, r_shard, mb_shard: dict, mesh):
+  """`nft.make_update_step`'s step (state, ref_params, minibatch, key, apply) with its shardings;
+  the train state is donated."""
+  rep = sharding.replicated(mesh)
+  return jax.jit(step, in_shardings=(s_shard, r_shard, mb_shard, rep, rep), out_shardings=(s_shard, rep),
+                 donate_argnums=(0,), compiler_options=memory.loop_compiler_options(mesh))
+
+
+def jit_update_old(s_shard, mesh):
+  """(state, decay) -> state with `ema_params` (the NFT old policy) moved by `nft.update_old`; donated."""
+  from idcrafter_jax.rl import nft
+
+  def update_old(state, d):
+    return state.replace(ema_params=nft.update_old(state.ema_params, state.params, d))
+  return jax.jit(update_old, in_shardings=(s_shard, sharding.replicated(mesh)), out_shardings=s_shard,
+                 donate_argnums=(0,))
+
+
+def jit_take_nft_minibatch(mb_shard: dict):
+  """(rollouts, idx) -> the NFT minibatch of rows `idx` ({x0, timesteps, r, cond})."""
+  def take(rollouts, idx):
+    return dict(x0=rollouts["x0"][idx], timesteps=rollouts["timesteps"][:, idx], r=rollouts["r"][idx],
+                cond=jax.tree_util.tree_map(lambda x: x[idx], rollouts["cond"]))
+  return jax.jit(take, out_shardings=mb_shard)

@@ -82,6 +82,15 @@ class GroupRollouts:
     """The SDE window's start at iteration `it` (`grpo.window_start`)."""
     return grpo.window_start(self.gc, it, self.seed)
 
+  def take_forwards(self):
+    """The DiT evaluations the rollouts ran since the last call where they are measured (a step
+    cache, `nft_runner.NFTRollouts`); None: the cost's closed form counts them."""
+    return None
+
+  def rollout_params(self, state):
+    """The params that sample an iteration's rollouts (the policy; DiffusionNFT's: the old policy)."""
+    return self.params(state)
+
   def sample(self, params, cond: dict, null: dict, key, *, grouped: bool = True, start: int | None = None):
     """Rollouts of `params` from global conditions (B rows; `null` read only with guidance):
     trajectories (`grpo.GRPOConfig.stored_states`, B, F, h, w, C) and log-probs (SDE window size,
@@ -112,7 +121,7 @@ class GroupRollouts:
       cond, null = self.place(cond), self.place(null)
       key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), it)
       start = self.window_start(it)
-      xs, lps = self.sample(self.params(state), cond, null, key, start=start)
+      xs, lps = self.sample(self.rollout_params(state), cond, null, key, start=start)
       rollouts = dict(xs=xs, log_probs=lps, cond=cond, uncond=null if self.guided else None)
       if self.gc.moving:
         rollouts["start"] = distributed.from_full(np.int32(start), sharding.replicated(self.mesh))
