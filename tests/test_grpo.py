@@ -204,6 +204,22 @@ def test_composite_reward_blends_mean_and_min_over_subjects():
     rewards.composite(videos, batch, fidelity={"nope": 1.0}, quality={})
 
 
+def test_subject_pattern_scores_the_subjects_shape_not_only_its_colour():
+  """1 where the subject's box shows its reference, 0.5 for the reference's mean colour without
+  its pattern, 0 for the pattern inverted about that mean; subjects scored apart."""
+  r = np.random.default_rng(0)
+  ref = r.uniform(0.2, 0.8, (2, 16, 16, 3)).astype(np.float32)  # two subjects, 16 x 16
+  mean = ref.mean(axis=(1, 2), keepdims=True)
+  video = np.full((3, 2, 32, 32, 3), 0.5, np.float32)  # rows: the references, their colours, inverted
+  for row, subjects in enumerate((ref, np.broadcast_to(mean, ref.shape), 2 * mean - ref)):
+    video[row, :, :16, :16], video[row, :, 16:, 16:] = subjects[0], subjects[1]
+  batch = {"subject_images": np.broadcast_to(ref, (3,) + ref.shape), "subject_mask": np.ones((3, 2), bool),
+           "subject_boxes": np.broadcast_to(np.asarray([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]], np.float32), (3, 2, 4))}
+  got = np.asarray(rewards.get("subject_pattern").fn(jnp.asarray(video), batch))
+  np.testing.assert_allclose(got, [[1, 1], [0.5, 0.5], [0, 0]], atol=1e-5)
+  assert float(rewards.get("subject_color").fn(jnp.asarray(video), batch)[1].min()) > 0.999  # colour alone: 1
+
+
 def test_start_up_warns_when_bf16_compute_uses_the_rollouts_log_probs():
   assert grpo.GRPOConfig(recompute_log_probs=False).log_prob_warning("float32") is None
   assert grpo.GRPOConfig(recompute_log_probs=True).log_prob_warning("bfloat16") is None

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from idcrafter_jax.models import config_utils
+from idcrafter_jax.rl import scores
 
 RewardFn = Callable[[jax.Array, Mapping[str, jax.Array]], jax.Array]
 
@@ -148,6 +149,28 @@ def subject_color(videos, batch):
   ref = jnp.mean(batch["subject_images"], axis=(2, 3))[:, :, None]  # (B, N, 1, 3)
   per_frame = 1.0 - jnp.mean(jnp.abs(frame_mean - ref), axis=-1)  # (B, N, T)
   return jnp.mean(per_frame, axis=-1)
+
+
+PATTERN_SIZE = 8  # the grid `subject_pattern` compares a subject's region and its reference on
+
+
+@register("subject_pattern", per_subject=True)
+def subject_pattern(videos, batch):
+  """Appearance fidelity of each subject beyond its colour: the correlation of the subject's region
+  in each frame (its box, resized to `PATTERN_SIZE` squared) with its reference image at the same
+  size, both with their mean colour removed, so that a region of the right colour and the wrong
+  shape or texture scores 0.5; (1 + correlation) / 2 averaged over frames. In [0, 1]. What it
+  rewards is what tells the subjects apart (the synthetic subjects' shapes and textures), as an
+  identity reward does, without a network."""
+  crops, _ = scores.subject_crops(videos, {k: batch[k] for k in ("subject_mask", "subject_boxes") if k in batch},
+                                  PATTERN_SIZE)  # (B, N, T, S, S, 3)
+  imgs = jnp.asarray(batch["subject_images"], jnp.float32)
+  b, n = imgs.shape[:2]
+  whole = jnp.broadcast_to(jnp.asarray([0.0, 0.0, 1.0, 1.0]), (b * n, 4))
+  refs = scores.crop_boxes(imgs.reshape((b * n,) + imgs.shape[2:]), whole, PATTERN_SIZE).reshape(b, n, 1, -1, 3)
+  flat = crops.reshape(b, n, crops.shape[2], -1, 3)
+  centred = lambda x: (x - jnp.mean(x, axis=-2, keepdims=True)).reshape(x.shape[:3] + (-1,))
+  return jnp.mean((1.0 + scores.cosine(centred(flat), centred(refs))) / 2.0, axis=-1)
 
 
 @register("temporal_consistency")
