@@ -581,6 +581,9 @@ def step_terms(velocity_fn, params, ref_params, x, x_next, old_lp, adv, k, cond,
   return (policy, kl, ratio, clip_frac, lp) if with_log_prob else (policy, kl, ratio, clip_frac)
 
 
+UPDATE_METRICS = ("policy_loss", "kl", "ratio", "ratio_max_dev", "clip_frac")  # per trained step, averaged
+
+
 def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc: GRPOConfig, *,
                      adapters: bool = False):
   """(state, ref_params, minibatch, ks, apply=True) -> (state, metrics): gradients of the mean
@@ -602,16 +605,14 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
   uncond, as `rollout` stores them, and with a moving window (`gc.moving`) start, the int32 step
   the window started at; ks are steps k of the whole trajectory, inside the SDE window.
   """
-  from idcrafter_jax.training import metrics as metrics_lib
-
   def step(state, ref_params, mb, ks, apply=True):
     def policy_of(params):
       return lora.merge(ref_params, params) if adapters else params
     ref = lora.merge(ref_params, lora.disabled(jax.lax.stop_gradient(state.params))) if adapters else ref_params
     cond = (velocity_fn, mb["cond"], mb["uncond"], gc.guidance_scale)
     # the conditions once per minibatch (the DiT's exact cache: F'', cross-attention keys / values),
-    # their gradient taken once from the sum of every step's (`_ConditionGrad`)
-    prepared = _ConditionGrad(lambda p: sampler.prepare_condition(cond[0], policy_of(p), *cond[1:]), state.params)
+    # their gradient taken once from the sum of every step's (`ConditionGrad`)
+    prepared = ConditionGrad(lambda p: sampler.prepare_condition(cond[0], policy_of(p), *cond[1:]), state.params)
     ref_condition = None
     if gc.beta > 0:
       ref_condition = sampler.prepare_condition(cond[0], ref, *cond[1:])
@@ -629,40 +630,53 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, gc
       return loss, (dict(policy_loss=jnp.mean(pol), kl=jnp.mean(kl), ratio=jnp.mean(ratio),
                          ratio_max_dev=jnp.max(jnp.abs(ratio - 1.0)), clip_frac=jnp.mean(cf)), lp)
 
-    grad_fn = jax.value_and_grad(loss_k, argnums=(0, 1), has_aux=True)
-
-    def acc(carry, k):
-      g_sum, gc_sum, m_sum = carry
-      (loss, (aux, lp)), (g, g_cond) = grad_fn(state.params, prepared.floats, k)
-      aux["loss"] = loss
-      g_sum = jax.tree_util.tree_map(jnp.add, g_sum, g)
-      gc_sum = jax.tree_util.tree_map(jnp.add, gc_sum, g_cond)
-      m_sum = jax.tree_util.tree_map(jnp.add, m_sum, aux)
-      return (g_sum, gc_sum, m_sum), jax.lax.stop_gradient(lp)
-
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-    m0 = dict(policy_loss=0.0, kl=0.0, ratio=0.0, ratio_max_dev=0.0, clip_frac=0.0, loss=0.0)
-    m0 = jax.tree_util.tree_map(lambda v: jnp.zeros((), jnp.float32), m0)
-    (g_sum, gc_sum, m_sum), log_probs = jax.lax.scan(
-        acc, (zeros, jax.tree_util.tree_map(jnp.zeros_like, prepared.floats), m0), ks)
-    g_sum = jax.tree_util.tree_map(jnp.add, g_sum, prepared.pullback(gc_sum))
-    n = ks.shape[0]
-    grads = jax.tree_util.tree_map(lambda g: g / n, g_sum)
-    metrics = {k: v / n for k, v in m_sum.items()}
-    gnorm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = (optax.apply_updates(state.params, updates), opt_state)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm) & metrics_lib.all_finite(new)
-    ok = finite & apply
-    params, opt_state = metrics_lib.keep_if(ok, new, (state.params, state.opt_state))
-    bad = (apply & ~finite).astype(jnp.int32)
-    state = state.replace(params=params, opt_state=opt_state, skipped=state.skipped + bad)
-    metrics.update(grad_norm=gnorm, update_ok=ok.astype(jnp.float32), log_probs=log_probs)
+    grads, metrics, log_probs = mean_gradient(loss_k, state.params, prepared, ks, UPDATE_METRICS)
+    state, guard = guarded_update(tx, state, grads, metrics["loss"], apply)
+    metrics.update(guard, log_probs=log_probs)
     return state, metrics
   return step
 
 
-class _ConditionGrad:
+def mean_gradient(loss_fn: Callable, params, prepared: "ConditionGrad", indices, metric_names):
+  """Gradients and metrics of the mean of `loss_fn` over `indices` (trained steps, timesteps),
+  accumulated one index at a time in a scan, so memory does not grow with their number; the
+  condition's cotangents are summed over the indices and pulled back into the params once
+  (`ConditionGrad`). loss_fn(params, condition floats, i) -> (loss, (metrics, output)), the
+  metrics a dict of scalars named `metric_names`.
+  Returns (grads, mean metrics with 'loss', the outputs stacked over the indices)."""
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+  add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
+
+  def acc(carry, i):
+    g_sum, gc_sum, m_sum = carry
+    (loss, (aux, out)), (g, g_cond) = grad_fn(params, prepared.floats, i)
+    return (add(g_sum, g), add(gc_sum, g_cond), add(m_sum, dict(aux, loss=loss))), jax.lax.stop_gradient(out)
+
+  m0 = {k: jnp.zeros((), jnp.float32) for k in (*metric_names, "loss")}
+  zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
+  (g_sum, gc_sum, m_sum), outs = jax.lax.scan(acc, (zeros(params), zeros(prepared.floats), m0), indices)
+  n = indices.shape[0]
+  grads = jax.tree_util.tree_map(lambda g: g / n, add(g_sum, prepared.pullback(gc_sum)))
+  return grads, {k: v / n for k, v in m_sum.items()}, outs
+
+
+def guarded_update(tx: optax.GradientTransformation, state, grads, loss, apply):
+  """One optimiser update of `state` (params, opt_state) by `grads`, kept only when `apply` and
+  the loss, the gradient norm and the updated state are finite; a non-finite one keeps the
+  previous params and optimiser state and counts in `state.skipped`. Returns (state,
+  {grad_norm, update_ok})."""
+  from idcrafter_jax.training import metrics as metrics_lib
+  gnorm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new = (optax.apply_updates(state.params, updates), opt_state)
+  finite = jnp.isfinite(loss) & jnp.isfinite(gnorm) & metrics_lib.all_finite(new)
+  ok = finite & apply
+  params, opt_state = metrics_lib.keep_if(ok, new, (state.params, state.opt_state))
+  state = state.replace(params=params, opt_state=opt_state, skipped=state.skipped + (apply & ~finite).astype(jnp.int32))
+  return state, dict(grad_norm=gnorm, update_ok=ok.astype(jnp.float32))
+
+
+class ConditionGrad:
   """A condition prepared from the params once (`prepare(params) -> sampler.Condition`), with the
   pullback of its floating-point leaves: the steps of an update differentiate through `floats`,
   and `pullback(the sum of their cotangents)` adds what flows back into the params, once, so the

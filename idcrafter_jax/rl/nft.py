@@ -219,6 +219,9 @@ def loss_terms(v, v_old, v_ref, x0, xt, t, r, nc: NFTConfig):
   return policy + nc.kl_beta * kl, lp, ln, kl
 
 
+UPDATE_METRICS = ("policy_loss", "kl", "positive_loss", "negative_loss", "old_deviate")  # per timestep, averaged
+
+
 def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, nc: NFTConfig, *,
                      adapters: bool = False):
   """(state, ref_params, minibatch, key, apply=True) -> (state, metrics): the mean of `loss_terms`
@@ -234,8 +237,7 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, nc
   r (B,) (`optimality`), cond. The noise of timestep j is normal(fold_in(key, j)), fresh per timestep
   as the authors draw it; `key` is the loop's per (iteration, epoch, minibatch).
   """
-  from idcrafter_jax.rl import grpo  # the condition prepared once, with its gradient (`_ConditionGrad`)
-  from idcrafter_jax.training import metrics as metrics_lib
+  from idcrafter_jax.rl import grpo  # the condition's gradient, the accumulation and the guarded update
 
   def step(state, ref_params, mb, key, apply=True):
     full = (lambda p: lora.merge(ref_params, p)) if adapters else (lambda p: p)
@@ -246,7 +248,7 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, nc
         velocity_fn, p, cond, None, 1.0).value), False)
     old_condition = frozen(old)
     ref_condition = frozen(ref) if nc.kl_beta > 0 else None
-    prepared = grpo._ConditionGrad(lambda p: sampler.prepare_condition(velocity_fn, full(p), cond, None, 1.0),
+    prepared = grpo.ConditionGrad(lambda p: sampler.prepare_condition(velocity_fn, full(p), cond, None, 1.0),
                                    state.params)
 
     def loss_j(params, floats, j):
@@ -261,32 +263,11 @@ def make_update_step(velocity_fn: Callable, tx: optax.GradientTransformation, nc
       loss, lp, ln, kl = loss_terms(v, v_old, v_ref, x0, xt, t, mb["r"], nc)
       aux = dict(policy_loss=jnp.mean(loss - nc.kl_beta * kl), kl=jnp.mean(kl), positive_loss=jnp.mean(lp),
                  negative_loss=jnp.mean(ln), old_deviate=jnp.mean(jnp.square(jax.lax.stop_gradient(v) - v_old)))
-      return jnp.mean(loss), aux
+      return jnp.mean(loss), (aux, None)
 
-    grad_fn = jax.value_and_grad(loss_j, argnums=(0, 1), has_aux=True)
-
-    def acc(carry, j):
-      g_sum, gc_sum, m_sum = carry
-      (loss, aux), (g, g_cond) = grad_fn(state.params, prepared.floats, j)
-      aux["loss"] = loss
-      add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
-      return (add(g_sum, g), add(gc_sum, g_cond), add(m_sum, aux)), None
-
-    n = mb["timesteps"].shape[0]
-    m0 = {k: jnp.zeros((), jnp.float32) for k in ("policy_loss", "kl", "positive_loss", "negative_loss",
-                                                   "old_deviate", "loss")}
-    zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
-    (g_sum, gc_sum, m_sum), _ = jax.lax.scan(acc, (zeros(state.params), zeros(prepared.floats), m0), jnp.arange(n))
-    g_sum = jax.tree_util.tree_map(jnp.add, g_sum, prepared.pullback(gc_sum))
-    grads = jax.tree_util.tree_map(lambda g: g / n, g_sum)
-    metrics = {k: v / n for k, v in m_sum.items()}
-    gnorm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = (optax.apply_updates(state.params, updates), opt_state)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm) & metrics_lib.all_finite(new)
-    ok = finite & apply
-    params, opt_state = metrics_lib.keep_if(ok, new, (state.params, state.opt_state))
-    state = state.replace(params=params, opt_state=opt_state, skipped=state.skipped + (apply & ~finite).astype(jnp.int32))
-    metrics.update(grad_norm=gnorm, update_ok=ok.astype(jnp.float32))
+    grads, metrics, _ = grpo.mean_gradient(loss_j, state.params, prepared, jnp.arange(mb["timesteps"].shape[0]),
+                                           UPDATE_METRICS)
+    state, guard = grpo.guarded_update(tx, state, grads, metrics["loss"], apply)
+    metrics.update(guard)
     return state, metrics
   return step
