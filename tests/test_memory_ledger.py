@@ -92,9 +92,12 @@ def test_generation_on_a_mesh_splits_the_dit_and_samples_what_one_device_samples
   cond = conditioning.condition(jnp.asarray(r.standard_normal((1, 16, config.model.text_dim)), jnp.float32),
                                 jnp.ones((1, 16), bool), jnp.asarray(r.standard_normal((1, 3, 1, h, w, 16)), jnp.float32),
                                 jnp.asarray([[True, True, False]]))
-  videos = [np.asarray(p.decode(p.sample_latents(cond, conditioning.null_condition(cond), jax.random.key(0))))
-            for p in (one, two)]
+  steps = []  # the progress callback runs on a mesh of several devices too (once a step)
+  videos = [np.asarray(p.decode(p.sample_latents(cond, conditioning.null_condition(cond), jax.random.key(0),
+                                                 progress=steps.append))) for p in (one, two)]
   np.testing.assert_allclose(videos[1], videos[0], atol=1e-5, rtol=0)
+  jax.effects_barrier()
+  assert sorted(steps) == [0, 0, 1, 1]
 
 
 def test_the_cpu_loop_options_keep_hoisted_weights_out_of_a_step_loop():

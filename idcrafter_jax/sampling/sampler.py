@@ -95,7 +95,8 @@ def sample_ode(velocity_fn: Callable, params, noise, cond, uncond=None, *, num_s
 
   'euler' steps over `flow.sigma_schedule`; 'unipc' and 'dpm++' over diffusers' schedules for
   them (`solvers.schedule`). `step_callback(i)`, if given, is called on the host after each step
-  through `jax.debug.callback` (progress bars) without a device round trip of the latents.
+  through `jax.debug.callback` (progress bars) without a device round trip of the latents;
+  unordered, as JAX allows on several devices, so calls may arrive out of step order.
   `cache`: a step cache (`step_cache.StepCache`; None: every step runs the DiT). `with_evals`:
   returns (latents, DiT evaluations in sample-batches).
   """
@@ -109,7 +110,7 @@ def sample_ode(velocity_fn: Callable, params, noise, cond, uncond=None, *, num_s
       s, s_next = sigmas[i], sigmas[i + 1]
       v, state = velocity(x, s * flow.NUM_TRAIN_TIMESTEPS, i, state)
       if step_callback is not None:
-        jax.debug.callback(step_callback, i, ordered=True)
+        jax.debug.callback(step_callback, i)
       return (flow.ode_step(x, v.astype(jnp.float32), s, s_next), state), None
 
     (x, state), _ = jax.lax.scan(body, (x, init(x)), jnp.arange(num_steps))
@@ -124,7 +125,7 @@ def sample_ode(velocity_fn: Callable, params, noise, cond, uncond=None, *, num_s
       v, state = velocity(x, t, i, state)
       x_next, x_c, m = solvers.step(row, x, v.astype(jnp.float32), x_last, m1, m2)
       if step_callback is not None:
-        jax.debug.callback(step_callback, i, ordered=True)
+        jax.debug.callback(step_callback, i)
       return ((x_next, x_c, m, m1), state), None
 
     zeros = jnp.zeros_like(x)
