@@ -209,7 +209,7 @@ def compile_update(config, shape: Shape, devices, *, minibatch: int, chip=None, 
   result.analytic_flops = passes * (len(ks) * (cfg_mult * program.model_flops(mcfg, shape, minibatch) - once) + once)
   mb = abstract_minibatch(gc, lat, abstract_conditions(shape, mcfg.wan.text_dim, minibatch), cfg_mult == 2)
   step = grpo.make_update_step(conditioning.velocity_fn(module), tx, gc, adapters=use_lora)
-  return _compile_update_program(result, programs.jit_update, step, programs.minibatch_shardings, mesh,
+  return _compile_update_program(result, step, programs.minibatch_shardings, mesh,
                                  (state_abs, boxed_train), (ref_abs, boxed_ref), mb,
                                  jax.ShapeDtypeStruct((len(ks),), jnp.int32))
 
@@ -259,14 +259,13 @@ def compile_nft_update(config, shape: Shape, devices, *, minibatch: int, chip=No
   mb = dict(x0=jax.ShapeDtypeStruct(lat, jnp.float32), timesteps=jax.ShapeDtypeStruct((n, minibatch), jnp.float32),
             r=jax.ShapeDtypeStruct((minibatch,), jnp.float32), cond=cond)
   step = nft.make_update_step(conditioning.velocity_fn(module), tx, nc, adapters=use_lora)
-  return _compile_update_program(result, programs.jit_nft_update, step, programs.nft_minibatch_shardings, mesh,
+  return _compile_update_program(result, step, programs.nft_minibatch_shardings, mesh,
                                  (state_abs, boxed_train), (ref_abs, boxed_ref), mb,
                                  jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype))
 
 
-def _compile_update_program(result: Result, jit_update, step, minibatch_shardings, mesh, state, reference, mb,
-                            extra) -> Result:
-  """Compiles `jit_update(step, state / reference / minibatch shardings, mesh)` (`programs`) on
+def _compile_update_program(result: Result, step, minibatch_shardings, mesh, state, reference, mb, extra) -> Result:
+  """Compiles `programs.jit_update(step, state / reference / minibatch shardings, mesh)` on
   the abstract (state, reference, minibatch, extra, apply); `state` and `reference` are (abstract,
   boxed) pairs, `extra` the trained steps or the noise key (replicated)."""
   (state_abs, boxed_train), (ref_abs, boxed_ref) = state, reference
@@ -275,7 +274,7 @@ def _compile_update_program(result: Result, jit_update, step, minibatch_sharding
     r_shard = sharding.param_shardings(boxed_ref, mesh)
     mb_shard = minibatch_shardings(mesh, mb)
     rep = sharding.replicated(mesh)
-    fn = jit_update(step, s_shard, r_shard, mb_shard, mesh)
+    fn = programs.jit_update(step, s_shard, r_shard, mb_shard, mesh)
     extra = jax.ShapeDtypeStruct(extra.shape, extra.dtype, sharding=rep)
     apply = jax.ShapeDtypeStruct((), jnp.bool_, sharding=rep)
     put = program.with_shardings

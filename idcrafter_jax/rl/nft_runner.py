@@ -16,7 +16,7 @@ import numpy as np
 
 from idcrafter_jax import distributed, sharding
 from idcrafter_jax.inference import conditioning
-from idcrafter_jax.rl import grpo, nft, programs, rollouts as rollouts_lib
+from idcrafter_jax.rl import grpo, nft, programs, rollouts as rollouts_lib, update as update_lib
 
 
 class NFTRollouts(rollouts_lib.GroupRollouts):
@@ -69,10 +69,9 @@ class NFTUpdate:
 
   def __call__(self, it: int, state, rollouts: dict, rewards: np.ndarray):
     gc, nc = self.gc, self.nc
-    if not grpo.rewards_ok(rewards):
-      if distributed.is_primary():
-        print(f"iteration {it + 1}: non-finite reward; update skipped.")
-      return state.replace(skipped=state.skipped + 1), {"reward_nonfinite": 1.0}  # counts toward train.max_bad_steps
+    skipped = update_lib.skip_nonfinite_rewards(it, state, rewards)
+    if skipped is not None:
+      return skipped
     r, adv = nft.optimality(rewards, gc.group_size, nc.adv_clip_max, nc.global_std)
     m = {"adv/mean": float(adv.mean()), "adv/std": float(adv.std()), "adv/abs_max": float(np.abs(adv).max()),
          "r/mean": float(r.mean())}
@@ -111,5 +110,5 @@ class NFTUpdate:
     if self._programs is None:
       mb_shard = programs.nft_minibatch_shardings(self.mesh, epoch)  # by ndim: a minibatch's too
       self._programs = (programs.jit_take_nft_minibatch(mb_shard),
-                        programs.jit_nft_update(self.step_fn, self.s_shard, self.policy.r_shard, mb_shard, self.mesh))
+                        programs.jit_update(self.step_fn, self.s_shard, self.policy.r_shard, mb_shard, self.mesh))
     return self._programs

@@ -64,8 +64,9 @@ def jit_rollout(velocity_fn: Callable, gc: grpo.GRPOConfig, mesh, p_shard, c_sha
 
 
 def jit_update(step: Callable, s_shard, r_shard, mb_shard: dict, mesh):
-  """`make_update_step`'s step (state, ref_params, minibatch, ks, apply) with its shardings; the
-  train state is donated."""
+  """An update step (state, ref_params, minibatch, ks or key, apply) with its shardings: Flow-GRPO's
+  (`grpo.make_update_step`, over the trained steps ks) or DiffusionNFT's (`nft.make_update_step`,
+  its forward-process noise key); the train state is donated."""
   rep = sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(s_shard, r_shard, mb_shard, rep, rep), out_shardings=(s_shard, rep),
                  donate_argnums=(0,), compiler_options=memory.loop_compiler_options(mesh))
@@ -105,14 +106,6 @@ def jit_nft_rollout(velocity_fn: Callable, nc, gc: grpo.GRPOConfig, mesh, p_shar
   return jax.jit(rollout, in_shardings=(p_shard, c_shard, rep),
                  out_shardings=(sharding.batch_sharding(mesh, len(latent) + 1, axis=1), rep),
                  compiler_options=memory.loop_compiler_options(mesh))
-
-
-def jit_nft_update(step: Callable, s_shard, r_shard, mb_shard: dict, mesh):
-  """`nft.make_update_step`'s step (state, ref_params, minibatch, key, apply) with its shardings;
-  the train state is donated."""
-  rep = sharding.replicated(mesh)
-  return jax.jit(step, in_shardings=(s_shard, r_shard, mb_shard, rep, rep), out_shardings=(s_shard, rep),
-                 donate_argnums=(0,), compiler_options=memory.loop_compiler_options(mesh))
 
 
 def jit_update_old(s_shard, mesh):

@@ -14,6 +14,17 @@ from idcrafter_jax.inference import conditioning
 from idcrafter_jax.rl import grpo, programs
 
 
+def skip_nonfinite_rewards(it: int, state, rewards):
+  """(state with the skip counted, metrics) when a reward of iteration `it` is NaN or infinite: the
+  update is skipped and counts toward train.max_bad_steps, as a skipped SFT step does; None when
+  every reward is finite. Both RL objectives' updates start here."""
+  if grpo.rewards_ok(rewards):
+    return None
+  if distributed.is_primary():
+    print(f"iteration {it + 1}: non-finite reward; update skipped.")
+  return state.replace(skipped=state.skipped + 1), {"reward_nonfinite": 1.0}
+
+
 class PolicyUpdate:
   """(iteration, state, rollouts, rewards (B,)) -> (state, metrics). The minibatch order and the
   trained steps of iteration `it` are drawn from `np.random.default_rng([seed, it])`, the same on
@@ -26,10 +37,9 @@ class PolicyUpdate:
     self._programs = None
 
   def __call__(self, it: int, state, rollouts: dict, rewards: np.ndarray):
-    if not grpo.rewards_ok(rewards):
-      if distributed.is_primary():
-        print(f"iteration {it + 1}: non-finite reward; update skipped.")
-      return state.replace(skipped=state.skipped + 1), {"reward_nonfinite": 1.0}  # counts toward train.max_bad_steps
+    skipped = skip_nonfinite_rewards(it, state, rewards)
+    if skipped is not None:
+      return skipped
     adv = np.asarray(grpo.group_advantages(rewards, self.gc.group_size, clip=self.gc.adv_clip))
     m = {"adv/mean": float(adv.mean()), "adv/std": float(adv.std()), "adv/abs_max": float(np.abs(adv).max())}
     rollouts = dict(rollouts, advantages=distributed.from_full(adv, sharding.batch_sharding(self.mesh, 1)))
