@@ -175,6 +175,19 @@ def test_update_step_with_apply_off_records_the_log_probs_and_changes_nothing():
                          np.asarray(jax.tree_util.tree_leaves(params)[0]))
 
 
+def test_condition_pullback_is_the_vjp_and_a_nan_cotangent_poisons_every_gradient():
+  from idcrafter_jax.sampling import sampler
+  params = dict(w=jnp.arange(6.0).reshape(2, 3) / 7, b=jnp.array([0.5, -1.0, 2.0]))
+  prepare = lambda p: sampler.Condition(dict(h=jnp.tanh(jnp.ones((4, 2)) @ p["w"] + p["b"]), mask=jnp.ones(4, bool)), False)
+  cotangent = [jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)]
+  expected = jax.vjp(lambda p: prepare(p).value["h"], params)[1](cotangent[0])[0]
+  got = jax.jit(lambda p, c: grpo.ConditionGrad(prepare, p).pullback(c))(params, cotangent)
+  for k in params:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(expected[k]))
+  poisoned = jax.jit(lambda p, c: grpo.ConditionGrad(prepare, p).pullback(c))(params, [cotangent[0].at[0, 0].set(jnp.nan)])
+  assert all(np.isnan(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(poisoned))
+
+
 def test_nan_reward_is_detected():
   assert grpo.rewards_ok([0.1, 0.2]) and not grpo.rewards_ok([0.1, float("nan")])
 

@@ -352,11 +352,16 @@ class WanEmbedder(nn.Module):
     x = layers.dense(cfg.dim, ("conv_in", "embed"), name="patch_embedding", **kw)(
         patchify(latents.astype(cfg.dtype), cfg.patch_size))
     x = nn.with_logical_constraint(x, BLOCK_AXES)
-    t = layers.timestep_embedding(timestep, cfg.freq_dim)
+    # The timestep path is (B, features): it runs with the batch whole and the features split as
+    # the kernels' outputs are, so no kernel is gathered and each device computes its own slice
+    # of their gradients (a batch split would gather time_proj's (D, 6D) kernel for every step).
+    t = nn.with_logical_constraint(layers.timestep_embedding(timestep, cfg.freq_dim), (None, None))
     temb = layers.MLPEmbedder(cfg.dim, cfg.dim, "silu", name="time_embedder",
                               param_dtype=cfg.param_dtype)(t)  # float32, as diffusers keeps it
+    temb = nn.with_logical_constraint(temb, (None, "embed"))
     temb6 = layers.dense(6 * cfg.dim, (None, "embed"), name="time_proj", dtype=jnp.float32,
-                         param_dtype=cfg.param_dtype)(nn.silu(temb)).reshape(-1, 6, cfg.dim)
+                         param_dtype=cfg.param_dtype)(nn.silu(temb))
+    temb6 = nn.with_logical_constraint(temb6, (None, "embed")).reshape(-1, 6, cfg.dim)
     cos, sin = layers.wan_rope_tables(grid, cfg.head_dim, cfg.rope_theta, cfg.rope_max_seq_len)
     return x, temb, temb6, text, grid, (jnp.asarray(cos), jnp.asarray(sin))
 

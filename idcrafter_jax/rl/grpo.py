@@ -697,7 +697,15 @@ class ConditionGrad:
     return sampler.Condition(jax.tree_util.tree_unflatten(self._treedef, leaves), self._guided)
 
   def pullback(self, cotangents):
-    return self._vjp(cotangents)[0]
+    """The params' share of the condition's gradient. Its residuals are read only once the steps'
+    cotangents exist: otherwise XLA's CPU scheduler gathers the condition's FSDP-split weights at
+    the start and holds them through the whole update (it drops `optimization_barrier`s, so the
+    dependency is a select on the cotangents' sum). A NaN sum makes every gradient NaN, which
+    `guarded_update` skips; any other sum leaves the pullback exact."""
+    total = sum(jnp.sum(c) for c in jax.tree_util.tree_leaves(cotangents))
+    ok = total == total
+    vjp = jax.tree_util.tree_map(lambda r: jnp.where(ok, r, jnp.zeros_like(r)), self._vjp)
+    return jax.tree_util.tree_map(lambda g: jnp.where(ok, g, jnp.nan), vjp(cotangents)[0])
 
 
 def repeat_groups(tree, group_size: int):
