@@ -50,6 +50,9 @@ _SCALE = flags.DEFINE_enum("scale", "full", ["full", "14b", "small"], "full: the
                            "the 14B run's; small: the 1.3B width relations at small widths.")
 _DEVICES = flags.DEFINE_integer("devices", 1, "CPU devices of each stage (XLA's host device count); above 1 "
                                 "the parameters are sharded over them (mesh.fsdp=-1).")
+_BATCH = flags.DEFINE_integer("batch", None, "Global batch of SFT and Flow-GRPO (clips per step, prompts per "
+                              "iteration); default: one per device. Equal batches compare device counts at "
+                              "equal work.")
 _LOAD_ONLY = flags.DEFINE_bool("load_only", False, "Run the sft stage up to the built train state only "
                                "(--max_steps=0: checkpoints written, config checked, models loaded, no step).")
 _KEEP = flags.DEFINE_bool("keep", False, "Keep the checkpoints after a successful run (a failed one keeps "
@@ -184,7 +187,7 @@ def size_flags(s: dict, mode: str) -> list[str]:
             f"--config.model.ffn_dim={w['ffn_dim']}", f"--config.model.text_dim={s['text']['hidden_size']}"]
   if mode == "generate":
     return out
-  batch = s.get("devices", 1)  # one clip per batch shard
+  batch = s.get("batch") or s.get("devices", 1)  # default: one clip per batch shard
   clips = max(2, batch) + (batch if mode == "grpo" else 0)  # GRPO's held-out clips come out of them
   out += [f"--config.data.global_batch_size={batch}", f"--config.data.synthetic_clips={clips}",
           "--config.data.prefetch=0",
@@ -277,16 +280,19 @@ def summary(results: dict) -> str:
 def main(argv):
   del argv
   unknown = [s for s in _STAGES.value if s not in STAGES]
-  if unknown or _WAN_LAYERS.value < 1 or _DEVICES.value < 1:
-    cli.fail(f"--stages {unknown} unknown (expected of {STAGES}), or --wan_layers={_WAN_LAYERS.value} or "
-             f"--devices={_DEVICES.value} below 1.")
+  if unknown or _WAN_LAYERS.value < 1 or _DEVICES.value < 1 or (_BATCH.value or 1) < 1:
+    cli.fail(f"--stages {unknown} unknown (expected of {STAGES}), or --wan_layers={_WAN_LAYERS.value}, "
+             f"--devices={_DEVICES.value} or --batch={_BATCH.value} below 1.")
+  if _BATCH.value and _BATCH.value % _DEVICES.value:
+    cli.fail(f"--batch={_BATCH.value} must be a multiple of --devices={_DEVICES.value} (one batch shard a device).")
   if _LOAD_ONLY.value and _STAGES.value != ["sft"]:
     cli.fail(f"--load_only runs the sft stage alone; got --stages={','.join(_STAGES.value)}.")
   work = os.path.abspath(_WORKDIR.value or tempfile.mkdtemp(prefix="idcrafter_rehearsal_"))
   os.makedirs(work, exist_ok=True)
   s = spec(_SCALE.value, _WAN_LAYERS.value)
   folders = write_models(work, s)
-  commands = stage_commands(work, folders, dict(s, load_only=_LOAD_ONLY.value, devices=_DEVICES.value))
+  commands = stage_commands(work, folders, dict(s, load_only=_LOAD_ONLY.value, devices=_DEVICES.value,
+                                                     batch=_BATCH.value))
   results = {}
   for name in [st for st in STAGES if st in _STAGES.value]:
     r = results[name] = run_stage(name, commands[name], work, _DEVICES.value)

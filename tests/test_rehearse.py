@@ -40,3 +40,9 @@ def test_load_only_runs_the_sft_stage_alone(tmp_path):
   proc = subprocess.run([sys.executable, "launch/rehearse.py", f"--workdir={tmp_path}", "--load_only",
                          "--stages=sft,grpo"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and "--load_only runs the sft stage alone" in proc.stderr
+
+
+def test_batch_must_split_over_the_devices(tmp_path):
+  proc = subprocess.run([sys.executable, "launch/rehearse.py", f"--workdir={tmp_path}", "--devices=2", "--batch=3"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "--batch=3 must be a multiple of --devices=2" in proc.stderr

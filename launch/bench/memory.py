@@ -3,6 +3,10 @@ several CPU device counts, against the bytes the sharding implies.
 
   JAX_PLATFORMS=cpu python launch/bench/memory.py --scale 14b --devices 1,2
   JAX_PLATFORMS=cpu python launch/bench/memory.py --scale full --devices 1,2,8 --stages sft,generate
+  JAX_PLATFORMS=cpu python launch/bench/memory.py --scale full --wan_layers 2 --devices 8,1 --batch 8
+
+By default each run carries one clip per device (the rehearsal's batch), so N devices also hold N
+clips' activations; `--batch B` gives every run the same global batch (equal work).
 
 For each device count, runs `launch/rehearse.py --scale S --devices N` (the README's SFT,
 Flow-GRPO and generate commands on random checkpoints written by diffusers / transformers at
@@ -34,6 +38,8 @@ _SCALE = flags.DEFINE_enum("scale", "14b", ["14b", "full", "small"], "Widths (la
 _WAN_LAYERS = flags.DEFINE_integer("wan_layers", 1, "Wan DiT depth.")
 _DEVICES = flags.DEFINE_list("devices", ["1", "2"], "CPU device counts.")
 _STAGES = flags.DEFINE_list("stages", ["sft", "grpo", "generate"], "Rehearsal stages.")
+_BATCH = flags.DEFINE_integer("batch", None, "Global batch of every run (launch/rehearse.py --batch); default: "
+                              "one clip per device, so N devices also carry N times the activations.")
 
 SHARDED = ("dit_params", "optimizer", "ema", "reference")  # split over the FSDP devices
 ENCODERS = ("vae", "vlm")  # whole on the first device
@@ -48,7 +54,7 @@ def rehearse(work: str, devices: int) -> int:
       os.remove(f)
   argv = [sys.executable, "-u", os.path.join(cli.ROOT, "launch", "rehearse.py"), f"--workdir={work}",
           f"--scale={_SCALE.value}", f"--wan_layers={_WAN_LAYERS.value}", f"--devices={devices}",
-          f"--stages={','.join(_STAGES.value)}", "--keep"]
+          f"--stages={','.join(_STAGES.value)}", "--keep"] + ([f"--batch={_BATCH.value}"] if _BATCH.value else [])
   print(" ".join(argv[2:]), flush=True)
   return subprocess.run(argv, cwd=cli.ROOT).returncode
 
