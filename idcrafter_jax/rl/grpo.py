@@ -700,16 +700,11 @@ class ConditionGrad:
     """The params' share of the condition's gradient. Its residuals are read only once the steps'
     cotangents exist: otherwise XLA's CPU scheduler gathers the condition's FSDP-split weights at
     the start and holds them through the whole update (it drops `optimization_barrier`s, so the
-    dependency is data: each residual's first element is rewritten, in place, through a select on
-    the cotangents' sum). A NaN sum makes every gradient NaN, which `guarded_update` skips; any
-    other sum leaves the pullback exact."""
+    dependency is a select on the cotangents' sum). A NaN sum makes every gradient NaN, which
+    `guarded_update` skips; any other sum leaves the pullback exact."""
     total = sum(jnp.sum(c) for c in jax.tree_util.tree_leaves(cotangents))
     ok = total == total
-
-    def after_the_loop(r):
-      first = (0,) * r.ndim
-      return r if r.size == 0 else r.at[first].set(jnp.where(ok, r[first], jnp.zeros((), r.dtype)))
-    vjp = jax.tree_util.tree_map(after_the_loop, self._vjp)
+    vjp = jax.tree_util.tree_map(lambda r: jnp.where(ok, r, jnp.zeros_like(r)), self._vjp)
     return jax.tree_util.tree_map(lambda g: jnp.where(ok, g, jnp.nan), vjp(cotangents)[0])
 
 
