@@ -187,7 +187,7 @@ def size_flags(s: dict, mode: str) -> list[str]:
             f"--config.model.ffn_dim={w['ffn_dim']}", f"--config.model.text_dim={s['text']['hidden_size']}"]
   if mode == "generate":
     return out
-  batch = s.get("batch") or s.get("devices", 1)  # default: one clip per batch shard
+  batch = s["batch"] if s.get("batch") is not None else s.get("devices", 1)  # default: one clip per batch shard
   clips = max(2, batch) + (batch if mode == "grpo" else 0)  # GRPO's held-out clips come out of them
   out += [f"--config.data.global_batch_size={batch}", f"--config.data.synthetic_clips={clips}",
           "--config.data.prefetch=0",
@@ -280,7 +280,7 @@ def summary(results: dict) -> str:
 def main(argv):
   del argv
   unknown = [s for s in _STAGES.value if s not in STAGES]
-  if unknown or _WAN_LAYERS.value < 1 or _DEVICES.value < 1 or (_BATCH.value or 1) < 1:
+  if unknown or _WAN_LAYERS.value < 1 or _DEVICES.value < 1 or (_BATCH.value is not None and _BATCH.value < 1):
     cli.fail(f"--stages {unknown} unknown (expected of {STAGES}), or --wan_layers={_WAN_LAYERS.value}, "
              f"--devices={_DEVICES.value} or --batch={_BATCH.value} below 1.")
   if _BATCH.value and _BATCH.value % _DEVICES.value:

@@ -46,3 +46,6 @@ def test_batch_must_split_over_the_devices(tmp_path):
   proc = subprocess.run([sys.executable, "launch/rehearse.py", f"--workdir={tmp_path}", "--devices=2", "--batch=3"],
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and "--batch=3 must be a multiple of --devices=2" in proc.stderr
+  proc = subprocess.run([sys.executable, "launch/rehearse.py", f"--workdir={tmp_path}", "--batch=0"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "--batch=0 below 1" in proc.stderr

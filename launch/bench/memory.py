@@ -54,7 +54,7 @@ def rehearse(work: str, devices: int) -> int:
       os.remove(f)
   argv = [sys.executable, "-u", os.path.join(cli.ROOT, "launch", "rehearse.py"), f"--workdir={work}",
           f"--scale={_SCALE.value}", f"--wan_layers={_WAN_LAYERS.value}", f"--devices={devices}",
-          f"--stages={','.join(_STAGES.value)}", "--keep"] + ([f"--batch={_BATCH.value}"] if _BATCH.value else [])
+          f"--stages={','.join(_STAGES.value)}", "--keep"] + ([] if _BATCH.value is None else [f"--batch={_BATCH.value}"])
   print(" ".join(argv[2:]), flush=True)
   return subprocess.run(argv, cwd=cli.ROOT).returncode
 
